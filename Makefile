@@ -1,0 +1,74 @@
+# tensorspark: every target sets up what it needs (Debian packages as root,
+# a .venv with TensorFlow, PySpark and the build tools) and then runs.
+#
+#   make demo    train the seed program on Fashion-MNIST on local[2]
+#   make test    C++ tests (ctest) + Python tests (pytest on real Spark)
+#   make bench   parameter-server throughput -> bench/results/ps_roundtrip.json
+#   make lint    clang-format + ruff
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+CMAKE := $(VENV)/bin/cmake
+JOBS ?= 2
+CPP_BUILD := build/cpp
+# Spark's Python workers and tools must come from the venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYSPARK_PYTHON := $(CURDIR)/$(VPY)
+export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VPY)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
+           "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib
+
+.PHONY: demo test test-cpp test-python bench lint system system-gtest venv install clean
+
+demo: system install
+	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
+	    --min-accuracy 0.80
+
+test: system-gtest install test-cpp test-python
+
+test-cpp: system-gtest venv
+	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_TESTS=ON \
+	    -DTENSORSPARK_BUILD_BENCH=ON -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
+	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS)
+	cd $(CPP_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure --timeout 300
+
+test-python: install
+	$(VPY) -m pytest tests/python -v
+
+bench: venv
+	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
+	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target ps_roundtrip
+	$(CPP_BUILD)/ps_roundtrip --out bench/results/ps_roundtrip.json
+
+lint: venv
+	@scripts/setup-system.sh --with-lint
+	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.cc' 'bench/*.cc')
+	$(VENV)/bin/ruff check python tests examples
+	$(VENV)/bin/ruff format --check python tests
+
+system:
+	@scripts/setup-system.sh
+
+system-gtest:
+	@scripts/setup-system.sh --with-gtest
+
+# The venv is (re)made when pyproject.toml changes.
+venv: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(PY_DEPS)
+	touch $@
+
+# Builds the C++ core, the _core extension and tensorspark-ps into the venv;
+# the CMake build in build/py is kept, so rebuilds are incremental.
+install: venv
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/py .
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,583 @@
+// ps_roundtrip: push+pull throughput of the tensorspark parameter server
+// against a raw TCP baseline that moves the same bytes, plus 4 KB latency.
+//
+// For every (floats N, clients C) case, C threads each own a Client and a
+// variable of N floats and loop push(kDelta, zeros) + pull. The baseline
+// sends N*4 bytes to a plain echo-style server that answers with N*4 bytes.
+// PS and raw runs are interleaved; each reported figure is the median run.
+//
+//   ps_roundtrip [--quick] [--out PATH]
+//
+// Writes JSON (default bench/results/ps_roundtrip.json, relative to the
+// working directory) and prints a table.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <functional>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tensorspark/client.h"
+#include "tensorspark/server.h"
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using tensorspark::Status;
+
+// ---- configuration ----------------------------------------------------------
+
+struct Config {
+  std::vector<int64_t> floats;
+  std::vector<int> clients;
+  int rounds = 3;               // timed runs per transport per case (median)
+  double target_s = 0.5;        // wall time of one timed run
+  double warmup_s = 0.1;        // warm-up time per transport per case
+  double latency_s = 0.5;       // time per latency measurement
+  std::string out = "bench/results/ps_roundtrip.json";
+};
+
+Config FullConfig() {
+  Config c;
+  c.floats = {4096 / 4, 1'000'000, 10'000'000};
+  c.clients = {1, 2, 8};
+  return c;
+}
+
+Config QuickConfig() {
+  Config c;
+  c.floats = {4096 / 4, 1'000'000};
+  c.clients = {1, 2};
+  c.rounds = 1;
+  c.target_s = 0.1;
+  c.warmup_s = 0.02;
+  c.latency_s = 0.1;
+  return c;
+}
+
+constexpr int kMaxLatencySamples = 200'000;
+constexpr int kLatencyWarmup = 200;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "ps_roundtrip: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::_Exit(1);  // threads may still be running: skip static destructors
+}
+
+void Check(const Status& s, const std::string& what) {
+  if (!s.ok()) Die(what + ": " + s.ToString());
+}
+
+// The first failure seen by any worker thread.
+class FirstError {
+ public:
+  void Set(const std::string& msg) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (msg_.empty()) msg_ = msg;
+    failed_.store(true, std::memory_order_relaxed);
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  const std::string& message() const { return msg_; }  // after join
+
+ private:
+  std::mutex mu_;
+  std::string msg_;
+  std::atomic<bool> failed_{false};
+};
+
+// ---- raw TCP baseline -------------------------------------------------------
+
+std::string ErrnoText(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+
+bool WriteFull(int fd, const char* p, size_t n) {
+  while (n > 0) {
+    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+// False on error or EOF.
+bool ReadFull(int fd, char* p, size_t n) {
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    if (r == 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+void SetNoDelay(int fd) {
+  int one = 1;
+  if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0) {
+    Die(ErrnoText("setsockopt(TCP_NODELAY)"));
+  }
+}
+
+// Reads `msg_bytes` from each connection, then answers with `msg_bytes`;
+// one blocking thread per connection, like the PS.
+class RawServer {
+ public:
+  explicit RawServer(size_t msg_bytes) : msg_bytes_(msg_bytes) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (listen_fd_ < 0) Die(ErrnoText("socket"));
+    int one = 1;
+    ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      Die(ErrnoText("bind"));
+    }
+    if (::listen(listen_fd_, 64) != 0) Die(ErrnoText("listen"));
+    socklen_t len = sizeof(addr);
+    if (::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      Die(ErrnoText("getsockname"));
+    }
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+
+  // Callers close their client sockets first, so handlers see EOF.
+  ~RawServer() {
+    stopping_.store(true);
+    ::shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+    acceptor_.join();
+    ::close(listen_fd_);
+    for (auto& t : handlers_) t.join();
+  }
+
+  uint16_t port() const { return port_; }
+
+ private:
+  void AcceptLoop() {
+    while (true) {
+      int fd = ::accept(listen_fd_, nullptr, nullptr);
+      if (fd < 0) {
+        if (stopping_.load()) return;
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        return;
+      }
+      SetNoDelay(fd);
+      handlers_.emplace_back([this, fd] { Serve(fd); });
+    }
+  }
+
+  void Serve(int fd) {
+    std::vector<char> buf(msg_bytes_);
+    while (ReadFull(fd, buf.data(), buf.size()) && WriteFull(fd, buf.data(), buf.size())) {
+    }
+    ::close(fd);
+  }
+
+  size_t msg_bytes_;
+  int listen_fd_ = -1;
+  uint16_t port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::thread acceptor_;
+  std::vector<std::thread> handlers_;  // touched by the acceptor only until join
+};
+
+int RawConnect(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) Die(ErrnoText("socket"));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(port);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    Die(ErrnoText("connect"));
+  }
+  SetNoDelay(fd);
+  return fd;
+}
+
+// ---- timed runs -------------------------------------------------------------
+
+// One round trip of client `i`; returns false (and records why) on failure.
+using RoundTrip = std::function<bool(int i)>;
+
+// Runs `iters` round trips on each of `clients` threads at once; returns the
+// wall time from the common start to the last finish.
+double TimedRun(int clients, int64_t iters, const RoundTrip& rt, FirstError* err) {
+  std::latch ready(clients);
+  std::latch go(1);
+  std::vector<std::thread> threads;
+  threads.reserve(clients);
+  for (int i = 0; i < clients; ++i) {
+    threads.emplace_back([&, i] {
+      ready.count_down();
+      go.wait();
+      for (int64_t k = 0; k < iters && !err->failed(); ++k) {
+        if (!rt(i)) return;
+      }
+    });
+  }
+  ready.wait();
+  Clock::time_point t0 = Clock::now();
+  go.count_down();
+  for (auto& t : threads) t.join();
+  double s = Seconds(Clock::now() - t0);
+  if (err->failed()) Die(err->message());
+  return s;
+}
+
+// Warms up (doubling the count until warmup_s passes) and returns the
+// iteration count per client that should take about target_s.
+int64_t CalibrateIters(int clients, const RoundTrip& rt, FirstError* err, const Config& cfg) {
+  int64_t iters = 1;
+  double s = TimedRun(clients, iters, rt, err);
+  while (s < cfg.warmup_s && iters < (int64_t{1} << 30)) {
+    iters *= 2;
+    s = TimedRun(clients, iters, rt, err);
+  }
+  double per_iter = s / static_cast<double>(iters);
+  return std::max<int64_t>(1, static_cast<int64_t>(cfg.target_s / per_iter));
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Percentile of sorted samples (nearest rank on [0, n-1]).
+double Percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0.0;
+  size_t idx = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
+  return sorted[std::min(idx, sorted.size() - 1)];
+}
+
+// Times single calls of `op` (after a warm-up) for about seconds_budget;
+// returns sorted latencies in microseconds.
+std::vector<double> SampleLatency(const std::function<bool()>& op, double seconds_budget,
+                                  FirstError* err) {
+  for (int k = 0; k < kLatencyWarmup; ++k) {
+    if (!op()) Die(err->message());
+  }
+  std::vector<double> us;
+  us.reserve(1 << 16);
+  Clock::time_point end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(seconds_budget));
+  while (static_cast<int>(us.size()) < kMaxLatencySamples) {
+    Clock::time_point t0 = Clock::now();
+    if (!op()) Die(err->message());
+    Clock::time_point t1 = Clock::now();
+    us.push_back(Seconds(t1 - t0) * 1e6);
+    if (t1 >= end) break;
+  }
+  std::sort(us.begin(), us.end());
+  return us;
+}
+
+// ---- one case ---------------------------------------------------------------
+
+struct CaseResult {
+  int64_t floats = 0;
+  int clients = 0;
+  double ps_gbps = 0, raw_gbps = 0;
+  std::vector<double> ps_runs, raw_runs;
+  bool has_latency = false;
+  double ps_pull_p50_us = 0, ps_pull_p99_us = 0;
+  double raw_pingpong_p50_us = 0, raw_pingpong_p99_us = 0;
+};
+
+std::unique_ptr<tensorspark::Client> ConnectPs(uint16_t port, const std::string& secret,
+                                               int32_t partition) {
+  tensorspark::ClientOptions opt;
+  opt.host = "127.0.0.1";
+  opt.port = port;
+  opt.secret = secret;
+  opt.partition_id = partition;
+  opt.attempt = 0;
+  std::unique_ptr<tensorspark::Client> c;
+  Check(tensorspark::Client::Connect(opt, &c), "connect");
+  return c;
+}
+
+CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& secret,
+                   bool measure_latency, const Config& cfg) {
+  CaseResult res;
+  res.floats = n;
+  res.clients = clients;
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  const int64_t shape_storage[1] = {n};
+  const std::span<const int64_t> shape(shape_storage, 1);
+
+  // Shared read-only payload (zeros: w += 0 keeps the values) and one
+  // receive buffer per client, reused by the raw baseline.
+  std::vector<float> zeros(static_cast<size_t>(n), 0.0f);
+  std::vector<std::vector<float>> recv(static_cast<size_t>(clients),
+                                       std::vector<float>(static_cast<size_t>(n), 1.0f));
+
+  // PS side: one Client and one variable per thread.
+  std::vector<std::unique_ptr<tensorspark::Client>> ps(static_cast<size_t>(clients));
+  std::vector<std::string> names(static_cast<size_t>(clients));
+  for (int i = 0; i < clients; ++i) {
+    ps[i] = ConnectPs(ps_port, secret, i);
+    names[i] = "n" + std::to_string(n) + "_v" + std::to_string(i);
+    tensorspark::VariableSpec spec{names[i], shape, zeros};
+    std::vector<bool> created;
+    uint64_t version = 0;
+    Check(ps[i]->Register({&spec, 1}, &created, &version), "register " + names[i]);
+  }
+
+  // Raw side: one connection per thread.
+  RawServer raw_server(bytes);
+  std::vector<int> raw_fds(static_cast<size_t>(clients));
+  for (int i = 0; i < clients; ++i) raw_fds[i] = RawConnect(raw_server.port());
+
+  FirstError err;
+  const tensorspark::PushOptions push_opt;
+  RoundTrip ps_rt = [&](int i) {
+    tensorspark::TensorView tv{names[i], shape, zeros};
+    uint64_t version = 0;
+    Status s = ps[i]->Push(tensorspark::UpdateKind::kDelta, {&tv, 1}, push_opt, &version);
+    if (!s.ok()) {
+      err.Set("push " + names[i] + ": " + s.ToString());
+      return false;
+    }
+    tensorspark::MutableTensorView mv{names[i], recv[i]};
+    s = ps[i]->Pull({&mv, 1}, &version);
+    if (!s.ok()) {
+      err.Set("pull " + names[i] + ": " + s.ToString());
+      return false;
+    }
+    return true;
+  };
+  RoundTrip raw_rt = [&](int i) {
+    const char* out = reinterpret_cast<const char*>(zeros.data());
+    char* in = reinterpret_cast<char*>(recv[i].data());
+    if (!WriteFull(raw_fds[i], out, bytes) || !ReadFull(raw_fds[i], in, bytes)) {
+      err.Set(ErrnoText("raw round trip"));
+      return false;
+    }
+    return true;
+  };
+
+  const int64_t ps_iters = CalibrateIters(clients, ps_rt, &err, cfg);
+  const int64_t raw_iters = CalibrateIters(clients, raw_rt, &err, cfg);
+  const double bytes_per_iter = 2.0 * static_cast<double>(bytes) * clients;
+  for (int r = 0; r < cfg.rounds; ++r) {
+    double s = TimedRun(clients, ps_iters, ps_rt, &err);
+    res.ps_runs.push_back(bytes_per_iter * static_cast<double>(ps_iters) / s / 1e9);
+    s = TimedRun(clients, raw_iters, raw_rt, &err);
+    res.raw_runs.push_back(bytes_per_iter * static_cast<double>(raw_iters) / s / 1e9);
+  }
+  res.ps_gbps = Median(res.ps_runs);
+  res.raw_gbps = Median(res.raw_runs);
+
+  // Sanity: a pull returned the registered zeros.
+  for (int i = 0; i < clients; ++i) {
+    tensorspark::MutableTensorView mv{names[i], recv[i]};
+    uint64_t version = 0;
+    Check(ps[i]->Pull({&mv, 1}, &version), "pull " + names[i]);
+    if (std::any_of(recv[i].begin(), recv[i].end(), [](float v) { return v != 0.0f; })) {
+      Die("pull of " + names[i] + " returned wrong values");
+    }
+  }
+
+  if (measure_latency) {
+    // PS pull-only (small request, N*4-byte response) and raw N*4 ping-pong,
+    // on client 0 alone.
+    std::vector<double> lat = SampleLatency(
+        [&] {
+          tensorspark::MutableTensorView mv{names[0], recv[0]};
+          uint64_t version = 0;
+          Status s = ps[0]->Pull({&mv, 1}, &version);
+          if (!s.ok()) err.Set("pull " + names[0] + ": " + s.ToString());
+          return s.ok();
+        },
+        cfg.latency_s, &err);
+    res.ps_pull_p50_us = Percentile(lat, 0.50);
+    res.ps_pull_p99_us = Percentile(lat, 0.99);
+    lat = SampleLatency([&] { return raw_rt(0); }, cfg.latency_s, &err);
+    res.raw_pingpong_p50_us = Percentile(lat, 0.50);
+    res.raw_pingpong_p99_us = Percentile(lat, 0.99);
+    res.has_latency = true;
+  }
+
+  // Close clients first so the raw handlers see EOF before ~RawServer joins.
+  for (int fd : raw_fds) ::close(fd);
+  for (auto& c : ps) c->Close();
+  return res;
+}
+
+// ---- output -----------------------------------------------------------------
+
+std::string RandomSecret() {
+  std::random_device rd;
+  std::string s(32, '\0');
+  for (char& ch : s) ch = static_cast<char>(rd() & 0xff);
+  return s;
+}
+
+std::string CompilerName() {
+#if defined(__clang__)
+  return std::string("clang++ ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("g++ ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+std::string UtcTimestamp() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+std::string Num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6g", v);
+  return buf;
+}
+
+std::string NumList(const std::vector<double>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + Num(v[i]);
+  return s + "]";
+}
+
+void WriteJson(const std::vector<CaseResult>& results, const std::string& path) {
+  std::string j = "{\n  \"cases\": [\n";
+  for (size_t k = 0; k < results.size(); ++k) {
+    const CaseResult& r = results[k];
+    j += "    {\"floats\": " + std::to_string(r.floats) +
+         ", \"clients\": " + std::to_string(r.clients) + ", \"transport\": \"tcp\"" +
+         ", \"ps_gbps\": " + Num(r.ps_gbps) + ", \"raw_gbps\": " + Num(r.raw_gbps) +
+         ", \"ratio\": " + Num(r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0) +
+         ", \"ps_gbps_runs\": " + NumList(r.ps_runs) +
+         ", \"raw_gbps_runs\": " + NumList(r.raw_runs);
+    if (r.has_latency) {
+      j += ", \"ps_pull_p50_us\": " + Num(r.ps_pull_p50_us) +
+           ", \"ps_pull_p99_us\": " + Num(r.ps_pull_p99_us) +
+           ", \"raw_pingpong_p50_us\": " + Num(r.raw_pingpong_p50_us) +
+           ", \"raw_pingpong_p99_us\": " + Num(r.raw_pingpong_p99_us);
+    }
+    j += std::string("}") + (k + 1 < results.size() ? "," : "") + "\n";
+  }
+  j += "  ],\n  \"machine\": {\"cores\": " + std::to_string(std::thread::hardware_concurrency()) +
+       ", \"compiler\": \"" + JsonEscape(CompilerName()) + "\"},\n";
+  j += "  \"timestamp\": \"" + UtcTimestamp() + "\"\n}\n";
+
+  std::filesystem::path p(path);
+  std::error_code ec;
+  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr) Die(ErrnoText(("open " + path).c_str()));
+  bool ok = std::fwrite(j.data(), 1, j.size(), f) == j.size();
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok) Die("write " + path + " failed");
+}
+
+void PrintRow(const CaseResult& r) {
+  std::printf("%10lld %7d %10.3f %10.3f %7.2f", static_cast<long long>(r.floats), r.clients,
+              r.ps_gbps, r.raw_gbps, r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0);
+  if (r.has_latency) {
+    std::printf("   pull p50/p99 %.1f/%.1f us, raw ping-pong p50/p99 %.1f/%.1f us",
+                r.ps_pull_p50_us, r.ps_pull_p99_us, r.raw_pingpong_p50_us,
+                r.raw_pingpong_p99_us);
+  }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config cfg = FullConfig();
+  std::string out_path;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--quick") {
+      cfg = QuickConfig();
+    } else if (a == "--out" && i + 1 < argc) {
+      out_path = argv[++i];
+    } else if (a.rfind("--out=", 0) == 0) {
+      out_path = a.substr(6);
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick] [--out PATH]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (!out_path.empty()) cfg.out = out_path;
+
+  tensorspark::ServerOptions sopt;
+  sopt.bind_address = "127.0.0.1";
+  sopt.port = 0;
+  sopt.secret = RandomSecret();
+  std::unique_ptr<tensorspark::Server> server;
+  Check(tensorspark::Server::Start(sopt, &server), "server start");
+
+  std::printf("tensorspark ps_roundtrip: PS push(kDelta)+pull vs raw TCP, %u cores%s\n",
+              std::thread::hardware_concurrency(), cfg.rounds == 1 ? " (quick)" : "");
+  std::printf("%10s %7s %10s %10s %7s\n", "floats", "clients", "ps_GB/s", "raw_GB/s", "ratio");
+  Clock::time_point start = Clock::now();
+  std::vector<CaseResult> results;
+  for (int64_t n : cfg.floats) {
+    for (int c : cfg.clients) {
+      bool latency = n == 4096 / 4 && c == 1;
+      results.push_back(RunCase(n, c, server->port(), sopt.secret, latency, cfg));
+      PrintRow(results.back());
+    }
+  }
+  server->Stop();
+  WriteJson(results, cfg.out);
+  std::printf("total %.1f s; wrote %s\n", Seconds(Clock::now() - start), cfg.out.c_str());
+  return 0;
+}

@@ -1,0 +1,113 @@
+// Client of the tensorspark parameter server.
+//
+// A Client holds one persistent, authenticated connection. Calls are
+// blocking and not thread-safe: use one Client per thread (or guard it).
+// Every call has a deadline (ClientOptions::io_timeout_s) and returns a
+// Status; nothing here throws or aborts.
+//
+//   tensorspark::ClientOptions opt;
+//   opt.host = "10.0.0.5"; opt.port = 10080; opt.secret = run_secret;
+//   opt.partition_id = 3; opt.attempt = 0;
+//   std::unique_ptr<tensorspark::Client> c;
+//   TS_RETURN_IF_ERROR(tensorspark::Client::Connect(opt, &c));
+//   std::vector<float> w(784 * 10);
+//   tensorspark::MutableTensorView view{"W", w};
+//   uint64_t version = 0;
+//   TS_RETURN_IF_ERROR(c->Pull({&view, 1}, &version));
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace tensorspark {
+
+struct ClientOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;
+  // Per-run shared secret (raw bytes). Proven by challenge-response; it never
+  // crosses the wire.
+  std::string secret;
+  // Identity of the worker: the Spark partition id and task attempt number
+  // (-1 for the driver or a tool).
+  int32_t partition_id = -1;
+  int32_t attempt = 0;
+  // Total time allowed for connecting, retries and backoff included.
+  double connect_timeout_s = 10.0;
+  // Limit for any single blocking read or write after connecting.
+  double io_timeout_s = 120.0;
+  // Connection attempts and the exponential backoff between them.
+  int max_retries = 8;
+  double initial_backoff_s = 0.05;
+  double max_backoff_s = 2.0;
+  // Largest response frame accepted.
+  uint64_t max_frame_bytes = uint64_t{1} << 32;
+};
+
+// A variable to register: its name, shape and initial value.
+struct VariableSpec {
+  std::string_view name;
+  std::span<const int64_t> shape;
+  std::span<const float> initial;  // product of shape elements
+};
+
+class ClientImpl;
+
+class Client {
+ public:
+  // Connects, retrying with exponential backoff until connect_timeout_s, then
+  // runs the handshake. Fails with kAuthFailed on a wrong secret and
+  // kConnectionError / kTimeout when the server cannot be reached.
+  static Status Connect(const ClientOptions& options, std::unique_ptr<Client>* out);
+
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Registers variables. The first registration of a name wins: a later one
+  // with the same shape keeps the server's values (created[i] == false), one
+  // with another shape fails with kShapeMismatch and registers nothing.
+  Status Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
+                  uint64_t* version);
+
+  // Names, types and shapes of all variables, and the model version.
+  Status ListVariables(std::vector<VariableInfo>* out, uint64_t* version);
+
+  // Pulls the named variables straight into the caller's buffers (the
+  // socket writes into them; no intermediate copy). Each view's size must
+  // equal the variable's element count. The buffers must outlive the call.
+  Status Pull(std::span<const MutableTensorView> out, uint64_t* version);
+
+  // Pulls every variable into newly allocated tensors.
+  Status PullAll(std::vector<Tensor>* out, uint64_t* version);
+
+  // Pushes values of the given kind; the server checks every name and shape
+  // before applying any of them. Data is sent from the caller's buffers
+  // without copying. `version` receives the model version after the push.
+  Status Push(UpdateKind kind, std::span<const TensorView> tensors, const PushOptions& options,
+              uint64_t* version);
+
+  // Counters of the server (see docs/protocol.md for their names).
+  Status Stats(std::vector<StatEntry>* out);
+
+  // Asks the server to stop serving; it replies before it stops.
+  Status ShutdownServer();
+
+  // Closes the connection; later calls fail with kConnectionError.
+  void Close();
+
+  // Round trips that failed because the connection broke are not retried
+  // (a push may or may not have been applied); reconnect with Connect.
+  bool connected() const;
+
+ private:
+  explicit Client(std::unique_ptr<ClientImpl> impl);
+  std::unique_ptr<ClientImpl> impl_;
+};
+
+}  // namespace tensorspark

@@ -1,0 +1,80 @@
+// The tensorspark parameter server.
+//
+// Threading: one acceptor thread plus one thread per connection, each doing
+// blocking I/O on its own socket. Variables live in a store where each
+// tensor is one contiguous buffer guarded by its own reader/writer lock, so
+// pushes to different variables and pulls of the same variable run in
+// parallel. Server methods are thread-safe.
+//
+//   tensorspark::ServerOptions opt;
+//   opt.port = 0;                 // pick a free port
+//   opt.secret = run_secret;
+//   std::unique_ptr<tensorspark::Server> server;
+//   TS_RETURN_IF_ERROR(tensorspark::Server::Start(opt, &server));
+//   std::printf("listening on %u\n", server->port());
+//   server->WaitUntilStopped(-1);  // until Stop() or a client's shutdown call
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace tensorspark {
+
+struct ServerOptions {
+  // Address to listen on ("0.0.0.0" for every interface, "127.0.0.1" for
+  // this host only) and port (0 picks a free one).
+  std::string bind_address = "0.0.0.0";
+  uint16_t port = 0;
+  // Per-run shared secret (raw bytes, required, at least 16 bytes).
+  std::string secret;
+  // Frames with a larger payload are refused with kFrameTooLarge.
+  uint64_t max_frame_bytes = uint64_t{1} << 31;
+  // Limits that protect the server's memory.
+  uint64_t max_variables = 1 << 16;
+  uint64_t max_connections = 1024;
+  // A frame whose bytes stop arriving for this long is dropped; the
+  // handshake must finish within handshake_timeout_s.
+  double io_timeout_s = 120.0;
+  double handshake_timeout_s = 10.0;
+};
+
+class ServerImpl;
+
+class Server {
+ public:
+  // Binds, listens and starts serving. Fails with kAddressInUse when the
+  // port is taken and kInvalidArgument on bad options.
+  static Status Start(const ServerOptions& options, std::unique_ptr<Server>* out);
+
+  ~Server();  // Stop()s
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The port actually bound (useful with port 0).
+  uint16_t port() const;
+
+  // Model version: the number of pushes applied so far.
+  uint64_t version() const;
+
+  // Current counters (the same ones the protocol's stats call returns).
+  std::vector<StatEntry> Stats() const;
+
+  // Stops accepting, closes every connection and joins all threads.
+  // Idempotent; safe from any thread except a connection thread.
+  void Stop();
+
+  // Blocks until the server has stopped (by Stop() or a client's shutdown
+  // request) or timeout_s passes (negative: no limit). True if stopped.
+  bool WaitUntilStopped(double timeout_s);
+
+ private:
+  explicit Server(std::unique_ptr<ServerImpl> impl);
+  std::unique_ptr<ServerImpl> impl_;
+};
+
+}  // namespace tensorspark

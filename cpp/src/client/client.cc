@@ -1,0 +1,647 @@
+// Client and ClientImpl: one authenticated connection, blocking calls.
+#include "tensorspark/client.h"
+
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "net/socket.h"
+#include "protocol/auth.h"
+#include "protocol/crc32c.h"
+#include "protocol/frame.h"
+#include "protocol/messages.h"
+
+namespace tensorspark {
+
+using protocol::FrameHeader;
+using protocol::Opcode;
+
+namespace {
+
+// Error frames carry a short message; a larger one means a broken stream.
+constexpr uint64_t kMaxErrorPayload = 1 << 20;
+
+// Reads one response payload of known length from the socket, in order,
+// keeping a running CRC-32C of every byte consumed. Small reads (headers of
+// tensors) are served from a buffer; large ones go straight into the
+// caller's memory. Never reads past the payload.
+class PayloadReader {
+ public:
+  PayloadReader(int fd, uint64_t len, net::Deadline deadline)
+      : fd_(fd), unread_(len), deadline_(deadline), buf_(new uint8_t[kBufSize]) {}
+
+  uint64_t remaining() const { return unread_ + (end_ - pos_); }
+  uint32_t crc() const { return crc_; }
+
+  Status Read(void* dst, size_t n) {
+    if (n > remaining()) {
+      return Status(StatusCode::kProtocolError, "response payload is shorter than its contents");
+    }
+    auto* out = static_cast<uint8_t*>(dst);
+    size_t from_buf = std::min(n, end_ - pos_);
+    if (from_buf > 0) {
+      std::memcpy(out, buf() + pos_, from_buf);
+      crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, from_buf);
+      pos_ += from_buf;
+      out += from_buf;
+      n -= from_buf;
+    }
+    if (n >= kDirectMin) {
+      // Large: receive in place, checksumming each chunk while it is hot.
+      while (n > 0) {
+        size_t chunk = std::min(n, kChunk);
+        TS_RETURN_IF_ERROR(net::ReadFull(fd_, out, chunk, deadline_));
+        crc_ = protocol::Crc32cExtend(crc_, out, chunk);
+        unread_ -= chunk;
+        out += chunk;
+        n -= chunk;
+      }
+      return Status::OK();
+    }
+    while (n > 0) {
+      TS_RETURN_IF_ERROR(Fill());
+      size_t take = std::min(n, end_ - pos_);
+      std::memcpy(out, buf() + pos_, take);
+      crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, take);
+      pos_ += take;
+      out += take;
+      n -= take;
+    }
+    return Status::OK();
+  }
+
+  // Consumes the rest of the payload (still checksummed).
+  Status Drain() {
+    std::vector<uint8_t> scratch(std::min<uint64_t>(remaining(), kChunk));
+    while (remaining() > 0) {
+      size_t take = static_cast<size_t>(std::min<uint64_t>(remaining(), scratch.size()));
+      TS_RETURN_IF_ERROR(Read(scratch.data(), take));
+    }
+    return Status::OK();
+  }
+
+  Status U8(uint8_t* v) { return Read(v, 1); }
+  Status U16(uint16_t* v) {
+    uint8_t b[2];
+    TS_RETURN_IF_ERROR(Read(b, 2));
+    *v = protocol::LoadLE16(b);
+    return Status::OK();
+  }
+  Status U32(uint32_t* v) {
+    uint8_t b[4];
+    TS_RETURN_IF_ERROR(Read(b, 4));
+    *v = protocol::LoadLE32(b);
+    return Status::OK();
+  }
+  Status U64(uint64_t* v) {
+    uint8_t b[8];
+    TS_RETURN_IF_ERROR(Read(b, 8));
+    *v = protocol::LoadLE64(b);
+    return Status::OK();
+  }
+
+  // A `meta`, with the same checks as protocol::Reader::ReadMeta.
+  Status Meta(VariableInfo* info, uint64_t* numel) {
+    uint16_t len;
+    TS_RETURN_IF_ERROR(U16(&len));
+    uint8_t head[1024 + 2];
+    if (len > protocol::kMaxNameLen) {
+      return Status(StatusCode::kProtocolError, "response has a variable name over 1024 bytes");
+    }
+    TS_RETURN_IF_ERROR(Read(head, len + 2u));
+    uint8_t dims[8 * protocol::kMaxDims];
+    uint8_t ndim = head[len + 1];
+    if (ndim > protocol::kMaxDims) {
+      return Status(StatusCode::kProtocolError, "response has a tensor with over 8 dimensions");
+    }
+    TS_RETURN_IF_ERROR(Read(dims, ndim * 8u));
+    // Re-encode into one buffer and parse it with the shared checks.
+    std::vector<uint8_t> enc;
+    protocol::Writer w(&enc);
+    w.U16(len);
+    w.Bytes(head, len + 2u);
+    w.Bytes(dims, ndim * 8u);
+    protocol::Reader r(enc);
+    TS_RETURN_IF_ERROR(r.ReadMeta(info, numel));
+    return r.Finish();
+  }
+
+ private:
+  static constexpr size_t kBufSize = 64 * 1024;
+  static constexpr size_t kDirectMin = 16 * 1024;
+  static constexpr size_t kChunk = 4 * 1024 * 1024;
+
+  uint8_t* buf() { return buf_.get(); }
+
+  Status Fill() {
+    if (pos_ < end_) return Status::OK();
+    size_t want = static_cast<size_t>(std::min<uint64_t>(unread_, kBufSize));
+    size_t got = 0;
+    TS_RETURN_IF_ERROR(net::ReadSome(fd_, buf(), want, deadline_, &got));
+    pos_ = 0;
+    end_ = got;
+    unread_ -= got;
+    return Status::OK();
+  }
+
+  int fd_;
+  uint64_t unread_;  // payload bytes not yet received from the socket
+  net::Deadline deadline_;
+  uint32_t crc_ = 0;
+  std::unique_ptr<uint8_t[]> buf_;  // kBufSize bytes, heap: callers' stacks may be small
+  size_t pos_ = 0;
+  size_t end_ = 0;
+};
+
+std::string Where(const ClientOptions& o) { return o.host + ":" + std::to_string(o.port); }
+
+Status ValidateSpec(std::string_view name, std::span<const int64_t> shape, size_t data_size,
+                    uint64_t* numel) {
+  TS_RETURN_IF_ERROR(protocol::ValidateMeta(name, shape, numel));
+  if (*numel != data_size) {
+    return Status(StatusCode::kInvalidArgument,
+                  "tensor '" + std::string(name) + "' has shape " + protocol::ShapeToString(shape) +
+                      " (" + std::to_string(*numel) + " elements) but its data holds " +
+                      std::to_string(data_size) + " floats");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+class ClientImpl {
+ public:
+  explicit ClientImpl(const ClientOptions& o) : options_(o) {}
+
+  Status Connect();
+  Status Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
+                  uint64_t* version);
+  Status List(std::vector<VariableInfo>* out, uint64_t* version);
+  Status Pull(std::span<const MutableTensorView> out, uint64_t* version);
+  Status PullAll(std::vector<Tensor>* out, uint64_t* version);
+  Status Push(UpdateKind kind, std::span<const TensorView> tensors, const PushOptions& options,
+              uint64_t* version);
+  Status Stats(std::vector<StatEntry>* out);
+  Status Shutdown();
+  void Close() {
+    sock_.Close();
+    connected_ = false;
+  }
+  bool connected() const { return connected_; }
+
+ private:
+  Status Handshake();
+  Status CheckConnected() const;
+  // Marks the connection broken and returns `s` (the stream position is lost).
+  Status Broken(const Status& s) {
+    Close();
+    return s;
+  }
+  // Sends header + payload parts (CRC and length computed here).
+  Status SendRequest(Opcode op, struct iovec* parts, size_t nparts, uint64_t* request_id);
+  // Reads the response header for `request_id`. An error frame becomes its
+  // Status (read in full, so the stream stays usable).
+  Status ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline,
+                            FrameHeader* h);
+  // Whole round trip for responses read into memory.
+  Status Call(Opcode op, struct iovec* parts, size_t nparts, std::vector<uint8_t>* response);
+  Status ReadPayload(const FrameHeader& h, net::Deadline deadline, std::vector<uint8_t>* out);
+  // Reads the PULL response after its header; `views` null means PullAll.
+  Status ReadPullResponse(const FrameHeader& h, net::Deadline deadline,
+                          std::span<const MutableTensorView>* views, std::vector<Tensor>* all,
+                          uint64_t* version);
+
+  const ClientOptions options_;
+  net::Socket sock_;
+  bool connected_ = false;
+  uint64_t next_request_id_ = 1;
+};
+
+Status ClientImpl::CheckConnected() const {
+  if (!connected_) {
+    return Status(StatusCode::kConnectionError,
+                  "not connected to the parameter server at " + Where(options_) +
+                      " (closed, or broken by an earlier error); reconnect with Client::Connect");
+  }
+  return Status::OK();
+}
+
+Status ClientImpl::Connect() {
+  if (options_.secret.empty()) {
+    return Status(StatusCode::kInvalidArgument, "ClientOptions::secret is empty; pass the run secret");
+  }
+  if (options_.port == 0) {
+    return Status(StatusCode::kInvalidArgument, "ClientOptions::port is 0; pass the server's port");
+  }
+  const auto start = net::Clock::now();
+  const net::Deadline budget = net::Deadline::In(options_.connect_timeout_s);
+  double backoff = std::max(0.0, options_.initial_backoff_s);
+  int attempts = 0;
+  Status last;
+  for (;;) {
+    ++attempts;
+    net::Socket s;
+    last = net::ConnectWithTimeout(options_.host, options_.port, budget, &s);
+    if (last.ok()) {
+      sock_ = std::move(s);
+      break;
+    }
+    if (attempts > options_.max_retries || budget.Expired()) break;
+    double sleep_s = std::min(backoff, std::max(0.0, budget.SecondsLeft()));
+    std::this_thread::sleep_for(std::chrono::duration<double>(sleep_s));
+    backoff = std::min(backoff * 2, options_.max_backoff_s);
+    if (budget.Expired()) break;
+  }
+  if (!last.ok()) {
+    const double elapsed = std::chrono::duration<double>(net::Clock::now() - start).count();
+    const bool timed_out = budget.Expired() || last.code() == StatusCode::kTimeout;
+    char secs[32];
+    std::snprintf(secs, sizeof(secs), "%.2f", elapsed);
+    return Status(timed_out ? StatusCode::kTimeout : StatusCode::kConnectionError,
+                  "could not connect to the parameter server at " + Where(options_) + " after " +
+                      std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts") +
+                      " in " + secs + " s (last error: " + last.message() +
+                      "); check that the server is running, that host and port are right and "
+                      "that no firewall blocks the port");
+  }
+  connected_ = true;
+  Status h = Handshake();
+  if (!h.ok()) {
+    Close();
+    return h.WithContext("handshake with " + Where(options_));
+  }
+  return Status::OK();
+}
+
+Status ClientImpl::Handshake() {
+  protocol::HelloRequest hello;
+  TS_RETURN_IF_ERROR(protocol::RandomNonce(&hello.client_nonce));
+  hello.partition_id = options_.partition_id;
+  hello.attempt = options_.attempt;
+  hello.client_name = "tensorspark-cpp";
+  std::vector<uint8_t> payload, response;
+  protocol::EncodeHello(hello, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  TS_RETURN_IF_ERROR(Call(Opcode::kHello, &part, 1, &response));
+  protocol::Nonce server_nonce;
+  if (Status s = protocol::DecodeNonce(response, &server_nonce); !s.ok()) return Broken(s);
+
+  protocol::Digest proof = protocol::ClientProof(options_.secret, server_nonce, hello.client_nonce,
+                                                 hello.partition_id, hello.attempt);
+  part = {proof.data(), proof.size()};
+  TS_RETURN_IF_ERROR(Call(Opcode::kAuth, &part, 1, &response));
+  protocol::Nonce server_proof;
+  if (Status s = protocol::DecodeNonce(response, &server_proof); !s.ok()) return Broken(s);
+  protocol::Digest expected =
+      protocol::ServerProof(options_.secret, hello.client_nonce, server_nonce);
+  if (!protocol::ConstantTimeEqual(server_proof.data(), expected.data(), expected.size())) {
+    return Broken(Status(StatusCode::kAuthFailed,
+                         "the server could not prove that it knows the run secret: wrong server "
+                         "at this address, or it belongs to another run"));
+  }
+  return Status::OK();
+}
+
+Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
+                               uint64_t* request_id) {
+  FrameHeader h;
+  h.opcode = static_cast<uint16_t>(op);
+  h.request_id = next_request_id_++;
+  uint32_t crc = 0;
+  uint64_t len = 0;
+  for (size_t i = 0; i < nparts; ++i) {
+    crc = protocol::Crc32cExtend(crc, parts[i].iov_base, parts[i].iov_len);
+    len += parts[i].iov_len;
+  }
+  h.checksum = crc;
+  h.payload_len = len;
+  uint8_t raw[protocol::kHeaderSize];
+  protocol::EncodeHeader(h, raw);
+  std::vector<struct iovec> iov;
+  iov.reserve(nparts + 1);
+  iov.push_back({raw, sizeof(raw)});
+  iov.insert(iov.end(), parts, parts + nparts);
+  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  Status s = net::WriteV(sock_.fd(), iov.data(), iov.size(), deadline);
+  if (!s.ok()) {
+    // The server may have refused the frame (e.g. FrameTooLarge) and closed
+    // before reading it all: report its answer if one is waiting.
+    if (s.code() == StatusCode::kConnectionError) {
+      FrameHeader resp;
+      Status answer = ReadResponseHeader(op, h.request_id, net::Deadline::In(0.5), &resp);
+      if (!answer.ok() && answer.code() != StatusCode::kConnectionError &&
+          answer.code() != StatusCode::kTimeout) {
+        return Broken(answer);
+      }
+    }
+    return Broken(s.WithContext(std::string("sending ") + protocol::OpcodeName(h.opcode)));
+  }
+  *request_id = h.request_id;
+  return Status::OK();
+}
+
+Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline,
+                                      FrameHeader* h) {
+  uint8_t raw[protocol::kHeaderSize];
+  if (Status s = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline); !s.ok()) {
+    return Broken(s.WithContext(std::string("waiting for the ") +
+                                protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
+  }
+  *h = protocol::DecodeHeader(raw);
+  if (Status s = protocol::ValidateHeader(*h, options_.max_frame_bytes); !s.ok()) {
+    return Broken(s.WithContext("response from " + Where(options_)));
+  }
+  if (Status s = protocol::CheckFlags(*h); !s.ok()) return Broken(s);
+  if ((h->flags & protocol::kFlagResponse) == 0) {
+    return Broken(Status(StatusCode::kProtocolError, "server sent a frame without RESPONSE set"));
+  }
+  const bool refusal = h->request_id == 0 && h->opcode == 0;  // connection-level error
+  if (!refusal && (h->request_id != request_id || h->opcode != static_cast<uint16_t>(op))) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "response does not match the request (request id " +
+                             std::to_string(h->request_id) + ", expected " +
+                             std::to_string(request_id) + "; opcode " + std::to_string(h->opcode) +
+                             ", expected " + std::to_string(static_cast<uint16_t>(op)) + ")"));
+  }
+  if ((h->flags & protocol::kFlagError) == 0) {
+    if (refusal) {
+      return Broken(Status(StatusCode::kProtocolError, "response does not match the request"));
+    }
+    return Status::OK();
+  }
+  if (h->payload_len > kMaxErrorPayload) {
+    return Broken(Status(StatusCode::kProtocolError, "error frame too large"));
+  }
+  std::vector<uint8_t> payload;
+  TS_RETURN_IF_ERROR(ReadPayload(*h, deadline, &payload));
+  Status remote;
+  if (Status s = protocol::DecodeError(payload, &remote); !s.ok()) return Broken(s);
+  // After these the server closes the connection.
+  switch (remote.code()) {
+    case StatusCode::kUnsupportedVersion:
+    case StatusCode::kFrameTooLarge:
+    case StatusCode::kAuthFailed:
+    case StatusCode::kShuttingDown:
+      Close();
+      break;
+    default:
+      if (refusal) Close();
+  }
+  return remote;
+}
+
+Status ClientImpl::ReadPayload(const FrameHeader& h, net::Deadline deadline,
+                               std::vector<uint8_t>* out) {
+  out->resize(h.payload_len);
+  if (Status s = net::ReadFull(sock_.fd(), out->data(), out->size(), deadline); !s.ok()) {
+    return Broken(s.WithContext("reading a response payload"));
+  }
+  if (protocol::Crc32c(out->data(), out->size()) != h.checksum) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "response checksum mismatch: data corrupted in transit"));
+  }
+  return Status::OK();
+}
+
+Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
+                        std::vector<uint8_t>* response) {
+  uint64_t id;
+  TS_RETURN_IF_ERROR(SendRequest(op, parts, nparts, &id));
+  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  FrameHeader h;
+  TS_RETURN_IF_ERROR(ReadResponseHeader(op, id, deadline, &h));
+  return ReadPayload(h, deadline, response);
+}
+
+Status ClientImpl::Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
+                            uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> head;
+  protocol::Writer w(&head);
+  w.U32(static_cast<uint32_t>(vars.size()));
+  std::vector<struct iovec> parts;
+  parts.reserve(vars.size() + 1);
+  parts.push_back({});
+  for (const VariableSpec& v : vars) {
+    uint64_t numel;
+    TS_RETURN_IF_ERROR(ValidateSpec(v.name, v.shape, v.initial.size(), &numel));
+    w.Meta(v.name, v.shape);
+    parts.push_back({const_cast<float*>(v.initial.data()), v.initial.size_bytes()});
+  }
+  parts[0] = {head.data(), head.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kRegister, parts.data(), parts.size(), &response));
+  protocol::RegisterResponse r;
+  if (Status s = protocol::DecodeRegisterResponse(response, &r); !s.ok()) return s;
+  if (r.created.size() != vars.size()) {
+    return Status(StatusCode::kProtocolError, "REGISTER response has the wrong number of flags");
+  }
+  if (created != nullptr) created->assign(r.created.begin(), r.created.end());
+  if (version != nullptr) *version = r.version;
+  return Status::OK();
+}
+
+Status ClientImpl::List(std::vector<VariableInfo>* out, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kList, nullptr, 0, &response));
+  uint64_t v = 0;
+  std::vector<VariableInfo> vars;
+  TS_RETURN_IF_ERROR(protocol::DecodeListResponse(response, &v, &vars));
+  if (out != nullptr) *out = std::move(vars);
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline,
+                                    std::span<const MutableTensorView>* views,
+                                    std::vector<Tensor>* all, uint64_t* version) {
+  PayloadReader r(sock_.fd(), h.payload_len, deadline);
+  uint64_t v = 0;
+  uint32_t count = 0;
+  Status s = r.U64(&v);
+  if (s.ok()) s = r.U32(&count);
+  if (!s.ok()) return Broken(s);
+  if (count > r.remaining() / protocol::kMinMetaSize) {
+    return Broken(Status(StatusCode::kProtocolError, "PULL response count does not fit"));
+  }
+  std::vector<VariableInfo> metas(count);
+  std::vector<uint64_t> numels(count);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    if (Status m = r.Meta(&metas[i], &numels[i]); !m.ok()) return Broken(m);
+    total += numels[i];
+  }
+  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "PULL response data section does not match its metas"));
+  }
+  // Check everything against the request before writing into any buffer.
+  Status mismatch;
+  if (views != nullptr) {
+    if (count != views->size()) {
+      mismatch = Status(StatusCode::kProtocolError,
+                        "PULL response has " + std::to_string(count) + " tensors for " +
+                            std::to_string(views->size()) + " requested");
+    }
+    for (uint32_t i = 0; mismatch.ok() && i < count; ++i) {
+      const MutableTensorView& view = (*views)[i];
+      if (metas[i].name != view.name) {
+        mismatch = Status(StatusCode::kProtocolError,
+                          "PULL response tensor " + std::to_string(i) + " is '" + metas[i].name +
+                              "' but '" + std::string(view.name) + "' was requested");
+      } else if (numels[i] != view.data.size()) {
+        mismatch = Status(StatusCode::kShapeMismatch,
+                          "variable '" + metas[i].name + "' has shape " +
+                              protocol::ShapeToString(metas[i].shape) + " (" +
+                              std::to_string(numels[i]) + " elements) but the buffer for it holds " +
+                              std::to_string(view.data.size()) + " floats");
+      }
+    }
+  }
+  if (!mismatch.ok()) {
+    // Consume the data so the connection stays usable.
+    if (Status d = r.Drain(); !d.ok()) return Broken(d);
+    if (r.crc() != h.checksum) {
+      return Broken(Status(StatusCode::kProtocolError, "response checksum mismatch"));
+    }
+    return mismatch;
+  }
+  if (views != nullptr) {
+    for (uint32_t i = 0; i < count; ++i) {
+      const MutableTensorView& view = (*views)[i];
+      if (Status d = r.Read(view.data.data(), view.data.size_bytes()); !d.ok()) return Broken(d);
+    }
+  } else {
+    all->clear();
+    all->resize(count);
+    for (uint32_t i = 0; i < count; ++i) {
+      Tensor& t = (*all)[i];
+      t.info = std::move(metas[i]);
+      t.values.resize(numels[i]);
+      if (Status d = r.Read(t.values.data(), numels[i] * sizeof(float)); !d.ok()) return Broken(d);
+    }
+  }
+  if (r.crc() != h.checksum) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "PULL response checksum mismatch (data corrupted in transit); the "
+                         "destination buffers hold unspecified values"));
+  }
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::Pull(std::span<const MutableTensorView> out, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  if (out.empty()) return List(nullptr, version);  // count 0 would mean "all"
+  std::vector<uint8_t> payload;
+  protocol::Writer w(&payload);
+  w.U32(static_cast<uint32_t>(out.size()));
+  for (const MutableTensorView& v : out) {
+    TS_RETURN_IF_ERROR(protocol::ValidateName(v.name));
+    w.Str(v.name);
+  }
+  struct iovec part = {payload.data(), payload.size()};
+  uint64_t id;
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, &id));
+  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  FrameHeader h;
+  TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
+  return ReadPullResponse(h, deadline, &out, nullptr, version);
+}
+
+Status ClientImpl::PullAll(std::vector<Tensor>* out, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  uint8_t zero[4] = {0, 0, 0, 0};
+  struct iovec part = {zero, sizeof(zero)};
+  uint64_t id;
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, &id));
+  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  FrameHeader h;
+  TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
+  return ReadPullResponse(h, deadline, nullptr, out, version);
+}
+
+Status ClientImpl::Push(UpdateKind kind, std::span<const TensorView> tensors,
+                        const PushOptions& options, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> head;
+  protocol::EncodePushHead({static_cast<uint8_t>(kind), options.mean_window, options.learning_rate},
+                           &head);
+  protocol::Writer w(&head);
+  w.U32(static_cast<uint32_t>(tensors.size()));
+  std::vector<struct iovec> parts;
+  parts.reserve(tensors.size() + 1);
+  parts.push_back({});
+  for (const TensorView& t : tensors) {
+    uint64_t numel;
+    TS_RETURN_IF_ERROR(ValidateSpec(t.name, t.shape, t.data.size(), &numel));
+    w.Meta(t.name, t.shape);
+    parts.push_back({const_cast<float*>(t.data.data()), t.data.size_bytes()});
+  }
+  parts[0] = {head.data(), head.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kPush, parts.data(), parts.size(), &response));
+  uint64_t v;
+  if (Status s = protocol::DecodeVersion(response, &v); !s.ok()) return s;
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::Stats(std::vector<StatEntry>* out) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kStats, nullptr, 0, &response));
+  return protocol::DecodeStatsResponse(response, out);
+}
+
+Status ClientImpl::Shutdown() {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kShutdown, nullptr, 0, &response));
+  if (!response.empty()) {
+    return Status(StatusCode::kProtocolError, "SHUTDOWN response must be empty");
+  }
+  return Status::OK();
+}
+
+// ---- Client -----------------------------------------------------------------
+
+Status Client::Connect(const ClientOptions& options, std::unique_ptr<Client>* out) {
+  auto impl = std::make_unique<ClientImpl>(options);
+  TS_RETURN_IF_ERROR(impl->Connect());
+  out->reset(new Client(std::move(impl)));
+  return Status::OK();
+}
+
+Client::Client(std::unique_ptr<ClientImpl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+Status Client::Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
+                        uint64_t* version) {
+  return impl_->Register(vars, created, version);
+}
+Status Client::ListVariables(std::vector<VariableInfo>* out, uint64_t* version) {
+  return impl_->List(out, version);
+}
+Status Client::Pull(std::span<const MutableTensorView> out, uint64_t* version) {
+  return impl_->Pull(out, version);
+}
+Status Client::PullAll(std::vector<Tensor>* out, uint64_t* version) {
+  return impl_->PullAll(out, version);
+}
+Status Client::Push(UpdateKind kind, std::span<const TensorView> tensors,
+                    const PushOptions& options, uint64_t* version) {
+  return impl_->Push(kind, tensors, options, version);
+}
+Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
+Status Client::ShutdownServer() { return impl_->Shutdown(); }
+void Client::Close() { impl_->Close(); }
+bool Client::connected() const { return impl_->connected(); }
+
+}  // namespace tensorspark

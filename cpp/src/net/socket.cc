@@ -1,0 +1,349 @@
+#include "net/socket.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+namespace tensorspark::net {
+namespace {
+
+std::string Errno(int err) { return std::strerror(err); }
+
+Status IoError(const char* op, int err) {
+  return Status(StatusCode::kConnectionError, std::string(op) + " failed: " + Errno(err));
+}
+
+Status TimedOut(const char* what) {
+  return Status(StatusCode::kTimeout, std::string("timed out ") + what);
+}
+
+void SetNonBlocking(int fd) {
+  int flags = fcntl(fd, F_GETFL, 0);
+  if (flags >= 0) fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+void SetNoDelay(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+// Waits for `events` on fd; OK when ready (or on error/hangup, which the
+// next read/write reports).
+Status PollFor(int fd, short events, Deadline deadline, const char* what) {
+  for (;;) {
+    struct pollfd p = {fd, events, 0};
+    int rc = poll(&p, 1, deadline.PollTimeoutMs());
+    if (rc > 0) return Status::OK();
+    if (rc == 0) {
+      if (deadline.Expired()) return TimedOut(what);
+      continue;  // woke early from rounding; wait again
+    }
+    if (errno == EINTR) continue;
+    return IoError("poll", errno);
+  }
+}
+
+std::string AddrToString(const sockaddr* sa) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  uint16_t port = 0;
+  if (sa->sa_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+    port = ntohs(in->sin_port);
+  } else if (sa->sa_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    port = ntohs(in6->sin6_port);
+    std::string out(1, '[');  // (not "[" + string: GCC 12 -Wrestrict false positive)
+    out += host;
+    out += "]:";
+    out += std::to_string(port);
+    return out;
+  }
+  return std::string(host) + ":" + std::to_string(port);
+}
+
+}  // namespace
+
+Deadline Deadline::In(double seconds) {
+  if (!(seconds < 1e9)) return Never();  // also catches NaN and inf
+  if (seconds < 0) seconds = 0;
+  return Deadline(Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(seconds)));
+}
+
+int Deadline::PollTimeoutMs() const {
+  if (never()) return -1;
+  auto left = at_ - Clock::now();
+  if (left <= Clock::duration::zero()) return 0;
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(left).count() + 1;
+  return static_cast<int>(std::min<int64_t>(ms, INT_MAX));
+}
+
+double Deadline::SecondsLeft() const {
+  if (never()) return INFINITY;
+  return std::chrono::duration<double>(at_ - Clock::now()).count();
+}
+
+Socket& Socket::operator=(Socket&& o) noexcept {
+  if (this != &o) {
+    Close();
+    fd_ = o.fd_;
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+void Socket::Close() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+void Socket::Shutdown() {
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
+}
+
+Status Listen(const std::string& bind_address, uint16_t port, Socket* out, uint16_t* bound_port) {
+  const std::string where = bind_address + ":" + std::to_string(port);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string port_str = std::to_string(port);
+  int gai = getaddrinfo(bind_address.empty() ? nullptr : bind_address.c_str(), port_str.c_str(),
+                        &hints, &res);
+  if (gai != 0) {
+    return Status(StatusCode::kInvalidArgument, "cannot resolve bind address '" + bind_address +
+                                                    "': " + gai_strerror(gai));
+  }
+  Status last(StatusCode::kConnectionError, "no usable address for " + where);
+  for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
+    Socket s(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    if (!s.valid()) {
+      last = IoError("socket", errno);
+      continue;
+    }
+    int one = 1;
+    setsockopt(s.fd(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(s.fd(), ai->ai_addr, ai->ai_addrlen) != 0) {
+      int err = errno;
+      if (err == EADDRINUSE) {
+        last = Status(StatusCode::kAddressInUse,
+                      "cannot listen on " + where +
+                          ": address already in use (another process, perhaps an earlier "
+                          "tensorspark-ps, holds this port); choose another port, or port 0 to "
+                          "pick a free one");
+      } else {
+        last = Status(err == EACCES || err == EADDRNOTAVAIL ? StatusCode::kInvalidArgument
+                                                            : StatusCode::kConnectionError,
+                      "cannot bind " + where + ": " + Errno(err));
+      }
+      continue;
+    }
+    if (::listen(s.fd(), SOMAXCONN) != 0) {
+      int err = errno;
+      last = err == EADDRINUSE
+                 ? Status(StatusCode::kAddressInUse,
+                          "cannot listen on " + where +
+                              ": address already in use; choose another port, or port 0 to pick "
+                              "a free one")
+                 : IoError("listen", err);
+      continue;
+    }
+    sockaddr_storage ss{};
+    socklen_t len = sizeof(ss);
+    if (getsockname(s.fd(), reinterpret_cast<sockaddr*>(&ss), &len) != 0) {
+      last = IoError("getsockname", errno);
+      continue;
+    }
+    *bound_port = ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port)
+                                           : ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    SetNonBlocking(s.fd());
+    *out = std::move(s);
+    freeaddrinfo(res);
+    return Status::OK();
+  }
+  freeaddrinfo(res);
+  return last;
+}
+
+Status Accept(const Socket& listener, Deadline deadline, Socket* out, std::string* peer) {
+  for (;;) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof(ss);
+    int fd = ::accept4(listener.fd(), reinterpret_cast<sockaddr*>(&ss), &len,
+                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      SetNoDelay(fd);
+      if (peer != nullptr) *peer = AddrToString(reinterpret_cast<sockaddr*>(&ss));
+      *out = Socket(fd);
+      return Status::OK();
+    }
+    int err = errno;
+    if (err == EINTR || err == ECONNABORTED) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      TS_RETURN_IF_ERROR(PollFor(listener.fd(), POLLIN, deadline, "waiting for a connection"));
+      continue;
+    }
+    return IoError("accept", err);
+  }
+}
+
+Status ConnectWithTimeout(const std::string& host, uint16_t port, Deadline deadline, Socket* out) {
+  const std::string where = host + ":" + std::to_string(port);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string port_str = std::to_string(port);
+  int gai = getaddrinfo(host.c_str(), port_str.c_str(), &hints, &res);
+  if (gai != 0) {
+    return Status(StatusCode::kConnectionError,
+                  "cannot resolve host '" + host + "': " + gai_strerror(gai));
+  }
+  Status last(StatusCode::kConnectionError, "no address for " + where);
+  for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
+    Socket s(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                      ai->ai_protocol));
+    if (!s.valid()) {
+      last = IoError("socket", errno);
+      continue;
+    }
+    int rc;
+    do {
+      rc = ::connect(s.fd(), ai->ai_addr, ai->ai_addrlen);
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0 && errno != EINPROGRESS) {
+      last = Status(StatusCode::kConnectionError, "connect to " + where + ": " + Errno(errno));
+      continue;
+    }
+    if (rc != 0) {
+      Status w = PollFor(s.fd(), POLLOUT, deadline, "connecting");
+      if (!w.ok()) {
+        last = Status(w.code(), "connect to " + where + ": " + w.message());
+        if (w.code() == StatusCode::kTimeout) break;
+        continue;
+      }
+      int err = 0;
+      socklen_t len = sizeof(err);
+      getsockopt(s.fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err != 0) {
+        last = Status(StatusCode::kConnectionError, "connect to " + where + ": " + Errno(err));
+        continue;
+      }
+    }
+    SetNoDelay(s.fd());
+    *out = std::move(s);
+    freeaddrinfo(res);
+    return Status::OK();
+  }
+  freeaddrinfo(res);
+  return last;
+}
+
+Status WaitReadable(int fd, Deadline deadline) {
+  return PollFor(fd, POLLIN, deadline, "waiting for data");
+}
+
+Status ReadSome(int fd, void* buf, size_t max, Deadline deadline, size_t* got) {
+  for (;;) {
+    ssize_t r = ::recv(fd, buf, max, 0);
+    if (r > 0) {
+      *got = static_cast<size_t>(r);
+      return Status::OK();
+    }
+    if (r == 0) return Status(StatusCode::kConnectionError, "connection closed by peer");
+    int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      TS_RETURN_IF_ERROR(PollFor(fd, POLLIN, deadline, "waiting for data from the peer"));
+      continue;
+    }
+    return IoError("recv", err);
+  }
+}
+
+Status ReadFull(int fd, void* buf, size_t n, Deadline deadline, bool* clean_eof) {
+  auto* p = static_cast<uint8_t*>(buf);
+  size_t done = 0;
+  if (clean_eof != nullptr) *clean_eof = false;
+  while (done < n) {
+    ssize_t r = ::recv(fd, p + done, n - done, 0);
+    if (r > 0) {
+      done += static_cast<size_t>(r);
+      continue;
+    }
+    if (r == 0) {
+      if (done == 0 && clean_eof != nullptr) *clean_eof = true;
+      return Status(StatusCode::kConnectionError,
+                    done == 0 ? "connection closed by peer"
+                              : "connection closed by peer in the middle of a frame (" +
+                                    std::to_string(done) + " of " + std::to_string(n) +
+                                    " bytes received)");
+    }
+    int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      TS_RETURN_IF_ERROR(PollFor(fd, POLLIN, deadline, "waiting for data from the peer"));
+      continue;
+    }
+    return IoError("recv", err);
+  }
+  return Status::OK();
+}
+
+Status WriteFull(int fd, const void* buf, size_t n, Deadline deadline) {
+  struct iovec iov = {const_cast<void*>(buf), n};
+  return WriteV(fd, &iov, 1, deadline);
+}
+
+Status WriteV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
+  // Skip empty leading entries so progress tracking stays simple.
+  while (iovcnt > 0 && iov->iov_len == 0) {
+    ++iov;
+    --iovcnt;
+  }
+  while (iovcnt > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(iovcnt, IOV_MAX);
+    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        TS_RETURN_IF_ERROR(PollFor(fd, POLLOUT, deadline, "waiting to send to the peer"));
+        continue;
+      }
+      return IoError("send", err);
+    }
+    auto left = static_cast<size_t>(w);
+    while (iovcnt > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --iovcnt;
+    }
+    if (left > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace tensorspark::net

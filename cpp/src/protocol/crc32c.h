@@ -1,0 +1,22 @@
+// CRC-32C (Castagnoli), as used for frame checksums in wire protocol v1.
+//
+// Uses the SSE4.2 crc32 instruction (three interleaved streams) when the CPU
+// has it, a slicing-by-8 table otherwise. Thread-safe; no setup needed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tensorspark::protocol {
+
+// Extends `crc` (the CRC of the bytes so far; 0 for none) with `n` more bytes:
+// Crc32c(a ‖ b) == Crc32cExtend(Crc32c(a), b).
+uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n);
+
+inline uint32_t Crc32c(const void* data, size_t n) { return Crc32cExtend(0, data, n); }
+
+// For tests: the portable implementation, and whether the hardware one is used.
+uint32_t Crc32cExtendPortable(uint32_t crc, const void* data, size_t n);
+bool Crc32cHardwareEnabled();
+
+}  // namespace tensorspark::protocol

@@ -1,0 +1,488 @@
+#include "protocol/messages.h"
+
+#include <bit>
+#include <cstring>
+
+#include "protocol/frame.h"
+
+namespace tensorspark::protocol {
+
+static_assert(std::endian::native == std::endian::little,
+              "float32 data travels as raw little-endian bytes");
+
+namespace {
+
+Status Malformed(const std::string& what) {
+  return Status(StatusCode::kProtocolError, "malformed payload: " + what);
+}
+
+}  // namespace
+
+// ---- Reader ---------------------------------------------------------------------
+
+Status Reader::Need(size_t n, const char* what) {
+  if (n > remaining()) {
+    return Malformed(std::string("truncated ") + what + " at offset " + std::to_string(pos_) +
+                     " (need " + std::to_string(n) + " bytes, " + std::to_string(remaining()) +
+                     " left)");
+  }
+  return Status::OK();
+}
+
+Status Reader::ReadU8(uint8_t* v) {
+  TS_RETURN_IF_ERROR(Need(1, "u8"));
+  *v = data_[pos_++];
+  return Status::OK();
+}
+
+Status Reader::ReadU16(uint16_t* v) {
+  TS_RETURN_IF_ERROR(Need(2, "u16"));
+  *v = LoadLE16(data_ + pos_);
+  pos_ += 2;
+  return Status::OK();
+}
+
+Status Reader::ReadU32(uint32_t* v) {
+  TS_RETURN_IF_ERROR(Need(4, "u32"));
+  *v = LoadLE32(data_ + pos_);
+  pos_ += 4;
+  return Status::OK();
+}
+
+Status Reader::ReadU64(uint64_t* v) {
+  TS_RETURN_IF_ERROR(Need(8, "u64"));
+  *v = LoadLE64(data_ + pos_);
+  pos_ += 8;
+  return Status::OK();
+}
+
+Status Reader::ReadI32(int32_t* v) {
+  uint32_t u;
+  TS_RETURN_IF_ERROR(ReadU32(&u));
+  *v = static_cast<int32_t>(u);
+  return Status::OK();
+}
+
+Status Reader::ReadI64(int64_t* v) {
+  uint64_t u;
+  TS_RETURN_IF_ERROR(ReadU64(&u));
+  *v = static_cast<int64_t>(u);
+  return Status::OK();
+}
+
+Status Reader::ReadF32(float* v) {
+  uint32_t u;
+  TS_RETURN_IF_ERROR(ReadU32(&u));
+  *v = std::bit_cast<float>(u);
+  return Status::OK();
+}
+
+Status Reader::ReadBytes(size_t n, const uint8_t** out) {
+  TS_RETURN_IF_ERROR(Need(n, "bytes"));
+  *out = data_ + pos_;
+  pos_ += n;
+  return Status::OK();
+}
+
+Status Reader::ReadNonce(Nonce* out) {
+  const uint8_t* p;
+  TS_RETURN_IF_ERROR(Need(kNonceSize, "32-byte nonce/proof"));
+  TS_RETURN_IF_ERROR(ReadBytes(kNonceSize, &p));
+  std::memcpy(out->data(), p, kNonceSize);
+  return Status::OK();
+}
+
+Status Reader::ReadStr(std::string_view* out) {
+  uint16_t len;
+  TS_RETURN_IF_ERROR(ReadU16(&len));
+  TS_RETURN_IF_ERROR(Need(len, "string"));
+  *out = std::string_view(reinterpret_cast<const char*>(data_ + pos_), len);
+  pos_ += len;
+  return Status::OK();
+}
+
+Status Reader::ReadLongStr(std::string_view* out) {
+  uint32_t len;
+  TS_RETURN_IF_ERROR(ReadU32(&len));
+  TS_RETURN_IF_ERROR(Need(len, "string"));
+  *out = std::string_view(reinterpret_cast<const char*>(data_ + pos_), len);
+  pos_ += len;
+  return Status::OK();
+}
+
+Status Reader::ReadMeta(VariableInfo* out, uint64_t* numel) {
+  std::string_view name;
+  TS_RETURN_IF_ERROR(ReadStr(&name));
+  if (Status s = ValidateName(name); !s.ok()) return Malformed(s.message());
+  uint8_t dtype, ndim;
+  TS_RETURN_IF_ERROR(ReadU8(&dtype));
+  TS_RETURN_IF_ERROR(ReadU8(&ndim));
+  if (dtype != static_cast<uint8_t>(DType::kFloat32)) {
+    return Malformed("variable '" + std::string(name) + "' has dtype " + std::to_string(dtype) +
+                     "; protocol v1 supports float32 (1) only");
+  }
+  if (ndim > kMaxDims) {
+    return Malformed("variable '" + std::string(name) + "' has " + std::to_string(ndim) +
+                     " dimensions; at most " + std::to_string(kMaxDims) + " are supported");
+  }
+  out->name.assign(name);
+  out->dtype = DType::kFloat32;
+  out->shape.resize(ndim);
+  for (uint8_t i = 0; i < ndim; ++i) TS_RETURN_IF_ERROR(ReadI64(&out->shape[i]));
+  uint64_t n = 0;
+  Status s = ValidateMeta(out->name, out->shape, &n);
+  if (!s.ok()) return Malformed(s.message());
+  if (numel != nullptr) *numel = n;
+  return Status::OK();
+}
+
+Status Reader::ReadCount(size_t min_item_size, uint32_t* count) {
+  TS_RETURN_IF_ERROR(ReadU32(count));
+  if (min_item_size > 0 && *count > remaining() / min_item_size) {
+    return Malformed("count " + std::to_string(*count) + " does not fit in the " +
+                     std::to_string(remaining()) + " bytes left");
+  }
+  return Status::OK();
+}
+
+Status Reader::Finish() const {
+  if (remaining() != 0) {
+    return Malformed(std::to_string(remaining()) + " trailing bytes after offset " +
+                     std::to_string(pos_));
+  }
+  return Status::OK();
+}
+
+// ---- Writer ---------------------------------------------------------------------
+
+void Writer::U16(uint16_t v) {
+  uint8_t b[2];
+  StoreLE16(b, v);
+  out_->insert(out_->end(), b, b + 2);
+}
+
+void Writer::U32(uint32_t v) {
+  uint8_t b[4];
+  StoreLE32(b, v);
+  out_->insert(out_->end(), b, b + 4);
+}
+
+void Writer::U64(uint64_t v) {
+  uint8_t b[8];
+  StoreLE64(b, v);
+  out_->insert(out_->end(), b, b + 8);
+}
+
+void Writer::F32(float v) { U32(std::bit_cast<uint32_t>(v)); }
+
+void Writer::Bytes(const void* p, size_t n) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  out_->insert(out_->end(), b, b + n);
+}
+
+void Writer::Str(std::string_view s) {
+  U16(static_cast<uint16_t>(s.size()));
+  Bytes(s.data(), s.size());
+}
+
+void Writer::LongStr(std::string_view s) {
+  U32(static_cast<uint32_t>(s.size()));
+  Bytes(s.data(), s.size());
+}
+
+void Writer::Meta(std::string_view name, std::span<const int64_t> shape) {
+  Str(name);
+  U8(static_cast<uint8_t>(DType::kFloat32));
+  U8(static_cast<uint8_t>(shape.size()));
+  for (int64_t d : shape) I64(d);
+}
+
+// ---- validation -------------------------------------------------------------------
+
+Status ValidateName(std::string_view name) {
+  if (name.empty()) return Status(StatusCode::kInvalidArgument, "variable name is empty");
+  if (name.size() > kMaxNameLen) {
+    return Status(StatusCode::kInvalidArgument,
+                  "variable name of " + std::to_string(name.size()) + " bytes ('" +
+                      std::string(name.substr(0, 32)) + "...') is longer than the limit of " +
+                      std::to_string(kMaxNameLen) + " bytes");
+  }
+  return Status::OK();
+}
+
+std::string ShapeToString(std::span<const int64_t> shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ",";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+Status ValidateMeta(std::string_view name, std::span<const int64_t> shape, uint64_t* numel) {
+  TS_RETURN_IF_ERROR(ValidateName(name));
+  if (shape.size() > kMaxDims) {
+    return Status(StatusCode::kInvalidArgument,
+                  "variable '" + std::string(name) + "' has " + std::to_string(shape.size()) +
+                      " dimensions; at most " + std::to_string(kMaxDims) + " are supported");
+  }
+  uint64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) {
+      return Status(StatusCode::kInvalidArgument, "variable '" + std::string(name) +
+                                                      "' has a negative dimension in shape " +
+                                                      ShapeToString(shape));
+    }
+    if (__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n) || n > kMaxElements) {
+      return Status(StatusCode::kInvalidArgument, "variable '" + std::string(name) + "' shape " +
+                                                      ShapeToString(shape) +
+                                                      " has too many elements");
+    }
+  }
+  *numel = n;
+  return Status::OK();
+}
+
+// ---- error frames -------------------------------------------------------------------
+
+void EncodeError(const Status& status, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U32(static_cast<uint32_t>(status.code()));
+  w.LongStr(status.message());
+}
+
+Status DecodeError(std::span<const uint8_t> payload, Status* remote) {
+  Reader r(payload);
+  uint32_t code;
+  std::string_view msg;
+  TS_RETURN_IF_ERROR(r.ReadU32(&code));
+  TS_RETURN_IF_ERROR(r.ReadLongStr(&msg));
+  TS_RETURN_IF_ERROR(r.Finish());
+  if (code == 0) {
+    *remote = Status(StatusCode::kProtocolError, "peer sent an error frame with code Ok: " +
+                                                     std::string(msg));
+  } else {
+    *remote = Status(static_cast<StatusCode>(code), std::string(msg));
+  }
+  return Status::OK();
+}
+
+// ---- handshake ---------------------------------------------------------------------
+
+void EncodeHello(const HelloRequest& req, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.Bytes(req.client_nonce.data(), kNonceSize);
+  w.I32(req.partition_id);
+  w.I32(req.attempt);
+  w.Str(std::string_view(req.client_name).substr(0, kMaxNameLen));
+}
+
+Status DecodeHello(std::span<const uint8_t> payload, HelloRequest* req) {
+  Reader r(payload);
+  std::string_view name;
+  TS_RETURN_IF_ERROR(r.ReadNonce(&req->client_nonce));
+  TS_RETURN_IF_ERROR(r.ReadI32(&req->partition_id));
+  TS_RETURN_IF_ERROR(r.ReadI32(&req->attempt));
+  TS_RETURN_IF_ERROR(r.ReadStr(&name));
+  TS_RETURN_IF_ERROR(r.Finish());
+  if (name.size() > kMaxNameLen) return Malformed("client name longer than 1024 bytes");
+  req->client_name.assign(name);
+  return Status::OK();
+}
+
+void EncodeNonce(const Nonce& v, std::vector<uint8_t>* out) {
+  Writer(out).Bytes(v.data(), v.size());
+}
+
+Status DecodeNonce(std::span<const uint8_t> payload, Nonce* v) {
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadNonce(v));
+  return r.Finish();
+}
+
+// ---- REGISTER / PUSH ------------------------------------------------------------------
+
+namespace {
+
+Status ReadTensorSection(Reader& r, TensorSection* t) {
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(kMinMetaSize, &count));
+  t->metas.clear();
+  t->numels.clear();
+  t->metas.resize(count);
+  t->numels.resize(count);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    TS_RETURN_IF_ERROR(r.ReadMeta(&t->metas[i], &t->numels[i]));
+    total += t->numels[i];  // each <= 2^48 and count < 2^32: cannot overflow
+  }
+  t->data_offset = r.offset();
+  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+    return Malformed("data section has " + std::to_string(r.remaining()) +
+                     " bytes but the metas describe " + std::to_string(total) +
+                     " float32 elements (" +
+                     (total > (uint64_t{1} << 61) ? std::string("too many")
+                                                 : std::to_string(total * sizeof(float))) +
+                     " bytes)");
+  }
+  t->data_len = r.remaining();
+  const uint8_t* unused;
+  TS_RETURN_IF_ERROR(r.ReadBytes(t->data_len, &unused));
+  return r.Finish();
+}
+
+}  // namespace
+
+Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req) {
+  Reader r(payload);
+  return ReadTensorSection(r, req);
+}
+
+void EncodePushHead(const PushHead& head, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U8(head.kind);
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  w.U32(head.mean_window);
+  w.F32(head.learning_rate);
+}
+
+Status DecodePush(std::span<const uint8_t> payload, PushHead* head, TensorSection* tensors) {
+  Reader r(payload);
+  uint8_t pad[3];
+  TS_RETURN_IF_ERROR(r.ReadU8(&head->kind));
+  for (uint8_t& b : pad) TS_RETURN_IF_ERROR(r.ReadU8(&b));
+  if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
+    return Malformed("reserved bytes after the push kind must be 0");
+  }
+  TS_RETURN_IF_ERROR(r.ReadU32(&head->mean_window));
+  TS_RETURN_IF_ERROR(r.ReadF32(&head->learning_rate));
+  return ReadTensorSection(r, tensors);
+}
+
+void EncodeRegisterResponse(const RegisterResponse& resp, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U64(resp.version);
+  w.U32(static_cast<uint32_t>(resp.created.size()));
+  w.Bytes(resp.created.data(), resp.created.size());
+}
+
+Status DecodeRegisterResponse(std::span<const uint8_t> payload, RegisterResponse* resp) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadU64(&resp->version));
+  TS_RETURN_IF_ERROR(r.ReadCount(1, &count));
+  const uint8_t* p;
+  TS_RETURN_IF_ERROR(r.ReadBytes(count, &p));
+  resp->created.assign(p, p + count);
+  return r.Finish();
+}
+
+void EncodeVersion(uint64_t version, std::vector<uint8_t>* out) { Writer(out).U64(version); }
+
+Status DecodeVersion(std::span<const uint8_t> payload, uint64_t* version) {
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadU64(version));
+  return r.Finish();
+}
+
+// ---- LIST / PULL --------------------------------------------------------------------------
+
+void EncodeListResponse(uint64_t version, std::span<const VariableInfo> vars,
+                        std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U64(version);
+  w.U32(static_cast<uint32_t>(vars.size()));
+  for (const VariableInfo& v : vars) w.Meta(v.name, v.shape);
+}
+
+Status DecodeListResponse(std::span<const uint8_t> payload, uint64_t* version,
+                          std::vector<VariableInfo>* vars) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadU64(version));
+  TS_RETURN_IF_ERROR(r.ReadCount(kMinMetaSize, &count));
+  vars->clear();
+  vars->resize(count);
+  for (uint32_t i = 0; i < count; ++i) TS_RETURN_IF_ERROR(r.ReadMeta(&(*vars)[i], nullptr));
+  return r.Finish();
+}
+
+void EncodePullRequest(std::span<const std::string_view> names, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U32(static_cast<uint32_t>(names.size()));
+  for (std::string_view n : names) w.Str(n);
+}
+
+Status DecodePullRequest(std::span<const uint8_t> payload, std::vector<std::string_view>* names) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(3, &count));
+  names->clear();
+  names->reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    std::string_view n;
+    TS_RETURN_IF_ERROR(r.ReadStr(&n));
+    Status s = ValidateName(n);
+    if (!s.ok()) return Malformed(s.message());
+    names->push_back(n);
+  }
+  return r.Finish();
+}
+
+Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
+                          std::vector<Tensor>* tensors) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadU64(version));
+  TS_RETURN_IF_ERROR(r.ReadCount(kMinMetaSize, &count));
+  tensors->clear();
+  tensors->resize(count);
+  std::vector<uint64_t> numels(count);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    TS_RETURN_IF_ERROR(r.ReadMeta(&(*tensors)[i].info, &numels[i]));
+    total += numels[i];
+  }
+  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+    return Malformed("data section size does not match the metas");
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint8_t* p;
+    TS_RETURN_IF_ERROR(r.ReadBytes(numels[i] * sizeof(float), &p));
+    auto& values = (*tensors)[i].values;
+    values.resize(numels[i]);
+    if (numels[i] > 0) std::memcpy(values.data(), p, numels[i] * sizeof(float));
+  }
+  return r.Finish();
+}
+
+// ---- STATS ---------------------------------------------------------------------------------
+
+void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U32(static_cast<uint32_t>(stats.size()));
+  for (const auto& [key, value] : stats) {
+    w.Str(key);
+    w.U64(value);
+  }
+}
+
+Status DecodeStatsResponse(std::span<const uint8_t> payload, std::vector<StatEntry>* stats) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(10, &count));
+  stats->clear();
+  stats->reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    std::string_view key;
+    uint64_t value;
+    TS_RETURN_IF_ERROR(r.ReadStr(&key));
+    TS_RETURN_IF_ERROR(r.ReadU64(&value));
+    stats->emplace_back(std::string(key), value);
+  }
+  return r.Finish();
+}
+
+}  // namespace tensorspark::protocol

@@ -1,0 +1,170 @@
+// Payload codecs of wire protocol v1 (docs/protocol.md).
+//
+// Reader checks every field against the bytes left and fails with
+// kProtocolError on truncation; Finish() rejects trailing bytes. Decoded
+// views (string_view, data pointers) point into the payload buffer, which
+// must outlive them.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace tensorspark::protocol {
+
+inline constexpr size_t kMaxNameLen = 1024;
+inline constexpr size_t kMaxDims = 8;
+inline constexpr size_t kNonceSize = 32;
+// Largest element count of one tensor: keeps numel * 4 and sums of a few of
+// them far from overflow.
+inline constexpr uint64_t kMaxElements = uint64_t{1} << 48;
+// Smallest encoded meta: u16 len, 1 name byte, u8 dtype, u8 ndim.
+inline constexpr size_t kMinMetaSize = 5;
+
+using Nonce = std::array<uint8_t, kNonceSize>;
+
+class Reader {
+ public:
+  Reader(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  explicit Reader(std::span<const uint8_t> s) : Reader(s.data(), s.size()) {}
+
+  [[nodiscard]] Status ReadU8(uint8_t* v);
+  [[nodiscard]] Status ReadU16(uint16_t* v);
+  [[nodiscard]] Status ReadU32(uint32_t* v);
+  [[nodiscard]] Status ReadU64(uint64_t* v);
+  [[nodiscard]] Status ReadI32(int32_t* v);
+  [[nodiscard]] Status ReadI64(int64_t* v);
+  [[nodiscard]] Status ReadF32(float* v);
+  [[nodiscard]] Status ReadBytes(size_t n, const uint8_t** out);
+  [[nodiscard]] Status ReadNonce(Nonce* out);
+  // `str`: u16 length + bytes.
+  [[nodiscard]] Status ReadStr(std::string_view* out);
+  // u32 length + bytes (error messages).
+  [[nodiscard]] Status ReadLongStr(std::string_view* out);
+  // A `meta`; validates name length, dtype, ndim and dims. `numel` may be null.
+  [[nodiscard]] Status ReadMeta(VariableInfo* out, uint64_t* numel);
+  // A u32 count of items each at least `min_item_size` bytes long: rejects
+  // counts the remaining bytes cannot hold (so callers may reserve safely).
+  [[nodiscard]] Status ReadCount(size_t min_item_size, uint32_t* count);
+  // Fails on trailing bytes.
+  [[nodiscard]] Status Finish() const;
+
+  size_t remaining() const { return size_ - pos_; }
+  size_t offset() const { return pos_; }
+
+ private:
+  [[nodiscard]] Status Need(size_t n, const char* what);
+
+  const uint8_t* data_;
+  size_t size_;
+  size_t pos_ = 0;
+};
+
+// Appends little-endian fields to a byte vector.
+class Writer {
+ public:
+  explicit Writer(std::vector<uint8_t>* out) : out_(out) {}
+  void U8(uint8_t v) { out_->push_back(v); }
+  void U16(uint16_t v);
+  void U32(uint32_t v);
+  void U64(uint64_t v);
+  void I32(int32_t v) { U32(static_cast<uint32_t>(v)); }
+  void I64(int64_t v) { U64(static_cast<uint64_t>(v)); }
+  void F32(float v);
+  void Bytes(const void* p, size_t n);
+  // Caller guarantees s.size() <= 65535 (names are validated first).
+  void Str(std::string_view s);
+  void LongStr(std::string_view s);
+  // Caller validates with ValidateMeta first.
+  void Meta(std::string_view name, std::span<const int64_t> shape);
+
+ private:
+  std::vector<uint8_t>* out_;
+};
+
+// Checks a variable name (1..kMaxNameLen bytes).
+[[nodiscard]] Status ValidateName(std::string_view name);
+// Checks name, ndim and dims and returns the element count.
+[[nodiscard]] Status ValidateMeta(std::string_view name, std::span<const int64_t> shape,
+                                  uint64_t* numel);
+std::string ShapeToString(std::span<const int64_t> shape);
+
+// ---- error frames ------------------------------------------------------------
+void EncodeError(const Status& status, std::vector<uint8_t>* out);
+// Parses an error payload into `remote` (never OK: code 0 becomes a protocol
+// error). The return value reports malformed payloads.
+[[nodiscard]] Status DecodeError(std::span<const uint8_t> payload, Status* remote);
+
+// ---- handshake -----------------------------------------------------------------
+struct HelloRequest {
+  Nonce client_nonce{};
+  int32_t partition_id = -1;
+  int32_t attempt = 0;
+  std::string client_name;
+};
+void EncodeHello(const HelloRequest& req, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeHello(std::span<const uint8_t> payload, HelloRequest* req);
+// HELLO response, AUTH request and AUTH response are each one 32-byte value.
+void EncodeNonce(const Nonce& v, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeNonce(std::span<const uint8_t> payload, Nonce* v);
+
+// ---- REGISTER / PUSH -------------------------------------------------------------
+// The tensor part shared by REGISTER and PUSH: `count`, metas, data section.
+struct TensorSection {
+  std::vector<VariableInfo> metas;
+  std::vector<uint64_t> numels;
+  size_t data_offset = 0;  // payload offset of the data section
+  size_t data_len = 0;     // == 4 * sum(numels)
+};
+[[nodiscard]] Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req);
+
+struct PushHead {
+  uint8_t kind = 0;
+  uint32_t mean_window = 1;
+  float learning_rate = 0.0f;
+};
+// Head of the PUSH payload, before the tensor section (12 bytes).
+inline constexpr size_t kPushHeadSize = 12;
+void EncodePushHead(const PushHead& head, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodePush(std::span<const uint8_t> payload, PushHead* head,
+                                TensorSection* tensors);
+
+struct RegisterResponse {
+  uint64_t version = 0;
+  std::vector<uint8_t> created;
+};
+void EncodeRegisterResponse(const RegisterResponse& r, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeRegisterResponse(std::span<const uint8_t> payload, RegisterResponse* r);
+
+// PUSH response: the version after the push.
+void EncodeVersion(uint64_t version, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeVersion(std::span<const uint8_t> payload, uint64_t* version);
+
+// ---- LIST / PULL ----------------------------------------------------------------
+void EncodeListResponse(uint64_t version, std::span<const VariableInfo> vars,
+                        std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeListResponse(std::span<const uint8_t> payload, uint64_t* version,
+                                        std::vector<VariableInfo>* vars);
+
+// PULL request: u32 count (0 = all), names.
+void EncodePullRequest(std::span<const std::string_view> names, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodePullRequest(std::span<const uint8_t> payload,
+                                       std::vector<std::string_view>* names);
+// PULL response fully in memory (tests and small tools; the client parses it
+// incrementally instead).
+[[nodiscard]] Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
+                                        std::vector<Tensor>* tensors);
+
+// ---- STATS ------------------------------------------------------------------------
+void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeStatsResponse(std::span<const uint8_t> payload,
+                                         std::vector<StatEntry>* stats);
+
+}  // namespace tensorspark::protocol

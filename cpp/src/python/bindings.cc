@@ -1,0 +1,383 @@
+// nanobind bindings: the private module tensorspark._core.
+//
+// This file is the one place where a failed Status becomes a Python
+// exception (ThrowIfError). Every call that does I/O releases the GIL; NumPy
+// buffers are passed to the client as spans over their memory, never copied.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensorspark/client.h"
+#include "tensorspark/server.h"
+#include "tensorspark/status.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace tensorspark::python {
+namespace {
+
+// A C-contiguous float32 array on the CPU, any number of dimensions.
+using FloatArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+
+// Python exception types, created once at import (see NB_MODULE below).
+struct ErrorTypes {
+  PyObject* base = nullptr;        // TensorSparkError
+  PyObject* connection = nullptr;  // PSConnectionError (also ConnectionError)
+  PyObject* auth = nullptr;        // AuthenticationError
+  PyObject* address = nullptr;     // AddressInUseError
+  PyObject* timeout = nullptr;     // PSTimeoutError (also TimeoutError)
+  PyObject* protocol = nullptr;    // ProtocolError
+  PyObject* value = nullptr;       // TensorSparkValueError (also ValueError)
+  PyObject* shape = nullptr;       // ShapeMismatchError
+  PyObject* not_found = nullptr;   // VariableNotFoundError (also KeyError)
+};
+ErrorTypes g_errors;
+
+struct StatusError {
+  Status status;
+};
+
+PyObject* ErrorTypeFor(StatusCode code) {
+  switch (code) {
+    case StatusCode::kInvalidArgument:
+    case StatusCode::kLimitExceeded:
+      return g_errors.value;
+    case StatusCode::kShapeMismatch:
+      return g_errors.shape;
+    case StatusCode::kNotFound:
+      return g_errors.not_found;
+    case StatusCode::kAuthFailed:
+      return g_errors.auth;
+    case StatusCode::kAddressInUse:
+      return g_errors.address;
+    case StatusCode::kConnectionError:
+    case StatusCode::kShuttingDown:
+      return g_errors.connection;
+    case StatusCode::kTimeout:
+      return g_errors.timeout;
+    case StatusCode::kProtocolError:
+    case StatusCode::kUnsupportedVersion:
+    case StatusCode::kFrameTooLarge:
+    case StatusCode::kInternal:
+    case StatusCode::kOk:
+      break;
+  }
+  return g_errors.protocol;
+}
+
+void ThrowIfError(const Status& s) {
+  if (!s.ok()) throw StatusError{s};
+}
+
+PyObject* NewError(nb::module_& m, const char* name, const char* doc, PyObject* bases) {
+  std::string qualified = std::string("tensorspark.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  if (type == nullptr) throw nb::python_error();
+  m.attr(name) = nb::handle(type);
+  return type;
+}
+
+PyObject* Bases(std::initializer_list<PyObject*> types) {
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(types.size()));
+  Py_ssize_t i = 0;
+  for (PyObject* t : types) {
+    Py_INCREF(t);
+    PyTuple_SET_ITEM(tuple, i++, t);
+  }
+  return tuple;
+}
+
+void RegisterErrors(nb::module_& m) {
+  g_errors.base = NewError(m, "TensorSparkError", "Base class of every tensorspark error.",
+                           PyExc_Exception);
+  g_errors.connection =
+      NewError(m, "PSConnectionError", "The parameter server could not be reached or hung up.",
+               Bases({g_errors.base, PyExc_ConnectionError}));
+  g_errors.auth = NewError(m, "AuthenticationError",
+                           "The parameter server refused the run's secret.",
+                           Bases({g_errors.connection}));
+  g_errors.address = NewError(m, "AddressInUseError",
+                              "The parameter server's port is already taken.",
+                              Bases({g_errors.connection}));
+  g_errors.timeout = NewError(m, "PSTimeoutError", "A wait on the parameter server timed out.",
+                              Bases({g_errors.base, PyExc_TimeoutError}));
+  g_errors.protocol = NewError(m, "ProtocolError",
+                               "A malformed, oversized or incompatible frame.",
+                               Bases({g_errors.base}));
+  g_errors.value = NewError(m, "TensorSparkValueError", "An invalid argument or input.",
+                            Bases({g_errors.base, PyExc_ValueError}));
+  g_errors.shape = NewError(m, "ShapeMismatchError",
+                            "A tensor's shape differs from the registered one.",
+                            Bases({g_errors.value}));
+  g_errors.not_found = NewError(m, "VariableNotFoundError",
+                                "The parameter server holds no variable of that name.",
+                                Bases({g_errors.value, PyExc_KeyError}));
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      PyErr_SetString(ErrorTypeFor(e.status.code()), e.status.message().c_str());
+    }
+  });
+}
+
+std::vector<int64_t> ShapeOf(const FloatArray& a) {
+  std::vector<int64_t> shape(a.ndim());
+  for (size_t i = 0; i < a.ndim(); ++i) shape[i] = static_cast<int64_t>(a.shape(i));
+  return shape;
+}
+
+void CheckSameLength(size_t names, size_t arrays, const char* what) {
+  if (names != arrays) {
+    ThrowIfError(Status(StatusCode::kInvalidArgument,
+                        std::string(what) + ": got " + std::to_string(names) + " names but " +
+                            std::to_string(arrays) + " arrays; pass one array per name"));
+  }
+}
+
+nb::dict StatsToDict(const std::vector<StatEntry>& stats) {
+  nb::dict d;
+  for (const auto& [key, value] : stats) d[nb::str(key.c_str())] = value;
+  return d;
+}
+
+// Thin owner of a Client; its methods hold no Python objects while the GIL
+// is released.
+class PyClient {
+ public:
+  PyClient(const std::string& host, uint16_t port, nb::bytes secret, int32_t partition_id,
+           int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries) {
+    ClientOptions opt;
+    opt.host = host;
+    opt.port = port;
+    opt.secret = std::string(secret.c_str(), secret.size());
+    opt.partition_id = partition_id;
+    opt.attempt = attempt;
+    opt.connect_timeout_s = connect_timeout_s;
+    opt.io_timeout_s = io_timeout_s;
+    opt.max_retries = max_retries;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Client::Connect(opt, &client_);
+    }
+    ThrowIfError(s);
+  }
+
+  std::pair<std::vector<bool>, uint64_t> Register(const std::vector<std::string>& names,
+                                                  const std::vector<FloatArray>& arrays) {
+    CheckSameLength(names.size(), arrays.size(), "register");
+    std::vector<std::vector<int64_t>> shapes;
+    shapes.reserve(arrays.size());
+    std::vector<VariableSpec> specs;
+    specs.reserve(arrays.size());
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      shapes.push_back(ShapeOf(arrays[i]));
+      specs.push_back({names[i], shapes.back(), {arrays[i].data(), arrays[i].size()}});
+    }
+    std::vector<bool> created;
+    uint64_t version = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->Register(specs, &created, &version);
+    }
+    ThrowIfError(s);
+    return {created, version};
+  }
+
+  std::pair<std::vector<std::pair<std::string, std::vector<int64_t>>>, uint64_t> List() {
+    std::vector<VariableInfo> infos;
+    uint64_t version = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->ListVariables(&infos, &version);
+    }
+    ThrowIfError(s);
+    std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+    out.reserve(infos.size());
+    for (auto& info : infos) out.emplace_back(std::move(info.name), std::move(info.shape));
+    return {std::move(out), version};
+  }
+
+  uint64_t PullInto(const std::vector<std::string>& names, const std::vector<FloatArray>& outs) {
+    CheckSameLength(names.size(), outs.size(), "pull_into");
+    std::vector<MutableTensorView> views;
+    views.reserve(outs.size());
+    for (size_t i = 0; i < outs.size(); ++i) views.push_back({names[i], {outs[i].data(), outs[i].size()}});
+    uint64_t version = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->Pull(views, &version);
+    }
+    ThrowIfError(s);
+    return version;
+  }
+
+  uint64_t Push(int kind, const std::vector<std::string>& names,
+                const std::vector<FloatArray>& arrays, float learning_rate, uint32_t mean_window) {
+    CheckSameLength(names.size(), arrays.size(), "push");
+    if (kind < 1 || kind > 3) {
+      ThrowIfError(Status(StatusCode::kInvalidArgument,
+                          "push: kind must be 1 (parameters), 2 (delta) or 3 (gradient), got " +
+                              std::to_string(kind)));
+    }
+    std::vector<std::vector<int64_t>> shapes;
+    shapes.reserve(arrays.size());
+    std::vector<TensorView> views;
+    views.reserve(arrays.size());
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      shapes.push_back(ShapeOf(arrays[i]));
+      views.push_back({names[i], shapes.back(), {arrays[i].data(), arrays[i].size()}});
+    }
+    PushOptions opt;
+    opt.learning_rate = learning_rate;
+    opt.mean_window = mean_window;
+    uint64_t version = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->Push(static_cast<UpdateKind>(kind), views, opt, &version);
+    }
+    ThrowIfError(s);
+    return version;
+  }
+
+  nb::dict Stats() {
+    std::vector<StatEntry> stats;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->Stats(&stats);
+    }
+    ThrowIfError(s);
+    return StatsToDict(stats);
+  }
+
+  void ShutdownServer() {
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Live()->ShutdownServer();
+    }
+    ThrowIfError(s);
+  }
+
+  void Close() {
+    if (client_) client_->Close();
+  }
+
+  bool connected() const { return client_ && client_->connected(); }
+
+ private:
+  Client* Live() {
+    if (!client_ || !client_->connected()) {
+      ThrowIfError(Status(StatusCode::kConnectionError,
+                          "the client is closed or its connection broke; create a new client"));
+    }
+    return client_.get();
+  }
+
+  std::unique_ptr<Client> client_;
+};
+
+class PyServer {
+ public:
+  PyServer(const std::string& bind, uint16_t port, nb::bytes secret, uint64_t max_frame_bytes,
+           uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
+           double handshake_timeout_s) {
+    ServerOptions opt;
+    opt.bind_address = bind;
+    opt.port = port;
+    opt.secret = std::string(secret.c_str(), secret.size());
+    opt.max_frame_bytes = max_frame_bytes;
+    opt.max_variables = max_variables;
+    opt.max_connections = max_connections;
+    opt.io_timeout_s = io_timeout_s;
+    opt.handshake_timeout_s = handshake_timeout_s;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = Server::Start(opt, &server_);
+    }
+    ThrowIfError(s);
+  }
+
+  uint16_t port() const { return server_ ? server_->port() : 0; }
+  uint64_t version() const { return server_ ? server_->version() : 0; }
+  nb::dict Stats() const { return server_ ? StatsToDict(server_->Stats()) : nb::dict(); }
+  bool running() const { return server_ != nullptr; }
+
+  void Stop() {
+    if (!server_) return;
+    nb::gil_scoped_release release;
+    server_->Stop();
+    server_.reset();
+  }
+
+  bool WaitUntilStopped(double timeout_s) {
+    if (!server_) return true;
+    nb::gil_scoped_release release;
+    return server_->WaitUntilStopped(timeout_s);
+  }
+
+ private:
+  std::unique_ptr<Server> server_;
+};
+
+}  // namespace
+}  // namespace tensorspark::python
+
+NB_MODULE(_core, m) {
+  using namespace tensorspark::python;
+  m.doc() = "tensorspark C++ core: parameter server and client (private; use tensorspark).";
+  RegisterErrors(m);
+
+  m.attr("PROTOCOL_VERSION") = 1;
+  m.attr("KIND_PARAMETERS") = 1;
+  m.attr("KIND_DELTA") = 2;
+  m.attr("KIND_GRADIENT") = 3;
+
+  nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
+      .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
+                    double>(),
+           "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
+           "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
+           "handshake_timeout_s"_a = 10.0)
+      .def_prop_ro("port", &PyServer::port, "The bound port.")
+      .def_prop_ro("version", &PyServer::version, "Number of pushes applied.")
+      .def_prop_ro("running", &PyServer::running)
+      .def("stats", &PyServer::Stats, "Counters as a dict of int.")
+      .def("stop", &PyServer::Stop, "Stop serving and join all server threads.")
+      .def("wait_until_stopped", &PyServer::WaitUntilStopped, "timeout_s"_a,
+           "Block until stopped or timeout_s passes (negative: forever); True if stopped.");
+
+  nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
+      .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double,
+                    int>(),
+           "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
+           "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8)
+      .def("register", &PyClient::Register, "names"_a, "arrays"_a,
+           "Register variables (first registration wins). Returns (created, version).")
+      .def("list_variables", &PyClient::List, "Returns ([(name, shape)], version).")
+      .def("pull_into", &PyClient::PullInto, "names"_a, "outs"_a,
+           "Fill the float32 C-contiguous arrays `outs` in place. Returns the version.")
+      .def("push", &PyClient::Push, "kind"_a, "names"_a, "arrays"_a, "learning_rate"_a = 0.0f,
+           "mean_window"_a = 1u, "Push float32 arrays of the given kind. Returns the version.")
+      .def("stats", &PyClient::Stats, "The server's counters as a dict of int.")
+      .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
+      .def("close", &PyClient::Close, "Close the connection.")
+      .def_prop_ro("connected", &PyClient::connected);
+}

@@ -1,0 +1,408 @@
+#include "server/connection.h"
+
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <shared_mutex>
+
+#include "protocol/auth.h"
+#include "protocol/crc32c.h"
+#include "protocol/messages.h"
+
+namespace tensorspark::server {
+
+using protocol::FrameHeader;
+using protocol::Opcode;
+
+namespace {
+
+// Handshake frames are tiny; a larger one before authentication is refused
+// so an unauthenticated peer cannot make the server allocate.
+constexpr uint64_t kMaxHandshakePayload = 4096;
+// Alignment of a PUSH data section inside the receive buffer.
+constexpr size_t kAlign = 16;
+
+Status Err(StatusCode code, std::string msg) { return Status(code, std::move(msg)); }
+
+}  // namespace
+
+void LogEvent(const std::string& message) {
+  std::fprintf(stderr, "[tensorspark-ps] %s\n", message.c_str());
+}
+
+std::vector<StatEntry> ServerContext::Snapshot() const {
+  auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  return {
+      {"version", store.version()},
+      {"variables", store.num_variables()},
+      {"parameters", store.num_parameters()},
+      {"connections", get(counters.connections)},
+      {"connections_total", get(counters.connections_total)},
+      {"pushes", get(counters.pushes)},
+      {"pulls", get(counters.pulls)},
+      {"registers", get(counters.registers)},
+      {"bytes_in", get(counters.bytes_in)},
+      {"bytes_out", get(counters.bytes_out)},
+      {"errors", get(counters.errors)},
+      {"auth_failures", get(counters.auth_failures)},
+  };
+}
+
+Connection::Connection(ServerContext* ctx, net::Socket socket, std::string peer)
+    : ctx_(ctx), peer_(std::move(peer)), who_(peer_), socket_(std::move(socket)) {}
+
+void Connection::Shutdown() {
+  std::lock_guard lock(socket_mu_);
+  socket_.Shutdown();
+}
+
+net::Deadline Connection::IoDeadline() const {
+  return net::Deadline::In(ctx_->options.io_timeout_s);
+}
+
+void Connection::Run() {
+  try {
+    Status s = Handshake();
+    if (!s.ok()) {
+      if (!ctx_->stopping.load()) LogEvent("connection from " + who_ + " closed during the handshake: " + s.ToString());
+    } else {
+      for (;;) {
+        // Idle between requests: wait without a limit (Shutdown() wakes us).
+        Status w = net::WaitReadable(socket_.fd(), net::Deadline::Never());
+        if (!w.ok() || ctx_->stopping.load()) break;
+        FrameHeader h;
+        bool peer_left = false;
+        // Once the first byte is here, the rest of the frame has io_timeout_s.
+        Status r = ReceiveFrame(IoDeadline(), ctx_->options.max_frame_bytes, &h, &peer_left);
+        if (!r.ok()) {
+          if (!peer_left && !ctx_->stopping.load()) {
+            LogEvent("closing connection from " + who_ + ": " + r.ToString());
+          }
+          break;
+        }
+        if (!Dispatch(h).ok()) break;
+      }
+    }
+  } catch (const std::exception& e) {
+    LogEvent("closing connection from " + who_ + " after an internal error: " + e.what());
+  } catch (...) {
+    LogEvent("closing connection from " + who_ + " after an unknown internal error");
+  }
+  {
+    std::lock_guard lock(socket_mu_);
+    socket_.Close();
+  }
+  ctx_->counters.connections.fetch_sub(1, std::memory_order_relaxed);
+  done_.store(true, std::memory_order_release);
+}
+
+Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, FrameHeader* h,
+                                bool* peer_left) {
+  uint8_t raw[protocol::kHeaderSize];
+  TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), raw, sizeof(raw), deadline, peer_left));
+  *h = protocol::DecodeHeader(raw);
+  ctx_->counters.bytes_in.fetch_add(sizeof(raw), std::memory_order_relaxed);
+  Status v = protocol::ValidateHeader(*h, max_payload);
+  if (!v.ok()) {
+    // Bad magic: the stream cannot be trusted, close without answering.
+    if (v.code() != StatusCode::kProtocolError) (void)SendError(*h, v);
+    return v;
+  }
+  try {
+    // Slack of kAlign lets HandlePush move the payload to any shift.
+    if (buf_.size() < h->payload_len + kAlign) buf_.resize(h->payload_len + kAlign);
+  } catch (const std::bad_alloc&) {
+    Status e = Err(StatusCode::kLimitExceeded, "server cannot allocate " +
+                                                   std::to_string(h->payload_len) +
+                                                   " bytes for this frame; send smaller frames");
+    (void)SendError(*h, e);
+    return e;
+  }
+  payload_len_ = h->payload_len;
+  uint8_t* dst = buf_.data() + shift_;
+  TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), dst, payload_len_, deadline));
+  ctx_->counters.bytes_in.fetch_add(payload_len_, std::memory_order_relaxed);
+  uint32_t crc = protocol::Crc32c(dst, payload_len_);
+  if (crc != h->checksum) {
+    Status e = Err(StatusCode::kProtocolError,
+                   std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
+                       " frame (CRC-32C " + std::to_string(crc) + ", header says " +
+                       std::to_string(h->checksum) + "): data corrupted in transit");
+    (void)SendError(*h, e);
+    return e;
+  }
+  return Status::OK();
+}
+
+Status Connection::SendResponse(const FrameHeader& req, uint32_t flags,
+                                const std::vector<uint8_t>& payload) {
+  FrameHeader h;
+  h.opcode = req.opcode;
+  h.flags = protocol::kFlagResponse | flags;
+  h.request_id = req.request_id;
+  h.payload_len = payload.size();
+  h.checksum = protocol::Crc32c(payload.data(), payload.size());
+  uint8_t raw[protocol::kHeaderSize];
+  protocol::EncodeHeader(h, raw);
+  struct iovec iov[2] = {{raw, sizeof(raw)},
+                         {const_cast<uint8_t*>(payload.data()), payload.size()}};
+  Status s = net::WriteV(socket_.fd(), iov, 2, IoDeadline());
+  if (!s.ok()) {
+    if (io_status_.ok()) io_status_ = s;
+    return s;
+  }
+  ctx_->counters.bytes_out.fetch_add(sizeof(raw) + payload.size(), std::memory_order_relaxed);
+  return Status::OK();
+}
+
+Status Connection::SendError(const FrameHeader& req, const Status& error) {
+  ctx_->counters.errors.fetch_add(1, std::memory_order_relaxed);
+  std::vector<uint8_t> payload;
+  protocol::EncodeError(error, &payload);
+  return SendResponse(req, protocol::kFlagError, payload);
+}
+
+Status Connection::Handshake() {
+  const net::Deadline deadline = net::Deadline::In(ctx_->options.handshake_timeout_s);
+  auto auth_failed = [&](const FrameHeader& h, std::string msg) {
+    ctx_->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    Status e = Err(StatusCode::kAuthFailed, std::move(msg));
+    (void)SendError(h, e);
+    return e;
+  };
+  FrameHeader h;
+  bool peer_left = false;
+  TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
+  if (h.opcode != static_cast<uint16_t>(Opcode::kHello) || h.flags != 0) {
+    return auth_failed(h, std::string("expected HELLO to start the handshake but got ") +
+                              protocol::OpcodeName(h.opcode) +
+                              "; authenticate before sending requests");
+  }
+  protocol::HelloRequest hello;
+  if (Status s = protocol::DecodeHello(payload_span(), &hello); !s.ok()) {
+    (void)SendError(h, s);
+    return s;
+  }
+  who_ = peer_ + " (partition " + std::to_string(hello.partition_id) + ", attempt " +
+         std::to_string(hello.attempt) + (hello.client_name.empty() ? "" : ", " + hello.client_name) +
+         ")";
+  protocol::Nonce server_nonce;
+  if (Status s = protocol::RandomNonce(&server_nonce); !s.ok()) {
+    (void)SendError(h, s);
+    return s;
+  }
+  out_.clear();
+  protocol::EncodeNonce(server_nonce, &out_);
+  TS_RETURN_IF_ERROR(SendResponse(h, 0, out_));
+
+  TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
+  if (h.opcode != static_cast<uint16_t>(Opcode::kAuth) || h.flags != 0) {
+    return auth_failed(h, std::string("expected AUTH after HELLO but got ") +
+                              protocol::OpcodeName(h.opcode));
+  }
+  protocol::Nonce proof;
+  if (Status s = protocol::DecodeNonce(payload_span(), &proof); !s.ok()) {
+    return auth_failed(h, "malformed AUTH payload: " + s.message());
+  }
+  protocol::Digest expected = protocol::ClientProof(ctx_->options.secret, server_nonce,
+                                                    hello.client_nonce, hello.partition_id,
+                                                    hello.attempt);
+  if (!protocol::ConstantTimeEqual(proof.data(), expected.data(), expected.size())) {
+    return auth_failed(h, "authentication failed: the client's proof does not match, so client "
+                          "and server use different run secrets; connect with the secret of "
+                          "this run");
+  }
+  out_.clear();
+  protocol::EncodeNonce(protocol::ServerProof(ctx_->options.secret, hello.client_nonce,
+                                              server_nonce),
+                        &out_);
+  return SendResponse(h, 0, out_);
+}
+
+Status Connection::Dispatch(const FrameHeader& h) {
+  Status result;
+  if (Status f = protocol::CheckFlags(h); !f.ok() || h.flags != 0) {
+    result = f.ok() ? Err(StatusCode::kProtocolError, "a request must not set RESPONSE or ERROR flags")
+                    : f;
+  } else {
+    switch (static_cast<Opcode>(h.opcode)) {
+      case Opcode::kHello:
+      case Opcode::kAuth:
+        result = Err(StatusCode::kProtocolError, "the handshake is already done on this connection");
+        break;
+      case Opcode::kRegister:
+        result = HandleRegister(h);
+        break;
+      case Opcode::kList:
+        result = HandleList(h);
+        break;
+      case Opcode::kPull:
+        result = HandlePull(h);
+        break;
+      case Opcode::kPush:
+        result = HandlePush(h);
+        break;
+      case Opcode::kStats:
+        result = HandleStats(h);
+        break;
+      case Opcode::kShutdown: {
+        if (payload_len_ != 0) {
+          result = Err(StatusCode::kProtocolError, "SHUTDOWN takes an empty payload");
+          break;
+        }
+        out_.clear();
+        result = SendResponse(h, 0, out_);
+        if (result.ok()) {
+          LogEvent("shutdown requested by " + who_);
+          if (ctx_->request_shutdown) ctx_->request_shutdown();
+        }
+        break;
+      }
+      default:
+        result = Err(StatusCode::kProtocolError,
+                     "unknown opcode " + std::to_string(h.opcode) + " (this server speaks v1: 1..8)");
+    }
+  }
+  if (!io_status_.ok()) return io_status_;
+  if (!result.ok()) return SendError(h, result);
+  return Status::OK();
+}
+
+Status Connection::HandleRegister(const FrameHeader& h) {
+  protocol::TensorSection req;
+  TS_RETURN_IF_ERROR(protocol::DecodeRegister(payload_span(), &req));
+  std::vector<storage::RegisterItem> items(req.metas.size());
+  const uint8_t* data = payload() + req.data_offset;
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i] = {req.metas[i].name, req.metas[i].shape, data};
+    data += req.numels[i] * sizeof(float);
+  }
+  protocol::RegisterResponse resp;
+  TS_RETURN_IF_ERROR(ctx_->store.Register(items, &resp.created));
+  resp.version = ctx_->store.version();
+  ctx_->counters.registers.fetch_add(1, std::memory_order_relaxed);
+  out_.clear();
+  protocol::EncodeRegisterResponse(resp, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleList(const FrameHeader& h) {
+  if (payload_len_ != 0) return Err(StatusCode::kProtocolError, "LIST takes an empty payload");
+  uint64_t version = ctx_->store.version();
+  std::vector<storage::Variable*> vars;
+  ctx_->store.All(&vars);
+  out_.clear();
+  protocol::Writer w(&out_);
+  w.U64(version);
+  w.U32(static_cast<uint32_t>(vars.size()));
+  for (const storage::Variable* v : vars) w.Meta(v->name(), v->shape());  // immutable
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandlePull(const FrameHeader& h) {
+  std::vector<std::string_view> names;
+  TS_RETURN_IF_ERROR(protocol::DecodePullRequest(payload_span(), &names));
+  const uint64_t version = ctx_->store.version();  // read before the values
+  std::vector<storage::Variable*> vars;
+  if (names.empty()) {
+    ctx_->store.All(&vars);
+  } else {
+    TS_RETURN_IF_ERROR(ctx_->store.Lookup(names, &vars));
+  }
+  out_.clear();
+  protocol::Writer w(&out_);
+  w.U64(version);
+  w.U32(static_cast<uint32_t>(vars.size()));
+  for (const storage::Variable* v : vars) w.Meta(v->name(), v->shape());
+
+  // The tensor bytes go from the store straight to the socket (writev), so
+  // each variable's shared lock is held from the CRC until the send is done:
+  // the bytes sent are the bytes checksummed, and a pull never sees half a
+  // push. Pushes to these variables wait meanwhile (at most io_timeout_s for
+  // a stalled client). Locks are taken once per variable, in id order, so
+  // concurrent pulls and pushes cannot deadlock.
+  std::vector<storage::Variable*> lock_order(vars);
+  std::sort(lock_order.begin(), lock_order.end(),
+            [](const storage::Variable* a, const storage::Variable* b) { return a->id() < b->id(); });
+  lock_order.erase(std::unique(lock_order.begin(), lock_order.end()), lock_order.end());
+  std::vector<std::shared_lock<std::shared_mutex>> locks;
+  locks.reserve(lock_order.size());
+  for (storage::Variable* v : lock_order) locks.emplace_back(v->mu());
+
+  uint64_t payload_len = out_.size();
+  uint32_t crc = protocol::Crc32c(out_.data(), out_.size());
+  std::vector<struct iovec> iov;
+  iov.reserve(vars.size() + 2);
+  uint8_t raw[protocol::kHeaderSize];
+  iov.push_back({raw, sizeof(raw)});
+  iov.push_back({out_.data(), out_.size()});
+  for (const storage::Variable* v : vars) {
+    size_t bytes = v->numel() * sizeof(float);
+    crc = protocol::Crc32cExtend(crc, v->data(), bytes);
+    payload_len += bytes;
+    iov.push_back({const_cast<float*>(v->data()), bytes});
+  }
+  FrameHeader resp;
+  resp.opcode = h.opcode;
+  resp.flags = protocol::kFlagResponse;
+  resp.request_id = h.request_id;
+  resp.payload_len = payload_len;
+  resp.checksum = crc;
+  protocol::EncodeHeader(resp, raw);
+  Status s = net::WriteV(socket_.fd(), iov.data(), iov.size(), IoDeadline());
+  locks.clear();
+  if (!s.ok()) {
+    io_status_ = s;
+    return Status::OK();
+  }
+  ctx_->counters.bytes_out.fetch_add(sizeof(raw) + payload_len, std::memory_order_relaxed);
+  ctx_->counters.pulls.fetch_add(1, std::memory_order_relaxed);
+  return Status::OK();
+}
+
+Status Connection::HandlePush(const FrameHeader& h) {
+  protocol::PushHead head;
+  protocol::TensorSection req;
+  TS_RETURN_IF_ERROR(protocol::DecodePush(payload_span(), &head, &req));
+  // Align the data section for the vectorized update loops (see buf_).
+  const size_t misalign =
+      reinterpret_cast<uintptr_t>(payload() + req.data_offset) % kAlign;
+  if (misalign != 0) {
+    const size_t new_shift = (shift_ + kAlign - misalign) % kAlign;
+    std::memmove(buf_.data() + new_shift, payload(), payload_len_);
+    shift_ = new_shift;
+  }
+  std::vector<storage::PushItem> items(req.metas.size());
+  const auto* data = reinterpret_cast<const float*>(payload() + req.data_offset);
+  for (size_t i = 0; i < items.size(); ++i) {
+    items[i] = {req.metas[i].name, req.metas[i].shape, data, req.numels[i]};
+    data += req.numels[i];
+  }
+  PushOptions options;
+  options.learning_rate = head.learning_rate;
+  options.mean_window = head.mean_window;
+  uint64_t version = 0;
+  TS_RETURN_IF_ERROR(ctx_->store.Push(head.kind, options, items, &version));
+  ctx_->counters.pushes.fetch_add(1, std::memory_order_relaxed);
+  out_.clear();
+  protocol::EncodeVersion(version, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleStats(const FrameHeader& h) {
+  if (payload_len_ != 0) return Err(StatusCode::kProtocolError, "STATS takes an empty payload");
+  std::vector<StatEntry> stats = ctx_->Snapshot();
+  out_.clear();
+  protocol::EncodeStatsResponse(stats, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+}  // namespace tensorspark::server

@@ -1,0 +1,116 @@
+// Server side of one client connection (wire protocol v1).
+//
+// Each Connection runs on its own thread (Run), doing blocking I/O with
+// deadlines on its socket. Other threads may only call Shutdown() and
+// done(). Nothing here throws or aborts: any failure ends this connection
+// only.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "net/socket.h"
+#include "protocol/frame.h"
+#include "storage/param_store.h"
+#include "tensorspark/server.h"
+#include "tensorspark/status.h"
+
+namespace tensorspark::server {
+
+// Counters of docs/protocol.md "STATS" (relaxed atomics: they are reports,
+// not synchronization).
+struct ServerCounters {
+  std::atomic<uint64_t> connections{0};
+  std::atomic<uint64_t> connections_total{0};
+  std::atomic<uint64_t> pushes{0};
+  std::atomic<uint64_t> pulls{0};
+  std::atomic<uint64_t> registers{0};
+  std::atomic<uint64_t> bytes_in{0};
+  std::atomic<uint64_t> bytes_out{0};
+  std::atomic<uint64_t> errors{0};
+  std::atomic<uint64_t> auth_failures{0};
+};
+
+// State shared by the server and all its connections; outlives them.
+struct ServerContext {
+  explicit ServerContext(const ServerOptions& o) : options(o), store(o.max_variables) {}
+
+  const ServerOptions options;
+  storage::ParamStore store;
+  ServerCounters counters;
+  std::atomic<bool> stopping{false};
+  // Called by a connection after it answered SHUTDOWN; must not block.
+  std::function<void()> request_shutdown;
+
+  std::vector<StatEntry> Snapshot() const;
+};
+
+// "[tensorspark-ps] <message>" on stderr, one line.
+void LogEvent(const std::string& message);
+
+class Connection {
+ public:
+  Connection(ServerContext* ctx, net::Socket socket, std::string peer);
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Serves the connection until the peer leaves, a fatal protocol error, or
+  // Shutdown(). Closes the socket before returning.
+  void Run();
+
+  // Wakes Run() from any blocking wait so it returns soon. Thread-safe.
+  void Shutdown();
+
+  bool done() const { return done_.load(std::memory_order_acquire); }
+
+ private:
+  // Reads one frame (header + payload into payload_) and applies the
+  // receive checks of the protocol in order. A non-OK result means the
+  // connection must close; any error frame the protocol asks for has been
+  // sent. `peer_left` is set when the peer closed before a new frame.
+  [[nodiscard]] Status ReceiveFrame(net::Deadline header_deadline, uint64_t max_payload,
+                                    protocol::FrameHeader* h, bool* peer_left);
+  [[nodiscard]] Status Handshake();
+  // Handles one authenticated request; non-OK means close.
+  [[nodiscard]] Status Dispatch(const protocol::FrameHeader& h);
+
+  // Each returns the error to answer with (the connection stays open), or
+  // OK after sending its response; a failed send is recorded in io_status_.
+  [[nodiscard]] Status HandleRegister(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandleList(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandlePull(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandlePush(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandleStats(const protocol::FrameHeader& h);
+
+  // Send failures are also recorded in io_status_ (the connection closes).
+  [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,
+                                    const std::vector<uint8_t>& payload);
+  [[nodiscard]] Status SendError(const protocol::FrameHeader& req, const Status& error);
+  net::Deadline IoDeadline() const;
+  const uint8_t* payload() const { return buf_.data() + shift_; }
+  std::span<const uint8_t> payload_span() const { return {payload(), payload_len_}; }
+
+  ServerContext* const ctx_;
+  const std::string peer_;
+  std::string who_;  // peer plus partition/attempt once known, for logs
+  net::Socket socket_;
+  std::mutex socket_mu_;  // orders Shutdown() against the final close in Run()
+  std::atomic<bool> done_{false};
+
+  // Request payloads are read into buf_ at offset shift_, chosen so that the
+  // data section of a PUSH is 16-byte aligned: it is remembered from the
+  // previous PUSH (a training loop repeats the same metas), so the payload
+  // is moved only when the layout changes. buf_ only grows, so reuse costs
+  // no allocation or zeroing.
+  std::vector<uint8_t> buf_;
+  size_t shift_ = 0;
+  uint64_t payload_len_ = 0;
+  std::vector<uint8_t> out_;  // reusable response buffer
+  Status io_status_;          // first send failure; ends the connection
+};
+
+}  // namespace tensorspark::server

@@ -1,0 +1,230 @@
+// Server and ServerImpl: the acceptor thread and connection bookkeeping.
+#include "tensorspark/server.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <list>
+#include <mutex>
+#include <system_error>
+#include <thread>
+
+#include "net/socket.h"
+#include "protocol/crc32c.h"
+#include "protocol/frame.h"
+#include "protocol/messages.h"
+#include "server/connection.h"
+
+namespace tensorspark {
+
+using server::Connection;
+using server::LogEvent;
+
+class ServerImpl {
+ public:
+  explicit ServerImpl(const ServerOptions& options) : ctx_(options) {}
+  ~ServerImpl() { Stop(); }
+
+  Status Start();
+  uint16_t port() const { return port_; }
+  uint64_t version() const { return ctx_.store.version(); }
+  std::vector<StatEntry> Stats() const { return ctx_.Snapshot(); }
+  void Stop();
+  bool WaitUntilStopped(double timeout_s);
+
+ private:
+  struct ConnEntry {
+    std::unique_ptr<Connection> conn;
+    std::thread thread;
+  };
+
+  void AcceptLoop();
+  // Joins the threads of connections that ended (acceptor thread only).
+  void ReapFinished();
+  // Answers a connection we will not serve with an error frame, then drops it.
+  void Refuse(net::Socket sock, const std::string& peer, const Status& why);
+  void RequestShutdown();
+
+  server::ServerContext ctx_;
+  net::Socket listener_;
+  uint16_t port_ = 0;
+  std::thread acceptor_;
+
+  std::mutex conns_mu_;  // guards conns_
+  std::list<ConnEntry> conns_;
+
+  std::mutex stop_call_mu_;  // serializes Stop() callers
+  std::mutex state_mu_;      // guards stopped_, stop_requested_
+  std::condition_variable state_cv_;
+  bool stopped_ = false;
+  bool stop_requested_ = false;
+};
+
+Status ServerImpl::Start() {
+  const ServerOptions& o = ctx_.options;
+  if (o.secret.size() < 16) {
+    return Status(StatusCode::kInvalidArgument,
+                  "the server secret must be at least 16 bytes (got " +
+                      std::to_string(o.secret.size()) + "); use a random per-run secret");
+  }
+  if (o.max_frame_bytes < 64) {
+    return Status(StatusCode::kInvalidArgument, "max_frame_bytes must be at least 64");
+  }
+  if (!(o.io_timeout_s > 0) || !(o.handshake_timeout_s > 0)) {
+    return Status(StatusCode::kInvalidArgument, "io_timeout_s and handshake_timeout_s must be > 0");
+  }
+  if (o.max_connections == 0) {
+    return Status(StatusCode::kInvalidArgument, "max_connections must be >= 1");
+  }
+  TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
+  ctx_.request_shutdown = [this] { RequestShutdown(); };
+  try {
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  } catch (const std::system_error& e) {
+    return Status(StatusCode::kInternal, std::string("cannot start the acceptor thread: ") + e.what());
+  }
+  return Status::OK();
+}
+
+void ServerImpl::RequestShutdown() {
+  {
+    std::lock_guard lock(state_mu_);
+    stop_requested_ = true;
+  }
+  state_cv_.notify_all();
+}
+
+void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status& why) {
+  LogEvent("refused connection from " + peer + ": " + why.ToString());
+  ctx_.counters.errors.fetch_add(1, std::memory_order_relaxed);
+  std::vector<uint8_t> payload;
+  protocol::EncodeError(why, &payload);
+  protocol::FrameHeader h;  // opcode 0, request_id 0: not an answer to any request
+  h.flags = protocol::kFlagResponse | protocol::kFlagError;
+  h.payload_len = payload.size();
+  h.checksum = protocol::Crc32c(payload.data(), payload.size());
+  uint8_t raw[protocol::kHeaderSize];
+  protocol::EncodeHeader(h, raw);
+  struct iovec iov[2] = {{raw, sizeof(raw)}, {payload.data(), payload.size()}};
+  // A fresh socket has room for this; the short deadline guards the acceptor.
+  (void)net::WriteV(sock.fd(), iov, 2, net::Deadline::In(0.5));
+}
+
+void ServerImpl::ReapFinished() {
+  std::list<ConnEntry> finished;
+  {
+    std::lock_guard lock(conns_mu_);
+    for (auto it = conns_.begin(); it != conns_.end();) {
+      if (it->conn->done()) {
+        auto next = std::next(it);
+        finished.splice(finished.end(), conns_, it);
+        it = next;
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (ConnEntry& e : finished) e.thread.join();
+}
+
+void ServerImpl::AcceptLoop() {
+  while (!ctx_.stopping.load()) {
+    net::Socket sock;
+    std::string peer;
+    // Bounded wait so `stopping` is seen even if shutdown() of the listening
+    // socket does not wake poll().
+    Status s = net::Accept(listener_, net::Deadline::In(0.2), &sock, &peer);
+    if (ctx_.stopping.load()) break;
+    ReapFinished();
+    if (!s.ok()) {
+      if (s.code() != StatusCode::kTimeout) {
+        LogEvent("accept failed: " + s.message());
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));  // e.g. out of fds
+      }
+      continue;
+    }
+    bool shutting_down;
+    {
+      std::lock_guard lock(state_mu_);
+      shutting_down = stop_requested_;
+    }
+    if (shutting_down) {
+      Refuse(std::move(sock), peer,
+             Status(StatusCode::kShuttingDown, "the parameter server is shutting down"));
+      continue;
+    }
+    const uint64_t open = ctx_.counters.connections.load();
+    if (open >= ctx_.options.max_connections) {
+      Refuse(std::move(sock), peer,
+             Status(StatusCode::kLimitExceeded,
+                    "the server already has " + std::to_string(open) +
+                        " connections (max_connections); close idle clients or raise the limit"));
+      continue;
+    }
+    auto conn = std::make_unique<Connection>(&ctx_, std::move(sock), peer);
+    Connection* raw = conn.get();
+    ctx_.counters.connections.fetch_add(1, std::memory_order_relaxed);
+    ctx_.counters.connections_total.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard lock(conns_mu_);
+    try {
+      conns_.push_back(ConnEntry{std::move(conn), std::thread([raw] { raw->Run(); })});
+    } catch (const std::system_error& e) {
+      // No thread: Run() never decrements; undo here. `conn` was moved into
+      // a ConnEntry that was not inserted and is destroyed with the socket.
+      ctx_.counters.connections.fetch_sub(1, std::memory_order_relaxed);
+      LogEvent("cannot start a thread for " + peer + ": " + e.what());
+    }
+  }
+}
+
+void ServerImpl::Stop() {
+  std::lock_guard call_lock(stop_call_mu_);
+  {
+    std::lock_guard lock(state_mu_);
+    if (stopped_) return;
+  }
+  ctx_.stopping.store(true);
+  listener_.Shutdown();
+  if (acceptor_.joinable()) acceptor_.join();
+  listener_.Close();
+  std::list<ConnEntry> conns;
+  {
+    std::lock_guard lock(conns_mu_);
+    for (ConnEntry& e : conns_) e.conn->Shutdown();
+    conns.swap(conns_);
+  }
+  for (ConnEntry& e : conns) e.thread.join();
+  {
+    std::lock_guard lock(state_mu_);
+    stopped_ = true;
+  }
+  state_cv_.notify_all();
+}
+
+bool ServerImpl::WaitUntilStopped(double timeout_s) {
+  std::unique_lock lock(state_mu_);
+  auto done = [this] { return stopped_ || stop_requested_; };
+  if (timeout_s < 0) {
+    state_cv_.wait(lock, done);
+    return true;
+  }
+  return state_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), done);
+}
+
+// ---- Server -----------------------------------------------------------------
+
+Status Server::Start(const ServerOptions& options, std::unique_ptr<Server>* out) {
+  auto impl = std::make_unique<ServerImpl>(options);
+  TS_RETURN_IF_ERROR(impl->Start());
+  out->reset(new Server(std::move(impl)));
+  return Status::OK();
+}
+
+Server::Server(std::unique_ptr<ServerImpl> impl) : impl_(std::move(impl)) {}
+Server::~Server() = default;  // ~ServerImpl stops
+uint16_t Server::port() const { return impl_->port(); }
+uint64_t Server::version() const { return impl_->version(); }
+std::vector<StatEntry> Server::Stats() const { return impl_->Stats(); }
+void Server::Stop() { impl_->Stop(); }
+bool Server::WaitUntilStopped(double timeout_s) { return impl_->WaitUntilStopped(timeout_s); }
+
+}  // namespace tensorspark

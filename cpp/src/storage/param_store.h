@@ -1,0 +1,104 @@
+// The server's variables: name -> one contiguous float32 buffer each.
+//
+// Locking: `map_mu_` guards the name map and the registration-order list
+// (REGISTER takes it exclusively, lookups share it). Each Variable's `mu`
+// guards its values only: pulls share it, pushes take it exclusively, one
+// variable at a time. Variables are never removed, so Variable pointers
+// stay valid for the store's lifetime and may be used after map_mu_ is
+// released. Code holding several variable locks at once must take them in
+// increasing id() order.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <shared_mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace tensorspark::storage {
+
+class Variable {
+ public:
+  Variable(uint64_t id, std::string name, std::vector<int64_t> shape, uint64_t numel)
+      : id_(id), name_(std::move(name)), shape_(std::move(shape)), values_(numel) {}
+
+  uint64_t id() const { return id_; }  // registration order; the lock order
+  const std::string& name() const { return name_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+  uint64_t numel() const { return values_.size(); }
+  // Guarded by mu().
+  float* data() { return values_.data(); }
+  const float* data() const { return values_.data(); }
+  std::shared_mutex& mu() const { return mu_; }
+
+ private:
+  const uint64_t id_;
+  const std::string name_;
+  const std::vector<int64_t> shape_;
+  mutable std::shared_mutex mu_;
+  std::vector<float> values_;  // size fixed at construction
+};
+
+struct RegisterItem {
+  std::string_view name;
+  std::span<const int64_t> shape;
+  const void* initial;  // numel float32 values, little-endian, any alignment
+};
+
+struct PushItem {
+  std::string_view name;
+  std::span<const int64_t> shape;
+  const float* values;  // numel floats, float-aligned
+  uint64_t numel;
+};
+
+class ParamStore {
+ public:
+  explicit ParamStore(uint64_t max_variables) : max_variables_(max_variables) {}
+
+  // All-or-nothing: the first registration of a name wins (created = 0 for
+  // names that exist with the same shape); a different shape fails with
+  // kShapeMismatch, too many variables with kLimitExceeded, and then nothing
+  // is registered. Names and shapes must have been validated by the caller.
+  [[nodiscard]] Status Register(std::span<const RegisterItem> items,
+                                std::vector<uint8_t>* created);
+
+  // Resolves every name (kNotFound names the first unknown one).
+  [[nodiscard]] Status Lookup(std::span<const std::string_view> names,
+                              std::vector<Variable*>* out) const;
+  // Every variable in registration order.
+  void All(std::vector<Variable*>* out) const;
+
+  // Checks kind, options, names and shapes of the whole push, then applies
+  // each tensor under its variable's unique lock. `version` receives the
+  // model version after this push.
+  [[nodiscard]] Status Push(uint8_t kind, const PushOptions& options,
+                            std::span<const PushItem> items, uint64_t* version);
+
+  uint64_t version() const { return version_.load(std::memory_order_acquire); }
+  uint64_t num_variables() const;
+  uint64_t num_parameters() const { return num_parameters_.load(std::memory_order_relaxed); }
+
+ private:
+  struct NameHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
+  };
+  Variable* FindLocked(std::string_view name) const;
+
+  const uint64_t max_variables_;
+  mutable std::shared_mutex map_mu_;
+  std::unordered_map<std::string, std::unique_ptr<Variable>, NameHash, std::equal_to<>> by_name_;
+  std::vector<Variable*> ordered_;  // guarded by map_mu_
+  std::atomic<uint64_t> version_{0};
+  std::atomic<uint64_t> num_parameters_{0};
+};
+
+}  // namespace tensorspark::storage

@@ -1,0 +1,154 @@
+// tensorspark-ps: the standalone parameter server.
+//
+//   tensorspark-ps --secret-file /path/to/secret [--port 10080] [--bind 0.0.0.0]
+//
+// Runs until SIGINT/SIGTERM or a client's SHUTDOWN request, then stops
+// cleanly and exits 0. Bad arguments exit 2, a failed start exits 1.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "tensorspark/server.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
+    "\n"
+    "Parameter server of tensorspark (wire protocol v1).\n"
+    "\n"
+    "  --secret-file PATH    file holding the run secret (raw bytes, >= 16; one trailing\n"
+    "                        newline is ignored). Required.\n"
+    "  --port N              TCP port to listen on (default 10080; 0 picks a free one)\n"
+    "  --bind ADDR           address to listen on (default 0.0.0.0, every interface)\n"
+    "  --max-frame-bytes N   largest request payload accepted (default 2147483648)\n"
+    "  --help                show this text\n"
+    "\n"
+    "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
+
+int BadArgs(const std::string& msg) {
+  std::fprintf(stderr, "tensorspark-ps: %s\n\n%s", msg.c_str(), kUsage);
+  return 2;
+}
+
+bool ParseUint(std::string_view s, uint64_t max, uint64_t* out) {
+  if (s.empty() || s.size() > 20) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    uint64_t d = static_cast<uint64_t>(c - '0');
+    if (v > (max - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tensorspark::ServerOptions opt;
+  opt.port = 10080;
+  std::string secret_file;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    bool has_value = false;
+    if (auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    auto take_value = [&](std::string* out) {
+      if (has_value) {
+        *out = value;
+        return true;
+      }
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (arg == "--port") {
+      uint64_t port;
+      if (!take_value(&value) || !ParseUint(value, 65535, &port)) {
+        return BadArgs("--port needs a number from 0 to 65535");
+      }
+      opt.port = static_cast<uint16_t>(port);
+    } else if (arg == "--bind") {
+      if (!take_value(&opt.bind_address) || opt.bind_address.empty()) {
+        return BadArgs("--bind needs an address, e.g. 0.0.0.0 or 127.0.0.1");
+      }
+    } else if (arg == "--secret-file") {
+      if (!take_value(&secret_file) || secret_file.empty()) {
+        return BadArgs("--secret-file needs a path");
+      }
+    } else if (arg == "--max-frame-bytes") {
+      uint64_t n;
+      if (!take_value(&value) || !ParseUint(value, UINT64_MAX, &n) || n < 64) {
+        return BadArgs("--max-frame-bytes needs a number >= 64");
+      }
+      opt.max_frame_bytes = n;
+    } else {
+      return BadArgs("unknown argument '" + std::string(argv[i]) + "'");
+    }
+  }
+  if (secret_file.empty()) return BadArgs("--secret-file is required");
+
+  std::ifstream in(secret_file, std::ios::binary);
+  if (!in) {
+    return BadArgs("cannot read the secret file '" + secret_file + "': " + std::strerror(errno));
+  }
+  opt.secret.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (!opt.secret.empty() && opt.secret.back() == '\n') opt.secret.pop_back();
+  if (!opt.secret.empty() && opt.secret.back() == '\r') opt.secret.pop_back();
+  if (opt.secret.size() < 16) {
+    return BadArgs("the secret in '" + secret_file + "' has " + std::to_string(opt.secret.size()) +
+                   " bytes; at least 16 are required");
+  }
+
+  // Signals are taken synchronously by this thread (sigtimedwait); block
+  // them before any server thread starts so those inherit the mask.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // sends use MSG_NOSIGNAL; this is belt and braces
+
+  std::unique_ptr<tensorspark::Server> server;
+  tensorspark::Status s = tensorspark::Server::Start(opt, &server);
+  if (!s.ok()) {
+    std::fprintf(stderr, "tensorspark-ps: cannot start: %s\n", s.ToString().c_str());
+    return s.code() == tensorspark::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  std::fprintf(stderr, "tensorspark-ps listening on %s:%u\n", opt.bind_address.c_str(),
+               static_cast<unsigned>(server->port()));
+  std::fflush(stderr);
+
+  const char* reason = nullptr;
+  while (reason == nullptr) {
+    if (server->WaitUntilStopped(0)) {
+      reason = "a client's shutdown request";
+      break;
+    }
+    timespec wait = {0, 200 * 1000 * 1000};
+    int sig = sigtimedwait(&stop_signals, nullptr, &wait);
+    if (sig == SIGINT) reason = "SIGINT";
+    if (sig == SIGTERM) reason = "SIGTERM";
+  }
+  std::fprintf(stderr, "tensorspark-ps stopping (%s)\n", reason);
+  server->Stop();
+  return 0;
+}

@@ -1,0 +1,45 @@
+"""tensorspark: TensorFlow training on Apache Spark with a C++ parameter server.
+
+The seed-compatible entry point is :class:`SparkSession`; the parameter
+server and its client are in :mod:`tensorspark.ps`; errors in
+:mod:`tensorspark.errors`. TensorFlow and PySpark are imported only when
+used.
+"""
+
+from .combiners import DeltaCombiner, DeltaWeightCombiner, MeanCombiner, MeanWeightCombiner
+from .errors import (
+    AddressInUseError,
+    AuthenticationError,
+    ProtocolError,
+    PSConnectionError,
+    PSTimeoutError,
+    ShapeMismatchError,
+    TensorSparkError,
+    TensorSparkValueError,
+    VariableNotFoundError,
+)
+from .ps import ParameterServer, PSClient, generate_secret
+from .session import RunSummary, SparkSession
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddressInUseError",
+    "AuthenticationError",
+    "DeltaCombiner",
+    "DeltaWeightCombiner",
+    "MeanCombiner",
+    "MeanWeightCombiner",
+    "ParameterServer",
+    "PSClient",
+    "PSConnectionError",
+    "PSTimeoutError",
+    "ProtocolError",
+    "RunSummary",
+    "ShapeMismatchError",
+    "SparkSession",
+    "TensorSparkError",
+    "TensorSparkValueError",
+    "VariableNotFoundError",
+    "generate_secret",
+]

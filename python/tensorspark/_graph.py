@@ -1,0 +1,130 @@
+"""TF1 graph helpers shared by the driver and the tasks.
+
+The driver validates names against the session's graph and serializes it as
+a MetaGraphDef; each task rebuilds it in its own graph and session. TensorFlow
+is imported inside functions only, so importing tensorspark never imports TF
+(tasks must import it after PySpark forks its workers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import TensorSparkValueError
+
+
+def _tf():
+    import tensorflow.compat.v1 as tf
+
+    return tf
+
+
+def fetch_names(graph: Any, fetches: Any) -> tuple[list[str], bool]:
+    """Names of ``fetches`` (op, tensor, name or a list of them) in ``graph``.
+
+    Returns the names and whether ``fetches`` was a single element.
+    """
+    single = not isinstance(fetches, (list, tuple))
+    items = [fetches] if single else list(fetches)
+    if not items:
+        raise TensorSparkValueError("run: fetches is empty; pass the train op, e.g. train_step")
+    names = []
+    for i, item in enumerate(items):
+        name = item if isinstance(item, str) else getattr(item, "name", None)
+        if not isinstance(name, str):
+            raise TensorSparkValueError(
+                f"run: fetches[{i}] is a {type(item).__name__}; pass a tf.Operation, a tf.Tensor "
+                "or its name"
+            )
+        try:
+            graph.as_graph_element(name)
+        except (KeyError, ValueError, TypeError) as e:
+            raise TensorSparkValueError(
+                f"run: fetch {name!r} is not an operation or tensor of the session's graph ({e})"
+            ) from None
+        names.append(name)
+    return names, single
+
+
+def check_feed_names(graph: Any, feed_names: list[str], what: str = "feed_name_list") -> None:
+    """Raise unless every name is a tensor of ``graph`` that can be fed."""
+    for i, name in enumerate(feed_names):
+        if not isinstance(name, str):
+            name = getattr(name, "name", name)
+        try:
+            tensor = graph.get_tensor_by_name(name)
+        except (KeyError, ValueError, TypeError) as e:
+            hint = ""
+            if isinstance(name, str) and ":" not in name:
+                hint = f" (tensor names end in an output index: did you mean '{name}:0'?)"
+            raise TensorSparkValueError(
+                f"{what}[{i}] = {name!r} is not a tensor of the session's graph{hint}; "
+                f"use the .name of a placeholder, e.g. x.name ({e})"
+            ) from None
+        if not graph.is_feedable(tensor):
+            raise TensorSparkValueError(f"{what}[{i}] = {name!r} is a tensor that cannot be fed")
+
+
+def resolve_params(graph: Any, param_list: Any) -> list[Any]:
+    """The tf.Variable objects of ``graph`` named by ``param_list``.
+
+    ``None`` means every trainable variable. Entries may be variables or their
+    names (``"W"`` or ``"W:0"``).
+    """
+    tf = _tf()
+    with graph.as_default():
+        global_vars = tf.global_variables()
+        if param_list is None:
+            params = tf.trainable_variables()
+            if not params:
+                raise TensorSparkValueError(
+                    "run: the graph has no trainable variables; pass param_list=[...]"
+                )
+            return params
+    by_name = {}
+    for v in global_vars:
+        by_name[v.op.name] = v
+        by_name[v.name] = v
+    if not isinstance(param_list, (list, tuple)) or not param_list:
+        raise TensorSparkValueError(
+            "run: param_list must be a non-empty list of tf.Variable objects, e.g. [W, b]"
+        )
+    params, seen = [], set()
+    for i, p in enumerate(param_list):
+        key = p if isinstance(p, str) else getattr(p, "name", None)
+        var = by_name.get(key) if isinstance(key, str) else None
+        if var is None or (not isinstance(p, str) and getattr(p, "graph", graph) is not graph):
+            kind = type(p).__name__
+            shown = key if isinstance(key, str) else repr(p)[:60]
+            raise TensorSparkValueError(
+                f"param_list[{i}] = {shown!r} ({kind}) is not a variable of the session's graph; "
+                "param_list takes the tf.Variable objects to synchronize, e.g. [W, b]"
+            )
+        if var.op.name in seen:
+            raise TensorSparkValueError(f"param_list[{i}]: variable {var.op.name!r} is listed twice")
+        seen.add(var.op.name)
+        params.append(var)
+    return params
+
+
+def param_name(var: Any) -> str:
+    """The name a variable has on the parameter server."""
+    return var.op.name
+
+
+def export_graph(graph: Any) -> bytes:
+    """Serialize ``graph`` (with its variable collections) as a MetaGraphDef."""
+    tf = _tf()
+    meta = tf.train.export_meta_graph(graph=graph, clear_devices=True)
+    return meta.SerializeToString()
+
+
+def load_values(sess: Any, variables: list[Any], values: list[Any]) -> None:
+    """Assign ``values`` to ``variables`` in one session call.
+
+    Feeds each variable's initial-value tensor and runs its initializer, so no
+    op is added to the graph (safe to call any number of times).
+    """
+    ops = [v.initializer for v in variables]
+    feed = {v.initializer.inputs[1]: val for v, val in zip(variables, values, strict=True)}
+    sess.run(ops, feed_dict=feed)

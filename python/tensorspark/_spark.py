@@ -1,0 +1,68 @@
+"""Spark-facing helpers of the driver: addresses, job names, task errors."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+from .errors import TensorSparkError, by_name
+
+# The last "Module.ClassName: message" line of a Python traceback that Spark
+# forwards from a failed task.
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.*)$", re.MULTILINE)
+
+
+def is_loopback(host: str | None) -> bool:
+    """True when ``host`` names this machine's loopback interface."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def job_description(sc: Any, text: str) -> Iterator[None]:
+    """Name the Spark jobs started inside the block (shown in the Spark UI)."""
+    previous = sc.getLocalProperty("spark.job.description")
+    sc.setJobDescription(text)
+    try:
+        yield
+    finally:
+        sc.setLocalProperty("spark.job.description", previous)
+
+
+def raise_task_error(exc: BaseException, description: str) -> NoReturn:
+    """Re-raise a failed Spark job as the tensorspark error its task raised.
+
+    Spark reports a task's Python exception as text inside a JVM exception;
+    the last exception line names the class and message. A tensorspark error
+    is raised again as the same class; anything else becomes a
+    :class:`TensorSparkError` carrying the task's message. The original is
+    chained as ``__cause__``.
+    """
+    text = str(exc)
+    # Only the Python traceback(s) inside the JVM message name task errors.
+    tb = text.rfind("Traceback (most recent call last)")
+    matches = _EXC_LINE.findall(text[tb:]) if tb >= 0 else []
+    ours = [(cls, msg) for cls, msg in matches if by_name(cls) is not None]
+    if ours:
+        cls_name, msg = ours[-1]
+        raise by_name(cls_name)(f"{msg} [in a Spark task of {description}]") from exc
+    if matches:
+        cls_name, msg = matches[0]
+        raise TensorSparkError(
+            f"a Spark task of {description} failed: {cls_name}: {msg}"
+        ) from exc
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    raise TensorSparkError(f"the Spark job of {description} failed: {first}") from exc

@@ -1,0 +1,48 @@
+"""Exceptions raised by tensorspark.
+
+Every error derives from :class:`TensorSparkError`. The classes also derive
+from the matching built-in exception, so ``except ConnectionError`` or
+``except ValueError`` keep working:
+
+- :class:`PSConnectionError` (``ConnectionError``): the parameter server could
+  not be reached or hung up; :class:`AuthenticationError` when it refused the
+  run's secret, :class:`AddressInUseError` when its port is taken.
+- :class:`PSTimeoutError` (``TimeoutError``): a wait ran past its limit.
+- :class:`ProtocolError`: a malformed, oversized or incompatible frame.
+- :class:`TensorSparkValueError` (``ValueError``): bad input, such as a feed
+  name not in the graph; :class:`ShapeMismatchError` and
+  :class:`VariableNotFoundError` are its special cases.
+"""
+
+from ._core import (
+    AddressInUseError,
+    AuthenticationError,
+    ProtocolError,
+    PSConnectionError,
+    PSTimeoutError,
+    ShapeMismatchError,
+    TensorSparkError,
+    TensorSparkValueError,
+    VariableNotFoundError,
+)
+
+__all__ = [
+    "AddressInUseError",
+    "AuthenticationError",
+    "ProtocolError",
+    "PSConnectionError",
+    "PSTimeoutError",
+    "ShapeMismatchError",
+    "TensorSparkError",
+    "TensorSparkValueError",
+    "VariableNotFoundError",
+    "by_name",
+]
+
+
+def by_name(name: str) -> type[TensorSparkError] | None:
+    """Return the tensorspark exception class called ``name``, or None."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, TensorSparkError):
+        return cls
+    return None

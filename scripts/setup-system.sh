@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tensorspark needs, when they are missing.
+# As root it runs apt-get; otherwise it names what is missing and how to get it.
+set -euo pipefail
+
+want=()
+command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || want+=(dataset-fashion-mnist)
+if [ "${1:-}" = "--with-gtest" ]; then
+  [ -f /usr/include/gtest/gtest.h ] || want+=(libgtest-dev)
+fi
+if [ "${1:-}" = "--with-lint" ]; then
+  command -v clang-format >/dev/null 2>&1 || want+=(clang-format)
+fi
+[ ${#want[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tensorspark needs these Debian packages: ${want[*]}" >&2
+  echo "install them with: sudo apt-get install -y ${want[*]}" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${want[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null

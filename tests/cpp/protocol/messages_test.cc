@@ -1,0 +1,311 @@
+#include "protocol/messages.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+namespace tensorspark::protocol {
+namespace {
+
+std::vector<uint8_t> PushPayload(const PushHead& head, std::string_view name,
+                                 std::vector<int64_t> shape, const std::vector<float>& data) {
+  std::vector<uint8_t> p;
+  EncodePushHead(head, &p);
+  Writer w(&p);
+  w.U32(1);
+  w.Meta(name, shape);
+  w.Bytes(data.data(), data.size() * sizeof(float));
+  return p;
+}
+
+TEST(ReaderTest, ReadsLittleEndianAndChecksBounds) {
+  std::vector<uint8_t> p;
+  Writer w(&p);
+  w.U8(7);
+  w.U16(0x0102);
+  w.U32(0x01020304);
+  w.U64(0x0102030405060708ull);
+  w.I32(-5);
+  w.I64(-6);
+  w.F32(1.5f);
+  w.Str("abc");
+  EXPECT_EQ(p[1], 0x02);
+  EXPECT_EQ(p[3], 0x04);
+  Reader r(p);
+  uint8_t u8;
+  uint16_t u16;
+  uint32_t u32;
+  uint64_t u64;
+  int32_t i32;
+  int64_t i64;
+  float f;
+  std::string_view s;
+  ASSERT_TRUE(r.ReadU8(&u8).ok());
+  ASSERT_TRUE(r.ReadU16(&u16).ok());
+  ASSERT_TRUE(r.ReadU32(&u32).ok());
+  ASSERT_TRUE(r.ReadU64(&u64).ok());
+  ASSERT_TRUE(r.ReadI32(&i32).ok());
+  ASSERT_TRUE(r.ReadI64(&i64).ok());
+  ASSERT_TRUE(r.ReadF32(&f).ok());
+  ASSERT_TRUE(r.ReadStr(&s).ok());
+  EXPECT_EQ(u8, 7);
+  EXPECT_EQ(u16, 0x0102);
+  EXPECT_EQ(u32, 0x01020304u);
+  EXPECT_EQ(u64, 0x0102030405060708ull);
+  EXPECT_EQ(i32, -5);
+  EXPECT_EQ(i64, -6);
+  EXPECT_EQ(f, 1.5f);
+  EXPECT_EQ(s, "abc");
+  EXPECT_TRUE(r.Finish().ok());
+  EXPECT_EQ(r.ReadU8(&u8).code(), StatusCode::kProtocolError);
+}
+
+TEST(ReaderTest, StringLongerThanPayloadIsTruncation) {
+  std::vector<uint8_t> p = {10, 0, 'a', 'b'};
+  Reader r(p);
+  std::string_view s;
+  EXPECT_EQ(r.ReadStr(&s).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, PushRoundTrip) {
+  PushHead head{2, 3, 0.5f};
+  std::vector<float> data = {1, 2, 3, 4, 5, 6};
+  auto p = PushPayload(head, "layer/W", {2, 3}, data);
+  PushHead h;
+  TensorSection t;
+  ASSERT_TRUE(DecodePush(p, &h, &t).ok());
+  EXPECT_EQ(h.kind, 2);
+  EXPECT_EQ(h.mean_window, 3u);
+  EXPECT_EQ(h.learning_rate, 0.5f);
+  ASSERT_EQ(t.metas.size(), 1u);
+  EXPECT_EQ(t.metas[0].name, "layer/W");
+  EXPECT_EQ(t.metas[0].shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(t.numels[0], 6u);
+  EXPECT_EQ(t.data_len, 24u);
+  EXPECT_EQ(0, std::memcmp(p.data() + t.data_offset, data.data(), 24));
+}
+
+TEST(MessagesTest, EveryTruncationOfAPushIsAProtocolError) {
+  auto p = PushPayload({1, 1, 0}, "W", {2, 2}, {1, 2, 3, 4});
+  for (size_t n = 0; n < p.size(); ++n) {
+    PushHead h;
+    TensorSection t;
+    Status s = DecodePush(std::span<const uint8_t>(p.data(), n), &h, &t);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError) << "prefix " << n;
+  }
+}
+
+TEST(MessagesTest, TrailingBytesAreAProtocolError) {
+  auto p = PushPayload({1, 1, 0}, "W", {2}, {1, 2});
+  p.push_back(0);
+  PushHead h;
+  TensorSection t;
+  EXPECT_EQ(DecodePush(p, &h, &t).code(), StatusCode::kProtocolError);
+
+  std::vector<uint8_t> v;
+  EncodeVersion(5, &v);
+  v.push_back(1);
+  uint64_t version;
+  EXPECT_EQ(DecodeVersion(v, &version).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, NonZeroPushPaddingIsRejected) {
+  auto p = PushPayload({1, 1, 0}, "W", {1}, {1});
+  p[2] = 1;
+  PushHead h;
+  TensorSection t;
+  EXPECT_EQ(DecodePush(p, &h, &t).code(), StatusCode::kProtocolError);
+}
+
+std::vector<uint8_t> RegisterWithMeta(const std::vector<uint8_t>& meta, size_t data_bytes) {
+  std::vector<uint8_t> p;
+  Writer w(&p);
+  w.U32(1);
+  w.Bytes(meta.data(), meta.size());
+  p.resize(p.size() + data_bytes);
+  return p;
+}
+
+TEST(MessagesTest, RejectsNameTooLongOrEmpty) {
+  for (size_t len : {size_t{0}, size_t{1025}, size_t{4000}}) {
+    std::vector<uint8_t> meta;
+    Writer w(&meta);
+    w.Str(std::string(len, 'x'));
+    w.U8(1);
+    w.U8(0);
+    TensorSection t;
+    EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 4), &t).code(), StatusCode::kProtocolError)
+        << len;
+  }
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Str(std::string(1024, 'x'));
+  w.U8(1);
+  w.U8(0);
+  TensorSection t;
+  EXPECT_TRUE(DecodeRegister(RegisterWithMeta(meta, 4), &t).ok());
+}
+
+TEST(MessagesTest, RejectsTooManyDims) {
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Str("W");
+  w.U8(1);
+  w.U8(9);
+  for (int i = 0; i < 9; ++i) w.I64(1);
+  TensorSection t;
+  Status s = DecodeRegister(RegisterWithMeta(meta, 4), &t);
+  EXPECT_EQ(s.code(), StatusCode::kProtocolError);
+  EXPECT_NE(s.message().find("dimensions"), std::string::npos) << s.message();
+}
+
+TEST(MessagesTest, RejectsNegativeDims) {
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Str("W");
+  w.U8(1);
+  w.U8(2);
+  w.I64(-1);
+  w.I64(-4);
+  TensorSection t;
+  EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 16), &t).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, RejectsElementCountOverflow) {
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Str("W");
+  w.U8(1);
+  w.U8(3);
+  w.I64(int64_t{1} << 31);
+  w.I64(int64_t{1} << 31);
+  w.I64(int64_t{1} << 31);
+  TensorSection t;
+  EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 0), &t).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, RejectsBadDtypeAndHugeCount) {
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Str("W");
+  w.U8(2);  // not float32
+  w.U8(0);
+  TensorSection t;
+  EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 4), &t).code(), StatusCode::kProtocolError);
+
+  std::vector<uint8_t> p;
+  Writer(&p).U32(0xffffffffu);  // count the payload cannot hold
+  EXPECT_EQ(DecodeRegister(p, &t).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, DataSectionMustMatchMetas) {
+  std::vector<uint8_t> meta;
+  Writer w(&meta);
+  w.Meta("W", std::vector<int64_t>{3});
+  TensorSection t;
+  EXPECT_TRUE(DecodeRegister(RegisterWithMeta(meta, 12), &t).ok());
+  EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 8), &t).code(), StatusCode::kProtocolError);
+  EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 16), &t).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, ZeroSizedAndScalarTensors) {
+  std::vector<uint8_t> p;
+  Writer w(&p);
+  w.U32(2);
+  w.Meta("scalar", std::vector<int64_t>{});
+  w.Meta("empty", std::vector<int64_t>{0, 5});
+  w.F32(3.0f);
+  TensorSection t;
+  ASSERT_TRUE(DecodeRegister(p, &t).ok());
+  EXPECT_EQ(t.numels[0], 1u);
+  EXPECT_EQ(t.numels[1], 0u);
+}
+
+TEST(MessagesTest, ErrorRoundTrip) {
+  std::vector<uint8_t> p;
+  EncodeError(Status(StatusCode::kShapeMismatch, "bad shape"), &p);
+  Status remote;
+  ASSERT_TRUE(DecodeError(p, &remote).ok());
+  EXPECT_EQ(remote.code(), StatusCode::kShapeMismatch);
+  EXPECT_EQ(remote.message(), "bad shape");
+  p.pop_back();
+  EXPECT_EQ(DecodeError(p, &remote).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, HelloRoundTrip) {
+  HelloRequest in;
+  for (size_t i = 0; i < kNonceSize; ++i) in.client_nonce[i] = static_cast<uint8_t>(i);
+  in.partition_id = 17;
+  in.attempt = 2;
+  in.client_name = "worker";
+  std::vector<uint8_t> p;
+  EncodeHello(in, &p);
+  EXPECT_EQ(p.size(), 32u + 4 + 4 + 2 + 6);
+  HelloRequest out;
+  ASSERT_TRUE(DecodeHello(p, &out).ok());
+  EXPECT_EQ(out.client_nonce, in.client_nonce);
+  EXPECT_EQ(out.partition_id, 17);
+  EXPECT_EQ(out.attempt, 2);
+  EXPECT_EQ(out.client_name, "worker");
+  p.resize(20);
+  EXPECT_EQ(DecodeHello(p, &out).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, PullRequestListStatsRegisterResponseRoundTrips) {
+  std::vector<std::string_view> names = {"a", "bb"};
+  std::vector<uint8_t> p;
+  EncodePullRequest(names, &p);
+  std::vector<std::string_view> got;
+  ASSERT_TRUE(DecodePullRequest(p, &got).ok());
+  EXPECT_EQ(got, names);
+
+  std::vector<VariableInfo> vars(2);
+  vars[0].name = "x";
+  vars[0].shape = {4};
+  vars[1].name = "y";
+  p.clear();
+  EncodeListResponse(9, vars, &p);
+  uint64_t version;
+  std::vector<VariableInfo> vars2;
+  ASSERT_TRUE(DecodeListResponse(p, &version, &vars2).ok());
+  EXPECT_EQ(version, 9u);
+  ASSERT_EQ(vars2.size(), 2u);
+  EXPECT_EQ(vars2[0].shape, vars[0].shape);
+  EXPECT_EQ(vars2[1].shape.size(), 0u);
+
+  std::vector<StatEntry> stats = {{"version", 3}, {"pushes", 7}};
+  p.clear();
+  EncodeStatsResponse(stats, &p);
+  std::vector<StatEntry> stats2;
+  ASSERT_TRUE(DecodeStatsResponse(p, &stats2).ok());
+  EXPECT_EQ(stats2, stats);
+
+  RegisterResponse rr{4, {1, 0, 1}};
+  p.clear();
+  EncodeRegisterResponse(rr, &p);
+  RegisterResponse rr2;
+  ASSERT_TRUE(DecodeRegisterResponse(p, &rr2).ok());
+  EXPECT_EQ(rr2.version, 4u);
+  EXPECT_EQ(rr2.created, rr.created);
+}
+
+TEST(MessagesTest, PullResponseDecode) {
+  std::vector<uint8_t> p;
+  Writer w(&p);
+  w.U64(3);
+  w.U32(1);
+  w.Meta("v", std::vector<int64_t>{2});
+  w.F32(1.0f);
+  w.F32(-2.0f);
+  uint64_t version;
+  std::vector<Tensor> t;
+  ASSERT_TRUE(DecodePullResponse(p, &version, &t).ok());
+  EXPECT_EQ(version, 3u);
+  ASSERT_EQ(t.size(), 1u);
+  EXPECT_EQ(t[0].values, (std::vector<float>{1.0f, -2.0f}));
+  p.pop_back();
+  EXPECT_EQ(DecodePullResponse(p, &version, &t).code(), StatusCode::kProtocolError);
+}
+
+}  // namespace
+}  // namespace tensorspark::protocol

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real Spark local[2] context and a per-test TF graph."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Spark's Python workers must run this interpreter (it has TensorFlow and
+# tensorspark installed).
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def sc():
+    import pyspark
+
+    conf = (
+        pyspark.SparkConf()
+        .setMaster("local[2]")
+        .setAppName("tensorspark-tests")
+        .set("spark.ui.enabled", "false")
+        .set("spark.ui.showConsoleProgress", "false")
+        .set("spark.driver.memory", "2g")
+    )
+    context = pyspark.SparkContext(conf=conf)
+    context.setLogLevel("ERROR")
+    yield context
+    context.stop()
+
+
+@pytest.fixture
+def tf1():
+    """``tensorflow.compat.v1`` in graph mode, with a fresh default graph."""
+    import tensorflow.compat.v1 as tf
+
+    tf.disable_v2_behavior()
+    with tf.Graph().as_default():
+        yield tf

@@ -1,0 +1,74 @@
+"""The standalone `tensorspark-ps` executable, driven as a real process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tensorspark import AuthenticationError, PSClient, generate_secret
+from tensorspark.cli import ps_binary
+
+from helpers import free_port
+
+
+def start_ps(tmp_path, *args):
+    secret = generate_secret().hex().encode()
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(secret + b"\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [ps_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--secret-file", str(secret_file), *args],
+        stderr=subprocess.PIPE, text=True,
+    )
+    return proc, port, secret
+
+
+def test_help():
+    out = subprocess.run([ps_binary(), "--help"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0
+    assert "--port" in out.stdout + out.stderr
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    out = subprocess.run([ps_binary(), "--port", "notaport"], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 2
+    out = subprocess.run([ps_binary(), "--secret-file", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=10)
+    assert out.returncode == 2
+    assert "missing" in out.stderr
+
+
+def test_serves_until_sigterm(tmp_path):
+    proc, port, secret = start_ps(tmp_path)
+    try:
+        with PSClient("127.0.0.1", port, secret, connect_timeout=10) as c:
+            c.register({"w": np.zeros(5)})
+            c.push({"w": np.ones(5)}, kind="delta")
+            np.testing.assert_array_equal(c.pull()["w"], np.ones(5))
+        with pytest.raises(AuthenticationError):
+            PSClient("127.0.0.1", port, b"x" * 32)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "listening" in proc.stderr.read()
+
+
+def test_shutdown_call_stops_it(tmp_path):
+    proc, port, secret = start_ps(tmp_path)
+    try:
+        with PSClient("127.0.0.1", port, secret, connect_timeout=10) as c:
+            c.shutdown_server()
+        started = time.monotonic()
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,199 @@
+"""SparkSession on real Spark local[2] with real TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import tensorspark
+from tensorspark import (
+    AddressInUseError,
+    AuthenticationError,
+    MeanCombiner,
+    ParameterServer,
+    PSConnectionError,
+    SparkSession,
+    TensorSparkValueError,
+    generate_secret,
+)
+
+from helpers import free_port
+
+
+def counting_graph(tf):
+    """A graph whose train op adds the batch's row count to `v`.
+
+    Each pushed delta equals the rows seen since the last pull, so the final
+    value is exactly the number of rows if, and only if, every push was
+    applied.
+    """
+    x = tf.placeholder(tf.float32, [None, 2], name="x")
+    v = tf.Variable(tf.zeros([2]), name="v")
+    train = tf.assign_add(v, tf.reduce_sum(x, axis=0), name="train")
+    return x, v, train
+
+
+def ones_rdd(sc, rows, parts):
+    return sc.parallelize([(np.ones(2, np.float32),) for _ in range(rows)], parts)
+
+
+def test_every_push_from_two_workers_is_applied(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, user="t", name="count", sync_interval=1, batch_size=7) as ss:
+        rdd = ones_rdd(sc, 200, 2)
+        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v])
+        # 100 rows per partition, batches of 7 -> 15 steps, a push each.
+        assert [p["pushes"] for p in summary.partitions] == [15, 15]
+        assert summary.steps == 30 and summary.samples == 200
+        assert summary.version == 30 == ss.stats()["version"]
+        np.testing.assert_array_equal(sess.run(v), [200.0, 200.0])
+
+        # A second run (epoch) reuses the server and continues from its model.
+        port = ss.server_port
+        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v])
+        assert ss.server_port == port and summary.version == 60
+        np.testing.assert_array_equal(sess.run(v), [400.0, 400.0])
+
+
+def test_mean_combiner_and_sync_interval(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=4, batch_size=10) as ss:
+        summary = ss.run(
+            train,
+            feed_rdd=ones_rdd(sc, 80, 2),
+            feed_name_list=[x.name],
+            weight_combiner=MeanCombiner(),
+        )
+        # 40 rows per partition = 4 steps = 1 push each (the final sync).
+        assert [p["pushes"] for p in summary.partitions] == [1, 1]
+        final = sess.run(v)
+        assert final[0] == final[1]
+        # Both pull 0 first: (0+40)/2=20, (20+40)/2=30; or the second pulls
+        # the first's 20: (20+60)/2=40.
+        assert final[0] in (30.0, 40.0)
+        assert summary.version == 2
+
+
+def test_seed_program_reaches_accuracy(sc, tf1):
+    """The seed example, 2 partitions, on the Debian Fashion-MNIST files."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist_seed.py")
+    spec = importlib.util.spec_from_file_location("fashion_mnist_seed", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    acc = example.train(
+        sc=sc, user="test", name="seed", server_host=None, server_port=0,
+        sync_interval=100, batch_size=100, num_partition=2, num_epoch=1,
+    )
+    assert acc >= 0.80
+
+
+class TestBadInput:
+    """Each mistake gives a clear exception quickly, never a hang."""
+
+    @pytest.fixture
+    def setup(self, sc, tf1):
+        x, v, train = counting_graph(tf1)
+        y = tf1.identity(v, name="not_a_variable")
+        sess = tf1.Session()
+        sess.run(tf1.global_variables_initializer())
+        ss = SparkSession(sc, sess, sync_interval=2, batch_size=5)
+        yield sc, sess, ss, x, v, y, train
+        ss.close()
+
+    def test_feed_name_not_in_graph(self, setup):
+        sc, _, ss, x, v, _, train = setup
+        with pytest.raises(TensorSparkValueError, match="nothere:0"):
+            ss.run(train, feed_rdd=ones_rdd(sc, 10, 2), feed_name_list=["nothere:0"])
+
+    def test_feed_name_without_index_gets_hint(self, setup):
+        sc, _, ss, x, v, _, train = setup
+        with pytest.raises(TensorSparkValueError, match="'x:0'"):
+            ss.run(train, feed_rdd=ones_rdd(sc, 10, 2), feed_name_list=["x"])
+
+    def test_param_not_a_variable(self, setup):
+        sc, _, ss, x, v, y, train = setup
+        with pytest.raises(TensorSparkValueError, match="param_list\\[1\\].*not_a_variable"):
+            ss.run(train, feed_rdd=ones_rdd(sc, 10, 2), feed_name_list=[x.name],
+                   param_list=[v, y])
+
+    def test_feed_tuple_wrong_length_then_state_intact(self, setup):
+        sc, sess, ss, x, v, _, train = setup
+        good = ones_rdd(sc, 20, 2)
+        ss.run(train, feed_rdd=good, feed_name_list=[x.name], param_list=[v])
+        trained = sess.run(v).copy()
+        version = ss.stats()["version"]
+        bad = sc.parallelize([(np.ones(2), np.ones(2)) for _ in range(10)], 2)
+        started = time.monotonic()
+        with pytest.raises(TensorSparkValueError, match="has 2 items but feed_name_list has 1"):
+            ss.run(train, feed_rdd=bad, feed_name_list=[x.name], param_list=[v])
+        assert time.monotonic() - started < 120
+        # Nothing already trained is lost: the server and the session agree.
+        assert ss.stats()["version"] == version
+        np.testing.assert_array_equal(ss._client.pull(["v"])["v"], trained)
+
+    def test_wrong_feature_length(self, setup):
+        sc, _, ss, x, v, _, train = setup
+        bad = sc.parallelize([(np.ones(3),) for _ in range(10)], 2)
+        with pytest.raises(TensorSparkValueError, match="shape"):
+            ss.run(train, feed_rdd=bad, feed_name_list=[x.name], param_list=[v])
+
+
+def test_server_port_already_taken(sc, tf1):
+    sess = tf1.Session()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(AddressInUseError, match=str(port)):
+            SparkSession(sc, sess, server_host="127.0.0.1", server_port=port)
+
+
+def test_unreachable_server(sc, tf1):
+    sess = tf1.Session()
+    started = time.monotonic()
+    with pytest.raises((PSConnectionError, TimeoutError)):
+        SparkSession(sc, sess, server_host="127.0.0.1", server_port=free_port(),
+                     start_server=False, secret=generate_secret(), connect_timeout=1.5)
+    assert time.monotonic() - started < 10
+
+
+def test_wrong_secret(sc, tf1):
+    sess = tf1.Session()
+    with ParameterServer(generate_secret(), host="127.0.0.1") as server:
+        with pytest.raises(AuthenticationError):
+            SparkSession(sc, sess, server_host="127.0.0.1", server_port=server.port,
+                         start_server=False, secret=generate_secret())
+
+
+def test_external_server(sc, tf1):
+    """Training against a server that the session did not start."""
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    secret = generate_secret()
+    with ParameterServer(secret, host="127.0.0.1") as server:
+        ss = SparkSession(sc, sess, server_host="127.0.0.1", server_port=server.port,
+                          start_server=False, secret=secret, sync_interval=3, batch_size=4)
+        ss.run(train, feed_rdd=ones_rdd(sc, 24, 2), feed_name_list=[x.name])
+        assert server.version == 2  # 3 steps per partition: one sync, at step 3
+        np.testing.assert_array_equal(sess.run(v), [24.0, 24.0])
+        ss.close()
+        assert server.running  # closing the session leaves an external server up
+
+
+def test_seed_module_paths():
+    import tensorspark.core.spark_session as sps
+    import tensorspark.core.weight_combiner as comb
+
+    assert sps.SparkSession is tensorspark.SparkSession
+    assert comb.MeanWeightCombiner is tensorspark.MeanCombiner
