@@ -4,6 +4,9 @@
 // For every (floats N, clients C) case, C threads each own a Client and a
 // variable of N floats and loop push(kDelta, zeros) + pull. The baseline
 // sends N*4 bytes to a plain echo-style server that answers with N*4 bytes.
+// A second baseline (raw_2rt_gbps) makes two exchanges per round trip like
+// push+pull does (N*4 bytes -> 8-byte ack, 8-byte request -> N*4 bytes), so
+// small sizes, where per-exchange latency dominates, compare like for like.
 // PS and raw runs are interleaved; each reported figure is the median run.
 //
 //   ps_roundtrip [--quick] [--out PATH]
@@ -77,6 +80,7 @@ Config QuickConfig() {
 
 constexpr int kMaxLatencySamples = 200'000;
 constexpr int kLatencyWarmup = 200;
+constexpr size_t kAckBytes = 8;  // small message of the 2-exchange baseline
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
@@ -146,11 +150,17 @@ void SetNoDelay(int fd) {
   }
 }
 
-// Reads `msg_bytes` from each connection, then answers with `msg_bytes`;
-// one blocking thread per connection, like the PS.
+// One request/response exchange: read `in` bytes, then write `out` bytes.
+struct RawStep {
+  size_t in;
+  size_t out;
+};
+
+// Serves each connection by cycling through `steps`; one blocking thread
+// per connection, like the PS.
 class RawServer {
  public:
-  explicit RawServer(size_t msg_bytes) : msg_bytes_(msg_bytes) {
+  explicit RawServer(std::vector<RawStep> steps) : steps_(std::move(steps)) {
     listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     if (listen_fd_ < 0) Die(ErrnoText("socket"));
     int one = 1;
@@ -197,13 +207,17 @@ class RawServer {
   }
 
   void Serve(int fd) {
-    std::vector<char> buf(msg_bytes_);
-    while (ReadFull(fd, buf.data(), buf.size()) && WriteFull(fd, buf.data(), buf.size())) {
+    size_t max_bytes = 0;
+    for (const RawStep& st : steps_) max_bytes = std::max({max_bytes, st.in, st.out});
+    std::vector<char> buf(max_bytes);
+    for (size_t k = 0;; k = (k + 1) % steps_.size()) {
+      const RawStep& st = steps_[k];
+      if (!ReadFull(fd, buf.data(), st.in) || !WriteFull(fd, buf.data(), st.out)) break;
     }
     ::close(fd);
   }
 
-  size_t msg_bytes_;
+  const std::vector<RawStep> steps_;
   int listen_fd_ = -1;
   uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
@@ -308,8 +322,8 @@ std::vector<double> SampleLatency(const std::function<bool()>& op, double second
 struct CaseResult {
   int64_t floats = 0;
   int clients = 0;
-  double ps_gbps = 0, raw_gbps = 0;
-  std::vector<double> ps_runs, raw_runs;
+  double ps_gbps = 0, raw_gbps = 0, raw_2rt_gbps = 0;
+  std::vector<double> ps_runs, raw_runs, raw_2rt_runs;
   bool has_latency = false;
   double ps_pull_p50_us = 0, ps_pull_p99_us = 0;
   double raw_pingpong_p50_us = 0, raw_pingpong_p99_us = 0;
@@ -355,10 +369,15 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
     Check(ps[i]->Register({&spec, 1}, &created, &version), "register " + names[i]);
   }
 
-  // Raw side: one connection per thread.
-  RawServer raw_server(bytes);
+  // Raw side: one connection per thread and baseline.
+  RawServer raw_server({{bytes, bytes}});
+  RawServer raw_2rt_server({{bytes, kAckBytes}, {kAckBytes, bytes}});
   std::vector<int> raw_fds(static_cast<size_t>(clients));
-  for (int i = 0; i < clients; ++i) raw_fds[i] = RawConnect(raw_server.port());
+  std::vector<int> raw_2rt_fds(static_cast<size_t>(clients));
+  for (int i = 0; i < clients; ++i) {
+    raw_fds[i] = RawConnect(raw_server.port());
+    raw_2rt_fds[i] = RawConnect(raw_2rt_server.port());
+  }
 
   FirstError err;
   const tensorspark::PushOptions push_opt;
@@ -387,18 +406,34 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
     }
     return true;
   };
+  RoundTrip raw_2rt_rt = [&](int i) {
+    const char* out = reinterpret_cast<const char*>(zeros.data());
+    char* in = reinterpret_cast<char*>(recv[i].data());
+    char ack[kAckBytes] = {};
+    const int fd = raw_2rt_fds[i];
+    if (!WriteFull(fd, out, bytes) || !ReadFull(fd, ack, kAckBytes) ||
+        !WriteFull(fd, ack, kAckBytes) || !ReadFull(fd, in, bytes)) {
+      err.Set(ErrnoText("raw 2-exchange round trip"));
+      return false;
+    }
+    return true;
+  };
 
   const int64_t ps_iters = CalibrateIters(clients, ps_rt, &err, cfg);
   const int64_t raw_iters = CalibrateIters(clients, raw_rt, &err, cfg);
+  const int64_t raw_2rt_iters = CalibrateIters(clients, raw_2rt_rt, &err, cfg);
   const double bytes_per_iter = 2.0 * static_cast<double>(bytes) * clients;
   for (int r = 0; r < cfg.rounds; ++r) {
     double s = TimedRun(clients, ps_iters, ps_rt, &err);
     res.ps_runs.push_back(bytes_per_iter * static_cast<double>(ps_iters) / s / 1e9);
     s = TimedRun(clients, raw_iters, raw_rt, &err);
     res.raw_runs.push_back(bytes_per_iter * static_cast<double>(raw_iters) / s / 1e9);
+    s = TimedRun(clients, raw_2rt_iters, raw_2rt_rt, &err);
+    res.raw_2rt_runs.push_back(bytes_per_iter * static_cast<double>(raw_2rt_iters) / s / 1e9);
   }
   res.ps_gbps = Median(res.ps_runs);
   res.raw_gbps = Median(res.raw_runs);
+  res.raw_2rt_gbps = Median(res.raw_2rt_runs);
 
   // Sanity: a pull returned the registered zeros.
   for (int i = 0; i < clients; ++i) {
@@ -432,6 +467,7 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
 
   // Close clients first so the raw handlers see EOF before ~RawServer joins.
   for (int fd : raw_fds) ::close(fd);
+  for (int fd : raw_2rt_fds) ::close(fd);
   for (auto& c : ps) c->Close();
   return res;
 }
@@ -501,8 +537,11 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
          ", \"clients\": " + std::to_string(r.clients) + ", \"transport\": \"tcp\"" +
          ", \"ps_gbps\": " + Num(r.ps_gbps) + ", \"raw_gbps\": " + Num(r.raw_gbps) +
          ", \"ratio\": " + Num(r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0) +
+         ", \"raw_2rt_gbps\": " + Num(r.raw_2rt_gbps) +
+         ", \"ratio_2rt\": " + Num(r.raw_2rt_gbps > 0 ? r.ps_gbps / r.raw_2rt_gbps : 0.0) +
          ", \"ps_gbps_runs\": " + NumList(r.ps_runs) +
-         ", \"raw_gbps_runs\": " + NumList(r.raw_runs);
+         ", \"raw_gbps_runs\": " + NumList(r.raw_runs) +
+         ", \"raw_2rt_gbps_runs\": " + NumList(r.raw_2rt_runs);
     if (r.has_latency) {
       j += ", \"ps_pull_p50_us\": " + Num(r.ps_pull_p50_us) +
            ", \"ps_pull_p99_us\": " + Num(r.ps_pull_p99_us) +
@@ -526,8 +565,9 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
 }
 
 void PrintRow(const CaseResult& r) {
-  std::printf("%10lld %7d %10.3f %10.3f %7.2f", static_cast<long long>(r.floats), r.clients,
-              r.ps_gbps, r.raw_gbps, r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0);
+  std::printf("%10lld %7d %9.3f %9.3f %6.2f %9.3f %6.2f", static_cast<long long>(r.floats),
+              r.clients, r.ps_gbps, r.raw_gbps, r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0,
+              r.raw_2rt_gbps, r.raw_2rt_gbps > 0 ? r.ps_gbps / r.raw_2rt_gbps : 0.0);
   if (r.has_latency) {
     std::printf("   pull p50/p99 %.1f/%.1f us, raw ping-pong p50/p99 %.1f/%.1f us",
                 r.ps_pull_p50_us, r.ps_pull_p99_us, r.raw_pingpong_p50_us,
@@ -566,7 +606,8 @@ int main(int argc, char** argv) {
 
   std::printf("tensorspark ps_roundtrip: PS push(kDelta)+pull vs raw TCP, %u cores%s\n",
               std::thread::hardware_concurrency(), cfg.rounds == 1 ? " (quick)" : "");
-  std::printf("%10s %7s %10s %10s %7s\n", "floats", "clients", "ps_GB/s", "raw_GB/s", "ratio");
+  std::printf("%10s %7s %9s %9s %6s %9s %6s\n", "floats", "clients", "ps_GB/s", "raw_GB/s",
+              "ratio", "raw2_GB/s", "ratio2");
   Clock::time_point start = Clock::now();
   std::vector<CaseResult> results;
   for (int64_t n : cfg.floats) {

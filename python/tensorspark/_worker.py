@@ -38,6 +38,7 @@ class TaskConfig:
     sync_interval: int
     kind: int
     mean_window: int
+    average_iterates: bool
     shuffle: bool
     seed: int
     threads: int
@@ -98,16 +99,52 @@ class _Model:
             self.fetches = [self.graph.as_graph_element(n) for n in cfg.fetch_names]
             self.feeds = [self.graph.get_tensor_by_name(n) for n in cfg.feed_names]
             self.extra = {self.graph.get_tensor_by_name(n): v for n, v in cfg.extra_feeds}
+            self.sums, self.accumulate, self.reset = self._iterate_sums(tf, cfg.average_iterates)
         config = tf.ConfigProto(
             intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads
         )
         self.sess = tf.Session(graph=self.graph, config=config)
         self.sess.run(init)
+        if self.sums:
+            self.sess.run([s.initializer for s in self.sums])
+
+    def _iterate_sums(self, tf: Any, enabled: bool) -> tuple[list[Any], Any, Any]:
+        """Task-local sums of each variable over the steps since the last sync.
+
+        The add runs in the same session call as the fetches, after them
+        (control dependency), so it sees each step's updated values.
+        """
+        if not enabled:
+            return [], None, None
+        sums = [
+            tf.Variable(
+                tf.zeros(v.shape, v.dtype.base_dtype),
+                trainable=False,
+                collections=[tf.GraphKeys.LOCAL_VARIABLES],
+                name=f"tensorspark_iterate_sum_{i}",
+            )
+            for i, v in enumerate(self.variables)
+        ]
+        after = [f if isinstance(f, tf.Operation) else f.op for f in self.fetches]
+        with tf.control_dependencies(after):
+            accumulate = tf.group(
+                *[tf.assign_add(s, v.read_value()) for s, v in zip(sums, self.variables, strict=True)]
+            )
+        reset = tf.group(*[tf.assign(s, tf.zeros_like(s)) for s in sums])
+        return sums, accumulate, reset
+
+    def averages(self, steps: int) -> list[np.ndarray]:
+        """Mean of each variable over the last ``steps`` steps; resets the sums."""
+        sums = self.sess.run(self.sums)
+        self.sess.run(self.reset)
+        return [s / np.float32(steps) for s in sums]
 
     def step(self, cols: list[np.ndarray]) -> Any:
         feed = dict(self.extra)
         feed.update(zip(self.feeds, cols, strict=True))
         try:
+            if self.accumulate is not None:
+                return self.sess.run([self.fetches, self.accumulate], feed_dict=feed)[0]
             return self.sess.run(self.fetches, feed_dict=feed)
         except ValueError as e:
             # TF's message names the tensor and both shapes.
@@ -137,10 +174,14 @@ class _Sync:
         self.version = self.client.pull_into(self.names, self.pulled)
         self.model.load(self.pulled)
 
-    def push_and_pull(self, step: int, partition: int) -> None:
-        local = self.model.read()
+    def push_and_pull(self, step: int, partition: int, steps_since_sync: int) -> None:
+        if self.model.sums:
+            local = self.model.averages(steps_since_sync)
+        else:
+            local = self.model.read()
         if self.cfg.kind == _core.KIND_DELTA:
-            update = [np.ascontiguousarray(a - p, dtype=np.float32) for a, p in zip(local, self.pulled, strict=True)]
+            pairs = zip(local, self.pulled, strict=True)
+            update = [np.ascontiguousarray(a - p, dtype=np.float32) for a, p in pairs]
         else:
             update = [np.ascontiguousarray(a, dtype=np.float32) for a in local]
         for name, arr in zip(self.names, update, strict=True):
@@ -187,10 +228,10 @@ def train_partition(
             samples += len(batch)
             since_sync += 1
             if since_sync == cfg.sync_interval:
-                sync.push_and_pull(steps, partition)
+                sync.push_and_pull(steps, partition, since_sync)
                 since_sync = 0
         if since_sync:
-            sync.push_and_pull(steps, partition)
+            sync.push_and_pull(steps, partition, since_sync)
         yield {
             "partition": partition,
             "attempt": attempt,

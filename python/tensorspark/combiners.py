@@ -17,7 +17,8 @@ class DeltaCombiner:
     """Delta combiner: ``w += local - last_pulled`` for each worker push.
 
     Every worker's progress since its last pull is added to the server's
-    model, like asynchronous SGD. This is the default.
+    model, like asynchronous SGD. With many workers that pull the same model
+    their changes add up, which overshoots at a large learning rate.
     """
 
     kind: int = _core.KIND_DELTA
@@ -27,13 +28,25 @@ class DeltaCombiner:
 class MeanCombiner:
     """Mean combiner: ``w = ((n - 1) * w + new) / n`` for each worker push.
 
+    This is the default. Each worker starts every sync interval from the
+    server's model and pushes its own estimate ``new``; the server folds it
+    in as a moving average over ``n`` pushes.
+
     Parameters
     ----------
     n : int, optional
         Averaging window; by default the number of partitions of the run.
+    average_iterates : bool
+        Push the average of the worker's parameters over the steps since its
+        last sync (Polyak-Ruppert averaging, kept in the task's graph at the
+        cost of one add per parameter per step) instead of the last step's
+        parameters. With a constant learning rate the last iterate jitters
+        around the optimum; its average does not. False pushes the last
+        iterate, as the original TensorSpark did.
     """
 
     n: int | None = None
+    average_iterates: bool = True
     kind: int = _core.KIND_PARAMETERS
 
     def __post_init__(self) -> None:

@@ -191,8 +191,8 @@ class SparkSession:
             trainable variables.
         feed_dict : dict, optional
             Extra constant feeds for every step (tensor or name -> value).
-        weight_combiner : DeltaCombiner or MeanCombiner, optional
-            How pushes merge on the server; default :class:`DeltaCombiner`.
+        weight_combiner : MeanCombiner or DeltaCombiner, optional
+            How pushes merge on the server; default :class:`MeanCombiner`.
         shuffle_within_partition : bool
             Shuffle each partition's rows before batching.
 
@@ -213,7 +213,7 @@ class SparkSession:
         _graph.check_feed_names(graph, feed_names)
         extra = self._extra_feeds(graph, feed_dict)
         params = _graph.resolve_params(graph, param_list)
-        combiner = weight_combiner or DeltaCombiner()
+        combiner = weight_combiner or MeanCombiner()
         if not isinstance(combiner, (DeltaCombiner, MeanCombiner)):
             raise TensorSparkValueError(
                 "weight_combiner must be tensorspark.DeltaCombiner() or MeanCombiner(), got "
@@ -238,6 +238,7 @@ class SparkSession:
             sync_interval=self.sync_interval,
             kind=combiner.kind,
             mean_window=int(mean_window),
+            average_iterates=bool(getattr(combiner, "average_iterates", False)),
             shuffle=bool(shuffle_within_partition),
             seed=self.seed,
             threads=self.threads_per_task,

@@ -146,8 +146,8 @@ class RawConn {
     protocol::Nonce server_nonce;
     TS_RETURN_IF_ERROR(protocol::DecodeNonce(resp, &server_nonce));
     protocol::Digest proof = protocol::ClientProof(secret, server_nonce, hello.client_nonce, 1, 0);
-    TS_RETURN_IF_ERROR(Send(protocol::Opcode::kAuth, 2,
-                            std::vector<uint8_t>(proof.begin(), proof.end())));
+    TS_RETURN_IF_ERROR(
+        Send(protocol::Opcode::kAuth, 2, std::vector<uint8_t>(proof.begin(), proof.end())));
     TS_RETURN_IF_ERROR(Read(&h, &resp));
     if (h.flags & protocol::kFlagError) {
       Status remote;

@@ -13,6 +13,7 @@ import tensorspark
 from tensorspark import (
     AddressInUseError,
     AuthenticationError,
+    DeltaCombiner,
     MeanCombiner,
     ParameterServer,
     PSConnectionError,
@@ -47,7 +48,8 @@ def test_every_push_from_two_workers_is_applied(sc, tf1):
     sess.run(tf1.global_variables_initializer())
     with SparkSession(sc, sess, user="t", name="count", sync_interval=1, batch_size=7) as ss:
         rdd = ones_rdd(sc, 200, 2)
-        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v])
+        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v],
+                         weight_combiner=DeltaCombiner())
         # 100 rows per partition, batches of 7 -> 15 steps, a push each.
         assert [p["pushes"] for p in summary.partitions] == [15, 15]
         assert summary.steps == 30 and summary.samples == 200
@@ -56,7 +58,8 @@ def test_every_push_from_two_workers_is_applied(sc, tf1):
 
         # A second run (epoch) reuses the server and continues from its model.
         port = ss.server_port
-        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v])
+        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v],
+                         weight_combiner=DeltaCombiner())
         assert ss.server_port == port and summary.version == 60
         np.testing.assert_array_equal(sess.run(v), [400.0, 400.0])
 
@@ -70,7 +73,7 @@ def test_mean_combiner_and_sync_interval(sc, tf1):
             train,
             feed_rdd=ones_rdd(sc, 80, 2),
             feed_name_list=[x.name],
-            weight_combiner=MeanCombiner(),
+            weight_combiner=MeanCombiner(average_iterates=False),
         )
         # 40 rows per partition = 4 steps = 1 push each (the final sync).
         assert [p["pushes"] for p in summary.partitions] == [1, 1]
@@ -80,6 +83,19 @@ def test_mean_combiner_and_sync_interval(sc, tf1):
         # the first's 20: (20+60)/2=40.
         assert final[0] in (30.0, 40.0)
         assert summary.version == 2
+
+
+def test_mean_combiner_pushes_iterate_average(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=4, batch_size=10) as ss:
+        ss.run(train, feed_rdd=ones_rdd(sc, 80, 2), feed_name_list=[x.name])  # default combiner
+        # A worker's iterates are p+10, p+20, p+30, p+40: it pushes p+25.
+        # Both pull 0: 12.5 then (12.5+25)/2 = 18.75; or the second pulls
+        # 12.5 and pushes 37.5: (12.5+37.5)/2 = 25.
+        final = sess.run(v)
+        assert final[0] == final[1] and final[0] in (18.75, 25.0)
 
 
 def test_seed_program_reaches_accuracy(sc, tf1):
@@ -92,7 +108,7 @@ def test_seed_program_reaches_accuracy(sc, tf1):
     spec.loader.exec_module(example)
     acc = example.train(
         sc=sc, user="test", name="seed", server_host=None, server_port=0,
-        sync_interval=100, batch_size=100, num_partition=2, num_epoch=1,
+        sync_interval=100, batch_size=100, num_partition=2, num_epoch=2,
     )
     assert acc >= 0.80
 
@@ -184,7 +200,8 @@ def test_external_server(sc, tf1):
     with ParameterServer(secret, host="127.0.0.1") as server:
         ss = SparkSession(sc, sess, server_host="127.0.0.1", server_port=server.port,
                           start_server=False, secret=secret, sync_interval=3, batch_size=4)
-        ss.run(train, feed_rdd=ones_rdd(sc, 24, 2), feed_name_list=[x.name])
+        ss.run(train, feed_rdd=ones_rdd(sc, 24, 2), feed_name_list=[x.name],
+               weight_combiner=DeltaCombiner())
         assert server.version == 2  # 3 steps per partition: one sync, at step 3
         np.testing.assert_array_equal(sess.run(v), [24.0, 24.0])
         ss.close()

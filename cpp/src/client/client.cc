@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "net/socket.h"
@@ -134,7 +135,7 @@ class PayloadReader {
  private:
   static constexpr size_t kBufSize = 64 * 1024;
   static constexpr size_t kDirectMin = 16 * 1024;
-  static constexpr size_t kChunk = 4 * 1024 * 1024;
+  static constexpr size_t kChunk = 256 * 1024;  // checksummed while in L2
 
   uint8_t* buf() { return buf_.get(); }
 
@@ -195,7 +196,7 @@ class ClientImpl {
   bool connected() const { return connected_; }
 
  private:
-  Status Handshake();
+  Status Handshake(net::Deadline deadline);
   Status CheckConnected() const;
   // Marks the connection broken and returns `s` (the stream position is lost).
   Status Broken(const Status& s) {
@@ -203,13 +204,16 @@ class ClientImpl {
     return s;
   }
   // Sends header + payload parts (CRC and length computed here).
-  Status SendRequest(Opcode op, struct iovec* parts, size_t nparts, uint64_t* request_id);
+  Status SendRequest(Opcode op, struct iovec* parts, size_t nparts, net::Deadline deadline,
+                     uint64_t* request_id);
   // Reads the response header for `request_id`. An error frame becomes its
   // Status (read in full, so the stream stays usable).
-  Status ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline,
-                            FrameHeader* h);
-  // Whole round trip for responses read into memory.
-  Status Call(Opcode op, struct iovec* parts, size_t nparts, std::vector<uint8_t>* response);
+  Status ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline, FrameHeader* h);
+  // Whole round trip for responses read into memory, within `deadline`
+  // (default: io_timeout_s from now).
+  Status Call(Opcode op, struct iovec* parts, size_t nparts, std::vector<uint8_t>* response,
+              std::optional<net::Deadline> deadline = std::nullopt);
+  net::Deadline IoDeadline() const { return net::Deadline::In(options_.io_timeout_s); }
   Status ReadPayload(const FrameHeader& h, net::Deadline deadline, std::vector<uint8_t>* out);
   // Reads the PULL response after its header; `views` null means PullAll.
   Status ReadPullResponse(const FrameHeader& h, net::Deadline deadline,
@@ -233,7 +237,8 @@ Status ClientImpl::CheckConnected() const {
 
 Status ClientImpl::Connect() {
   if (options_.secret.empty()) {
-    return Status(StatusCode::kInvalidArgument, "ClientOptions::secret is empty; pass the run secret");
+    return Status(StatusCode::kInvalidArgument,
+                  "ClientOptions::secret is empty; pass the run secret");
   }
   if (options_.port == 0) {
     return Status(StatusCode::kInvalidArgument, "ClientOptions::port is 0; pass the server's port");
@@ -270,7 +275,10 @@ Status ClientImpl::Connect() {
                       "that no firewall blocks the port");
   }
   connected_ = true;
-  Status h = Handshake();
+  // The handshake belongs to connecting: it gets what is left of the
+  // connect budget (at least 1 s, at most io_timeout_s).
+  const double hs_s = std::min(options_.io_timeout_s, std::max(1.0, budget.SecondsLeft()));
+  Status h = Handshake(net::Deadline::In(hs_s));
   if (!h.ok()) {
     Close();
     return h.WithContext("handshake with " + Where(options_));
@@ -278,7 +286,7 @@ Status ClientImpl::Connect() {
   return Status::OK();
 }
 
-Status ClientImpl::Handshake() {
+Status ClientImpl::Handshake(net::Deadline deadline) {
   protocol::HelloRequest hello;
   TS_RETURN_IF_ERROR(protocol::RandomNonce(&hello.client_nonce));
   hello.partition_id = options_.partition_id;
@@ -287,14 +295,14 @@ Status ClientImpl::Handshake() {
   std::vector<uint8_t> payload, response;
   protocol::EncodeHello(hello, &payload);
   struct iovec part = {payload.data(), payload.size()};
-  TS_RETURN_IF_ERROR(Call(Opcode::kHello, &part, 1, &response));
+  TS_RETURN_IF_ERROR(Call(Opcode::kHello, &part, 1, &response, deadline));
   protocol::Nonce server_nonce;
   if (Status s = protocol::DecodeNonce(response, &server_nonce); !s.ok()) return Broken(s);
 
   protocol::Digest proof = protocol::ClientProof(options_.secret, server_nonce, hello.client_nonce,
                                                  hello.partition_id, hello.attempt);
   part = {proof.data(), proof.size()};
-  TS_RETURN_IF_ERROR(Call(Opcode::kAuth, &part, 1, &response));
+  TS_RETURN_IF_ERROR(Call(Opcode::kAuth, &part, 1, &response, deadline));
   protocol::Nonce server_proof;
   if (Status s = protocol::DecodeNonce(response, &server_proof); !s.ok()) return Broken(s);
   protocol::Digest expected =
@@ -308,7 +316,7 @@ Status ClientImpl::Handshake() {
 }
 
 Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
-                               uint64_t* request_id) {
+                               net::Deadline deadline, uint64_t* request_id) {
   FrameHeader h;
   h.opcode = static_cast<uint16_t>(op);
   h.request_id = next_request_id_++;
@@ -326,7 +334,6 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
   iov.reserve(nparts + 1);
   iov.push_back({raw, sizeof(raw)});
   iov.insert(iov.end(), parts, parts + nparts);
-  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
   Status s = net::WriteV(sock_.fd(), iov.data(), iov.size(), deadline);
   if (!s.ok()) {
     // The server may have refused the frame (e.g. FrameTooLarge) and closed
@@ -409,13 +416,13 @@ Status ClientImpl::ReadPayload(const FrameHeader& h, net::Deadline deadline,
 }
 
 Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
-                        std::vector<uint8_t>* response) {
+                        std::vector<uint8_t>* response, std::optional<net::Deadline> deadline) {
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(op, parts, nparts, &id));
-  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  TS_RETURN_IF_ERROR(SendRequest(op, parts, nparts, deadline.value_or(IoDeadline()), &id));
+  const net::Deadline read_deadline = deadline.value_or(IoDeadline());
   FrameHeader h;
-  TS_RETURN_IF_ERROR(ReadResponseHeader(op, id, deadline, &h));
-  return ReadPayload(h, deadline, response);
+  TS_RETURN_IF_ERROR(ReadResponseHeader(op, id, read_deadline, &h));
+  return ReadPayload(h, read_deadline, response);
 }
 
 Status ClientImpl::Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
@@ -478,8 +485,8 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
     total += numels[i];
   }
   if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
-    return Broken(Status(StatusCode::kProtocolError,
-                         "PULL response data section does not match its metas"));
+    return Broken(
+        Status(StatusCode::kProtocolError, "PULL response data section does not match its metas"));
   }
   // Check everything against the request before writing into any buffer.
   Status mismatch;
@@ -496,11 +503,12 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
                           "PULL response tensor " + std::to_string(i) + " is '" + metas[i].name +
                               "' but '" + std::string(view.name) + "' was requested");
       } else if (numels[i] != view.data.size()) {
-        mismatch = Status(StatusCode::kShapeMismatch,
-                          "variable '" + metas[i].name + "' has shape " +
-                              protocol::ShapeToString(metas[i].shape) + " (" +
-                              std::to_string(numels[i]) + " elements) but the buffer for it holds " +
-                              std::to_string(view.data.size()) + " floats");
+        mismatch =
+            Status(StatusCode::kShapeMismatch, "variable '" + metas[i].name + "' has shape " +
+                                                   protocol::ShapeToString(metas[i].shape) + " (" +
+                                                   std::to_string(numels[i]) +
+                                                   " elements) but the buffer for it holds " +
+                                                   std::to_string(view.data.size()) + " floats");
       }
     }
   }
@@ -548,8 +556,8 @@ Status ClientImpl::Pull(std::span<const MutableTensorView> out, uint64_t* versio
   }
   struct iovec part = {payload.data(), payload.size()};
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, &id));
-  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id));
+  const net::Deadline deadline = IoDeadline();
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
   return ReadPullResponse(h, deadline, &out, nullptr, version);
@@ -560,8 +568,8 @@ Status ClientImpl::PullAll(std::vector<Tensor>* out, uint64_t* version) {
   uint8_t zero[4] = {0, 0, 0, 0};
   struct iovec part = {zero, sizeof(zero)};
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, &id));
-  const net::Deadline deadline = net::Deadline::In(options_.io_timeout_s);
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id));
+  const net::Deadline deadline = IoDeadline();
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
   return ReadPullResponse(h, deadline, nullptr, out, version);

@@ -4,20 +4,34 @@ namespace tensorspark {
 
 const char* StatusCodeName(StatusCode code) {
   switch (code) {
-    case StatusCode::kOk: return "Ok";
-    case StatusCode::kInvalidArgument: return "InvalidArgument";
-    case StatusCode::kNotFound: return "NotFound";
-    case StatusCode::kShapeMismatch: return "ShapeMismatch";
-    case StatusCode::kProtocolError: return "ProtocolError";
-    case StatusCode::kUnsupportedVersion: return "UnsupportedVersion";
-    case StatusCode::kFrameTooLarge: return "FrameTooLarge";
-    case StatusCode::kAuthFailed: return "AuthFailed";
-    case StatusCode::kConnectionError: return "ConnectionError";
-    case StatusCode::kTimeout: return "Timeout";
-    case StatusCode::kLimitExceeded: return "LimitExceeded";
-    case StatusCode::kShuttingDown: return "ShuttingDown";
-    case StatusCode::kInternal: return "Internal";
-    case StatusCode::kAddressInUse: return "AddressInUse";
+    case StatusCode::kOk:
+      return "Ok";
+    case StatusCode::kInvalidArgument:
+      return "InvalidArgument";
+    case StatusCode::kNotFound:
+      return "NotFound";
+    case StatusCode::kShapeMismatch:
+      return "ShapeMismatch";
+    case StatusCode::kProtocolError:
+      return "ProtocolError";
+    case StatusCode::kUnsupportedVersion:
+      return "UnsupportedVersion";
+    case StatusCode::kFrameTooLarge:
+      return "FrameTooLarge";
+    case StatusCode::kAuthFailed:
+      return "AuthFailed";
+    case StatusCode::kConnectionError:
+      return "ConnectionError";
+    case StatusCode::kTimeout:
+      return "Timeout";
+    case StatusCode::kLimitExceeded:
+      return "LimitExceeded";
+    case StatusCode::kShuttingDown:
+      return "ShuttingDown";
+    case StatusCode::kInternal:
+      return "Internal";
+    case StatusCode::kAddressInUse:
+      return "AddressInUse";
   }
   return "Unknown";
 }

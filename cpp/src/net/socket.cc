@@ -127,8 +127,8 @@ Status Listen(const std::string& bind_address, uint16_t port, Socket* out, uint1
   int gai = getaddrinfo(bind_address.empty() ? nullptr : bind_address.c_str(), port_str.c_str(),
                         &hints, &res);
   if (gai != 0) {
-    return Status(StatusCode::kInvalidArgument, "cannot resolve bind address '" + bind_address +
-                                                    "': " + gai_strerror(gai));
+    return Status(StatusCode::kInvalidArgument,
+                  "cannot resolve bind address '" + bind_address + "': " + gai_strerror(gai));
   }
   Status last(StatusCode::kConnectionError, "no usable address for " + where);
   for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
@@ -218,8 +218,8 @@ Status ConnectWithTimeout(const std::string& host, uint16_t port, Deadline deadl
   }
   Status last(StatusCode::kConnectionError, "no address for " + where);
   for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
-    Socket s(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                      ai->ai_protocol));
+    Socket s(
+        ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
     if (!s.valid()) {
       last = IoError("socket", errno);
       continue;

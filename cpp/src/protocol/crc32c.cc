@@ -147,7 +147,45 @@ __attribute__((target("sse4.2"))) uint32_t RawHardware(uint32_t crc, const uint8
 
 #endif  // __x86_64__
 
+// Product of two polynomials modulo the CRC polynomial, in the reflected
+// bit order of the CRC register (bit 31 is x^0).
+constexpr uint32_t MultModP(uint32_t a, uint32_t b) {
+  if (a == 0) return 0;
+  uint32_t m = uint32_t{1} << 31;
+  uint32_t p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return p;
+}
+
+// kX2n[k] = x^(2^k) mod P, for every k a 64-bit byte count can need.
+struct X2nTable {
+  uint32_t t[3 + 64];
+  constexpr X2nTable() : t{} {
+    uint32_t p = uint32_t{1} << 30;  // x^1
+    t[0] = p;
+    for (int k = 1; k < 3 + 64; ++k) t[k] = p = MultModP(p, p);
+  }
+};
+constexpr X2nTable kX2n;
+
 }  // namespace
+
+uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  // crc(a ‖ b) = crc_a · x^(8·len_b) + crc_b  (mod P)
+  uint32_t p = uint32_t{1} << 31;  // x^0
+  unsigned k = 3;                  // 8 = 2^3
+  for (uint64_t n = len_b; n != 0; n >>= 1, ++k) {
+    if (n & 1) p = MultModP(kX2n.t[k], p);
+  }
+  return MultModP(p, crc_a) ^ crc_b;
+}
 
 uint32_t Crc32cExtendPortable(uint32_t crc, const void* data, size_t n) {
   return ~RawPortable(~crc, static_cast<const uint8_t*>(data), n);

@@ -15,6 +15,10 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n);
 
 inline uint32_t Crc32c(const void* data, size_t n) { return Crc32cExtend(0, data, n); }
 
+// CRC of a ‖ b from crc_a = Crc32c(a), crc_b = Crc32c(b) and len_b = |b|,
+// without touching the data: O(log len_b).
+uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+
 // For tests: the portable implementation, and whether the hardware one is used.
 uint32_t Crc32cExtendPortable(uint32_t crc, const void* data, size_t n);
 bool Crc32cHardwareEnabled();

@@ -7,14 +7,22 @@ namespace tensorspark::protocol {
 
 const char* OpcodeName(uint16_t opcode) {
   switch (static_cast<Opcode>(opcode)) {
-    case Opcode::kHello: return "HELLO";
-    case Opcode::kAuth: return "AUTH";
-    case Opcode::kRegister: return "REGISTER";
-    case Opcode::kList: return "LIST";
-    case Opcode::kPull: return "PULL";
-    case Opcode::kPush: return "PUSH";
-    case Opcode::kStats: return "STATS";
-    case Opcode::kShutdown: return "SHUTDOWN";
+    case Opcode::kHello:
+      return "HELLO";
+    case Opcode::kAuth:
+      return "AUTH";
+    case Opcode::kRegister:
+      return "REGISTER";
+    case Opcode::kList:
+      return "LIST";
+    case Opcode::kPull:
+      return "PULL";
+    case Opcode::kPush:
+      return "PUSH";
+    case Opcode::kStats:
+      return "STATS";
+    case Opcode::kShutdown:
+      return "SHUTDOWN";
   }
   return "UNKNOWN";
 }
@@ -44,8 +52,9 @@ FrameHeader DecodeHeader(const uint8_t in[kHeaderSize]) {
 Status ValidateHeader(const FrameHeader& h, uint64_t max_frame_bytes) {
   if (h.magic != kMagic) {
     char buf[96];
-    std::snprintf(buf, sizeof(buf), "bad frame magic 0x%08x (expected 0x%08x): not a tensorspark peer",
-                  h.magic, kMagic);
+    std::snprintf(buf, sizeof(buf),
+                  "bad frame magic 0x%08x (expected 0x%08x): not a tensorspark peer", h.magic,
+                  kMagic);
     return Status(StatusCode::kProtocolError, buf);
   }
   if (h.version != kVersion) {
@@ -56,8 +65,8 @@ Status ValidateHeader(const FrameHeader& h, uint64_t max_frame_bytes) {
   }
   if (h.payload_len > max_frame_bytes) {
     return Status(StatusCode::kFrameTooLarge,
-                  "frame payload of " + std::to_string(h.payload_len) + " bytes exceeds the limit of " +
-                      std::to_string(max_frame_bytes) +
+                  "frame payload of " + std::to_string(h.payload_len) +
+                      " bytes exceeds the limit of " + std::to_string(max_frame_bytes) +
                       " bytes: send fewer or smaller tensors per call, or raise max_frame_bytes");
   }
   return Status::OK();

@@ -202,10 +202,10 @@ void Writer::Meta(std::string_view name, std::span<const int64_t> shape) {
 Status ValidateName(std::string_view name) {
   if (name.empty()) return Status(StatusCode::kInvalidArgument, "variable name is empty");
   if (name.size() > kMaxNameLen) {
-    return Status(StatusCode::kInvalidArgument,
-                  "variable name of " + std::to_string(name.size()) + " bytes ('" +
-                      std::string(name.substr(0, 32)) + "...') is longer than the limit of " +
-                      std::to_string(kMaxNameLen) + " bytes");
+    return Status(StatusCode::kInvalidArgument, "variable name of " + std::to_string(name.size()) +
+                                                    " bytes ('" + std::string(name.substr(0, 32)) +
+                                                    "...') is longer than the limit of " +
+                                                    std::to_string(kMaxNameLen) + " bytes");
   }
   return Status::OK();
 }
@@ -259,8 +259,8 @@ Status DecodeError(std::span<const uint8_t> payload, Status* remote) {
   TS_RETURN_IF_ERROR(r.ReadLongStr(&msg));
   TS_RETURN_IF_ERROR(r.Finish());
   if (code == 0) {
-    *remote = Status(StatusCode::kProtocolError, "peer sent an error frame with code Ok: " +
-                                                     std::string(msg));
+    *remote = Status(StatusCode::kProtocolError,
+                     "peer sent an error frame with code Ok: " + std::string(msg));
   } else {
     *remote = Status(static_cast<StatusCode>(code), std::string(msg));
   }
@@ -322,7 +322,7 @@ Status ReadTensorSection(Reader& r, TensorSection* t) {
                      " bytes but the metas describe " + std::to_string(total) +
                      " float32 elements (" +
                      (total > (uint64_t{1} << 61) ? std::string("too many")
-                                                 : std::to_string(total * sizeof(float))) +
+                                                  : std::to_string(total * sizeof(float))) +
                      " bytes)");
   }
   t->data_len = r.remaining();

@@ -3,6 +3,7 @@
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -25,6 +26,8 @@ namespace {
 constexpr uint64_t kMaxHandshakePayload = 4096;
 // Alignment of a PUSH data section inside the receive buffer.
 constexpr size_t kAlign = 16;
+// Payloads are received and checksummed in chunks of this size (fits L2).
+constexpr uint64_t kRecvChunk = 256 * 1024;
 
 Status Err(StatusCode code, std::string msg) { return Status(code, std::move(msg)); }
 
@@ -68,7 +71,8 @@ void Connection::Run() {
   try {
     Status s = Handshake();
     if (!s.ok()) {
-      if (!ctx_->stopping.load()) LogEvent("connection from " + who_ + " closed during the handshake: " + s.ToString());
+      if (!ctx_->stopping.load())
+        LogEvent("connection from " + who_ + " closed during the handshake: " + s.ToString());
     } else {
       for (;;) {
         // Idle between requests: wait without a limit (Shutdown() wakes us).
@@ -112,30 +116,49 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
     if (v.code() != StatusCode::kProtocolError) (void)SendError(*h, v);
     return v;
   }
-  try {
-    // Slack of kAlign lets HandlePush move the payload to any shift.
-    if (buf_.size() < h->payload_len + kAlign) buf_.resize(h->payload_len + kAlign);
-  } catch (const std::bad_alloc&) {
-    Status e = Err(StatusCode::kLimitExceeded, "server cannot allocate " +
-                                                   std::to_string(h->payload_len) +
-                                                   " bytes for this frame; send smaller frames");
-    (void)SendError(*h, e);
-    return e;
-  }
   payload_len_ = h->payload_len;
-  uint8_t* dst = buf_.data() + shift_;
-  TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), dst, payload_len_, deadline));
+  // Capacity grows (doubling) with the bytes that actually arrive, so a peer
+  // announcing a huge frame and sending nothing costs no memory. The final
+  // kAlign bytes of slack let HandlePush move the payload to any shift.
+  const uint64_t full = payload_len_ + kAlign;
+  uint32_t crc = 0;
+  for (uint64_t off = 0; off < payload_len_; off += kRecvChunk) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kRecvChunk, payload_len_ - off));
+    const uint64_t want = off + n == payload_len_ ? full : shift_ + off + n;
+    if (cap_ < want && !Grow(std::min(full, std::max(want, 2 * cap_)), shift_ + off)) {
+      Status e =
+          Err(StatusCode::kLimitExceeded, "server cannot allocate " + std::to_string(payload_len_) +
+                                              " bytes for this frame; send smaller frames");
+      (void)SendError(*h, e);
+      return e;
+    }
+    uint8_t* dst = buf_.get() + shift_ + off;
+    TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), dst, n, deadline));
+    // Checksum each chunk right after it arrives, while it is still in cache.
+    crc = protocol::Crc32cExtend(crc, dst, n);
+  }
   ctx_->counters.bytes_in.fetch_add(payload_len_, std::memory_order_relaxed);
-  uint32_t crc = protocol::Crc32c(dst, payload_len_);
   if (crc != h->checksum) {
-    Status e = Err(StatusCode::kProtocolError,
-                   std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
-                       " frame (CRC-32C " + std::to_string(crc) + ", header says " +
-                       std::to_string(h->checksum) + "): data corrupted in transit");
+    Status e =
+        Err(StatusCode::kProtocolError,
+            std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
+                " frame (CRC-32C " + std::to_string(crc) + ", header says " +
+                std::to_string(h->checksum) + "): data corrupted in transit");
     (void)SendError(*h, e);
     return e;
   }
   return Status::OK();
+}
+
+bool Connection::Grow(uint64_t capacity, uint64_t keep) {
+  if (capacity > SIZE_MAX) return false;
+  // Default-initialized (not zeroed): pages are touched only when written.
+  std::unique_ptr<uint8_t[]> bigger(new (std::nothrow) uint8_t[capacity]);
+  if (!bigger) return false;
+  if (keep > 0) std::memcpy(bigger.get(), buf_.get(), keep);
+  buf_ = std::move(bigger);
+  cap_ = capacity;
+  return true;
 }
 
 Status Connection::SendResponse(const FrameHeader& req, uint32_t flags,
@@ -188,8 +211,8 @@ Status Connection::Handshake() {
     return s;
   }
   who_ = peer_ + " (partition " + std::to_string(hello.partition_id) + ", attempt " +
-         std::to_string(hello.attempt) + (hello.client_name.empty() ? "" : ", " + hello.client_name) +
-         ")";
+         std::to_string(hello.attempt) +
+         (hello.client_name.empty() ? "" : ", " + hello.client_name) + ")";
   protocol::Nonce server_nonce;
   if (Status s = protocol::RandomNonce(&server_nonce); !s.ok()) {
     (void)SendError(h, s);
@@ -201,38 +224,39 @@ Status Connection::Handshake() {
 
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
   if (h.opcode != static_cast<uint16_t>(Opcode::kAuth) || h.flags != 0) {
-    return auth_failed(h, std::string("expected AUTH after HELLO but got ") +
-                              protocol::OpcodeName(h.opcode));
+    return auth_failed(
+        h, std::string("expected AUTH after HELLO but got ") + protocol::OpcodeName(h.opcode));
   }
   protocol::Nonce proof;
   if (Status s = protocol::DecodeNonce(payload_span(), &proof); !s.ok()) {
     return auth_failed(h, "malformed AUTH payload: " + s.message());
   }
-  protocol::Digest expected = protocol::ClientProof(ctx_->options.secret, server_nonce,
-                                                    hello.client_nonce, hello.partition_id,
-                                                    hello.attempt);
+  protocol::Digest expected = protocol::ClientProof(
+      ctx_->options.secret, server_nonce, hello.client_nonce, hello.partition_id, hello.attempt);
   if (!protocol::ConstantTimeEqual(proof.data(), expected.data(), expected.size())) {
-    return auth_failed(h, "authentication failed: the client's proof does not match, so client "
-                          "and server use different run secrets; connect with the secret of "
-                          "this run");
+    return auth_failed(h,
+                       "authentication failed: the client's proof does not match, so client "
+                       "and server use different run secrets; connect with the secret of "
+                       "this run");
   }
   out_.clear();
-  protocol::EncodeNonce(protocol::ServerProof(ctx_->options.secret, hello.client_nonce,
-                                              server_nonce),
-                        &out_);
+  protocol::EncodeNonce(
+      protocol::ServerProof(ctx_->options.secret, hello.client_nonce, server_nonce), &out_);
   return SendResponse(h, 0, out_);
 }
 
 Status Connection::Dispatch(const FrameHeader& h) {
   Status result;
   if (Status f = protocol::CheckFlags(h); !f.ok() || h.flags != 0) {
-    result = f.ok() ? Err(StatusCode::kProtocolError, "a request must not set RESPONSE or ERROR flags")
-                    : f;
+    result = f.ok()
+                 ? Err(StatusCode::kProtocolError, "a request must not set RESPONSE or ERROR flags")
+                 : f;
   } else {
     switch (static_cast<Opcode>(h.opcode)) {
       case Opcode::kHello:
       case Opcode::kAuth:
-        result = Err(StatusCode::kProtocolError, "the handshake is already done on this connection");
+        result =
+            Err(StatusCode::kProtocolError, "the handshake is already done on this connection");
         break;
       case Opcode::kRegister:
         result = HandleRegister(h);
@@ -263,8 +287,8 @@ Status Connection::Dispatch(const FrameHeader& h) {
         break;
       }
       default:
-        result = Err(StatusCode::kProtocolError,
-                     "unknown opcode " + std::to_string(h.opcode) + " (this server speaks v1: 1..8)");
+        result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
+                                                     " (this server speaks v1: 1..8)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -322,14 +346,16 @@ Status Connection::HandlePull(const FrameHeader& h) {
   for (const storage::Variable* v : vars) w.Meta(v->name(), v->shape());
 
   // The tensor bytes go from the store straight to the socket (writev), so
-  // each variable's shared lock is held from the CRC until the send is done:
-  // the bytes sent are the bytes checksummed, and a pull never sees half a
-  // push. Pushes to these variables wait meanwhile (at most io_timeout_s for
-  // a stalled client). Locks are taken once per variable, in id order, so
-  // concurrent pulls and pushes cannot deadlock.
+  // each variable's shared lock is held until the send is done: the bytes
+  // sent are the bytes checksummed, and a pull never sees half a push.
+  // Pushes to these variables wait meanwhile (at most io_timeout_s for a
+  // stalled client). Locks are taken once per variable, in id order, so
+  // concurrent pulls and pushes cannot deadlock. The checksum is combined
+  // from each variable's cached crc(), so the data is read only by send.
   std::vector<storage::Variable*> lock_order(vars);
-  std::sort(lock_order.begin(), lock_order.end(),
-            [](const storage::Variable* a, const storage::Variable* b) { return a->id() < b->id(); });
+  std::sort(
+      lock_order.begin(), lock_order.end(),
+      [](const storage::Variable* a, const storage::Variable* b) { return a->id() < b->id(); });
   lock_order.erase(std::unique(lock_order.begin(), lock_order.end()), lock_order.end());
   std::vector<std::shared_lock<std::shared_mutex>> locks;
   locks.reserve(lock_order.size());
@@ -344,7 +370,7 @@ Status Connection::HandlePull(const FrameHeader& h) {
   iov.push_back({out_.data(), out_.size()});
   for (const storage::Variable* v : vars) {
     size_t bytes = v->numel() * sizeof(float);
-    crc = protocol::Crc32cExtend(crc, v->data(), bytes);
+    crc = protocol::Crc32cCombine(crc, v->crc(), bytes);
     payload_len += bytes;
     iov.push_back({const_cast<float*>(v->data()), bytes});
   }
@@ -371,11 +397,10 @@ Status Connection::HandlePush(const FrameHeader& h) {
   protocol::TensorSection req;
   TS_RETURN_IF_ERROR(protocol::DecodePush(payload_span(), &head, &req));
   // Align the data section for the vectorized update loops (see buf_).
-  const size_t misalign =
-      reinterpret_cast<uintptr_t>(payload() + req.data_offset) % kAlign;
+  const size_t misalign = reinterpret_cast<uintptr_t>(payload() + req.data_offset) % kAlign;
   if (misalign != 0) {
     const size_t new_shift = (shift_ + kAlign - misalign) % kAlign;
-    std::memmove(buf_.data() + new_shift, payload(), payload_len_);
+    std::memmove(buf_.get() + new_shift, payload(), payload_len_);
     shift_ = new_shift;
   }
   std::vector<storage::PushItem> items(req.metas.size());

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -91,7 +92,10 @@ class Connection {
                                     const std::vector<uint8_t>& payload);
   [[nodiscard]] Status SendError(const protocol::FrameHeader& req, const Status& error);
   net::Deadline IoDeadline() const;
-  const uint8_t* payload() const { return buf_.data() + shift_; }
+  // Reallocates buf_ to `capacity` bytes keeping its first `keep` bytes;
+  // false when memory is short.
+  bool Grow(uint64_t capacity, uint64_t keep);
+  const uint8_t* payload() const { return buf_.get() + shift_; }
   std::span<const uint8_t> payload_span() const { return {payload(), payload_len_}; }
 
   ServerContext* const ctx_;
@@ -106,7 +110,8 @@ class Connection {
   // previous PUSH (a training loop repeats the same metas), so the payload
   // is moved only when the layout changes. buf_ only grows, so reuse costs
   // no allocation or zeroing.
-  std::vector<uint8_t> buf_;
+  std::unique_ptr<uint8_t[]> buf_;
+  uint64_t cap_ = 0;
   size_t shift_ = 0;
   uint64_t payload_len_ = 0;
   std::vector<uint8_t> out_;  // reusable response buffer

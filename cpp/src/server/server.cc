@@ -1,6 +1,8 @@
 // Server and ServerImpl: the acceptor thread and connection bookkeeping.
 #include "tensorspark/server.h"
 
+#include <sys/socket.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <list>
@@ -80,7 +82,8 @@ Status ServerImpl::Start() {
   try {
     acceptor_ = std::thread([this] { AcceptLoop(); });
   } catch (const std::system_error& e) {
-    return Status(StatusCode::kInternal, std::string("cannot start the acceptor thread: ") + e.what());
+    return Status(StatusCode::kInternal,
+                  std::string("cannot start the acceptor thread: ") + e.what());
   }
   return Status::OK();
 }
@@ -107,6 +110,12 @@ void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status&
   struct iovec iov[2] = {{raw, sizeof(raw)}, {payload.data(), payload.size()}};
   // A fresh socket has room for this; the short deadline guards the acceptor.
   (void)net::WriteV(sock.fd(), iov, 2, net::Deadline::In(0.5));
+  // Discard what the peer already sent (usually its HELLO): closing with
+  // unread data would send a reset, which can destroy the error frame
+  // before the peer reads it.
+  uint8_t scratch[4096];
+  while (::recv(sock.fd(), scratch, sizeof(scratch), MSG_DONTWAIT) > 0) {
+  }
 }
 
 void ServerImpl::ReapFinished() {

@@ -36,6 +36,10 @@ class Variable {
   // Guarded by mu().
   float* data() { return values_.data(); }
   const float* data() const { return values_.data(); }
+  // CRC-32C of the values, kept up to date by every writer (guarded by
+  // mu()), so a pull can checksum its response without reading the data.
+  uint32_t crc() const { return crc_; }
+  void set_crc(uint32_t crc) { crc_ = crc; }
   std::shared_mutex& mu() const { return mu_; }
 
  private:
@@ -44,6 +48,7 @@ class Variable {
   const std::vector<int64_t> shape_;
   mutable std::shared_mutex mu_;
   std::vector<float> values_;  // size fixed at construction
+  uint32_t crc_ = 0;           // == Crc32c(values_) outside writers
 };
 
 struct RegisterItem {
@@ -67,8 +72,7 @@ class ParamStore {
   // names that exist with the same shape); a different shape fails with
   // kShapeMismatch, too many variables with kLimitExceeded, and then nothing
   // is registered. Names and shapes must have been validated by the caller.
-  [[nodiscard]] Status Register(std::span<const RegisterItem> items,
-                                std::vector<uint8_t>* created);
+  [[nodiscard]] Status Register(std::span<const RegisterItem> items, std::vector<uint8_t>* created);
 
   // Resolves every name (kNotFound names the first unknown one).
   [[nodiscard]] Status Lookup(std::span<const std::string_view> names,
@@ -77,8 +81,8 @@ class ParamStore {
   void All(std::vector<Variable*>* out) const;
 
   // Checks kind, options, names and shapes of the whole push, then applies
-  // each tensor under its variable's unique lock. `version` receives the
-  // model version after this push.
+  // each tensor under its variable's unique lock (refreshing its crc()).
+  // `version` receives the model version after this push.
   [[nodiscard]] Status Push(uint8_t kind, const PushOptions& options,
                             std::span<const PushItem> items, uint64_t* version);
 

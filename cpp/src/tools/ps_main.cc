@@ -35,8 +35,9 @@ constexpr char kUsage[] =
     "\n"
     "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
 
-int BadArgs(const std::string& msg) {
-  std::fprintf(stderr, "tensorspark-ps: %s\n\n%s", msg.c_str(), kUsage);
+int BadArgs(const std::string& msg, bool show_usage = true) {
+  std::fprintf(stderr, "tensorspark-ps: %s\n%s%s", msg.c_str(), show_usage ? "\n" : "",
+               show_usage ? kUsage : "");
   return 2;
 }
 
@@ -108,14 +109,16 @@ int main(int argc, char** argv) {
 
   std::ifstream in(secret_file, std::ios::binary);
   if (!in) {
-    return BadArgs("cannot read the secret file '" + secret_file + "': " + std::strerror(errno));
+    return BadArgs("cannot read the secret file '" + secret_file + "': " + std::strerror(errno),
+                   false);
   }
   opt.secret.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   if (!opt.secret.empty() && opt.secret.back() == '\n') opt.secret.pop_back();
   if (!opt.secret.empty() && opt.secret.back() == '\r') opt.secret.pop_back();
   if (opt.secret.size() < 16) {
     return BadArgs("the secret in '" + secret_file + "' has " + std::to_string(opt.secret.size()) +
-                   " bytes; at least 16 are required");
+                       " bytes; at least 16 are required",
+                   false);
   }
 
   // Signals are taken synchronously by this thread (sigtimedwait); block

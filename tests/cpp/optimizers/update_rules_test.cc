@@ -11,17 +11,17 @@ TEST(UpdateRulesTest, MeanWithWindowTwo) {
   std::vector<float> w = {1.0f, 2.0f, -4.0f};
   std::vector<float> v = {3.0f, 0.0f, 4.0f};
   MeanCombine(w.data(), v.data(), w.size(), 2);
-  EXPECT_FLOAT_EQ(w[0], 2.0f);   // (1 + 3) / 2
-  EXPECT_FLOAT_EQ(w[1], 1.0f);   // (2 + 0) / 2
-  EXPECT_FLOAT_EQ(w[2], 0.0f);   // (-4 + 4) / 2
+  EXPECT_FLOAT_EQ(w[0], 2.0f);  // (1 + 3) / 2
+  EXPECT_FLOAT_EQ(w[1], 1.0f);  // (2 + 0) / 2
+  EXPECT_FLOAT_EQ(w[2], 0.0f);  // (-4 + 4) / 2
 }
 
 TEST(UpdateRulesTest, MeanWithWindowThree) {
   std::vector<float> w = {3.0f, 0.0f};
   std::vector<float> v = {6.0f, 1.5f};
   MeanCombine(w.data(), v.data(), w.size(), 3);
-  EXPECT_FLOAT_EQ(w[0], 4.0f);   // (2*3 + 6) / 3
-  EXPECT_FLOAT_EQ(w[1], 0.5f);   // (0 + 1.5) / 3
+  EXPECT_FLOAT_EQ(w[0], 4.0f);  // (2*3 + 6) / 3
+  EXPECT_FLOAT_EQ(w[1], 0.5f);  // (0 + 1.5) / 3
 }
 
 TEST(UpdateRulesTest, MeanWithWindowOneReplaces) {

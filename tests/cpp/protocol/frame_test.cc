@@ -17,7 +17,7 @@ TEST(FrameTest, HeaderRoundTripAndByteLayout) {
   uint8_t raw[kHeaderSize];
   EncodeHeader(h, raw);
   EXPECT_EQ(0, std::memcmp(raw, "TSPS", 4));  // magic bytes on the wire
-  EXPECT_EQ(raw[4], 1);                        // version, little-endian
+  EXPECT_EQ(raw[4], 1);                       // version, little-endian
   EXPECT_EQ(raw[5], 0);
   EXPECT_EQ(raw[6], 6);  // opcode
   EXPECT_EQ(raw[8], 3);  // flags
