@@ -101,7 +101,9 @@ def resolve_params(graph: Any, param_list: Any) -> list[Any]:
                 "param_list takes the tf.Variable objects to synchronize, e.g. [W, b]"
             )
         if var.op.name in seen:
-            raise TensorSparkValueError(f"param_list[{i}]: variable {var.op.name!r} is listed twice")
+            raise TensorSparkValueError(
+                f"param_list[{i}]: variable {var.op.name!r} is listed twice"
+            )
         seen.add(var.op.name)
         params.append(var)
     return params

@@ -61,8 +61,6 @@ def raise_task_error(exc: BaseException, description: str) -> NoReturn:
         raise by_name(cls_name)(f"{msg} [in a Spark task of {description}]") from exc
     if matches:
         cls_name, msg = matches[0]
-        raise TensorSparkError(
-            f"a Spark task of {description} failed: {cls_name}: {msg}"
-        ) from exc
+        raise TensorSparkError(f"a Spark task of {description} failed: {cls_name}: {msg}") from exc
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     raise TensorSparkError(f"the Spark job of {description} failed: {first}") from exc

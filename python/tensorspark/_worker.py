@@ -128,7 +128,10 @@ class _Model:
         after = [f if isinstance(f, tf.Operation) else f.op for f in self.fetches]
         with tf.control_dependencies(after):
             accumulate = tf.group(
-                *[tf.assign_add(s, v.read_value()) for s, v in zip(sums, self.variables, strict=True)]
+                *[
+                    tf.assign_add(s, v.read_value())
+                    for s, v in zip(sums, self.variables, strict=True)
+                ]
             )
         reset = tf.group(*[tf.assign(s, tf.zeros_like(s)) for s in sums])
         return sums, accumulate, reset
@@ -175,10 +178,8 @@ class _Sync:
         self.model.load(self.pulled)
 
     def push_and_pull(self, step: int, partition: int, steps_since_sync: int) -> None:
-        if self.model.sums:
-            local = self.model.averages(steps_since_sync)
-        else:
-            local = self.model.read()
+        model = self.model
+        local = model.averages(steps_since_sync) if model.sums else model.read()
         if self.cfg.kind == _core.KIND_DELTA:
             pairs = zip(local, self.pulled, strict=True)
             update = [np.ascontiguousarray(a - p, dtype=np.float32) for a, p in pairs]

@@ -29,8 +29,9 @@ def _read_secret(path: str) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tensorspark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ps", help="run a standalone parameter server (tensorspark-ps --help)",
-                   add_help=False)
+    sub.add_parser(
+        "ps", help="run a standalone parameter server (tensorspark-ps --help)", add_help=False
+    )
     p_secret = sub.add_parser("secret", help="write a new random run secret to FILE (mode 600)")
     p_secret.add_argument("file")
     p_stats = sub.add_parser("stats", help="print a parameter server's counters")

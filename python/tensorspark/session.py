@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,12 @@ from .errors import TensorSparkValueError
 from .ps import ParameterServer, PSClient, generate_secret
 
 log = logging.getLogger("tensorspark")
+
+
+def _shutdown(client: PSClient, server: ParameterServer | None) -> None:
+    client.close()
+    if server is not None:
+        server.stop()
 
 
 @dataclass
@@ -146,13 +153,20 @@ class SparkSession:
                 )
             self.secret, self.server_port = secret, int(server_port)
         # The driver's own connection: registers variables, reads the result.
-        self._client = PSClient(
-            self.server_host,
-            self.server_port,
-            self.secret,
-            connect_timeout=self.connect_timeout,
-            io_timeout=self.io_timeout,
-        )
+        try:
+            self._client = PSClient(
+                self.server_host,
+                self.server_port,
+                self.secret,
+                connect_timeout=self.connect_timeout,
+                io_timeout=self.io_timeout,
+            )
+        except BaseException:
+            if self._server is not None:
+                self._server.stop()
+            raise
+        # Stops the in-driver server when the session is dropped or at exit.
+        self._finalizer = weakref.finalize(self, _shutdown, self._client, self._server)
         log.info("tensorspark: parameter server at %s:%d", self.server_host, self.server_port)
 
     @property
@@ -272,10 +286,8 @@ class SparkSession:
 
     def close(self) -> None:
         """Close the driver's connection and stop the in-driver server."""
-        self._client.close()
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self._finalizer()
+        self._server = None
 
     def __enter__(self) -> SparkSession:
         return self

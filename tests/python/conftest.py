@@ -16,7 +16,13 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(scope="session")
-def sc():
+def spark_tmp_dir(tmp_path_factory):
+    """The seed's spark.tmp.dir setting, pointed at a fresh directory."""
+    return tmp_path_factory.mktemp("spark-tmp")
+
+
+@pytest.fixture(scope="session")
+def sc(spark_tmp_dir):
     import pyspark
 
     conf = (
@@ -26,6 +32,7 @@ def sc():
         .set("spark.ui.enabled", "false")
         .set("spark.ui.showConsoleProgress", "false")
         .set("spark.driver.memory", "2g")
+        .set("spark.tmp.dir", str(spark_tmp_dir))
     )
     context = pyspark.SparkContext(conf=conf)
     context.setLogLevel("ERROR")

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from tensorspark import (
     AddressInUseError,
@@ -21,8 +22,6 @@ from tensorspark import (
     VariableNotFoundError,
     generate_secret,
 )
-
-from helpers import free_port
 
 
 @pytest.fixture

@@ -8,11 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from tensorspark import AuthenticationError, PSClient, generate_secret
 from tensorspark.cli import ps_binary
-
-from helpers import free_port
 
 
 def start_ps(tmp_path, *args):
@@ -21,9 +20,18 @@ def start_ps(tmp_path, *args):
     secret_file.write_bytes(secret + b"\n")
     port = free_port()
     proc = subprocess.Popen(
-        [ps_binary(), "--port", str(port), "--bind", "127.0.0.1",
-         "--secret-file", str(secret_file), *args],
-        stderr=subprocess.PIPE, text=True,
+        [
+            ps_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--secret-file",
+            str(secret_file),
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     return proc, port, secret
 
@@ -35,11 +43,16 @@ def test_help():
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    out = subprocess.run([ps_binary(), "--port", "notaport"], capture_output=True, text=True,
-                         timeout=10)
+    out = subprocess.run(
+        [ps_binary(), "--port", "notaport"], capture_output=True, text=True, timeout=10
+    )
     assert out.returncode == 2
-    out = subprocess.run([ps_binary(), "--secret-file", str(tmp_path / "missing")],
-                         capture_output=True, text=True, timeout=10)
+    out = subprocess.run(
+        [ps_binary(), "--secret-file", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert out.returncode == 2
     assert "missing" in out.stderr
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 import tensorspark
 from tensorspark import (
@@ -21,8 +22,6 @@ from tensorspark import (
     TensorSparkValueError,
     generate_secret,
 )
-
-from helpers import free_port
 
 
 def counting_graph(tf):
@@ -42,14 +41,19 @@ def ones_rdd(sc, rows, parts):
     return sc.parallelize([(np.ones(2, np.float32),) for _ in range(rows)], parts)
 
 
-def test_every_push_from_two_workers_is_applied(sc, tf1):
+def test_every_push_from_two_workers_is_applied(sc, tf1, spark_tmp_dir):
     x, v, train = counting_graph(tf1)
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())
     with SparkSession(sc, sess, user="t", name="count", sync_interval=1, batch_size=7) as ss:
         rdd = ones_rdd(sc, 200, 2)
-        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v],
-                         weight_combiner=DeltaCombiner())
+        summary = ss.run(
+            train,
+            feed_rdd=rdd,
+            feed_name_list=[x.name],
+            param_list=[v],
+            weight_combiner=DeltaCombiner(),
+        )
         # 100 rows per partition, batches of 7 -> 15 steps, a push each.
         assert [p["pushes"] for p in summary.partitions] == [15, 15]
         assert summary.steps == 30 and summary.samples == 200
@@ -58,10 +62,20 @@ def test_every_push_from_two_workers_is_applied(sc, tf1):
 
         # A second run (epoch) reuses the server and continues from its model.
         port = ss.server_port
-        summary = ss.run(train, feed_rdd=rdd, feed_name_list=[x.name], param_list=[v],
-                         weight_combiner=DeltaCombiner())
+        summary = ss.run(
+            train,
+            feed_rdd=rdd,
+            feed_name_list=[x.name],
+            param_list=[v],
+            weight_combiner=DeltaCombiner(),
+        )
         assert ss.server_port == port and summary.version == 60
         np.testing.assert_array_equal(sess.run(v), [400.0, 400.0])
+
+    # spark.tmp.dir receives the exported graph and the trained parameters.
+    run_dir = spark_tmp_dir / "tensorspark" / "t" / "count"
+    assert (run_dir / "graph.meta").stat().st_size > 0
+    np.testing.assert_array_equal(np.load(run_dir / "params.npz")["v"], [400.0, 400.0])
 
 
 def test_mean_combiner_and_sync_interval(sc, tf1):
@@ -107,8 +121,15 @@ def test_seed_program_reaches_accuracy(sc, tf1):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     acc = example.train(
-        sc=sc, user="test", name="seed", server_host=None, server_port=0,
-        sync_interval=100, batch_size=100, num_partition=2, num_epoch=2,
+        sc=sc,
+        user="test",
+        name="seed",
+        server_host=None,
+        server_port=0,
+        sync_interval=100,
+        batch_size=100,
+        num_partition=2,
+        num_epoch=2,
     )
     assert acc >= 0.80
 
@@ -139,8 +160,7 @@ class TestBadInput:
     def test_param_not_a_variable(self, setup):
         sc, _, ss, x, v, y, train = setup
         with pytest.raises(TensorSparkValueError, match="param_list\\[1\\].*not_a_variable"):
-            ss.run(train, feed_rdd=ones_rdd(sc, 10, 2), feed_name_list=[x.name],
-                   param_list=[v, y])
+            ss.run(train, feed_rdd=ones_rdd(sc, 10, 2), feed_name_list=[x.name], param_list=[v, y])
 
     def test_feed_tuple_wrong_length_then_state_intact(self, setup):
         sc, sess, ss, x, v, _, train = setup
@@ -178,17 +198,30 @@ def test_unreachable_server(sc, tf1):
     sess = tf1.Session()
     started = time.monotonic()
     with pytest.raises((PSConnectionError, TimeoutError)):
-        SparkSession(sc, sess, server_host="127.0.0.1", server_port=free_port(),
-                     start_server=False, secret=generate_secret(), connect_timeout=1.5)
+        SparkSession(
+            sc,
+            sess,
+            server_host="127.0.0.1",
+            server_port=free_port(),
+            start_server=False,
+            secret=generate_secret(),
+            connect_timeout=1.5,
+        )
     assert time.monotonic() - started < 10
 
 
 def test_wrong_secret(sc, tf1):
     sess = tf1.Session()
-    with ParameterServer(generate_secret(), host="127.0.0.1") as server:
-        with pytest.raises(AuthenticationError):
-            SparkSession(sc, sess, server_host="127.0.0.1", server_port=server.port,
-                         start_server=False, secret=generate_secret())
+    server = ParameterServer(generate_secret(), host="127.0.0.1")
+    with server, pytest.raises(AuthenticationError):
+        SparkSession(
+            sc,
+            sess,
+            server_host="127.0.0.1",
+            server_port=server.port,
+            start_server=False,
+            secret=generate_secret(),
+        )
 
 
 def test_external_server(sc, tf1):
@@ -198,10 +231,22 @@ def test_external_server(sc, tf1):
     sess.run(tf1.global_variables_initializer())
     secret = generate_secret()
     with ParameterServer(secret, host="127.0.0.1") as server:
-        ss = SparkSession(sc, sess, server_host="127.0.0.1", server_port=server.port,
-                          start_server=False, secret=secret, sync_interval=3, batch_size=4)
-        ss.run(train, feed_rdd=ones_rdd(sc, 24, 2), feed_name_list=[x.name],
-               weight_combiner=DeltaCombiner())
+        ss = SparkSession(
+            sc,
+            sess,
+            server_host="127.0.0.1",
+            server_port=server.port,
+            start_server=False,
+            secret=secret,
+            sync_interval=3,
+            batch_size=4,
+        )
+        ss.run(
+            train,
+            feed_rdd=ones_rdd(sc, 24, 2),
+            feed_name_list=[x.name],
+            weight_combiner=DeltaCombiner(),
+        )
         assert server.version == 2  # 3 steps per partition: one sync, at step 3
         np.testing.assert_array_equal(sess.run(v), [24.0, 24.0])
         ss.close()

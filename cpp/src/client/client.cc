@@ -33,8 +33,11 @@ constexpr uint64_t kMaxErrorPayload = 1 << 20;
 // caller's memory. Never reads past the payload.
 class PayloadReader {
  public:
-  PayloadReader(int fd, uint64_t len, net::Deadline deadline)
-      : fd_(fd), unread_(len), deadline_(deadline), buf_(new uint8_t[kBufSize]) {}
+  static constexpr size_t kBufSize = 64 * 1024;
+
+  // `buf` is kBufSize bytes of scratch owned by the caller (reused per call).
+  PayloadReader(int fd, uint64_t len, net::Deadline deadline, uint8_t* buf)
+      : fd_(fd), unread_(len), deadline_(deadline), buf_(buf) {}
 
   uint64_t remaining() const { return unread_ + (end_ - pos_); }
   uint32_t crc() const { return crc_; }
@@ -133,11 +136,10 @@ class PayloadReader {
   }
 
  private:
-  static constexpr size_t kBufSize = 64 * 1024;
   static constexpr size_t kDirectMin = 16 * 1024;
   static constexpr size_t kChunk = 256 * 1024;  // checksummed while in L2
 
-  uint8_t* buf() { return buf_.get(); }
+  uint8_t* buf() { return buf_; }
 
   Status Fill() {
     if (pos_ < end_) return Status::OK();
@@ -154,7 +156,7 @@ class PayloadReader {
   uint64_t unread_;  // payload bytes not yet received from the socket
   net::Deadline deadline_;
   uint32_t crc_ = 0;
-  std::unique_ptr<uint8_t[]> buf_;  // kBufSize bytes, heap: callers' stacks may be small
+  uint8_t* buf_;
   size_t pos_ = 0;
   size_t end_ = 0;
 };
@@ -224,6 +226,7 @@ class ClientImpl {
   net::Socket sock_;
   bool connected_ = false;
   uint64_t next_request_id_ = 1;
+  std::unique_ptr<uint8_t[]> recv_buf_;  // PayloadReader scratch, allocated on first pull
 };
 
 Status ClientImpl::CheckConnected() const {
@@ -355,9 +358,13 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
 Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline,
                                       FrameHeader* h) {
   uint8_t raw[protocol::kHeaderSize];
-  if (Status s = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline); !s.ok()) {
-    return Broken(s.WithContext(std::string("waiting for the ") +
-                                protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
+  // The server needs time to answer: wait first instead of a recv that
+  // would only report EAGAIN.
+  Status io = net::WaitReadable(sock_.fd(), deadline);
+  if (io.ok()) io = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline);
+  if (!io.ok()) {
+    return Broken(io.WithContext(std::string("waiting for the ") +
+                                 protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
   }
   *h = protocol::DecodeHeader(raw);
   if (Status s = protocol::ValidateHeader(*h, options_.max_frame_bytes); !s.ok()) {
@@ -468,7 +475,8 @@ Status ClientImpl::List(std::vector<VariableInfo>* out, uint64_t* version) {
 Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline,
                                     std::span<const MutableTensorView>* views,
                                     std::vector<Tensor>* all, uint64_t* version) {
-  PayloadReader r(sock_.fd(), h.payload_len, deadline);
+  if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
+  PayloadReader r(sock_.fd(), h.payload_len, deadline, recv_buf_.get());
   uint64_t v = 0;
   uint32_t count = 0;
   Status s = r.U64(&v);
