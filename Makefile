@@ -47,7 +47,7 @@ bench: venv
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
-	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.cc' 'bench/*.cc')
+	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.h' 'tests/*.cc' 'bench/*.cc')
 	$(VENV)/bin/ruff check python tests examples
 	$(VENV)/bin/ruff format --check python tests
 

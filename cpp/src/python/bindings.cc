@@ -78,6 +78,18 @@ void ThrowIfError(const Status& s) {
   if (!s.ok()) throw StatusError{s};
 }
 
+// Runs `call` (which does I/O and touches no Python object) without the GIL,
+// then raises its failed Status as a Python exception.
+template <typename F>
+void Released(F&& call) {
+  Status s;
+  {
+    nb::gil_scoped_release release;
+    s = call();
+  }
+  ThrowIfError(s);
+}
+
 PyObject* NewError(nb::module_& m, const char* name, const char* doc, PyObject* bases) {
   std::string qualified = std::string("tensorspark.") + name;
   PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
@@ -97,30 +109,29 @@ PyObject* Bases(std::initializer_list<PyObject*> types) {
 }
 
 void RegisterErrors(nb::module_& m) {
-  g_errors.base = NewError(m, "TensorSparkError", "Base class of every tensorspark error.",
-                           PyExc_Exception);
+  g_errors.base =
+      NewError(m, "TensorSparkError", "Base class of every tensorspark error.", PyExc_Exception);
   g_errors.connection =
       NewError(m, "PSConnectionError", "The parameter server could not be reached or hung up.",
                Bases({g_errors.base, PyExc_ConnectionError}));
-  g_errors.auth = NewError(m, "AuthenticationError",
-                           "The parameter server refused the run's secret.",
-                           Bases({g_errors.connection}));
-  g_errors.address = NewError(m, "AddressInUseError",
-                              "The parameter server's port is already taken.",
-                              Bases({g_errors.connection}));
+  g_errors.auth =
+      NewError(m, "AuthenticationError", "The parameter server refused the run's secret.",
+               Bases({g_errors.connection}));
+  g_errors.address =
+      NewError(m, "AddressInUseError", "The parameter server's port is already taken.",
+               Bases({g_errors.connection}));
   g_errors.timeout = NewError(m, "PSTimeoutError", "A wait on the parameter server timed out.",
                               Bases({g_errors.base, PyExc_TimeoutError}));
-  g_errors.protocol = NewError(m, "ProtocolError",
-                               "A malformed, oversized or incompatible frame.",
+  g_errors.protocol = NewError(m, "ProtocolError", "A malformed, oversized or incompatible frame.",
                                Bases({g_errors.base}));
   g_errors.value = NewError(m, "TensorSparkValueError", "An invalid argument or input.",
                             Bases({g_errors.base, PyExc_ValueError}));
-  g_errors.shape = NewError(m, "ShapeMismatchError",
-                            "A tensor's shape differs from the registered one.",
-                            Bases({g_errors.value}));
-  g_errors.not_found = NewError(m, "VariableNotFoundError",
-                                "The parameter server holds no variable of that name.",
-                                Bases({g_errors.value, PyExc_KeyError}));
+  g_errors.shape =
+      NewError(m, "ShapeMismatchError", "A tensor's shape differs from the registered one.",
+               Bases({g_errors.value}));
+  g_errors.not_found =
+      NewError(m, "VariableNotFoundError", "The parameter server holds no variable of that name.",
+               Bases({g_errors.value, PyExc_KeyError}));
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -166,12 +177,7 @@ class PyClient {
     opt.connect_timeout_s = connect_timeout_s;
     opt.io_timeout_s = io_timeout_s;
     opt.max_retries = max_retries;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Client::Connect(opt, &client_);
-    }
-    ThrowIfError(s);
+    Released([&] { return Client::Connect(opt, &client_); });
   }
 
   std::pair<std::vector<bool>, uint64_t> Register(const std::vector<std::string>& names,
@@ -187,24 +193,16 @@ class PyClient {
     }
     std::vector<bool> created;
     uint64_t version = 0;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->Register(specs, &created, &version);
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->Register(specs, &created, &version); });
     return {created, version};
   }
 
   std::pair<std::vector<std::pair<std::string, std::vector<int64_t>>>, uint64_t> List() {
     std::vector<VariableInfo> infos;
     uint64_t version = 0;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->ListVariables(&infos, &version);
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->ListVariables(&infos, &version); });
     std::vector<std::pair<std::string, std::vector<int64_t>>> out;
     out.reserve(infos.size());
     for (auto& info : infos) out.emplace_back(std::move(info.name), std::move(info.shape));
@@ -215,14 +213,11 @@ class PyClient {
     CheckSameLength(names.size(), outs.size(), "pull_into");
     std::vector<MutableTensorView> views;
     views.reserve(outs.size());
-    for (size_t i = 0; i < outs.size(); ++i) views.push_back({names[i], {outs[i].data(), outs[i].size()}});
+    for (size_t i = 0; i < outs.size(); ++i)
+      views.push_back({names[i], {outs[i].data(), outs[i].size()}});
     uint64_t version = 0;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->Pull(views, &version);
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->Pull(views, &version); });
     return version;
   }
 
@@ -246,33 +241,21 @@ class PyClient {
     opt.learning_rate = learning_rate;
     opt.mean_window = mean_window;
     uint64_t version = 0;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->Push(static_cast<UpdateKind>(kind), views, opt, &version);
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->Push(static_cast<UpdateKind>(kind), views, opt, &version); });
     return version;
   }
 
   nb::dict Stats() {
     std::vector<StatEntry> stats;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->Stats(&stats);
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->Stats(&stats); });
     return StatsToDict(stats);
   }
 
   void ShutdownServer() {
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Live()->ShutdownServer();
-    }
-    ThrowIfError(s);
+    Client* c = Live();
+    Released([&] { return c->ShutdownServer(); });
   }
 
   void Close() {
@@ -307,12 +290,7 @@ class PyServer {
     opt.max_connections = max_connections;
     opt.io_timeout_s = io_timeout_s;
     opt.handshake_timeout_s = handshake_timeout_s;
-    Status s;
-    {
-      nb::gil_scoped_release release;
-      s = Server::Start(opt, &server_);
-    }
-    ThrowIfError(s);
+    Released([&] { return Server::Start(opt, &server_); });
   }
 
   uint16_t port() const { return server_ ? server_->port() : 0; }
