@@ -3,7 +3,7 @@
 #
 #   make demo    train the seed program on Fashion-MNIST on local[2]
 #   make test    C++ tests (ctest) + Python tests (pytest on real Spark)
-#   make bench   parameter-server throughput -> bench/results/ps_roundtrip.json
+#   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png}
 #   make lint    clang-format + ruff
 
 SHELL := /bin/bash
@@ -44,6 +44,7 @@ bench: venv
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target ps_roundtrip
 	$(CPP_BUILD)/ps_roundtrip --out bench/results/ps_roundtrip.json
+	$(VPY) bench/plot_ps_roundtrip.py bench/results/ps_roundtrip.json
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
