@@ -1,0 +1,251 @@
+// ShardedClient: one Client per server; calls split by the placement rule and
+// run on all servers in parallel (one thread per extra server per call).
+#include "tensorspark/sharded_client.h"
+
+#include <algorithm>
+#include <functional>
+#include <numeric>
+#include <thread>
+#include <utility>
+
+#include "protocol/crc32c.h"
+
+namespace tensorspark {
+namespace {
+
+// Longest variable name the protocol carries (docs/protocol.md).
+constexpr size_t kMaxNameLen = 1024;
+
+int64_t NumElements(std::span<const int64_t> shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// One contiguous piece of a caller's tensor, as stored on one server.
+struct Piece {
+  size_t tensor = 0;    // index into the caller's span
+  std::string name;     // name on the server
+  uint64_t offset = 0;  // first element within the tensor
+  uint64_t count = 0;   // elements
+  bool whole = false;   // single-chunk variable: keeps its own shape
+};
+
+}  // namespace
+
+struct ShardedClient::Impl {
+  std::vector<Endpoint> endpoints;
+  std::vector<std::unique_ptr<Client>> clients;
+  std::vector<uint64_t> versions;  // last version seen from each server
+  uint64_t chunk_elems = 1;
+
+  uint64_t VersionSum() const {
+    return std::accumulate(versions.begin(), versions.end(), uint64_t{0});
+  }
+
+  // Cuts tensor `i` (name, element count) into pieces and files each under
+  // its server.
+  Status Plan(size_t i, std::string_view name, uint64_t numel,
+              std::vector<std::vector<Piece>>* by_server) const {
+    const uint64_t chunks = numel == 0 ? 1 : (numel + chunk_elems - 1) / chunk_elems;
+    for (uint64_t k = 0; k < chunks; ++k) {
+      Piece p;
+      p.tensor = i;
+      p.name = ChunkName(name, k, chunks);
+      if (p.name.size() > kMaxNameLen) {
+        return Status(StatusCode::kInvalidArgument,
+                      "variable name '" + std::string(name.substr(0, 64)) +
+                          "...' is too long to shard; use names under 1000 bytes");
+      }
+      p.offset = k * chunk_elems;
+      p.count = std::min(chunk_elems, numel - std::min(numel, p.offset));
+      p.whole = chunks == 1;
+      (*by_server)[ServerFor(name, k, clients.size())].push_back(std::move(p));
+    }
+    return Status::OK();
+  }
+
+  // Runs fn(server) for every server with work, in parallel; returns the
+  // first failure, naming its server.
+  Status ForEach(const std::vector<bool>& busy, const std::function<Status(size_t)>& fn) {
+    std::vector<Status> results(clients.size());
+    std::vector<std::thread> threads;
+    size_t inline_server = clients.size();
+    for (size_t s = 0; s < clients.size(); ++s) {
+      if (!busy[s]) continue;
+      if (inline_server == clients.size()) {
+        inline_server = s;  // the calling thread takes one server itself
+        continue;
+      }
+      threads.emplace_back([&, s] { results[s] = fn(s); });
+    }
+    if (inline_server < clients.size()) results[inline_server] = fn(inline_server);
+    for (auto& t : threads) t.join();
+    for (size_t s = 0; s < clients.size(); ++s) {
+      if (!results[s].ok()) {
+        return results[s].WithContext("server " + endpoints[s].host + ":" +
+                                      std::to_string(endpoints[s].port));
+      }
+    }
+    return Status::OK();
+  }
+
+  static std::vector<bool> Busy(const std::vector<std::vector<Piece>>& by_server) {
+    std::vector<bool> busy(by_server.size());
+    for (size_t s = 0; s < by_server.size(); ++s) busy[s] = !by_server[s].empty();
+    return busy;
+  }
+};
+
+ShardedClient::ShardedClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ShardedClient::~ShardedClient() { Close(); }
+
+size_t ShardedClient::ServerFor(std::string_view name, uint64_t chunk, size_t num_servers) {
+  if (num_servers == 0) return 0;
+  const uint64_t h = protocol::Crc32c(name.data(), name.size());
+  return static_cast<size_t>((h + chunk) % num_servers);
+}
+
+uint64_t ShardedClient::ChunkElements(uint64_t chunk_bytes) {
+  return std::max<uint64_t>(1, chunk_bytes / sizeof(float));
+}
+
+std::string ShardedClient::ChunkName(std::string_view name, uint64_t k, uint64_t num_chunks) {
+  if (num_chunks <= 1) return std::string(name);
+  return std::string(name) + "#" + std::to_string(k) + "/" + std::to_string(num_chunks);
+}
+
+size_t ShardedClient::num_servers() const { return impl_->clients.size(); }
+
+Status ShardedClient::Connect(const ClientOptions& base, std::span<const Endpoint> servers,
+                              std::unique_ptr<ShardedClient>* out, uint64_t chunk_bytes) {
+  if (servers.empty()) {
+    return Status(StatusCode::kInvalidArgument, "ShardedClient needs at least one server");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->endpoints.assign(servers.begin(), servers.end());
+  impl->clients.resize(servers.size());
+  impl->versions.assign(servers.size(), 0);
+  impl->chunk_elems = ChunkElements(chunk_bytes);
+  Status s = impl->ForEach(std::vector<bool>(servers.size(), true), [&](size_t i) {
+    ClientOptions opt = base;
+    opt.host = servers[i].host;
+    opt.port = servers[i].port;
+    return Client::Connect(opt, &impl->clients[i]);
+  });
+  if (!s.ok()) return s;
+  out->reset(new ShardedClient(std::move(impl)));
+  return Status::OK();
+}
+
+Status ShardedClient::Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
+                               uint64_t* version) {
+  Impl& m = *impl_;
+  std::vector<std::vector<Piece>> by_server(m.clients.size());
+  for (size_t i = 0; i < vars.size(); ++i) {
+    const int64_t numel = NumElements(vars[i].shape);
+    if (numel < 0 || static_cast<uint64_t>(numel) != vars[i].initial.size()) {
+      return Status(StatusCode::kInvalidArgument,
+                    "register: variable '" + std::string(vars[i].name) + "' has " +
+                        std::to_string(vars[i].initial.size()) +
+                        " initial values but its shape holds " + std::to_string(numel));
+    }
+    TS_RETURN_IF_ERROR(m.Plan(i, vars[i].name, static_cast<uint64_t>(numel), &by_server));
+  }
+  created->assign(vars.size(), false);
+  std::vector<std::vector<bool>> server_created(m.clients.size());
+  std::vector<std::vector<int64_t>> chunk_shapes(m.clients.size());
+  Status s = m.ForEach(Impl::Busy(by_server), [&](size_t srv) {
+    const auto& pieces = by_server[srv];
+    std::vector<int64_t>& shapes = chunk_shapes[srv];
+    shapes.resize(pieces.size());
+    std::vector<VariableSpec> specs;
+    specs.reserve(pieces.size());
+    for (size_t j = 0; j < pieces.size(); ++j) {
+      const Piece& p = pieces[j];
+      const VariableSpec& v = vars[p.tensor];
+      shapes[j] = static_cast<int64_t>(p.count);
+      std::span<const int64_t> shape = p.whole ? v.shape : std::span<const int64_t>(&shapes[j], 1);
+      specs.push_back({p.name, shape, v.initial.subspan(p.offset, p.count)});
+    }
+    return m.clients[srv]->Register(specs, &server_created[srv], &m.versions[srv]);
+  });
+  if (!s.ok()) return s;
+  for (size_t srv = 0; srv < by_server.size(); ++srv) {
+    for (size_t j = 0; j < by_server[srv].size(); ++j) {
+      const Piece& p = by_server[srv][j];
+      if (p.offset == 0 && server_created[srv][j]) (*created)[p.tensor] = true;
+    }
+  }
+  *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::Pull(std::span<const MutableTensorView> out, uint64_t* version) {
+  Impl& m = *impl_;
+  std::vector<std::vector<Piece>> by_server(m.clients.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    TS_RETURN_IF_ERROR(m.Plan(i, out[i].name, out[i].data.size(), &by_server));
+  }
+  Status s = m.ForEach(Impl::Busy(by_server), [&](size_t srv) {
+    std::vector<MutableTensorView> views;
+    views.reserve(by_server[srv].size());
+    for (const Piece& p : by_server[srv]) {
+      views.push_back({p.name, out[p.tensor].data.subspan(p.offset, p.count)});
+    }
+    return m.clients[srv]->Pull(views, &m.versions[srv]);
+  });
+  if (!s.ok()) return s;
+  *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::Push(UpdateKind kind, std::span<const TensorView> tensors,
+                           const PushOptions& options, uint64_t* version) {
+  Impl& m = *impl_;
+  std::vector<std::vector<Piece>> by_server(m.clients.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TS_RETURN_IF_ERROR(m.Plan(i, tensors[i].name, tensors[i].data.size(), &by_server));
+  }
+  std::vector<std::vector<int64_t>> chunk_shapes(m.clients.size());
+  Status s = m.ForEach(Impl::Busy(by_server), [&](size_t srv) {
+    const auto& pieces = by_server[srv];
+    std::vector<int64_t>& shapes = chunk_shapes[srv];
+    shapes.resize(pieces.size());
+    std::vector<TensorView> views;
+    views.reserve(pieces.size());
+    for (size_t j = 0; j < pieces.size(); ++j) {
+      const Piece& p = pieces[j];
+      const TensorView& t = tensors[p.tensor];
+      shapes[j] = static_cast<int64_t>(p.count);
+      std::span<const int64_t> shape = p.whole ? t.shape : std::span<const int64_t>(&shapes[j], 1);
+      views.push_back({p.name, shape, t.data.subspan(p.offset, p.count)});
+    }
+    return m.clients[srv]->Push(kind, views, options, &m.versions[srv]);
+  });
+  if (!s.ok()) return s;
+  *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::Stats(std::vector<std::vector<StatEntry>>* out) {
+  Impl& m = *impl_;
+  out->assign(m.clients.size(), {});
+  return m.ForEach(std::vector<bool>(m.clients.size(), true),
+                   [&](size_t srv) { return m.clients[srv]->Stats(&(*out)[srv]); });
+}
+
+Status ShardedClient::ShutdownServers() {
+  Impl& m = *impl_;
+  return m.ForEach(std::vector<bool>(m.clients.size(), true),
+                   [&](size_t srv) { return m.clients[srv]->ShutdownServer(); });
+}
+
+void ShardedClient::Close() {
+  if (!impl_) return;
+  for (auto& c : impl_->clients) {
+    if (c) c->Close();
+  }
+}
+
+}  // namespace tensorspark
