@@ -5,6 +5,8 @@
 #   make test    C++ tests (ctest) + Python tests (pytest on real Spark)
 #   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png}
 #   make lint    clang-format + ruff
+#   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
+#                handler, FUZZ_SECONDS (600) in all; not part of `make test`
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,6 +15,9 @@ VPY := $(VENV)/bin/python
 CMAKE := $(VENV)/bin/cmake
 JOBS ?= 2
 CPP_BUILD := build/cpp
+FUZZ_BUILD := build/fuzz
+FUZZ_SECONDS ?= 600
+FUZZ_MAX_LEN ?= 65536
 # Spark's Python workers and tools must come from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(VPY)
@@ -22,7 +27,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib
 
-.PHONY: demo test test-cpp test-python bench lint system system-gtest venv install clean
+.PHONY: demo test test-cpp test-python bench lint fuzz system system-gtest venv install clean
 
 demo: system install
 	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
@@ -48,9 +53,41 @@ bench: venv
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
-	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.h' 'tests/*.cc' 'bench/*.cc')
+	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.h' 'tests/*.cc' 'bench/*.cc' \
+	    'fuzz/*.h' 'fuzz/*.cc')
 	$(VENV)/bin/ruff check python tests examples
 	$(VENV)/bin/ruff format --check python tests
+
+# Builds the fuzz targets with clang into build/fuzz and runs them one after
+# the other: a quarter of FUZZ_SECONDS on frame_fuzzer (decoders), the rest
+# on server_fuzzer (a live server per input). Corpora grow in
+# build/fuzz/corpus/<target> from generated seeds; full logs go to
+# build/fuzz/<target>.log and a crashing input to build/fuzz/artifacts/.
+fuzz: venv
+	@scripts/setup-system.sh --with-fuzz
+	CC=clang CXX=clang++ $(CMAKE) -S . -B $(FUZZ_BUILD) -G Ninja -DTENSORSPARK_BUILD_FUZZ=ON \
+	    -DTENSORSPARK_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	$(CMAKE) --build $(FUZZ_BUILD) -j $(JOBS) --target frame_fuzzer server_fuzzer fuzz_seeds
+	rm -rf $(FUZZ_BUILD)/seeds
+	mkdir -p $(FUZZ_BUILD)/seeds $(FUZZ_BUILD)/artifacts $(FUZZ_BUILD)/corpus/frame \
+	    $(FUZZ_BUILD)/corpus/server
+	$(FUZZ_BUILD)/fuzz_seeds $(FUZZ_BUILD)/seeds
+	@set -o pipefail; \
+	frame_s=$$(( $(FUZZ_SECONDS) / 4 > 0 ? $(FUZZ_SECONDS) / 4 : 1 )); \
+	server_s=$$(( $(FUZZ_SECONDS) - frame_s > 0 ? $(FUZZ_SECONDS) - frame_s : 1 )); \
+	for run in frame:$$frame_s server:$$server_s; do \
+	  t=$${run%%:*}; secs=$${run#*:}; \
+	  echo "== $${t}_fuzzer for $$secs s (new-coverage lines only in $(FUZZ_BUILD)/$${t}_fuzzer.log)"; \
+	  $(FUZZ_BUILD)/$${t}_fuzzer -max_total_time=$$secs -max_len=$(FUZZ_MAX_LEN) -timeout=30 \
+	      -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/ \
+	      $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/seeds 2>&1 \
+	    | tee $(FUZZ_BUILD)/$${t}_fuzzer.log | awk '!/^(#[0-9]+\t(NEW|REDUCE) |\tNEW_FUNC|")/' \
+	    || { echo "$${t}_fuzzer FAILED: see $(FUZZ_BUILD)/$${t}_fuzzer.log and $(FUZZ_BUILD)/artifacts/"; exit 1; }; \
+	done; \
+	echo "== summary"; \
+	for t in frame server; do \
+	  echo "$${t}_fuzzer: $$(grep -h '^Done' $(FUZZ_BUILD)/$${t}_fuzzer.log);$$(grep -ho ' cov: [0-9]* ft: [0-9]*' $(FUZZ_BUILD)/$${t}_fuzzer.log | tail -1)"; \
+	done
 
 system:
 	@scripts/setup-system.sh

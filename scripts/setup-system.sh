@@ -12,6 +12,14 @@ fi
 if [ "${1:-}" = "--with-lint" ]; then
   command -v clang-format >/dev/null 2>&1 || want+=(clang-format)
 fi
+if [ "${1:-}" = "--with-fuzz" ]; then
+  # clang plus its sanitizer and libFuzzer runtimes (Debian 12: clang 14).
+  if ! command -v clang++ >/dev/null 2>&1; then
+    want+=(clang libclang-rt-14-dev)
+  elif [ ! -f "$(clang++ -print-resource-dir)/lib/linux/libclang_rt.fuzzer-x86_64.a" ]; then
+    want+=(libclang-rt-14-dev)
+  fi
+fi
 [ ${#want[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -35,6 +35,37 @@ _KINDS = {
     "gradient": _core.KIND_GRADIENT,
 }
 
+# Server-side optimizers: name -> (kind, hyperparameters with their Keras
+# defaults). Hyperparameters use the Keras argument names.
+_OPTIMIZERS: dict[str, tuple[int, dict[str, float]]] = {
+    "sgd": (_core.OPTIMIZER_SGD, {}),
+    "momentum": (_core.OPTIMIZER_MOMENTUM, {"momentum": 0.9}),
+    "nesterov": (_core.OPTIMIZER_NESTEROV, {"momentum": 0.9}),
+    "adagrad": (_core.OPTIMIZER_ADAGRAD, {"initial_accumulator_value": 0.1, "epsilon": 1e-7}),
+    "adam": (_core.OPTIMIZER_ADAM, {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}),
+    "adamw": (
+        _core.OPTIMIZER_ADAMW,
+        {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "weight_decay": 0.004},
+    ),
+    "rmsprop": (_core.OPTIMIZER_RMSPROP, {"rho": 0.9, "epsilon": 1e-7}),
+}
+# Other accepted spellings (the fields of the C++ OptimizerConfig).
+_HYPERPARAMETER_ALIASES = {
+    "beta1": "beta_1",
+    "beta2": "beta_2",
+    "initial_accumulator": "initial_accumulator_value",
+}
+# Keras name -> argument of _core.Client.set_optimizer.
+_CORE_ARGUMENT = {
+    "momentum": "beta1",
+    "beta_1": "beta1",
+    "beta_2": "beta2",
+    "rho": "beta2",
+    "epsilon": "epsilon",
+    "weight_decay": "weight_decay",
+    "initial_accumulator_value": "initial_accumulator",
+}
+
 
 def generate_secret() -> bytes:
     """Return a fresh random 32-byte secret for one training run."""
@@ -53,6 +84,12 @@ def _as_float32(name: str, value) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _as_number(what: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise TensorSparkValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
 class ParameterServer:
     """A parameter server on threads of this process.
 
@@ -69,6 +106,10 @@ class ParameterServer:
         Largest request payload accepted.
     io_timeout : float
         Seconds a half-received frame may stall before the connection drops.
+    update_threads : int
+        Threads that apply one large push together, splitting tensors of 1M+
+        elements into chunks; 0 (default) means one per CPU core, 1 applies
+        every push on its connection's thread.
 
     Raises
     ------
@@ -87,6 +128,7 @@ class ParameterServer:
         max_connections: int = 1024,
         io_timeout: float = 120.0,
         handshake_timeout: float = 10.0,
+        update_threads: int = 0,
     ) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise TensorSparkValueError(
@@ -104,6 +146,7 @@ class ParameterServer:
             max_connections=max_connections,
             io_timeout_s=io_timeout,
             handshake_timeout_s=handshake_timeout,
+            update_threads=int(update_threads),
         )
 
     @property
@@ -259,8 +302,11 @@ class PSClient:
         """Push values; returns the model version after the push.
 
         ``kind`` is ``"parameters"`` (Mean combiner with ``mean_window``),
-        ``"delta"`` (added to the model) or ``"gradient"`` (SGD step with
-        ``learning_rate``).
+        ``"delta"`` (added to the model) or ``"gradient"`` (a step of each
+        variable's server-side optimizer, see :meth:`set_optimizer`, or plain
+        SGD where none is set). For a gradient, ``learning_rate`` > 0
+        overrides the optimizer's learning rate for this push; 0 uses it (a
+        variable without an optimizer then refuses the push).
         """
         if kind not in _KINDS:
             raise TensorSparkValueError(f"push: kind must be one of {sorted(_KINDS)}, got {kind!r}")
@@ -273,6 +319,114 @@ class PSClient:
     def push_arrays(self, kind: int, names: list[str], arrays: list[np.ndarray], **kw) -> int:
         """Push already float32, C-contiguous arrays without any checks or copies."""
         return self._client.push(kind, names, arrays, **kw)
+
+    def set_optimizer(
+        self,
+        name: str = "adam",
+        *,
+        learning_rate: float,
+        variables: Iterable[str] | None = None,
+        **hyperparameters: float,
+    ) -> int:
+        """Choose the optimizer the server applies to gradient pushes.
+
+        From now on a ``push(..., kind="gradient")`` to these variables is a
+        step of this optimizer, computed on the server with its state (slots)
+        kept beside each variable. Formulas (element-wise; ``g`` is the pushed
+        gradient, ``lr`` the learning rate; slots start at 0)::
+
+            sgd       w -= lr * g
+            momentum  m = momentum * m + g;  w -= lr * m
+            nesterov  m = momentum * m + g;  w -= lr * (g + momentum * m)
+            adagrad   a += g**2;  w -= lr * g / (sqrt(a) + epsilon)
+                      (a starts at initial_accumulator_value)
+            adam      t += 1;  m = beta_1 * m + (1 - beta_1) * g
+                      v = beta_2 * v + (1 - beta_2) * g**2
+                      w -= lr * sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)
+            adamw     w -= lr * weight_decay * w, then the adam step
+            rmsprop   v = rho * v + (1 - rho) * g**2;  w -= lr * g / sqrt(v + epsilon)
+
+        These are the formulas of ``tf.raw_ops.Apply*`` and, for Adam, AdamW
+        and RMSProp, of Keras 3. Calling this again with only another
+        ``learning_rate`` (or ``epsilon``, ``weight_decay``) keeps the slots, so
+        a learning-rate schedule is a series of calls; another optimizer or
+        other betas/momentum/rho reset them.
+
+        Parameters
+        ----------
+        name : str
+            ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adagrad"``,
+            ``"adam"`` (default), ``"adamw"`` or ``"rmsprop"``.
+        learning_rate : float
+            Step size, > 0. A push's own ``learning_rate`` > 0 overrides it
+            for that push.
+        variables : iterable of str, optional
+            Variables to configure. None (default) means every variable on
+            the server, including ones registered later.
+        **hyperparameters : float
+            Keras-named hyperparameters of the optimizer; missing ones take
+            the Keras defaults: ``momentum=0.9`` (momentum, nesterov);
+            ``beta_1=0.9``, ``beta_2=0.999``, ``epsilon=1e-7`` (adam, adamw);
+            ``weight_decay=0.004`` (adamw); ``rho=0.9``, ``epsilon=1e-7``
+            (rmsprop); ``initial_accumulator_value=0.1``, ``epsilon=1e-7``
+            (adagrad). ``beta1``, ``beta2`` and ``initial_accumulator`` are
+            accepted as other spellings.
+
+        Returns
+        -------
+        int
+            The model version (unchanged by this call).
+
+        Raises
+        ------
+        TensorSparkValueError
+            Unknown optimizer or hyperparameter, or a value out of range
+            (``learning_rate`` <= 0, a beta outside [0, 1), a negative
+            ``epsilon``...); nothing is changed.
+        VariableNotFoundError
+            A name in ``variables`` is not registered; nothing is changed.
+
+        Examples
+        --------
+        >>> client.set_optimizer("adam", learning_rate=1e-3)  # doctest: +SKIP
+        >>> client.push({"w": grad}, kind="gradient")  # doctest: +SKIP
+        >>> client.set_optimizer("adam", learning_rate=1e-4)  # decay, slots kept  # doctest: +SKIP
+        """
+        key = name.lower() if isinstance(name, str) else name
+        if key not in _OPTIMIZERS:
+            raise TensorSparkValueError(
+                f"set_optimizer: unknown optimizer {name!r}; choose one of {sorted(_OPTIMIZERS)}"
+            )
+        kind, defaults = _OPTIMIZERS[key]
+        values = dict(defaults)
+        for given, value in hyperparameters.items():
+            hp = _HYPERPARAMETER_ALIASES.get(given, given)
+            if hp not in defaults:
+                accepted = ", ".join(sorted(defaults)) or "none"
+                raise TensorSparkValueError(
+                    f"set_optimizer: {key} takes no hyperparameter {given!r}; it takes: {accepted}"
+                )
+            values[hp] = _as_number(f"set_optimizer: {given}", value)
+        if variables is None:
+            names: list[str] = []
+        elif isinstance(variables, str):
+            raise TensorSparkValueError(
+                "set_optimizer: variables must be a list of names, not one string; "
+                f"use variables=[{variables!r}]"
+            )
+        else:
+            names = list(variables)
+            if not names:
+                raise TensorSparkValueError(
+                    "set_optimizer: variables is empty; pass None for every variable"
+                )
+        core_args = {_CORE_ARGUMENT[hp]: v for hp, v in values.items()}
+        return self._client.set_optimizer(
+            kind,
+            _as_number("set_optimizer: learning_rate", learning_rate),
+            names=names,
+            **core_args,
+        )
 
     def stats(self) -> dict[str, int]:
         """The server's counters."""

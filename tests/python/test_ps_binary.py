@@ -40,6 +40,7 @@ def test_help():
     out = subprocess.run([ps_binary(), "--help"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0
     assert "--port" in out.stdout + out.stderr
+    assert "--threads" in out.stdout
 
 
 def test_bad_arguments_exit_2(tmp_path):
@@ -55,6 +56,14 @@ def test_bad_arguments_exit_2(tmp_path):
     )
     assert out.returncode == 2
     assert "missing" in out.stderr
+    out = subprocess.run(
+        [ps_binary(), "--threads", "5000", "--secret-file", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert out.returncode == 2
+    assert "--threads" in out.stderr
 
 
 def test_serves_until_sigterm(tmp_path):
@@ -75,9 +84,16 @@ def test_serves_until_sigterm(tmp_path):
 
 
 def test_shutdown_call_stops_it(tmp_path):
-    proc, port, secret = start_ps(tmp_path)
+    proc, port, secret = start_ps(tmp_path, "--threads", "2")
     try:
         with PSClient("127.0.0.1", port, secret, connect_timeout=10) as c:
+            # A server-side optimizer on the standalone server.
+            c.register({"w": np.ones(3)})
+            c.set_optimizer("momentum", learning_rate=0.5)
+            c.push({"w": np.ones(3)}, kind="gradient")
+            c.push({"w": np.ones(3)}, kind="gradient")
+            # m = 1, w = 0.5; m = 0.9 + 1 = 1.9, w = 0.5 - 0.95
+            np.testing.assert_allclose(c.pull()["w"], np.full(3, -0.45), rtol=1e-6)
             c.shutdown_server()
         started = time.monotonic()
         assert proc.wait(timeout=10) == 0

@@ -20,6 +20,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tensorspark/status.h"
@@ -91,6 +92,26 @@ class Client {
   // without copying. `version` receives the model version after the push.
   Status Push(UpdateKind kind, std::span<const TensorView> tensors, const PushOptions& options,
               uint64_t* version);
+
+  // Sets the server-side optimizer that gradient pushes (UpdateKind::
+  // kGradient) to the named variables apply from now on; with no names, of
+  // every variable, including ones registered later. Changing only the
+  // learning rate keeps the optimizer's slots (its moments, accumulators);
+  // changing the kind or betas resets them. A push's learning_rate > 0
+  // overrides the configured one for that push. Fails with
+  // kInvalidArgument on a bad config and kNotFound on an unknown name, and
+  // then changes nothing. `version` (may be null) receives the model
+  // version, which this call does not change.
+  //
+  //   tensorspark::OptimizerConfig adam;
+  //   adam.kind = tensorspark::OptimizerKind::kAdam;
+  //   adam.learning_rate = 1e-3f;
+  //   TS_RETURN_IF_ERROR(c->SetOptimizer(adam, {}, nullptr));  // every variable
+  //   adam.learning_rate = 1e-4f;                               // decay: slots kept
+  //   std::string_view only[] = {"dense/kernel"};
+  //   TS_RETURN_IF_ERROR(c->SetOptimizer(adam, only, nullptr));
+  Status SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                      uint64_t* version);
 
   // Counters of the server (see docs/protocol.md for their names).
   Status Stats(std::vector<StatEntry>* out);

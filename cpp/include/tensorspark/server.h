@@ -4,7 +4,8 @@
 // blocking I/O on its own socket. Variables live in a store where each
 // tensor is one contiguous buffer guarded by its own reader/writer lock, so
 // pushes to different variables and pulls of the same variable run in
-// parallel. Server methods are thread-safe.
+// parallel. Large tensors are updated by a small pool of update threads in
+// chunks (ServerOptions::update_threads). Server methods are thread-safe.
 //
 //   tensorspark::ServerOptions opt;
 //   opt.port = 0;                 // pick a free port
@@ -41,6 +42,11 @@ struct ServerOptions {
   // handshake must finish within handshake_timeout_s.
   double io_timeout_s = 120.0;
   double handshake_timeout_s = 10.0;
+  // Threads that apply one large push together (the connection's own thread
+  // included), splitting tensors of 1M+ elements into chunks; 0 means
+  // std::thread::hardware_concurrency(), 1 applies every push on the
+  // connection's thread. At most 1024.
+  uint32_t update_threads = 0;
 };
 
 class ServerImpl;

@@ -21,13 +21,17 @@ enum class UpdateKind : uint8_t {
   kParameters = 1,
   // The worker's change since its last pull: w += delta.
   kDelta = 2,
-  // A gradient, applied by SGD: w -= learning_rate * g.
+  // A gradient, applied by the variable's server-side optimizer
+  // (OptimizerConfig), or by plain SGD, w -= learning_rate * g, when none is
+  // set.
   kGradient = 3,
 };
 
 // Options of one push.
 struct PushOptions {
-  // SGD step size; must be > 0 for kGradient, ignored otherwise.
+  // Step size of a kGradient push, ignored otherwise. > 0 overrides the
+  // configured optimizer's learning rate for this push only; 0 uses it. A
+  // variable without an optimizer needs > 0 (plain SGD).
   float learning_rate = 0.0f;
   // n of the Mean combiner (usually the number of workers); must be >= 1 for
   // kParameters, ignored otherwise.
@@ -65,6 +69,48 @@ struct VariableInfo {
 struct Tensor {
   VariableInfo info;
   std::vector<float> values;
+};
+
+// A server-side optimizer: how a gradient push (UpdateKind::kGradient)
+// changes a variable. The formulas follow the TensorFlow training ops and
+// Keras 3 (g is the pushed gradient, lr the learning rate, all element-wise;
+// slots start at 0 unless noted):
+//   kSgd       w -= lr * g
+//   kMomentum  m = beta1 * m + g;  w -= lr * m                  (beta1 = momentum)
+//   kNesterov  m = beta1 * m + g;  w -= lr * (g + beta1 * m)
+//   kAdagrad   a += g^2;  w -= lr * g / (sqrt(a) + epsilon)     (a starts at initial_accumulator)
+//   kAdam      t += 1;  m += (1 - beta1) * (g - m);  v += (1 - beta2) * (g^2 - v);
+//              lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  w -= lr_t * m / (sqrt(v) + epsilon)
+//   kAdamW     w -= lr * weight_decay * w, then the kAdam step
+//   kRmsProp   v = beta2 * v + (1 - beta2) * g^2;  w -= lr * g / sqrt(v + epsilon)  (beta2 = rho)
+// Adam's lr_t is the bias correction m_hat = m / (1 - beta1^t),
+// v_hat = v / (1 - beta2^t) folded into the step size, with epsilon added to
+// sqrt(v) rather than sqrt(v_hat), exactly as tf.raw_ops.ApplyAdam and
+// keras.optimizers.Adam do. t counts the gradient pushes applied to that
+// variable since its slots were (re)set.
+enum class OptimizerKind : uint8_t {
+  kSgd = 1,
+  kMomentum = 2,
+  kNesterov = 3,
+  kAdagrad = 4,
+  kAdam = 5,
+  kAdamW = 6,
+  kRmsProp = 7,
+};
+
+// The optimizer of one or more variables (Client::SetOptimizer). Fields a
+// kind does not use are ignored but must still be in range. Slots (m, v, a)
+// are kept beside each variable on the server; changing only learning_rate,
+// epsilon, weight_decay or initial_accumulator keeps them, changing kind,
+// beta1 or beta2 resets them (and Adam's t).
+struct OptimizerConfig {
+  OptimizerKind kind = OptimizerKind::kSgd;
+  float learning_rate = 0.01f;  // finite, > 0
+  float beta1 = 0.9f;           // [0, 1): Adam's beta_1, or the momentum of kMomentum/kNesterov
+  float beta2 = 0.999f;         // [0, 1): Adam's beta_2, or RMSProp's rho
+  float epsilon = 1e-7f;        // finite, >= 0
+  float weight_decay = 0.0f;    // finite, >= 0: kAdamW's decoupled decay
+  float initial_accumulator = 0.0f;  // finite, >= 0: kAdagrad's starting a
 };
 
 // One named counter of the server's statistics.

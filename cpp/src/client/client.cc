@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "net/socket.h"
+#include "optimizers/optimizers.h"
 #include "protocol/auth.h"
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
@@ -189,6 +190,8 @@ class ClientImpl {
   Status PullAll(std::vector<Tensor>* out, uint64_t* version);
   Status Push(UpdateKind kind, std::span<const TensorView> tensors, const PushOptions& options,
               uint64_t* version);
+  Status SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                      uint64_t* version);
   Status Stats(std::vector<StatEntry>* out);
   Status Shutdown();
   void Close() {
@@ -490,7 +493,9 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
   uint64_t total = 0;
   for (uint32_t i = 0; i < count; ++i) {
     if (Status m = r.Meta(&metas[i], &numels[i]); !m.ok()) return Broken(m);
-    total += numels[i];
+    // Saturate, as in protocol::ReadTensorSection: a wrapped sum would pass
+    // the size check below.
+    if (__builtin_add_overflow(total, numels[i], &total)) total = UINT64_MAX;
   }
   if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
     return Broken(
@@ -609,6 +614,26 @@ Status ClientImpl::Push(UpdateKind kind, std::span<const TensorView> tensors,
   return Status::OK();
 }
 
+Status ClientImpl::SetOptimizer(const OptimizerConfig& config,
+                                std::span<const std::string_view> names, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  // Checked here too, for the same message without a round trip.
+  TS_RETURN_IF_ERROR(optimizers::ValidateConfig(config));
+  if (names.size() > UINT32_MAX) {
+    return Status(StatusCode::kInvalidArgument, "too many names for one SetOptimizer call");
+  }
+  for (std::string_view n : names) TS_RETURN_IF_ERROR(protocol::ValidateName(n));
+  std::vector<uint8_t> payload;
+  protocol::EncodeSetOptimizer(config, names, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kSetOptimizer, &part, 1, &response));
+  uint64_t v;
+  TS_RETURN_IF_ERROR(protocol::DecodeVersion(response, &v));
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
 Status ClientImpl::Stats(std::vector<StatEntry>* out) {
   TS_RETURN_IF_ERROR(CheckConnected());
   std::vector<uint8_t> response;
@@ -654,6 +679,10 @@ Status Client::PullAll(std::vector<Tensor>* out, uint64_t* version) {
 Status Client::Push(UpdateKind kind, std::span<const TensorView> tensors,
                     const PushOptions& options, uint64_t* version) {
   return impl_->Push(kind, tensors, options, version);
+}
+Status Client::SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                            uint64_t* version) {
+  return impl_->SetOptimizer(config, names, version);
 }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }

@@ -23,6 +23,8 @@ const char* OpcodeName(uint16_t opcode) {
       return "STATS";
     case Opcode::kShutdown:
       return "SHUTDOWN";
+    case Opcode::kSetOptimizer:
+      return "SET_OPTIMIZER";
   }
   return "UNKNOWN";
 }

@@ -22,6 +22,7 @@ enum class Opcode : uint16_t {
   kPush = 6,
   kStats = 7,
   kShutdown = 8,
+  kSetOptimizer = 9,
 };
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;

@@ -1,5 +1,6 @@
 #include "protocol/half.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
@@ -20,7 +21,11 @@ float FromBits(uint32_t u) {
 }
 
 bool HasF16c() {
-  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  // F16C from CPUID leaf 1: clang before 16 rejects __builtin_cpu_supports("f16c").
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0 && __builtin_cpu_supports("avx");
+  }();
   return has;
 }
 

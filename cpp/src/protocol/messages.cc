@@ -314,7 +314,9 @@ Status ReadTensorSection(Reader& r, TensorSection* t) {
   uint64_t total = 0;
   for (uint32_t i = 0; i < count; ++i) {
     TS_RETURN_IF_ERROR(r.ReadMeta(&t->metas[i], &t->numels[i]));
-    total += t->numels[i];  // each <= 2^48 and count < 2^32: cannot overflow
+    // Saturate: 2^16 metas of 2^48 elements would wrap a plain sum to 0 and
+    // pass the size check below with an empty data section.
+    if (__builtin_add_overflow(total, t->numels[i], &total)) total = UINT64_MAX;
   }
   t->data_offset = r.offset();
   if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
@@ -454,6 +456,55 @@ Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
     auto& values = (*tensors)[i].values;
     values.resize(numels[i]);
     if (numels[i] > 0) std::memcpy(values.data(), p, numels[i] * sizeof(float));
+  }
+  return r.Finish();
+}
+
+// ---- SET_OPTIMIZER -------------------------------------------------------------------------
+
+void EncodeSetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                        std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U8(static_cast<uint8_t>(config.kind));
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  w.F32(config.learning_rate);
+  w.F32(config.beta1);
+  w.F32(config.beta2);
+  w.F32(config.epsilon);
+  w.F32(config.weight_decay);
+  w.F32(config.initial_accumulator);
+  w.U32(static_cast<uint32_t>(names.size()));
+  for (std::string_view n : names) w.Str(n);
+}
+
+Status DecodeSetOptimizer(std::span<const uint8_t> payload, OptimizerConfig* config,
+                          std::vector<std::string_view>* names) {
+  Reader r(payload);
+  uint8_t kind;
+  uint8_t pad[3];
+  TS_RETURN_IF_ERROR(r.ReadU8(&kind));
+  for (uint8_t& b : pad) TS_RETURN_IF_ERROR(r.ReadU8(&b));
+  if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
+    return Malformed("reserved bytes after the optimizer kind must be 0");
+  }
+  config->kind = static_cast<OptimizerKind>(kind);  // range checked by the server
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->learning_rate));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->beta1));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->beta2));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->epsilon));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->weight_decay));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->initial_accumulator));
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(3, &count));  // a str is at least 3 bytes
+  names->clear();
+  names->reserve(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    std::string_view n;
+    TS_RETURN_IF_ERROR(r.ReadStr(&n));
+    if (Status s = ValidateName(n); !s.ok()) return Malformed(s.message());
+    names->push_back(n);
   }
   return r.Finish();
 }

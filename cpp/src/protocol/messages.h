@@ -162,6 +162,18 @@ void EncodePullRequest(std::span<const std::string_view> names, std::vector<uint
 [[nodiscard]] Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
                                         std::vector<Tensor>* tensors);
 
+// ---- SET_OPTIMIZER ------------------------------------------------------------------
+// Request: u8 kind, u8[3] reserved (0), f32 learning_rate, beta1, beta2,
+// epsilon, weight_decay, initial_accumulator, u32 count (0 = every
+// variable), count x str name. The response is a version (EncodeVersion).
+// Decoding checks the layout and the names only; the values are checked by
+// optimizers::ValidateConfig, so an unknown kind is kInvalidArgument.
+inline constexpr size_t kSetOptimizerHeadSize = 28;
+void EncodeSetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                        std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeSetOptimizer(std::span<const uint8_t> payload, OptimizerConfig* config,
+                                        std::vector<std::string_view>* names);
+
 // ---- STATS ------------------------------------------------------------------------
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeStatsResponse(std::span<const uint8_t> payload,

@@ -246,6 +246,29 @@ class PyClient {
     return version;
   }
 
+  uint64_t SetOptimizer(int kind, float learning_rate, float beta1, float beta2, float epsilon,
+                        float weight_decay, float initial_accumulator,
+                        const std::vector<std::string>& names) {
+    if (kind < 1 || kind > 7) {
+      ThrowIfError(Status(
+          StatusCode::kInvalidArgument,
+          "set_optimizer: kind must be 1 (sgd) .. 7 (rmsprop), got " + std::to_string(kind)));
+    }
+    OptimizerConfig config;
+    config.kind = static_cast<OptimizerKind>(kind);
+    config.learning_rate = learning_rate;
+    config.beta1 = beta1;
+    config.beta2 = beta2;
+    config.epsilon = epsilon;
+    config.weight_decay = weight_decay;
+    config.initial_accumulator = initial_accumulator;
+    std::vector<std::string_view> views(names.begin(), names.end());
+    uint64_t version = 0;
+    Client* c = Live();
+    Released([&] { return c->SetOptimizer(config, views, &version); });
+    return version;
+  }
+
   nb::dict Stats() {
     std::vector<StatEntry> stats;
     Client* c = Live();
@@ -280,7 +303,7 @@ class PyServer {
  public:
   PyServer(const std::string& bind, uint16_t port, nb::bytes secret, uint64_t max_frame_bytes,
            uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
-           double handshake_timeout_s) {
+           double handshake_timeout_s, uint32_t update_threads) {
     ServerOptions opt;
     opt.bind_address = bind;
     opt.port = port;
@@ -290,6 +313,7 @@ class PyServer {
     opt.max_connections = max_connections;
     opt.io_timeout_s = io_timeout_s;
     opt.handshake_timeout_s = handshake_timeout_s;
+    opt.update_threads = update_threads;
     Released([&] { return Server::Start(opt, &server_); });
   }
 
@@ -327,13 +351,20 @@ NB_MODULE(_core, m) {
   m.attr("KIND_PARAMETERS") = 1;
   m.attr("KIND_DELTA") = 2;
   m.attr("KIND_GRADIENT") = 3;
+  m.attr("OPTIMIZER_SGD") = 1;
+  m.attr("OPTIMIZER_MOMENTUM") = 2;
+  m.attr("OPTIMIZER_NESTEROV") = 3;
+  m.attr("OPTIMIZER_ADAGRAD") = 4;
+  m.attr("OPTIMIZER_ADAM") = 5;
+  m.attr("OPTIMIZER_ADAMW") = 6;
+  m.attr("OPTIMIZER_RMSPROP") = 7;
 
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
-                    double>(),
+                    double, uint32_t>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
-           "handshake_timeout_s"_a = 10.0)
+           "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u)
       .def_prop_ro("port", &PyServer::port, "The bound port.")
       .def_prop_ro("version", &PyServer::version, "Number of pushes applied.")
       .def_prop_ro("running", &PyServer::running)
@@ -354,6 +385,11 @@ NB_MODULE(_core, m) {
            "Fill the float32 C-contiguous arrays `outs` in place. Returns the version.")
       .def("push", &PyClient::Push, "kind"_a, "names"_a, "arrays"_a, "learning_rate"_a = 0.0f,
            "mean_window"_a = 1u, "Push float32 arrays of the given kind. Returns the version.")
+      .def("set_optimizer", &PyClient::SetOptimizer, "kind"_a, "learning_rate"_a, "beta1"_a = 0.9,
+           "beta2"_a = 0.999, "epsilon"_a = 1e-7, "weight_decay"_a = 0.0,
+           "initial_accumulator"_a = 0.0, "names"_a = std::vector<std::string>(),
+           "Set the server-side optimizer (OPTIMIZER_*) of the named variables, or of every "
+           "variable (also later ones) when `names` is empty. Returns the version.")
       .def("stats", &PyClient::Stats, "The server's counters as a dict of int.")
       .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
       .def("close", &PyClient::Close, "Close the connection.")

@@ -273,6 +273,9 @@ Status Connection::Dispatch(const FrameHeader& h) {
       case Opcode::kStats:
         result = HandleStats(h);
         break;
+      case Opcode::kSetOptimizer:
+        result = HandleSetOptimizer(h);
+        break;
       case Opcode::kShutdown: {
         if (payload_len_ != 0) {
           result = Err(StatusCode::kProtocolError, "SHUTDOWN takes an empty payload");
@@ -288,7 +291,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
       }
       default:
         result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
-                                                     " (this server speaks v1: 1..8)");
+                                                     " (this server speaks v1: 1..9)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -417,6 +420,17 @@ Status Connection::HandlePush(const FrameHeader& h) {
   ctx_->counters.pushes.fetch_add(1, std::memory_order_relaxed);
   out_.clear();
   protocol::EncodeVersion(version, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleSetOptimizer(const FrameHeader& h) {
+  OptimizerConfig config;
+  std::vector<std::string_view> names;
+  TS_RETURN_IF_ERROR(protocol::DecodeSetOptimizer(payload_span(), &config, &names));
+  TS_RETURN_IF_ERROR(ctx_->store.SetOptimizer(config, names));
+  out_.clear();
+  protocol::EncodeVersion(ctx_->store.version(), &out_);
   (void)SendResponse(h, 0, out_);
   return Status::OK();
 }

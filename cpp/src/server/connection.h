@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/thread_pool.h"
 #include "net/socket.h"
 #include "protocol/frame.h"
 #include "storage/param_store.h"
@@ -38,9 +39,13 @@ struct ServerCounters {
 
 // State shared by the server and all its connections; outlives them.
 struct ServerContext {
-  explicit ServerContext(const ServerOptions& o) : options(o), store(o.max_variables) {}
+  explicit ServerContext(const ServerOptions& o)
+      : options(o), store(o.max_variables, &update_pool) {}
 
   const ServerOptions options;
+  // Applies large updates in chunks; started by the server (before any
+  // connection), declared before `store`, which uses it.
+  ThreadPool update_pool;
   storage::ParamStore store;
   ServerCounters counters;
   std::atomic<bool> stopping{false};
@@ -86,6 +91,7 @@ class Connection {
   [[nodiscard]] Status HandlePull(const protocol::FrameHeader& h);
   [[nodiscard]] Status HandlePush(const protocol::FrameHeader& h);
   [[nodiscard]] Status HandleStats(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandleSetOptimizer(const protocol::FrameHeader& h);
 
   // Send failures are also recorded in io_status_ (the connection closes).
   [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,

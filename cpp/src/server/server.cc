@@ -3,6 +3,7 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <list>
@@ -20,6 +21,10 @@ namespace tensorspark {
 
 using server::Connection;
 using server::LogEvent;
+
+namespace {
+constexpr uint32_t kMaxUpdateThreads = 1024;
+}  // namespace
 
 class ServerImpl {
  public:
@@ -77,6 +82,14 @@ Status ServerImpl::Start() {
   if (o.max_connections == 0) {
     return Status(StatusCode::kInvalidArgument, "max_connections must be >= 1");
   }
+  if (o.update_threads > kMaxUpdateThreads) {
+    return Status(StatusCode::kInvalidArgument, "update_threads must be 0 (one per core) to " +
+                                                    std::to_string(kMaxUpdateThreads) + " (got " +
+                                                    std::to_string(o.update_threads) + ")");
+  }
+  const size_t threads =
+      o.update_threads != 0 ? o.update_threads : std::max(1u, std::thread::hardware_concurrency());
+  TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
   TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
   ctx_.request_shutdown = [this] { RequestShutdown(); };
   try {

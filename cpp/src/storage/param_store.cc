@@ -2,10 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <new>
 
-#include "optimizers/update_rules.h"
 #include "protocol/crc32c.h"
 #include "protocol/messages.h"
 
@@ -32,7 +33,46 @@ Status Mismatch(std::string_view name, std::span<const int64_t> have, std::span<
                                                 ShapeToString(got) + "; " + outcome);
 }
 
+std::string Num(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  return buf;
+}
+
 }  // namespace
+
+// ---- Variable: optimizer state --------------------------------------------------
+
+void Variable::SetOptimizer(const OptimizerConfig& config) {
+  if (!optimizer_ || !optimizers::KeepsSlots(*optimizer_, config)) {
+    slots_ready_ = false;
+    step_ = 0;
+    for (int i = optimizers::NumSlots(config.kind); i < optimizers::kMaxSlots; ++i) {
+      std::vector<float>().swap(slots_[i]);  // free what the new kind does not use
+    }
+  }
+  optimizer_ = config;
+}
+
+Status Variable::EnsureSlots() {
+  if (slots_ready_ || !optimizer_) return Status::OK();
+  const int n = optimizers::NumSlots(optimizer_->kind);
+  try {
+    for (int i = 0; i < n; ++i) slots_[i].reserve(numel());
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kLimitExceeded,
+                  "the server cannot allocate the " +
+                      std::string(optimizers::KindName(optimizer_->kind)) +
+                      " optimizer state of variable '" + name_ + "' (" + std::to_string(n) + " x " +
+                      std::to_string(numel()) + " floats); nothing was applied");
+  }
+  // Capacity is there: assign cannot throw now.
+  for (int i = 0; i < n; ++i) slots_[i].assign(numel(), optimizers::SlotInit(*optimizer_, i));
+  slots_ready_ = true;
+  return Status::OK();
+}
+
+// ---- ParamStore -------------------------------------------------------------------
 
 Variable* ParamStore::FindLocked(std::string_view name) const {
   auto it = by_name_.find(name);
@@ -84,6 +124,8 @@ Status ParamStore::Register(std::span<const RegisterItem> items, std::vector<uin
                                    std::vector<int64_t>(it.shape.begin(), it.shape.end()), numel);
     if (numel > 0) std::memcpy(var->data(), it.initial, numel * sizeof(float));
     var->set_crc(protocol::Crc32c(var->data(), numel * sizeof(float)));
+    // Not yet visible to other threads: no lock needed.
+    if (default_optimizer_) var->SetOptimizer(*default_optimizer_);
     ordered_.push_back(var.get());
     by_name_.emplace(var->name(), std::move(var));
     (*created)[i] = 1;
@@ -118,6 +160,7 @@ void ParamStore::All(std::vector<Variable*>* out) const {
 
 Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<const PushItem> items,
                         uint64_t* version) {
+  const bool gradient = kind == static_cast<uint8_t>(UpdateKind::kGradient);
   switch (static_cast<UpdateKind>(kind)) {
     case UpdateKind::kParameters:
       if (options.mean_window < 1) {
@@ -128,10 +171,12 @@ Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<cons
     case UpdateKind::kDelta:
       break;
     case UpdateKind::kGradient:
-      if (!(options.learning_rate > 0.0f) || !std::isfinite(options.learning_rate)) {
+      // 0 means "the configured learning rate"; checked per variable below.
+      if (!(options.learning_rate >= 0.0f) || !std::isfinite(options.learning_rate)) {
         return Status(StatusCode::kInvalidArgument,
-                      "learning_rate must be a finite number > 0 for a gradient push (got " +
-                          std::to_string(options.learning_rate) + ")");
+                      "learning_rate must be a finite number >= 0 for a gradient push (got " +
+                          Num(options.learning_rate) +
+                          "); 0 uses each variable's server-side optimizer learning rate");
       }
       break;
     default:
@@ -157,33 +202,80 @@ Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<cons
       vars.push_back(v);
     }
   }
-  // Block size for fusing the update with the CRC refresh: the CRC reads
-  // each block while it is still in L1/L2 instead of in a second pass.
-  constexpr uint64_t kBlock = 8192;
+  // A gradient push also needs a learning rate and the optimizer slots of
+  // every variable before anything is applied. A variable's optimizer can
+  // be changed but never removed, so what is checked here still holds in
+  // the apply loop.
+  if (gradient) {
+    for (Variable* v : vars) {
+      std::unique_lock lock(v->mu());
+      if (!v->optimizer()) {
+        if (options.learning_rate > 0.0f) continue;
+        return Status(StatusCode::kInvalidArgument,
+                      "variable '" + v->name() +
+                          "' has no server-side optimizer, so a gradient push to it needs a "
+                          "learning_rate > 0 (got 0); pass one or set an optimizer. Nothing was "
+                          "applied");
+      }
+      TS_RETURN_IF_ERROR(v->EnsureSlots());
+    }
+  }
   for (size_t i = 0; i < items.size(); ++i) {
     Variable* v = vars[i];
     std::unique_lock lock(v->mu());
-    uint32_t crc = 0;
-    for (uint64_t off = 0; off < v->numel(); off += kBlock) {
-      const uint64_t n = std::min(kBlock, v->numel() - off);
-      float* w = v->data() + off;
-      const float* x = items[i].values + off;
-      switch (static_cast<UpdateKind>(kind)) {
-        case UpdateKind::kParameters:
-          optimizers::MeanCombine(w, x, n, options.mean_window);
-          break;
-        case UpdateKind::kDelta:
-          optimizers::DeltaApply(w, x, n);
-          break;
-        case UpdateKind::kGradient:
-          optimizers::SgdApply(w, x, n, options.learning_rate);
-          break;
-      }
-      crc = protocol::Crc32cExtend(crc, w, n * sizeof(float));
+    optimizers::Update u;
+    switch (static_cast<UpdateKind>(kind)) {
+      case UpdateKind::kParameters:
+        u.rule = optimizers::Rule::kMean;
+        u.mean_window = options.mean_window;
+        break;
+      case UpdateKind::kDelta:
+        u.rule = optimizers::Rule::kDelta;
+        break;
+      case UpdateKind::kGradient:
+        if (const auto& opt = v->optimizer()) {
+          // Normally a no-op; fails only if a SetOptimizer since the check
+          // above switched to a kind with more slots and memory ran out.
+          if (Status s = v->EnsureSlots(); !s.ok()) {
+            if (i == 0) return s;
+            version_.fetch_add(1, std::memory_order_acq_rel);
+            return Status(s.code(), s.message() + " for this tensor; the " + std::to_string(i) +
+                                        " tensors before it in this push were applied");
+          }
+          const float lr =
+              options.learning_rate > 0.0f ? options.learning_rate : opt->learning_rate;
+          u = optimizers::OptimizerUpdate(*opt, lr, v->NextStep());
+        } else {
+          u.rule = optimizers::Rule::kSgd;
+          u.lr = options.learning_rate;
+        }
+        break;
     }
-    v->set_crc(crc);
+    const optimizers::Buffers b{v->data(), v->mutable_slot(0), v->mutable_slot(1), items[i].values};
+    v->set_crc(optimizers::ApplyWithCrc(u, b, v->numel(), pool_, parallel_min_));
   }
   *version = version_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  return Status::OK();
+}
+
+Status ParamStore::SetOptimizer(const OptimizerConfig& config,
+                                std::span<const std::string_view> names) {
+  TS_RETURN_IF_ERROR(optimizers::ValidateConfig(config));
+  std::lock_guard serial(set_optimizer_mu_);
+  std::vector<Variable*> vars;
+  if (names.empty()) {
+    // Set the default and take the variable list in one step: a concurrent
+    // registration is either in the list or gets the default.
+    std::unique_lock lock(map_mu_);
+    default_optimizer_ = config;
+    vars = ordered_;
+  } else {
+    TS_RETURN_IF_ERROR(Lookup(names, &vars));
+  }
+  for (Variable* v : vars) {
+    std::unique_lock lock(v->mu());
+    v->SetOptimizer(config);
+  }
   return Status::OK();
 }
 

@@ -1,17 +1,20 @@
 // The server's variables: name -> one contiguous float32 buffer each.
 //
-// Locking: `map_mu_` guards the name map and the registration-order list
-// (REGISTER takes it exclusively, lookups share it). Each Variable's `mu`
-// guards its values only: pulls share it, pushes take it exclusively, one
-// variable at a time. Variables are never removed, so Variable pointers
-// stay valid for the store's lifetime and may be used after map_mu_ is
-// released. Code holding several variable locks at once must take them in
-// increasing id() order.
+// Locking: `map_mu_` guards the name map, the registration-order list and
+// the default optimizer (REGISTER takes it exclusively, lookups share it).
+// Each Variable's `mu` guards its values and optimizer state (config,
+// slots, step): pulls share it, pushes and SetOptimizer take it
+// exclusively, one variable at a time, never while holding map_mu_.
+// Variables are never removed, so Variable pointers stay valid for the
+// store's lifetime and may be used after map_mu_ is released. Code holding
+// several variable locks at once must take them in increasing id() order.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <span>
 #include <string>
@@ -19,6 +22,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/thread_pool.h"
+#include "optimizers/optimizers.h"
 #include "tensorspark/status.h"
 #include "tensorspark/types.h"
 
@@ -42,6 +47,25 @@ class Variable {
   void set_crc(uint32_t crc) { crc_ = crc; }
   std::shared_mutex& mu() const { return mu_; }
 
+  // ---- server-side optimizer; all guarded by mu() ----
+  // The configured optimizer, if any (once set, a variable always has one).
+  const std::optional<OptimizerConfig>& optimizer() const { return optimizer_; }
+  // Sets the optimizer; resets the slots unless optimizers::KeepsSlots (a
+  // change of learning rate alone keeps them). Slots no longer needed are
+  // freed; the others are refilled by the next EnsureSlots.
+  void SetOptimizer(const OptimizerConfig& config);
+  // Allocates and initializes the slots of the configured optimizer if they
+  // are not ready (the first gradient push after SetOptimizer). Fails with
+  // kLimitExceeded, changing nothing, when memory is short.
+  [[nodiscard]] Status EnsureSlots();
+  // Slot i (empty until EnsureSlots) and Adam's step count t of the last
+  // applied push (0 after a reset).
+  std::span<const float> slot(int i) const { return slots_[i]; }
+  float* mutable_slot(int i) { return slots_[i].empty() ? nullptr : slots_[i].data(); }
+  uint64_t step() const { return step_; }
+  // Counts one more optimizer step and returns t.
+  uint64_t NextStep() { return ++step_; }
+
  private:
   const uint64_t id_;
   const std::string name_;
@@ -49,6 +73,11 @@ class Variable {
   mutable std::shared_mutex mu_;
   std::vector<float> values_;  // size fixed at construction
   uint32_t crc_ = 0;           // == Crc32c(values_) outside writers
+  std::optional<OptimizerConfig> optimizer_;
+  // numel() floats each for the first NumSlots(kind) slots once ready.
+  std::vector<float> slots_[optimizers::kMaxSlots];
+  bool slots_ready_ = false;
+  uint64_t step_ = 0;
 };
 
 struct RegisterItem {
@@ -66,7 +95,11 @@ struct PushItem {
 
 class ParamStore {
  public:
-  explicit ParamStore(uint64_t max_variables) : max_variables_(max_variables) {}
+  // Updates of tensors with at least `parallel_min_elements` elements are
+  // split across `pool` (null: every update on the calling thread).
+  explicit ParamStore(uint64_t max_variables, ThreadPool* pool = nullptr,
+                      uint64_t parallel_min_elements = optimizers::kDefaultParallelMinElements)
+      : max_variables_(max_variables), pool_(pool), parallel_min_(parallel_min_elements) {}
 
   // All-or-nothing: the first registration of a name wins (created = 0 for
   // names that exist with the same shape); a different shape fails with
@@ -82,9 +115,18 @@ class ParamStore {
 
   // Checks kind, options, names and shapes of the whole push, then applies
   // each tensor under its variable's unique lock (refreshing its crc()).
-  // `version` receives the model version after this push.
+  // A gradient push applies each variable's optimizer (options.learning_rate
+  // > 0 overrides its learning rate), or plain SGD where none is set, which
+  // then needs learning_rate > 0; slots are allocated before anything is
+  // applied. `version` receives the model version after this push.
   [[nodiscard]] Status Push(uint8_t kind, const PushOptions& options,
                             std::span<const PushItem> items, uint64_t* version);
+
+  // Sets the optimizer of the named variables, or with no names of every
+  // variable, including those registered later. Validates the config
+  // (kInvalidArgument) and every name (kNotFound) before changing anything.
+  [[nodiscard]] Status SetOptimizer(const OptimizerConfig& config,
+                                    std::span<const std::string_view> names);
 
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
   uint64_t num_variables() const;
@@ -98,7 +140,14 @@ class ParamStore {
   Variable* FindLocked(std::string_view name) const;
 
   const uint64_t max_variables_;
+  ThreadPool* const pool_;
+  const uint64_t parallel_min_;
+  // Serializes SetOptimizer calls, so the last call wins on every variable
+  // it names even when calls overlap.
+  std::mutex set_optimizer_mu_;
   mutable std::shared_mutex map_mu_;
+  // Optimizer of variables registered from now on; guarded by map_mu_.
+  std::optional<OptimizerConfig> default_optimizer_;
   std::unordered_map<std::string, std::unique_ptr<Variable>, NameHash, std::equal_to<>> by_name_;
   std::vector<Variable*> ordered_;  // guarded by map_mu_
   std::atomic<uint64_t> version_{0};

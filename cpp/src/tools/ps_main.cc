@@ -1,6 +1,6 @@
 // tensorspark-ps: the standalone parameter server.
 //
-//   tensorspark-ps --secret-file /path/to/secret [--port 10080] [--bind 0.0.0.0]
+//   tensorspark-ps --secret-file /path/to/secret [--port 10080] [--bind 0.0.0.0] [--threads N]
 //
 // Runs until SIGINT/SIGTERM or a client's SHUTDOWN request, then stops
 // cleanly and exits 0. Bad arguments exit 2, a failed start exits 1.
@@ -23,6 +23,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
+    "                      [--threads N]\n"
     "\n"
     "Parameter server of tensorspark (wire protocol v1).\n"
     "\n"
@@ -31,6 +32,8 @@ constexpr char kUsage[] =
     "  --port N              TCP port to listen on (default 10080; 0 picks a free one)\n"
     "  --bind ADDR           address to listen on (default 0.0.0.0, every interface)\n"
     "  --max-frame-bytes N   largest request payload accepted (default 2147483648)\n"
+    "  --threads N           threads that apply one large update together, in chunks\n"
+    "                        (default 0: one per core; 1: no extra threads; at most 1024)\n"
     "  --help                show this text\n"
     "\n"
     "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
@@ -101,6 +104,12 @@ int main(int argc, char** argv) {
         return BadArgs("--max-frame-bytes needs a number >= 64");
       }
       opt.max_frame_bytes = n;
+    } else if (arg == "--threads") {
+      uint64_t n;
+      if (!take_value(&value) || !ParseUint(value, 1024, &n)) {
+        return BadArgs("--threads needs a number from 0 (one per core) to 1024");
+      }
+      opt.update_threads = static_cast<uint32_t>(n);
     } else {
       return BadArgs("unknown argument '" + std::string(argv[i]) + "'");
     }

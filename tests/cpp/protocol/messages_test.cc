@@ -208,6 +208,23 @@ TEST(MessagesTest, DataSectionMustMatchMetas) {
   EXPECT_EQ(DecodeRegister(RegisterWithMeta(meta, 16), &t).code(), StatusCode::kProtocolError);
 }
 
+TEST(MessagesTest, ElementSumThatWrapsIsRejected) {
+  // 2^16 metas of 2^48 elements sum to 2^64: a wrapping sum would accept an
+  // empty data section and the server would read far past the payload.
+  const std::vector<int64_t> huge{int64_t{1} << 48};
+  std::vector<uint8_t> p;
+  Writer w(&p);
+  w.U32(1u << 16);
+  for (int i = 0; i < (1 << 16); ++i) w.Meta("W", huge);
+  TensorSection t;
+  EXPECT_EQ(DecodeRegister(p, &t).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> push;
+  EncodePushHead(PushHead{2, 1, 0.0f}, &push);
+  push.insert(push.end(), p.begin(), p.end());
+  PushHead head;
+  EXPECT_EQ(DecodePush(push, &head, &t).code(), StatusCode::kProtocolError);
+}
+
 TEST(MessagesTest, ZeroSizedAndScalarTensors) {
   std::vector<uint8_t> p;
   Writer w(&p);
@@ -305,6 +322,74 @@ TEST(MessagesTest, PullResponseDecode) {
   EXPECT_EQ(t[0].values, (std::vector<float>{1.0f, -2.0f}));
   p.pop_back();
   EXPECT_EQ(DecodePullResponse(p, &version, &t).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, SetOptimizerRoundTrip) {
+  OptimizerConfig c;
+  c.kind = OptimizerKind::kAdamW;
+  c.learning_rate = 1e-3f;
+  c.beta1 = 0.8f;
+  c.beta2 = 0.99f;
+  c.epsilon = 1e-8f;
+  c.weight_decay = 0.004f;
+  c.initial_accumulator = 0.1f;
+  std::vector<std::string_view> names = {"layer/W", "b"};
+  std::vector<uint8_t> p;
+  EncodeSetOptimizer(c, names, &p);
+  ASSERT_EQ(p.size(), kSetOptimizerHeadSize + 4 + (2 + 7) + (2 + 1));
+  EXPECT_EQ(p[0], 6);
+  OptimizerConfig d;
+  std::vector<std::string_view> got;
+  ASSERT_TRUE(DecodeSetOptimizer(p, &d, &got).ok());
+  EXPECT_EQ(d.kind, c.kind);
+  EXPECT_EQ(d.learning_rate, c.learning_rate);
+  EXPECT_EQ(d.beta1, c.beta1);
+  EXPECT_EQ(d.beta2, c.beta2);
+  EXPECT_EQ(d.epsilon, c.epsilon);
+  EXPECT_EQ(d.weight_decay, c.weight_decay);
+  EXPECT_EQ(d.initial_accumulator, c.initial_accumulator);
+  EXPECT_EQ(got, names);
+
+  // No names (= every variable), and a kind the decoder leaves to the
+  // server's validation.
+  c.kind = static_cast<OptimizerKind>(200);
+  p.clear();
+  EncodeSetOptimizer(c, {}, &p);
+  ASSERT_EQ(p.size(), kSetOptimizerHeadSize + 4);
+  ASSERT_TRUE(DecodeSetOptimizer(p, &d, &got).ok());
+  EXPECT_EQ(static_cast<int>(d.kind), 200);
+  EXPECT_TRUE(got.empty());
+}
+
+TEST(MessagesTest, MalformedSetOptimizerIsAProtocolError) {
+  OptimizerConfig c;
+  std::vector<std::string_view> names = {"w"};
+  std::vector<uint8_t> p;
+  EncodeSetOptimizer(c, names, &p);
+  OptimizerConfig d;
+  std::vector<std::string_view> got;
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeSetOptimizer(cut, &d, &got).code(), StatusCode::kProtocolError) << len;
+  }
+  std::vector<uint8_t> trailing = p;
+  trailing.push_back(0);
+  EXPECT_EQ(DecodeSetOptimizer(trailing, &d, &got).code(), StatusCode::kProtocolError);
+  for (size_t i = 1; i <= 3; ++i) {
+    std::vector<uint8_t> reserved = p;
+    reserved[i] = 1;
+    Status s = DecodeSetOptimizer(reserved, &d, &got);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError);
+    EXPECT_NE(s.message().find("reserved"), std::string::npos);
+  }
+  // An empty name, and a count the remaining bytes cannot hold.
+  std::vector<uint8_t> empty_name;
+  std::vector<std::string_view> blank = {""};
+  EncodeSetOptimizer(c, blank, &empty_name);
+  EXPECT_EQ(DecodeSetOptimizer(empty_name, &d, &got).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> huge = p;
+  std::fill_n(huge.begin() + kSetOptimizerHeadSize, 4, uint8_t{0xFF});  // count 2^32 - 1
+  EXPECT_EQ(DecodeSetOptimizer(huge, &d, &got).code(), StatusCode::kProtocolError);
 }
 
 }  // namespace

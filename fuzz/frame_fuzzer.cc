@@ -1,0 +1,194 @@
+// libFuzzer target: the frame header codec and every payload decoder of
+// protocol/messages.h, on each frame of the input (format: fuzz_input.h).
+//
+// Besides the sanitizers, each successful decode is checked by re-encoding:
+// the wire formats are canonical, so the bytes must come back unchanged.
+// The hardware CRC-32C is checked against the portable one and Combine.
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "fuzz_input.h"
+#include "protocol/crc32c.h"
+#include "protocol/frame.h"
+#include "protocol/messages.h"
+
+namespace tensorspark::fuzz {
+namespace {
+
+using Bytes = std::vector<uint8_t>;
+using Span = std::span<const uint8_t>;
+
+[[noreturn]] void Fail(const char* what) {
+  std::fprintf(stderr, "frame_fuzzer: %s\n", what);
+  std::abort();
+}
+
+void Expect(bool ok, const char* what) {
+  if (!ok) Fail(what);
+}
+
+bool Same(Span a, Span b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size()) == 0);
+}
+
+// Metas of a decoded tensor section, re-encoded after `prefix`, plus its data.
+void CheckTensorSection(Span payload, const Bytes& prefix, const protocol::TensorSection& t) {
+  Expect(t.metas.size() == t.numels.size(), "metas and numels differ in length");
+  Expect(t.data_offset + t.data_len == payload.size(), "data section does not end the payload");
+  uint64_t total = 0;
+  Bytes enc = prefix;
+  protocol::Writer w(&enc);
+  w.U32(static_cast<uint32_t>(t.metas.size()));
+  for (size_t i = 0; i < t.metas.size(); ++i) {
+    uint64_t n = 1;
+    for (int64_t d : t.metas[i].shape) {
+      Expect(d >= 0, "negative dimension accepted");
+      Expect(!__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n), "numel overflow accepted");
+    }
+    Expect(n == t.numels[i], "numel is not the product of the shape");
+    Expect(!__builtin_add_overflow(total, n, &total), "element sum overflow accepted");
+    w.Meta(t.metas[i].name, t.metas[i].shape);
+  }
+  Expect(total <= t.data_len / sizeof(float) && total * sizeof(float) == t.data_len,
+         "data section size does not match the metas");
+  Expect(enc.size() == t.data_offset, "data_offset is not the end of the metas");
+  Expect(Same(enc, payload.first(t.data_offset)), "tensor section does not re-encode");
+}
+
+void DecodeEverything(Span p) {
+  {
+    Status remote;
+    if (protocol::DecodeError(p, &remote).ok()) {
+      Expect(!remote.ok(), "error frame decoded as OK");
+      if (protocol::LoadLE32(p.data()) != 0) {
+        Bytes enc;
+        protocol::EncodeError(remote, &enc);
+        Expect(Same(enc, p), "error payload does not re-encode");
+      }
+      (void)remote.ToString();
+    }
+  }
+  {
+    protocol::HelloRequest hello;
+    if (protocol::DecodeHello(p, &hello).ok()) {
+      Bytes enc;
+      protocol::EncodeHello(hello, &enc);
+      Expect(Same(enc, p), "HELLO does not re-encode");
+    }
+  }
+  {
+    protocol::Nonce nonce;
+    if (protocol::DecodeNonce(p, &nonce).ok()) {
+      Bytes enc;
+      protocol::EncodeNonce(nonce, &enc);
+      Expect(Same(enc, p), "nonce does not re-encode");
+    }
+  }
+  {
+    protocol::TensorSection t;
+    if (protocol::DecodeRegister(p, &t).ok()) CheckTensorSection(p, {}, t);
+  }
+  {
+    protocol::PushHead head;
+    protocol::TensorSection t;
+    if (protocol::DecodePush(p, &head, &t).ok()) {
+      Bytes enc;
+      protocol::EncodePushHead(head, &enc);
+      Expect(enc.size() == protocol::kPushHeadSize, "push head size");
+      CheckTensorSection(p, enc, t);
+    }
+  }
+  {
+    protocol::RegisterResponse r;
+    if (protocol::DecodeRegisterResponse(p, &r).ok()) {
+      Bytes enc;
+      protocol::EncodeRegisterResponse(r, &enc);
+      Expect(Same(enc, p), "REGISTER response does not re-encode");
+    }
+  }
+  {
+    uint64_t version;
+    if (protocol::DecodeVersion(p, &version).ok()) {
+      Bytes enc;
+      protocol::EncodeVersion(version, &enc);
+      Expect(Same(enc, p), "version does not re-encode");
+    }
+  }
+  {
+    uint64_t version;
+    std::vector<VariableInfo> vars;
+    if (protocol::DecodeListResponse(p, &version, &vars).ok()) {
+      Bytes enc;
+      protocol::EncodeListResponse(version, vars, &enc);
+      Expect(Same(enc, p), "LIST response does not re-encode");
+    }
+  }
+  {
+    std::vector<std::string_view> names;
+    if (protocol::DecodePullRequest(p, &names).ok()) {
+      Bytes enc;
+      protocol::EncodePullRequest(names, &enc);
+      Expect(Same(enc, p), "PULL request does not re-encode");
+    }
+  }
+  {
+    uint64_t version;
+    std::vector<Tensor> tensors;
+    if (protocol::DecodePullResponse(p, &version, &tensors).ok()) {
+      std::vector<VariableInfo> infos;
+      for (const Tensor& t : tensors) infos.push_back(t.info);
+      Bytes enc;
+      protocol::EncodeListResponse(version, infos, &enc);
+      protocol::Writer w(&enc);
+      for (const Tensor& t : tensors) w.Bytes(t.values.data(), t.values.size() * sizeof(float));
+      Expect(Same(enc, p), "PULL response does not re-encode");
+    }
+  }
+  {
+    std::vector<StatEntry> stats;
+    if (protocol::DecodeStatsResponse(p, &stats).ok()) {
+      Bytes enc;
+      protocol::EncodeStatsResponse(stats, &enc);
+      Expect(Same(enc, p), "STATS response does not re-encode");
+    }
+  }
+}
+
+void CheckCrc(Span p) {
+  const uint32_t crc = protocol::Crc32c(p.data(), p.size());
+  Expect(crc == protocol::Crc32cExtendPortable(0, p.data(), p.size()),
+         "hardware and portable CRC-32C differ");
+  const size_t split = p.empty() ? 0 : p[0] % (p.size() + 1);
+  const uint32_t a = protocol::Crc32c(p.data(), split);
+  const uint32_t b = protocol::Crc32c(p.data() + split, p.size() - split);
+  Expect(protocol::Crc32cCombine(a, b, p.size() - split) == crc, "Crc32cCombine is wrong");
+}
+
+}  // namespace
+}  // namespace tensorspark::fuzz
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using namespace tensorspark;
+  fuzz::FuzzInput in = fuzz::ParseFuzzInput(data, size);
+  for (const fuzz::FrameSpan& f : in.frames) {
+    const uint8_t* raw = in.stream.data() + f.header;
+    protocol::FrameHeader h = protocol::DecodeHeader(raw);
+    uint8_t again[protocol::kHeaderSize];
+    protocol::EncodeHeader(h, again);
+    fuzz::Expect(std::memcmp(raw, again, sizeof(again)) == 0, "header does not re-encode");
+    (void)protocol::OpcodeName(h.opcode);
+    (void)protocol::CheckFlags(h);
+    (void)protocol::ValidateHeader(h, uint64_t{1} << 31);
+    (void)protocol::ValidateHeader(h, 64);
+    std::span<const uint8_t> payload(in.stream.data() + f.payload, f.size);
+    fuzz::DecodeEverything(payload);
+    fuzz::CheckCrc(payload);
+  }
+  return 0;
+}

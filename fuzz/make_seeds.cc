@@ -1,0 +1,178 @@
+// Writes the seed corpus of the fuzz targets into a directory: a few valid
+// request sequences per opcode plus some reply frames (format: fuzz_input.h).
+// Generated rather than committed, so the seeds follow protocol changes.
+//
+//   fuzz_seeds OUT_DIR
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fuzz_input.h"
+#include "protocol/frame.h"
+#include "protocol/messages.h"
+
+namespace tensorspark::fuzz {
+namespace {
+
+using protocol::Opcode;
+using Bytes = std::vector<uint8_t>;
+
+// A seed: control byte + frames with increasing request ids.
+class Seed {
+ public:
+  explicit Seed(uint8_t control = 0) : bytes_{control} {}
+  Seed& Frame(Opcode op, const Bytes& payload = {}, uint32_t flags = 0) {
+    AppendFrame(static_cast<uint16_t>(op), flags, ++id_, payload, &bytes_);
+    return *this;
+  }
+  const Bytes& bytes() const { return bytes_; }
+
+ private:
+  Bytes bytes_;
+  uint64_t id_ = 10;
+};
+
+struct Tensor1 {
+  std::string_view name;
+  std::vector<int64_t> shape;
+};
+
+// `count`, metas, then numel floats per tensor (REGISTER and PUSH).
+Bytes TensorSection(const std::vector<Tensor1>& tensors, Bytes out = {}) {
+  protocol::Writer w(&out);
+  w.U32(static_cast<uint32_t>(tensors.size()));
+  for (const Tensor1& t : tensors) w.Meta(t.name, t.shape);
+  for (const Tensor1& t : tensors) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    for (int64_t i = 0; i < n; ++i) w.F32(0.5f * static_cast<float>(i + 1));
+  }
+  return out;
+}
+
+Bytes Push(uint8_t kind, uint32_t mean_window, float lr, const std::vector<Tensor1>& tensors) {
+  Bytes head;
+  protocol::EncodePushHead({kind, mean_window, lr}, &head);
+  return TensorSection(tensors, head);
+}
+
+// SET_OPTIMIZER (opcode 9), written from the wire layout of docs/protocol.md:
+// kind, 3 reserved bytes, lr, beta1, beta2, epsilon, weight_decay,
+// initial_accumulator, count, names.
+constexpr auto kSetOptimizer = static_cast<Opcode>(9);
+Bytes SetOptimizer(uint8_t kind, std::vector<std::string_view> names) {
+  Bytes out;
+  protocol::Writer w(&out);
+  w.U8(kind);
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  for (float f : {0.01f, 0.9f, 0.999f, 1e-7f, 0.004f, 0.1f}) w.F32(f);
+  w.U32(static_cast<uint32_t>(names.size()));
+  for (std::string_view n : names) w.Str(n);
+  return out;
+}
+
+Bytes Pull(std::vector<std::string_view> names) {
+  Bytes out;
+  protocol::EncodePullRequest(names, &out);
+  return out;
+}
+
+}  // namespace
+}  // namespace tensorspark::fuzz
+
+int main(int argc, char** argv) {
+  using namespace tensorspark;
+  using namespace tensorspark::fuzz;
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
+    return 2;
+  }
+  // Names and shapes of the variables the server target registers.
+  const Tensor1 w{"w", {4, 3}}, b{"b", {3}}, s{"s", {}}, z{"z", {0, 5}};
+  const Tensor1 fresh{"new", {2}};
+
+  std::vector<std::pair<std::string, Bytes>> seeds;
+  auto add = [&](std::string name, const Seed& seed) { seeds.emplace_back(name, seed.bytes()); };
+
+  add("register_pull_push", Seed()
+                                .Frame(Opcode::kRegister, TensorSection({fresh, w}))
+                                .Frame(Opcode::kPull, Pull({"new"}))
+                                .Frame(Opcode::kPush, Push(3, 1, 0.5f, {fresh}))
+                                .Frame(Opcode::kList)
+                                .Frame(Opcode::kStats));
+  add("register_mismatch", Seed().Frame(Opcode::kRegister, TensorSection({{"b", {4}}})));
+  add("pull_named", Seed().Frame(Opcode::kPull, Pull({"w", "b", "s", "z"})));
+  add("pull_all", Seed().Frame(Opcode::kPull, Pull({})));
+  add("pull_unknown", Seed().Frame(Opcode::kPull, Pull({"nope"})));
+  add("push_mean", Seed().Frame(Opcode::kPush, Push(1, 2, 0.0f, {w, b})));
+  add("push_delta", Seed().Frame(Opcode::kPush, Push(2, 1, 0.0f, {s, z})));
+  add("push_sgd",
+      Seed().Frame(Opcode::kPush, Push(3, 1, 0.1f, {w})).Frame(Opcode::kPull, Pull({"w"})));
+  add("optimizer_adam", Seed()
+                            .Frame(kSetOptimizer, SetOptimizer(5, {"w", "b"}))
+                            .Frame(Opcode::kPush, Push(3, 1, 0.0f, {w, b}))
+                            .Frame(Opcode::kPush, Push(3, 1, 0.5f, {w}))
+                            .Frame(Opcode::kPull, Pull({"w"})));
+  add("optimizer_all", Seed()
+                           .Frame(kSetOptimizer, SetOptimizer(4, {}))
+                           .Frame(Opcode::kRegister, TensorSection({fresh}))
+                           .Frame(Opcode::kPush, Push(3, 1, 0.0f, {fresh, s})));
+  add("push_bad_kind", Seed().Frame(Opcode::kPush, Push(9, 0, -1.0f, {b})));
+  add("list_stats_shutdown",
+      Seed().Frame(Opcode::kList).Frame(Opcode::kStats).Frame(Opcode::kShutdown));
+  add("bad_flags_opcode", Seed()
+                              .Frame(Opcode::kList, {}, protocol::kFlagResponse)
+                              .Frame(static_cast<Opcode>(99))
+                              .Frame(Opcode::kHello));
+
+  // Handshake frames on a fresh connection (the proof is wrong).
+  {
+    protocol::HelloRequest hello;
+    hello.client_nonce.fill(7);
+    hello.client_name = "seed";
+    Bytes p;
+    protocol::EncodeHello(hello, &p);
+    add("handshake", Seed(kSkipHandshake).Frame(Opcode::kHello, p).Frame(Opcode::kAuth, Bytes(32)));
+  }
+
+  // Reply frames: decoder inputs (requests with bad flags for the server).
+  {
+    const uint32_t kReply = protocol::kFlagResponse;
+    Bytes err, reg, ver, list, pull, stats;
+    protocol::EncodeError(Status(StatusCode::kNotFound, "no such variable"), &err);
+    protocol::EncodeRegisterResponse({3, {1, 0}}, &reg);
+    protocol::EncodeVersion(42, &ver);
+    std::vector<VariableInfo> vars{{"w", DType::kFloat32, {4, 3}}, {"s", DType::kFloat32, {}}};
+    protocol::EncodeListResponse(7, vars, &list);
+    const std::vector<VariableInfo> pulled{{"b", DType::kFloat32, {3}}};
+    const std::vector<float> values{1, 2, 3};
+    protocol::EncodeListResponse(7, pulled, &pull);
+    protocol::Writer(&pull).Bytes(values.data(), values.size() * sizeof(float));
+    const std::vector<StatEntry> counters{{"version", 7}, {"pushes", 7}};
+    protocol::EncodeStatsResponse(counters, &stats);
+    add("replies", Seed()
+                       .Frame(Opcode::kPull, err, kReply | protocol::kFlagError)
+                       .Frame(Opcode::kRegister, reg, kReply)
+                       .Frame(Opcode::kPush, ver, kReply)
+                       .Frame(Opcode::kList, list, kReply)
+                       .Frame(Opcode::kPull, pull, kReply)
+                       .Frame(Opcode::kStats, stats, kReply));
+  }
+
+  const std::string dir = argv[1];
+  for (const auto& [name, bytes] : seeds) {
+    const std::string path = dir + "/" + name;
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (f == nullptr || std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size() ||
+        std::fclose(f) != 0) {
+      std::perror(path.c_str());
+      return 1;
+    }
+  }
+  std::printf("wrote %zu seeds to %s\n", seeds.size(), dir.c_str());
+  return 0;
+}
