@@ -18,7 +18,7 @@ from .errors import (
     TensorSparkValueError,
     VariableNotFoundError,
 )
-from .ps import ParameterServer, PSClient, generate_secret
+from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret
 from .session import RunSummary, SparkSession
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "ProtocolError",
     "RunSummary",
     "ShapeMismatchError",
+    "ShardedPSClient",
     "SparkSession",
     "TensorSparkError",
     "TensorSparkValueError",

@@ -27,6 +27,7 @@ class TaskConfig:
 
     host: str
     port: int
+    servers: tuple[tuple[str, int], ...]  # several servers sharing the model, or ()
     secret: bytes
     run_name: str
     run_index: int
@@ -197,6 +198,19 @@ class _Sync:
         self.pull()
 
 
+def _connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:
+    """The task's connection: to the one server, or to every shard."""
+    common = {
+        "partition_id": partition,
+        "attempt": attempt,
+        "connect_timeout_s": cfg.connect_timeout,
+        "io_timeout_s": cfg.io_timeout,
+    }
+    if cfg.servers:
+        return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
+    return _core.Client(cfg.host, cfg.port, cfg.secret, **common)
+
+
 def train_partition(
     cfg: TaskConfig, graph_broadcast: Any, partition: int, rows: Iterable[Any]
 ) -> Iterator[dict[str, Any]]:
@@ -208,15 +222,7 @@ def train_partition(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.monotonic()
     model = _Model(graph_broadcast.value, cfg)
-    client = _core.Client(
-        cfg.host,
-        cfg.port,
-        cfg.secret,
-        partition_id=partition,
-        attempt=attempt,
-        connect_timeout_s=cfg.connect_timeout,
-        io_timeout_s=cfg.io_timeout,
-    )
+    client = _connect(cfg, partition, attempt)
     try:
         sync = _Sync(client, cfg, model)
         sync.pull()

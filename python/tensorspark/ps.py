@@ -90,6 +90,47 @@ def _as_number(what: str, value) -> float:
     return float(value)
 
 
+def _out_buffers(out: Mapping[str, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+    """Names and buffers of a pull_into call, checked to be filled in place."""
+    names, arrays = list(out), list(out.values())
+    for n, a in zip(names, arrays, strict=True):
+        if not (
+            isinstance(a, np.ndarray)
+            and a.dtype == np.float32
+            and a.flags.c_contiguous
+            and a.flags.writeable
+        ):
+            raise TensorSparkValueError(
+                f"pull_into: buffer for {n!r} must be a writable C-contiguous float32 numpy array"
+            )
+    return names, arrays
+
+
+def _push(client, values: Mapping[str, np.ndarray], kind: str, lr: float, window: int) -> int:
+    if kind not in _KINDS:
+        raise TensorSparkValueError(f"push: kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    names = list(values)
+    arrays = [_as_float32(n, values[n]) for n in names]
+    return client.push(_KINDS[kind], names, arrays, learning_rate=lr, mean_window=window)
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"`` (or a ``(host, port)`` pair) as ``(host, port)``."""
+    if isinstance(address, tuple):
+        host, port = address
+    else:
+        host, sep, port = str(address).rpartition(":")
+        if not sep or not host:
+            raise TensorSparkValueError(f"server address {address!r} is not of the form host:port")
+    try:
+        port = int(port)
+    except ValueError:
+        raise TensorSparkValueError(f"server address {address!r}: port is not a number") from None
+    if not 0 < port < 65536:
+        raise TensorSparkValueError(f"server address {address!r}: port must be 1..65535")
+    return host.strip("[]"), port
+
+
 class ParameterServer:
     """A parameter server on threads of this process.
 
@@ -276,20 +317,7 @@ class PSClient:
 
     def pull_into(self, out: Mapping[str, np.ndarray]) -> int:
         """Fill caller-owned float32, C-contiguous arrays in place; returns the version."""
-        names = list(out)
-        arrays = list(out.values())
-        for n, a in zip(names, arrays, strict=True):
-            if not (
-                isinstance(a, np.ndarray)
-                and a.dtype == np.float32
-                and a.flags.c_contiguous
-                and a.flags.writeable
-            ):
-                raise TensorSparkValueError(
-                    f"pull_into: buffer for {n!r} must be a writable C-contiguous float32 "
-                    "numpy array"
-                )
-        return self._client.pull_into(names, arrays)
+        return self._client.pull_into(*_out_buffers(out))
 
     def push(
         self,
@@ -308,13 +336,7 @@ class PSClient:
         overrides the optimizer's learning rate for this push; 0 uses it (a
         variable without an optimizer then refuses the push).
         """
-        if kind not in _KINDS:
-            raise TensorSparkValueError(f"push: kind must be one of {sorted(_KINDS)}, got {kind!r}")
-        names = list(values)
-        arrays = [_as_float32(n, values[n]) for n in names]
-        return self._client.push(
-            _KINDS[kind], names, arrays, learning_rate=learning_rate, mean_window=mean_window
-        )
+        return _push(self._client, values, kind, learning_rate, mean_window)
 
     def push_arrays(self, kind: int, names: list[str], arrays: list[np.ndarray], **kw) -> int:
         """Push already float32, C-contiguous arrays without any checks or copies."""
@@ -444,6 +466,112 @@ class PSClient:
         self._client.close()
 
     def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ShardedPSClient:
+    """One model spread over several parameter servers.
+
+    Each variable is cut into chunks of about ``chunk_bytes`` that live on the
+    servers by a fixed rule (docs/protocol.md, "Sharding"), so every worker
+    finds the same chunk on the same server; calls go to all servers in
+    parallel.
+
+    Parameters
+    ----------
+    servers : list of str or (host, port)
+        The servers, as ``"host:port"``; every client of a run must list them
+        in the same order.
+    secret : bytes
+        The run's shared secret (the same on every server).
+    chunk_bytes : int
+        Chunk size; must be the same for every client of a run.
+
+    Notes
+    -----
+    Not thread-safe: use one client per thread.
+    """
+
+    def __init__(
+        self,
+        servers: Iterable[str | tuple[str, int]],
+        secret: bytes,
+        *,
+        partition_id: int = -1,
+        attempt: int = 0,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 120.0,
+        chunk_bytes: int = 4 << 20,
+    ) -> None:
+        self.servers = [parse_address(a) for a in servers]
+        if not self.servers:
+            raise TensorSparkValueError("ShardedPSClient needs at least one server address")
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._client = _core.ShardedClient(
+            self.servers,
+            secret,
+            partition_id=partition_id,
+            attempt=attempt,
+            connect_timeout_s=connect_timeout,
+            io_timeout_s=io_timeout,
+            chunk_bytes=int(chunk_bytes),
+        )
+
+    def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
+        """Register variables over the servers; the first registration wins."""
+        names = list(variables)
+        arrays = [_as_float32(n, variables[n]) for n in names]
+        created, _ = self._client.register(names, arrays)
+        self._shapes.update((n, tuple(a.shape)) for n, a in zip(names, arrays, strict=True))
+        return dict(zip(names, created, strict=True))
+
+    def pull(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Pull the named variables (registered through this client) into new arrays."""
+        names = list(names)
+        unknown = [n for n in names if n not in self._shapes]
+        if unknown:
+            raise TensorSparkValueError(
+                f"pull: shape of {unknown[0]!r} unknown; register it through this client first "
+                "or use pull_into with a buffer of the right size"
+            )
+        out = {n: np.empty(self._shapes[n], np.float32) for n in names}
+        self.pull_into(out)
+        return out
+
+    def pull_into(self, out: Mapping[str, np.ndarray]) -> int:
+        """Fill caller-owned float32 arrays in place; returns the summed version."""
+        return self._client.pull_into(*_out_buffers(out))
+
+    def push(
+        self,
+        values: Mapping[str, np.ndarray],
+        kind: str = "delta",
+        *,
+        learning_rate: float = 0.0,
+        mean_window: int = 1,
+    ) -> int:
+        """Push values (as :meth:`PSClient.push`); returns the summed version."""
+        return _push(self._client, values, kind, learning_rate, mean_window)
+
+    def stats_per_server(self) -> list[dict[str, int]]:
+        """Each server's counters, in server order."""
+        return [dict(d) for d in self._client.stats()]
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over the servers (``version`` is the summed version)."""
+        total: dict[str, int] = {}
+        for d in self.stats_per_server():
+            for k, v in d.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ShardedPSClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,12 +20,12 @@ from . import _graph, _spark
 from ._worker import TaskConfig, train_partition
 from .combiners import DeltaCombiner, MeanCombiner
 from .errors import TensorSparkValueError
-from .ps import ParameterServer, PSClient, generate_secret
+from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
 
 log = logging.getLogger("tensorspark")
 
 
-def _shutdown(client: PSClient, server: ParameterServer | None) -> None:
+def _shutdown(client: PSClient | ShardedPSClient, server: ParameterServer | None) -> None:
     client.close()
     if server is not None:
         server.stop()
@@ -83,6 +83,11 @@ class SparkSession:
     start_server : bool
         False connects to an already running ``tensorspark-ps`` at
         ``server_host:server_port`` instead of starting one.
+    servers : list of str, optional
+        Several running ``tensorspark-ps`` processes (``"host:port"``) that
+        hold the model together, each variable cut into chunks spread over
+        them (docs/protocol.md, "Sharding"). Implies ``start_server=False``;
+        needs ``secret``.
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
     threads_per_task : int, optional
@@ -110,6 +115,7 @@ class SparkSession:
         *,
         secret: bytes | None = None,
         start_server: bool = True,
+        servers: list[str] | None = None,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
         threads_per_task: int | None = None,
@@ -140,6 +146,11 @@ class SparkSession:
         if server_host is None:
             server_host = "127.0.0.1" if local else conf.get("spark.driver.host")
         self.server_host = server_host
+        self.servers: tuple[tuple[str, int], ...] = ()
+        if servers:
+            self.servers = tuple(parse_address(a) for a in servers)
+            self.server_host, self.server_port = self.servers[0]
+            start_server = False
         if start_server:
             self.secret = secret or generate_secret()
             bind = "127.0.0.1" if _spark.is_loopback(server_host) else "0.0.0.0"
@@ -148,26 +159,32 @@ class SparkSession:
         else:
             if not secret:
                 raise TensorSparkValueError(
-                    "start_server=False needs the server's secret: pass secret=<bytes of the "
-                    "file given to tensorspark-ps --secret-file>"
+                    "an external parameter server needs the run's secret: pass secret=<bytes of "
+                    "the file given to tensorspark-ps --secret-file>"
                 )
-            self.secret, self.server_port = secret, int(server_port)
+            self.secret = secret
+            if not self.servers:
+                self.server_port = int(server_port)
         # The driver's own connection: registers variables, reads the result.
         try:
-            self._client = PSClient(
-                self.server_host,
-                self.server_port,
-                self.secret,
-                connect_timeout=self.connect_timeout,
-                io_timeout=self.io_timeout,
-            )
+            self._client = self._connect()
         except BaseException:
             if self._server is not None:
                 self._server.stop()
             raise
         # Stops the in-driver server when the session is dropped or at exit.
         self._finalizer = weakref.finalize(self, _shutdown, self._client, self._server)
-        log.info("tensorspark: parameter server at %s:%d", self.server_host, self.server_port)
+        where = (
+            ", ".join(f"{h}:{p}" for h, p in self.servers)
+            or f"{self.server_host}:{self.server_port}"
+        )
+        log.info("tensorspark: parameter server at %s", where)
+
+    def _connect(self) -> PSClient | ShardedPSClient:
+        timeouts = {"connect_timeout": self.connect_timeout, "io_timeout": self.io_timeout}
+        if self.servers:
+            return ShardedPSClient(self.servers, self.secret, **timeouts)
+        return PSClient(self.server_host, self.server_port, self.secret, **timeouts)
 
     @property
     def server(self) -> ParameterServer | None:
@@ -241,6 +258,7 @@ class SparkSession:
         cfg = TaskConfig(
             host=self.server_host,
             port=self.server_port,
+            servers=self.servers,
             secret=self.secret,
             run_name=f"{self.user}/{self.name}",
             run_index=self._runs,

@@ -8,32 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import start_ps
 
-from tensorspark import AuthenticationError, PSClient, generate_secret
+from tensorspark import AuthenticationError, PSClient
 from tensorspark.cli import ps_binary
-
-
-def start_ps(tmp_path, *args):
-    secret = generate_secret().hex().encode()
-    secret_file = tmp_path / "secret"
-    secret_file.write_bytes(secret + b"\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            ps_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--secret-file",
-            str(secret_file),
-            *args,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return proc, port, secret
 
 
 def test_help():
@@ -80,7 +58,7 @@ def test_serves_until_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "listening" in proc.stderr.read()
+    assert "listening" in proc.log_path.read_text()
 
 
 def test_shutdown_call_stops_it(tmp_path):

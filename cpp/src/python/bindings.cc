@@ -17,6 +17,7 @@
 
 #include "tensorspark/client.h"
 #include "tensorspark/server.h"
+#include "tensorspark/sharded_client.h"
 #include "tensorspark/status.h"
 
 namespace nb = nanobind;
@@ -161,6 +162,125 @@ nb::dict StatsToDict(const std::vector<StatEntry>& stats) {
   for (const auto& [key, value] : stats) d[nb::str(key.c_str())] = value;
   return d;
 }
+
+// Views over Python arrays for one call; `shapes` owns the shape storage the
+// views point into.
+struct ArrayViews {
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<TensorView> views;
+};
+
+ArrayViews MakeViews(const std::vector<std::string>& names, const std::vector<FloatArray>& arrays,
+                     const char* what) {
+  CheckSameLength(names.size(), arrays.size(), what);
+  ArrayViews v;
+  v.shapes.reserve(arrays.size());
+  v.views.reserve(arrays.size());
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    v.shapes.push_back(ShapeOf(arrays[i]));
+    v.views.push_back({names[i], v.shapes.back(), {arrays[i].data(), arrays[i].size()}});
+  }
+  return v;
+}
+
+std::vector<MutableTensorView> MakeMutableViews(const std::vector<std::string>& names,
+                                                const std::vector<FloatArray>& outs) {
+  CheckSameLength(names.size(), outs.size(), "pull_into");
+  std::vector<MutableTensorView> views;
+  views.reserve(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i)
+    views.push_back({names[i], {outs[i].data(), outs[i].size()}});
+  return views;
+}
+
+UpdateKind CheckedKind(int kind) {
+  if (kind < 1 || kind > 3) {
+    ThrowIfError(Status(StatusCode::kInvalidArgument,
+                        "push: kind must be 1 (parameters), 2 (delta) or 3 (gradient), got " +
+                            std::to_string(kind)));
+  }
+  return static_cast<UpdateKind>(kind);
+}
+
+// A model sharded over several servers (ShardedClient); same calls as
+// PyClient for register, pull and push.
+class PyShardedClient {
+ public:
+  PyShardedClient(const std::vector<std::pair<std::string, uint16_t>>& servers, nb::bytes secret,
+                  int32_t partition_id, int32_t attempt, double connect_timeout_s,
+                  double io_timeout_s, uint64_t chunk_bytes) {
+    ClientOptions opt;
+    opt.secret = std::string(secret.c_str(), secret.size());
+    opt.partition_id = partition_id;
+    opt.attempt = attempt;
+    opt.connect_timeout_s = connect_timeout_s;
+    opt.io_timeout_s = io_timeout_s;
+    std::vector<Endpoint> endpoints;
+    for (const auto& [host, port] : servers) endpoints.push_back({host, port});
+    Released([&] { return ShardedClient::Connect(opt, endpoints, &client_, chunk_bytes); });
+  }
+
+  std::pair<std::vector<bool>, uint64_t> Register(const std::vector<std::string>& names,
+                                                  const std::vector<FloatArray>& arrays) {
+    ArrayViews v = MakeViews(names, arrays, "register");
+    std::vector<VariableSpec> specs;
+    specs.reserve(v.views.size());
+    for (const TensorView& t : v.views) specs.push_back({t.name, t.shape, t.data});
+    std::vector<bool> created;
+    uint64_t version = 0;
+    ShardedClient* c = Live();
+    Released([&] { return c->Register(specs, &created, &version); });
+    return {created, version};
+  }
+
+  uint64_t PullInto(const std::vector<std::string>& names, const std::vector<FloatArray>& outs) {
+    std::vector<MutableTensorView> views = MakeMutableViews(names, outs);
+    uint64_t version = 0;
+    ShardedClient* c = Live();
+    Released([&] { return c->Pull(views, &version); });
+    return version;
+  }
+
+  uint64_t Push(int kind, const std::vector<std::string>& names,
+                const std::vector<FloatArray>& arrays, float learning_rate, uint32_t mean_window) {
+    const UpdateKind k = CheckedKind(kind);
+    ArrayViews v = MakeViews(names, arrays, "push");
+    PushOptions opt;
+    opt.learning_rate = learning_rate;
+    opt.mean_window = mean_window;
+    uint64_t version = 0;
+    ShardedClient* c = Live();
+    Released([&] { return c->Push(k, v.views, opt, &version); });
+    return version;
+  }
+
+  std::vector<nb::dict> Stats() {
+    std::vector<std::vector<StatEntry>> stats;
+    ShardedClient* c = Live();
+    Released([&] { return c->Stats(&stats); });
+    std::vector<nb::dict> out;
+    for (const auto& s : stats) out.push_back(StatsToDict(s));
+    return out;
+  }
+
+  size_t num_servers() { return Live()->num_servers(); }
+
+  void Close() {
+    if (client_) client_->Close();
+    client_.reset();
+  }
+
+ private:
+  ShardedClient* Live() {
+    if (!client_) {
+      ThrowIfError(
+          Status(StatusCode::kConnectionError, "the sharded client is closed; create a new one"));
+    }
+    return client_.get();
+  }
+
+  std::unique_ptr<ShardedClient> client_;
+};
 
 // Thin owner of a Client; its methods hold no Python objects while the GIL
 // is released.
@@ -394,4 +514,22 @@ NB_MODULE(_core, m) {
       .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
       .def("close", &PyClient::Close, "Close the connection.")
       .def_prop_ro("connected", &PyClient::connected);
+
+  nb::class_<PyShardedClient>(m, "ShardedClient",
+                              "One connection to each of several servers holding one model.")
+      .def(nb::init<const std::vector<std::pair<std::string, uint16_t>>&, nb::bytes, int32_t,
+                    int32_t, double, double, uint64_t>(),
+           "servers"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
+           "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0,
+           "chunk_bytes"_a = tensorspark::ShardedClient::kDefaultChunkBytes)
+      .def("register", &PyShardedClient::Register, "names"_a, "arrays"_a,
+           "Register variables over the servers. Returns (created, version sum).")
+      .def("pull_into", &PyShardedClient::PullInto, "names"_a, "outs"_a,
+           "Fill the float32 C-contiguous arrays in place. Returns the version sum.")
+      .def("push", &PyShardedClient::Push, "kind"_a, "names"_a, "arrays"_a,
+           "learning_rate"_a = 0.0f, "mean_window"_a = 1u,
+           "Push float32 arrays of the given kind. Returns the version sum.")
+      .def("stats", &PyShardedClient::Stats, "Each server's counters, in server order.")
+      .def_prop_ro("num_servers", &PyShardedClient::num_servers)
+      .def("close", &PyShardedClient::Close, "Close every connection.");
 }
