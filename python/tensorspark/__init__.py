@@ -6,7 +6,13 @@ server and its client are in :mod:`tensorspark.ps`; errors in
 used.
 """
 
-from .combiners import DeltaCombiner, DeltaWeightCombiner, MeanCombiner, MeanWeightCombiner
+from .combiners import (
+    DeltaCombiner,
+    DeltaWeightCombiner,
+    ElasticCombiner,
+    MeanCombiner,
+    MeanWeightCombiner,
+)
 from .errors import (
     AddressInUseError,
     AuthenticationError,
@@ -28,6 +34,7 @@ __all__ = [
     "AuthenticationError",
     "DeltaCombiner",
     "DeltaWeightCombiner",
+    "ElasticCombiner",
     "MeanCombiner",
     "MeanWeightCombiner",
     "ParameterServer",

@@ -40,6 +40,7 @@ class TaskConfig:
     kind: int
     mean_window: int
     average_iterates: bool
+    elastic_alpha: float  # > 0: elastic averaging (EASGD) with this moving rate
     shuffle: bool
     seed: int
     threads: int
@@ -181,11 +182,27 @@ class _Sync:
     def push_and_pull(self, step: int, partition: int, steps_since_sync: int) -> None:
         model = self.model
         local = model.averages(steps_since_sync) if model.sums else model.read()
+        if self.cfg.elastic_alpha > 0:
+            self._elastic(local, step, partition)
+            return
         if self.cfg.kind == _core.KIND_DELTA:
             pairs = zip(local, self.pulled, strict=True)
             update = [np.ascontiguousarray(a - p, dtype=np.float32) for a, p in pairs]
         else:
             update = [np.ascontiguousarray(a, dtype=np.float32) for a in local]
+        self._push(update, step, partition)
+        self.pull()
+
+    def _elastic(self, local: list[np.ndarray], step: int, partition: int) -> None:
+        """EASGD: e = alpha (x - centre); the worker keeps x - e, pushes e."""
+        self.version = self.client.pull_into(self.names, self.pulled)
+        alpha = np.float32(self.cfg.elastic_alpha)
+        pairs = zip(local, self.pulled, strict=True)
+        update = [np.ascontiguousarray(alpha * (x - c), dtype=np.float32) for x, c in pairs]
+        self._push(update, step, partition)
+        self.model.load([x - e for x, e in zip(local, update, strict=True)])
+
+    def _push(self, update: list[np.ndarray], step: int, partition: int) -> None:
         for name, arr in zip(self.names, update, strict=True):
             if not np.isfinite(arr).all():
                 raise TensorSparkValueError(
@@ -193,9 +210,10 @@ class _Sync:
                     f"partition {partition}; nothing from this task was pushed, so the "
                     "parameter server keeps the last good model (try a lower learning rate)"
                 )
-        self.client.push(self.cfg.kind, self.names, update, mean_window=self.cfg.mean_window)
+        self.version = self.client.push(
+            self.cfg.kind, self.names, update, mean_window=self.cfg.mean_window
+        )
         self.pushes += 1
-        self.pull()
 
 
 def _connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:

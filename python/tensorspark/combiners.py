@@ -54,8 +54,39 @@ class MeanCombiner:
             raise ValueError(f"MeanCombiner: n must be >= 1, got {self.n}")
 
 
+@dataclass(frozen=True)
+class ElasticCombiner:
+    """Elastic averaging (EASGD): workers are pulled toward a centre model.
+
+    At each sync a worker with parameters ``x`` reads the server's centre
+    ``c``, computes ``e = alpha * (x - c)``, keeps training from ``x - e`` and
+    pushes ``e`` as a delta, so the server moves the centre to ``c + e``.
+    Workers keep their own models between syncs (they are not replaced by the
+    centre), which lets them explore while the centre averages them. The
+    driver's session receives the centre.
+
+    Parameters
+    ----------
+    alpha : float
+        The moving rate, in (0, 1]; typical values are about 0.9 / workers.
+    """
+
+    alpha: float = 0.5
+    kind: int = _core.KIND_DELTA
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"ElasticCombiner: alpha must be in (0, 1], got {self.alpha}")
+
+
 # Names used by the original TensorSpark.
 DeltaWeightCombiner = DeltaCombiner
 MeanWeightCombiner = MeanCombiner
 
-__all__ = ["DeltaCombiner", "MeanCombiner", "DeltaWeightCombiner", "MeanWeightCombiner"]
+__all__ = [
+    "DeltaCombiner",
+    "DeltaWeightCombiner",
+    "ElasticCombiner",
+    "MeanCombiner",
+    "MeanWeightCombiner",
+]

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _graph, _spark
 from ._worker import TaskConfig, train_partition
-from .combiners import DeltaCombiner, MeanCombiner
+from .combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from .errors import TensorSparkValueError
 from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
 
@@ -202,7 +202,7 @@ class SparkSession:
         feed_name_list: list[str] | None = None,
         param_list: list[Any] | None = None,
         feed_dict: dict[Any, Any] | None = None,
-        weight_combiner: DeltaCombiner | MeanCombiner | None = None,
+        weight_combiner: MeanCombiner | DeltaCombiner | ElasticCombiner | None = None,
         shuffle_within_partition: bool = False,
     ) -> RunSummary | Any:
         """Run ``fetches`` on every batch of ``feed_rdd`` across Spark tasks.
@@ -222,7 +222,7 @@ class SparkSession:
             trainable variables.
         feed_dict : dict, optional
             Extra constant feeds for every step (tensor or name -> value).
-        weight_combiner : MeanCombiner or DeltaCombiner, optional
+        weight_combiner : MeanCombiner, DeltaCombiner or ElasticCombiner, optional
             How pushes merge on the server; default :class:`MeanCombiner`.
         shuffle_within_partition : bool
             Shuffle each partition's rows before batching.
@@ -245,9 +245,10 @@ class SparkSession:
         extra = self._extra_feeds(graph, feed_dict)
         params = _graph.resolve_params(graph, param_list)
         combiner = weight_combiner or MeanCombiner()
-        if not isinstance(combiner, (DeltaCombiner, MeanCombiner)):
+        if not isinstance(combiner, (DeltaCombiner, MeanCombiner, ElasticCombiner)):
             raise TensorSparkValueError(
-                "weight_combiner must be tensorspark.DeltaCombiner() or MeanCombiner(), got "
+                "weight_combiner must be tensorspark.MeanCombiner(), DeltaCombiner() or "
+                "ElasticCombiner(), got "
                 f"{type(combiner).__name__}"
             )
         names = [_graph.param_name(v) for v in params]
@@ -271,6 +272,7 @@ class SparkSession:
             kind=combiner.kind,
             mean_window=int(mean_window),
             average_iterates=bool(getattr(combiner, "average_iterates", False)),
+            elastic_alpha=float(getattr(combiner, "alpha", 0.0)),
             shuffle=bool(shuffle_within_partition),
             seed=self.seed,
             threads=self.threads_per_task,

@@ -15,6 +15,7 @@ from tensorspark import (
     AddressInUseError,
     AuthenticationError,
     DeltaCombiner,
+    ElasticCombiner,
     MeanCombiner,
     ParameterServer,
     PSConnectionError,
@@ -110,6 +111,24 @@ def test_mean_combiner_pushes_iterate_average(sc, tf1):
         # 12.5 and pushes 37.5: (12.5+37.5)/2 = 25.
         final = sess.run(v)
         assert final[0] == final[1] and final[0] in (18.75, 25.0)
+
+
+def test_elastic_averaging(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
+        ss.run(
+            train,
+            feed_rdd=ones_rdd(sc, 40, 1),
+            feed_name_list=[x.name],
+            weight_combiner=ElasticCombiner(alpha=0.5),
+        )
+        # One worker, centre c = 0: after 2 steps x = 20, e = 0.5 (20 - 0) = 10,
+        # c = 10, x = 10; after 2 more x = 30, e = 0.5 (30 - 10) = 10, c = 20.
+        np.testing.assert_array_equal(sess.run(v), [20.0, 20.0])
+    with pytest.raises(ValueError, match="alpha"):
+        ElasticCombiner(alpha=1.5)
 
 
 def test_seed_program_reaches_accuracy(sc, tf1):
