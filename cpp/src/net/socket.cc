@@ -285,6 +285,9 @@ Status Accept(const Socket& listener, Deadline deadline, Socket* out, std::strin
     int err = errno;
     if (err == EINTR || err == ECONNABORTED) continue;
     if (err == EAGAIN || err == EWOULDBLOCK) {
+      // A shut-down Unix listener polls readable (POLLHUP) yet accepts
+      // nothing: the deadline bounds that loop.
+      if (deadline.Expired()) return TimedOut("waiting for a connection");
       TS_RETURN_IF_ERROR(PollFor(listener.fd(), POLLIN, deadline, "waiting for a connection"));
       continue;
     }

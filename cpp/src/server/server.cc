@@ -214,7 +214,8 @@ void ServerImpl::Stop() {
   }
   ctx_.stopping.store(true);
   listener_.Shutdown();
-  unix_listener_.Shutdown();
+  // (Not shutdown(): a shut-down Unix listener polls readable forever; the
+  // acceptor's bounded wait sees `stopping` instead.)
   if (acceptor_.joinable()) acceptor_.join();
   if (unix_acceptor_.joinable()) unix_acceptor_.join();
   listener_.Close();
