@@ -450,9 +450,9 @@ Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(op, id, read_deadline, &h));
   if ((h.flags & protocol::kEncodingFlags) != 0) {
-    return Broken(Status(StatusCode::kProtocolError,
-                         std::string("server set an encoding flag on a ") +
-                             protocol::OpcodeName(h.opcode) + " response"));
+    return Broken(
+        Status(StatusCode::kProtocolError, std::string("server set an encoding flag on a ") +
+                                               protocol::OpcodeName(h.opcode) + " response"));
   }
   return ReadPayload(h, read_deadline, response);
 }

@@ -96,7 +96,7 @@ Status UnixAddr(const std::string& path, sockaddr_un* addr) {
 Status ListenUnix(const std::string& path, Socket* out) {
   sockaddr_un addr;
   TS_RETURN_IF_ERROR(UnixAddr(path, &addr));
-  struct stat st{};
+  struct stat st {};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
       return Status(StatusCode::kInvalidArgument,
@@ -123,10 +123,9 @@ Status ListenUnix(const std::string& path, Socket* out) {
   const int err = errno;
   ::umask(old_mask);
   if (rc != 0) {
-    return Status(err == EADDRINUSE ? StatusCode::kAddressInUse
-                  : err == EACCES || err == ENOENT || err == ENOTDIR
-                      ? StatusCode::kInvalidArgument
-                      : StatusCode::kConnectionError,
+    return Status(err == EADDRINUSE                                  ? StatusCode::kAddressInUse
+                  : err == EACCES || err == ENOENT || err == ENOTDIR ? StatusCode::kInvalidArgument
+                                                                     : StatusCode::kConnectionError,
                   "cannot bind Unix socket '" + path + "': " + Errno(err));
   }
   ::chmod(path.c_str(), 0600);

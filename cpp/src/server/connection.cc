@@ -477,8 +477,7 @@ bool Connection::DecodeSection(uint32_t flags, size_t offset, uint64_t n) {
   return true;
 }
 
-Status Connection::SendEncodedPull(const FrameHeader& req,
-                                   std::span<storage::Variable* const> vars,
+Status Connection::SendEncodedPull(const FrameHeader& req, std::span<storage::Variable* const> vars,
                                    std::vector<std::shared_lock<std::shared_mutex>>* locks) {
   const uint32_t enc = req.flags & protocol::kEncodingFlags;
   uint64_t total = 0;

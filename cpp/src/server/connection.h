@@ -138,7 +138,7 @@ class Connection {
   // and the encoded data section of a PULL response (reused, grow only).
   std::vector<float> decoded_;
   std::vector<uint16_t> encoded_;
-  Status io_status_;          // first send failure; ends the connection
+  Status io_status_;  // first send failure; ends the connection
 };
 
 }  // namespace tensorspark::server

@@ -230,7 +230,7 @@ TEST(UnixSocketTest, RoundTripAndCleanup) {
   ::unlink(so.unix_path.c_str());
   auto server = StartServer(so);
   ASSERT_NE(server, nullptr);
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(::lstat(so.unix_path.c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   EXPECT_EQ(st.st_mode & 0777, 0600u);
@@ -293,7 +293,7 @@ TEST(UnixSocketTest, BadPathsAreClearErrors) {
   ASSERT_NE(f, nullptr);
   std::fclose(f);
   EXPECT_EQ(Server::Start(so, &server).code(), StatusCode::kInvalidArgument);
-  struct stat st{};
+  struct stat st {};
   EXPECT_EQ(::lstat(so.unix_path.c_str(), &st), 0);
   ::unlink(so.unix_path.c_str());
   // A client with no server at the path fails to connect.
