@@ -44,11 +44,14 @@ test-cpp: system-gtest venv
 test-python: install
 	$(VPY) -m pytest tests/python -v
 
-bench: venv
+# The Python binding's overhead (bench/python_overhead.py) needs the package
+# installed, hence `install`.
+bench: install
 	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target ps_roundtrip
 	$(CPP_BUILD)/ps_roundtrip --out bench/results/ps_roundtrip.json
+	$(VPY) bench/python_overhead.py $(CPP_BUILD)/ps_roundtrip bench/results/ps_roundtrip.json
 	$(VPY) bench/plot_ps_roundtrip.py bench/results/ps_roundtrip.json
 
 lint: venv

@@ -1,5 +1,9 @@
 """Chart of bench/results/ps_roundtrip.json: PS vs raw-socket throughput per case.
 
+One panel per tensor size; each bar pair is one case (clients, transport,
+wire encoding), labelled with ps/raw ratio. Figures are GB/s of logical
+float32 payload (push + pull), so fp16 cases show their speed-up.
+
 python bench/plot_ps_roundtrip.py [results.json] [chart.png]
 """
 
@@ -20,34 +24,50 @@ def _size(floats: int) -> str:
     return f"{nbytes // 1024} KB" if nbytes < 1 << 20 else f"{floats / 1e6:g}M f32"
 
 
+def _label(c: dict) -> str:
+    return f"{c['clients']} cl\n{c.get('transport', 'tcp')}\n{c.get('encoding', 'fp32')}"
+
+
 def plot(results: Path, out: Path) -> None:
     data = json.loads(results.read_text())
     cases = data["cases"]
-    labels = [
-        f"{_size(c['floats'])}\n{c['clients']} cl\n{c.get('transport', 'tcp')}" for c in cases
-    ]
-    xs = range(len(cases))
+    sizes = sorted({c["floats"] for c in cases})
+    width_cases = max(len([c for c in cases if c["floats"] == s]) for s in sizes)
+    fig, axes = plt.subplots(
+        len(sizes), 1, figsize=(max(8, width_cases * 0.8), 3.2 * len(sizes)), squeeze=False
+    )
     width = 0.4
-    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4.5))
-    ps = [c["ps_gbps"] for c in cases]
-    raw = [c["raw_gbps"] for c in cases]
-    ax.bar([x - width / 2 for x in xs], ps, width, label="tensorspark PS")
-    ax.bar([x + width / 2 for x in xs], raw, width, label="raw socket")
-    for x, c in zip(xs, cases, strict=True):
-        ratio = c["ps_gbps"] / c["raw_gbps"]
-        top = max(c["ps_gbps"], c["raw_gbps"])
-        ax.text(x, top, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), labels, fontsize=8)
-    ax.set_ylabel("GB/s (push + pull payload)")
+    for ax, size in zip(axes[:, 0], sizes, strict=True):
+        group = [c for c in cases if c["floats"] == size]
+        xs = range(len(group))
+        ps = [c["ps_gbps"] for c in group]
+        raw = [c["raw_gbps"] for c in group]
+        ax.bar([x - width / 2 for x in xs], ps, width, label="tensorspark PS")
+        ax.bar([x + width / 2 for x in xs], raw, width, label="raw socket (same wire bytes)")
+        for x, c in zip(xs, group, strict=True):
+            ratio = c["ps_gbps"] / c["raw_gbps"] if c["raw_gbps"] else 0.0
+            top = max(c["ps_gbps"], c["raw_gbps"])
+            ax.text(x, top, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs), [_label(c) for c in group], fontsize=7)
+        ax.set_ylabel("GB/s (f32 payload)", fontsize=8)
+        title = _size(size)
+        lat = [c for c in group if "ps_pull_p50_us" in c]
+        if lat:
+            title += "   pull p50 / raw ping-pong p50: " + ", ".join(
+                f"{c['transport']}/{c['encoding']} {c['ps_pull_p50_us']:.0f}/"
+                f"{c['raw_pingpong_p50_us']:.0f} us"
+                for c in lat
+            )
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     machine = data.get("machine", {})
-    ax.set_title(
-        f"PS round trip vs raw socket, one run ({machine.get('cores', '?')} cores, "
+    fig.suptitle(
+        f"PS push+pull vs raw socket, one run ({machine.get('cores', '?')} cores, "
         f"{data.get('timestamp', '')})",
         fontsize=10,
     )
-    ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     print(f"wrote {out}")
 
 

@@ -1,5 +1,13 @@
 // ps_roundtrip: push+pull throughput of the tensorspark parameter server
-// against a raw TCP baseline that moves the same bytes, plus 4 KB latency.
+// against a raw socket baseline that moves the same bytes, plus 4 KB latency.
+//
+// Cases: floats x clients x transport (TCP loopback, Unix-domain socket) x
+// wire encoding (fp32, fp16). The raw baseline of a case uses the same
+// transport and moves the bytes the PS puts on the wire for its data (N*4,
+// or N*2 for fp16: "raw_bytes": "encoded"). Every GB/s figure counts the
+// logical float32 payload (4 bytes per element, push + pull), so fp16's
+// speed-up shows, and ratio = ps_gbps / raw_gbps compares the PS with raw
+// sockets moving the same wire bytes.
 //
 // For every (floats N, clients C) case, C threads each own a Client and a
 // variable of N floats and loop push(kDelta, zeros) + pull. The baseline
@@ -10,6 +18,9 @@
 // PS and raw runs are interleaved; each reported figure is the median run.
 //
 //   ps_roundtrip [--quick] [--out PATH]
+//   ps_roundtrip --single FLOATS   (C++ client, TCP, fp32, 1 client: prints
+//                                   {"floats":..,"seconds_per_iter":..}; used
+//                                   by bench/python_overhead.py)
 //
 // Writes JSON (default bench/results/ps_roundtrip.json, relative to the
 // working directory) and prints a table.
@@ -17,6 +28,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -53,10 +65,13 @@ using tensorspark::Status;
 struct Config {
   std::vector<int64_t> floats;
   std::vector<int> clients;
-  int rounds = 3;               // timed runs per transport per case (median)
-  double target_s = 0.5;        // wall time of one timed run
-  double warmup_s = 0.1;        // warm-up time per transport per case
-  double latency_s = 0.5;       // time per latency measurement
+  std::vector<std::string> transports = {"tcp", "unix"};
+  std::vector<std::string> encodings = {"fp32", "fp16"};
+  // 36 cases: kept short so the whole run stays near 2-3 minutes on 2 cores.
+  int rounds = 3;          // timed runs per baseline per case (median)
+  double target_s = 0.2;   // wall time of one timed run
+  double warmup_s = 0.05;  // warm-up time per baseline per case
+  double latency_s = 0.3;  // time per latency measurement
   std::string out = "bench/results/ps_roundtrip.json";
 };
 
@@ -160,7 +175,23 @@ struct RawStep {
 // per connection, like the PS.
 class RawServer {
  public:
-  explicit RawServer(std::vector<RawStep> steps) : steps_(std::move(steps)) {
+  // Listens on TCP loopback, or on the Unix socket `unix_path` if not empty.
+  explicit RawServer(std::vector<RawStep> steps, std::string unix_path = "")
+      : steps_(std::move(steps)), unix_path_(std::move(unix_path)) {
+    if (!unix_path_.empty()) {
+      listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM, 0);
+      if (listen_fd_ < 0) Die(ErrnoText("socket"));
+      sockaddr_un ua{};
+      ua.sun_family = AF_UNIX;
+      std::snprintf(ua.sun_path, sizeof(ua.sun_path), "%s", unix_path_.c_str());
+      ::unlink(unix_path_.c_str());
+      if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&ua), sizeof(ua)) != 0) {
+        Die(ErrnoText("bind"));
+      }
+      if (::listen(listen_fd_, 64) != 0) Die(ErrnoText("listen"));
+      acceptor_ = std::thread([this] { AcceptLoop(); });
+      return;
+    }
     listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     if (listen_fd_ < 0) Die(ErrnoText("socket"));
     int one = 1;
@@ -188,9 +219,11 @@ class RawServer {
     acceptor_.join();
     ::close(listen_fd_);
     for (auto& t : handlers_) t.join();
+    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
   }
 
   uint16_t port() const { return port_; }
+  const std::string& unix_path() const { return unix_path_; }
 
  private:
   void AcceptLoop() {
@@ -201,7 +234,7 @@ class RawServer {
         if (errno == EINTR || errno == ECONNABORTED) continue;
         return;
       }
-      SetNoDelay(fd);
+      if (unix_path_.empty()) SetNoDelay(fd);
       handlers_.emplace_back([this, fd] { Serve(fd); });
     }
   }
@@ -218,6 +251,7 @@ class RawServer {
   }
 
   const std::vector<RawStep> steps_;
+  const std::string unix_path_;
   int listen_fd_ = -1;
   uint16_t port_ = 0;
   std::atomic<bool> stopping_{false};
@@ -225,7 +259,19 @@ class RawServer {
   std::vector<std::thread> handlers_;  // touched by the acceptor only until join
 };
 
-int RawConnect(uint16_t port) {
+int RawConnect(const RawServer& server) {
+  if (!server.unix_path().empty()) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0) Die(ErrnoText("socket"));
+    sockaddr_un ua{};
+    ua.sun_family = AF_UNIX;
+    std::snprintf(ua.sun_path, sizeof(ua.sun_path), "%s", server.unix_path().c_str());
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&ua), sizeof(ua)) != 0) {
+      Die(ErrnoText("connect"));
+    }
+    return fd;
+  }
+  const uint16_t port = server.port();
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) Die(ErrnoText("socket"));
   sockaddr_in addr{};
@@ -322,6 +368,8 @@ std::vector<double> SampleLatency(const std::function<bool()>& op, double second
 struct CaseResult {
   int64_t floats = 0;
   int clients = 0;
+  std::string transport = "tcp";
+  std::string encoding = "fp32";
   double ps_gbps = 0, raw_gbps = 0, raw_2rt_gbps = 0;
   std::vector<double> ps_runs, raw_runs, raw_2rt_runs;
   bool has_latency = false;
@@ -329,11 +377,22 @@ struct CaseResult {
   double raw_pingpong_p50_us = 0, raw_pingpong_p99_us = 0;
 };
 
-std::unique_ptr<tensorspark::Client> ConnectPs(uint16_t port, const std::string& secret,
+// Where and how the PS clients of a case connect.
+struct Transport {
+  std::string name = "tcp";       // "tcp" or "unix"
+  std::string encoding = "fp32";  // "fp32" or "fp16"
+  uint16_t ps_port = 0;
+  std::string ps_unix_path;
+  std::string raw_unix_dir;  // raw baselines listen here for "unix"
+};
+
+std::unique_ptr<tensorspark::Client> ConnectPs(const Transport& t, const std::string& secret,
                                                int32_t partition) {
   tensorspark::ClientOptions opt;
-  opt.host = "127.0.0.1";
-  opt.port = port;
+  opt.host = t.name == "unix" ? "unix:" + t.ps_unix_path : "127.0.0.1";
+  opt.port = t.ps_port;
+  opt.encoding = t.encoding == "fp16" ? tensorspark::WireEncoding::kFloat16
+                                      : tensorspark::WireEncoding::kFloat32;
   opt.secret = secret;
   opt.partition_id = partition;
   opt.attempt = 0;
@@ -342,12 +401,16 @@ std::unique_ptr<tensorspark::Client> ConnectPs(uint16_t port, const std::string&
   return c;
 }
 
-CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& secret,
+CaseResult RunCase(int64_t n, int clients, const Transport& t, const std::string& secret,
                    bool measure_latency, const Config& cfg) {
   CaseResult res;
   res.floats = n;
   res.clients = clients;
-  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  res.transport = t.name;
+  res.encoding = t.encoding;
+  // Bytes the raw baselines move per direction: the PS's data section.
+  const size_t wire_elem = t.encoding == "fp16" ? 2 : sizeof(float);
+  const size_t bytes = static_cast<size_t>(n) * wire_elem;
   const int64_t shape_storage[1] = {n};
   const std::span<const int64_t> shape(shape_storage, 1);
 
@@ -361,7 +424,7 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
   std::vector<std::unique_ptr<tensorspark::Client>> ps(static_cast<size_t>(clients));
   std::vector<std::string> names(static_cast<size_t>(clients));
   for (int i = 0; i < clients; ++i) {
-    ps[i] = ConnectPs(ps_port, secret, i);
+    ps[i] = ConnectPs(t, secret, i);
     names[i] = "n" + std::to_string(n) + "_v" + std::to_string(i);
     tensorspark::VariableSpec spec{names[i], shape, zeros};
     std::vector<bool> created;
@@ -370,13 +433,15 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
   }
 
   // Raw side: one connection per thread and baseline.
-  RawServer raw_server({{bytes, bytes}});
-  RawServer raw_2rt_server({{bytes, kAckBytes}, {kAckBytes, bytes}});
+  const bool unix_raw = t.name == "unix";
+  RawServer raw_server({{bytes, bytes}}, unix_raw ? t.raw_unix_dir + "/raw1.sock" : "");
+  RawServer raw_2rt_server({{bytes, kAckBytes}, {kAckBytes, bytes}},
+                           unix_raw ? t.raw_unix_dir + "/raw2.sock" : "");
   std::vector<int> raw_fds(static_cast<size_t>(clients));
   std::vector<int> raw_2rt_fds(static_cast<size_t>(clients));
   for (int i = 0; i < clients; ++i) {
-    raw_fds[i] = RawConnect(raw_server.port());
-    raw_2rt_fds[i] = RawConnect(raw_2rt_server.port());
+    raw_fds[i] = RawConnect(raw_server);
+    raw_2rt_fds[i] = RawConnect(raw_2rt_server);
   }
 
   FirstError err;
@@ -422,7 +487,8 @@ CaseResult RunCase(int64_t n, int clients, uint16_t ps_port, const std::string& 
   const int64_t ps_iters = CalibrateIters(clients, ps_rt, &err, cfg);
   const int64_t raw_iters = CalibrateIters(clients, raw_rt, &err, cfg);
   const int64_t raw_2rt_iters = CalibrateIters(clients, raw_2rt_rt, &err, cfg);
-  const double bytes_per_iter = 2.0 * static_cast<double>(bytes) * clients;
+  // Logical float32 bytes (push + pull) per iteration, for PS and raw alike.
+  const double bytes_per_iter = 2.0 * static_cast<double>(n) * sizeof(float) * clients;
   for (int r = 0; r < cfg.rounds; ++r) {
     double s = TimedRun(clients, ps_iters, ps_rt, &err);
     res.ps_runs.push_back(bytes_per_iter * static_cast<double>(ps_iters) / s / 1e9);
@@ -534,7 +600,8 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
   for (size_t k = 0; k < results.size(); ++k) {
     const CaseResult& r = results[k];
     j += "    {\"floats\": " + std::to_string(r.floats) +
-         ", \"clients\": " + std::to_string(r.clients) + ", \"transport\": \"tcp\"" +
+         ", \"clients\": " + std::to_string(r.clients) + ", \"transport\": \"" + r.transport +
+         "\", \"encoding\": \"" + r.encoding + "\", \"raw_bytes\": \"encoded\"" +
          ", \"ps_gbps\": " + Num(r.ps_gbps) + ", \"raw_gbps\": " + Num(r.raw_gbps) +
          ", \"ratio\": " + Num(r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0) +
          ", \"raw_2rt_gbps\": " + Num(r.raw_2rt_gbps) +
@@ -550,7 +617,10 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
     }
     j += std::string("}") + (k + 1 < results.size() ? "," : "") + "\n";
   }
-  j += "  ],\n  \"machine\": {\"cores\": " + std::to_string(std::thread::hardware_concurrency()) +
+  j += "  ],\n  \"units\": \"GB/s of logical float32 payload (4 bytes/element, push + pull); "
+       "raw baselines move the PS's wire bytes (N*4, or N*2 for fp16) over the same "
+       "transport\",\n";
+  j += "  \"machine\": {\"cores\": " + std::to_string(std::thread::hardware_concurrency()) +
        ", \"compiler\": \"" + JsonEscape(CompilerName()) + "\"},\n";
   j += "  \"timestamp\": \"" + UtcTimestamp() + "\"\n}\n";
 
@@ -565,16 +635,52 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
 }
 
 void PrintRow(const CaseResult& r) {
-  std::printf("%10lld %7d %9.3f %9.3f %6.2f %9.3f %6.2f", static_cast<long long>(r.floats),
-              r.clients, r.ps_gbps, r.raw_gbps, r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0,
-              r.raw_2rt_gbps, r.raw_2rt_gbps > 0 ? r.ps_gbps / r.raw_2rt_gbps : 0.0);
+  std::printf("%10lld %7d %5s %5s %9.3f %9.3f %6.2f %9.3f %6.2f", static_cast<long long>(r.floats),
+              r.clients, r.transport.c_str(), r.encoding.c_str(), r.ps_gbps, r.raw_gbps,
+              r.raw_gbps > 0 ? r.ps_gbps / r.raw_gbps : 0.0, r.raw_2rt_gbps,
+              r.raw_2rt_gbps > 0 ? r.ps_gbps / r.raw_2rt_gbps : 0.0);
   if (r.has_latency) {
     std::printf("   pull p50/p99 %.1f/%.1f us, raw ping-pong p50/p99 %.1f/%.1f us",
-                r.ps_pull_p50_us, r.ps_pull_p99_us, r.raw_pingpong_p50_us,
-                r.raw_pingpong_p99_us);
+                r.ps_pull_p50_us, r.ps_pull_p99_us, r.raw_pingpong_p50_us, r.raw_pingpong_p99_us);
   }
   std::printf("\n");
   std::fflush(stdout);
+}
+
+// --single: seconds per push+pull of one C++ client, TCP, fp32 (median of
+// a few timed runs after a warm-up), printed as one JSON object.
+int RunSingle(int64_t n) {
+  tensorspark::ServerOptions sopt;
+  sopt.bind_address = "127.0.0.1";
+  sopt.secret = RandomSecret();
+  std::unique_ptr<tensorspark::Server> server;
+  Check(tensorspark::Server::Start(sopt, &server), "server start");
+  Transport t;
+  t.ps_port = server->port();
+  auto c = ConnectPs(t, sopt.secret, 0);
+  const int64_t shape_storage[1] = {n};
+  const std::span<const int64_t> shape(shape_storage, 1);
+  std::vector<float> zeros(static_cast<size_t>(n), 0.0f), out(static_cast<size_t>(n));
+  tensorspark::VariableSpec spec{"single", shape, zeros};
+  Check(c->Register({&spec, 1}, nullptr, nullptr), "register");
+  auto once = [&] {
+    tensorspark::TensorView tv{"single", shape, zeros};
+    Check(c->Push(tensorspark::UpdateKind::kDelta, {&tv, 1}, {}, nullptr), "push");
+    tensorspark::MutableTensorView mv{"single", out};
+    Check(c->Pull({&mv, 1}, nullptr), "pull");
+  };
+  for (int k = 0; k < 3; ++k) once();
+  std::vector<double> per_iter;
+  for (int r = 0; r < 7; ++r) {
+    Clock::time_point t0 = Clock::now();
+    for (int k = 0; k < 3; ++k) once();
+    per_iter.push_back(Seconds(Clock::now() - t0) / 3);
+  }
+  c->Close();
+  server->Stop();
+  std::printf("{\"floats\": %lld, \"seconds_per_iter\": %s}\n", static_cast<long long>(n),
+              Num(Median(per_iter)).c_str());
+  return 0;
 }
 
 }  // namespace
@@ -586,38 +692,57 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "--quick") {
       cfg = QuickConfig();
+    } else if (a == "--single" && i + 1 < argc) {
+      return RunSingle(std::atoll(argv[++i]));
     } else if (a == "--out" && i + 1 < argc) {
       out_path = argv[++i];
     } else if (a.rfind("--out=", 0) == 0) {
       out_path = a.substr(6);
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--out PATH]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--out PATH] | --single FLOATS\n", argv[0]);
       return 2;
     }
   }
   if (!out_path.empty()) cfg.out = out_path;
 
+  // Unix sockets of the PS and the raw baselines live in a private dir.
+  char dir_tmpl[] = "/tmp/ts-bench-XXXXXX";
+  if (::mkdtemp(dir_tmpl) == nullptr) Die(ErrnoText("mkdtemp"));
+  const std::string sock_dir = dir_tmpl;
+
   tensorspark::ServerOptions sopt;
   sopt.bind_address = "127.0.0.1";
   sopt.port = 0;
   sopt.secret = RandomSecret();
+  sopt.unix_path = sock_dir + "/ps.sock";
   std::unique_ptr<tensorspark::Server> server;
   Check(tensorspark::Server::Start(sopt, &server), "server start");
 
-  std::printf("tensorspark ps_roundtrip: PS push(kDelta)+pull vs raw TCP, %u cores%s\n",
+  std::printf("tensorspark ps_roundtrip: PS push(kDelta)+pull vs raw sockets, %u cores%s\n",
               std::thread::hardware_concurrency(), cfg.rounds == 1 ? " (quick)" : "");
-  std::printf("%10s %7s %9s %9s %6s %9s %6s\n", "floats", "clients", "ps_GB/s", "raw_GB/s",
-              "ratio", "raw2_GB/s", "ratio2");
+  std::printf("%10s %7s %5s %5s %9s %9s %6s %9s %6s\n", "floats", "clients", "tport", "enc",
+              "ps_GB/s", "raw_GB/s", "ratio", "raw2_GB/s", "ratio2");
   Clock::time_point start = Clock::now();
   std::vector<CaseResult> results;
   for (int64_t n : cfg.floats) {
     for (int c : cfg.clients) {
-      bool latency = n == 4096 / 4 && c == 1;
-      results.push_back(RunCase(n, c, server->port(), sopt.secret, latency, cfg));
-      PrintRow(results.back());
+      for (const std::string& tp : cfg.transports) {
+        for (const std::string& enc : cfg.encodings) {
+          Transport t;
+          t.name = tp;
+          t.encoding = enc;
+          t.ps_port = server->port();
+          t.ps_unix_path = sopt.unix_path;
+          t.raw_unix_dir = sock_dir;
+          bool latency = n == 4096 / 4 && c == 1;
+          results.push_back(RunCase(n, c, t, sopt.secret, latency, cfg));
+          PrintRow(results.back());
+        }
+      }
     }
   }
   server->Stop();
+  ::rmdir(sock_dir.c_str());
   WriteJson(results, cfg.out);
   std::printf("total %.1f s; wrote %s\n", Seconds(Clock::now() - start), cfg.out.c_str());
   return 0;

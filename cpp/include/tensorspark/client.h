@@ -29,6 +29,8 @@
 namespace tensorspark {
 
 struct ClientOptions {
+  // Server host name or address, or "unix:/path/to.sock" for a Unix-domain
+  // socket on this host (ServerOptions::unix_path; `port` is then ignored).
   std::string host = "127.0.0.1";
   uint16_t port = 0;
   // Per-run shared secret (raw bytes). Proven by challenge-response; it never
@@ -48,6 +50,10 @@ struct ClientOptions {
   double max_backoff_s = 2.0;
   // Largest response frame accepted.
   uint64_t max_frame_bytes = uint64_t{1} << 32;
+  // Encoding of the tensor values of Push and Pull/PullAll (see
+  // WireEncoding for the precision of each). Register always sends float32,
+  // so initial values are exact.
+  WireEncoding encoding = WireEncoding::kFloat32;
 };
 
 // A variable to register: its name, shape and initial value.

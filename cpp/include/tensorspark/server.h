@@ -31,6 +31,12 @@ struct ServerOptions {
   // this host only) and port (0 picks a free one).
   std::string bind_address = "0.0.0.0";
   uint16_t port = 0;
+  // When set, the server also listens on this Unix-domain socket path
+  // (clients on this host connect with host "unix:/path"; same protocol and
+  // handshake). The socket file gets mode 0600; a stale one left by a
+  // crashed server is replaced, a live one is kAddressInUse; it is removed
+  // on Stop(). At most 107 bytes (the kernel's sun_path limit).
+  std::string unix_path;
   // Per-run shared secret (raw bytes, required, at least 16 bytes).
   std::string secret;
   // Frames with a larger payload are refused with kFrameTooLarge.

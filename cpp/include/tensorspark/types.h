@@ -14,6 +14,21 @@ namespace tensorspark {
 // exists so later versions can add types without a new header layout.
 enum class DType : uint8_t { kFloat32 = 1 };
 
+// How a client's pushes and pulls carry tensor values on the wire (the
+// variables are float32 on the server either way; docs/protocol.md, flags).
+//   kFloat32   4 bytes per element, exact.
+//   kFloat16   IEEE half, 2 bytes, round to nearest even: relative error
+//              <= 2^-11 (4.9e-4) for |x| in [6.1e-5, 65504]. Larger values
+//              become +-inf and smaller ones lose precision down to 0
+//              (subnormals, then zero below ~6e-8): scale values into range.
+//   kBFloat16  bfloat16, 2 bytes: keeps float32's range but only 8
+//              significant bits, relative error <= 2^-8 (3.9e-3), so it does
+//              NOT meet 1e-3 per element; use it for gradients or deltas
+//              where the range matters more than the precision.
+// The encodings halve the bytes on the wire; the server decodes pushes into
+// float32 and encodes pulls from its float32 values.
+enum class WireEncoding : uint8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 // What the values of a push mean, and so how the server combines them.
 enum class UpdateKind : uint8_t {
   // Full parameter values, folded in with the Mean combiner:

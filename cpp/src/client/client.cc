@@ -162,7 +162,10 @@ class PayloadReader {
   size_t end_ = 0;
 };
 
-std::string Where(const ClientOptions& o) { return o.host + ":" + std::to_string(o.port); }
+std::string Where(const ClientOptions& o) {
+  if (o.host.starts_with("unix:")) return o.host;
+  return o.host + ":" + std::to_string(o.port);
+}
 
 Status ValidateSpec(std::string_view name, std::span<const int64_t> shape, size_t data_size,
                     uint64_t* numel) {
@@ -210,14 +213,14 @@ class ClientImpl {
   }
   // Sends header + payload parts (CRC and length computed here).
   Status SendRequest(Opcode op, struct iovec* parts, size_t nparts, net::Deadline deadline,
-                     uint64_t* request_id);
+                     uint64_t* request_id, uint32_t flags = 0);
   // Reads the response header for `request_id`. An error frame becomes its
   // Status (read in full, so the stream stays usable).
   Status ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadline deadline, FrameHeader* h);
   // Whole round trip for responses read into memory, within `deadline`
   // (default: io_timeout_s from now).
   Status Call(Opcode op, struct iovec* parts, size_t nparts, std::vector<uint8_t>* response,
-              std::optional<net::Deadline> deadline = std::nullopt);
+              std::optional<net::Deadline> deadline = std::nullopt, uint32_t flags = 0);
   net::Deadline IoDeadline() const { return net::Deadline::In(options_.io_timeout_s); }
   Status ReadPayload(const FrameHeader& h, net::Deadline deadline, std::vector<uint8_t>* out);
   // Reads the PULL response after its header; `views` null means PullAll.
@@ -230,6 +233,11 @@ class ClientImpl {
   bool connected_ = false;
   uint64_t next_request_id_ = 1;
   std::unique_ptr<uint8_t[]> recv_buf_;  // PayloadReader scratch, allocated on first pull
+  // Header flag of options_.encoding (0 for float32).
+  const uint32_t enc_flags_ = options_.encoding == WireEncoding::kFloat16    ? protocol::kFlagFp16
+                              : options_.encoding == WireEncoding::kBFloat16 ? protocol::kFlagBf16
+                                                                             : 0;
+  std::vector<uint16_t> enc_buf_;  // encoded push data / pull scratch (fp16, bf16)
 };
 
 Status ClientImpl::CheckConnected() const {
@@ -246,7 +254,12 @@ Status ClientImpl::Connect() {
     return Status(StatusCode::kInvalidArgument,
                   "ClientOptions::secret is empty; pass the run secret");
   }
-  if (options_.port == 0) {
+  // "unix:/path" selects a Unix-domain socket; the port is then unused.
+  constexpr std::string_view kUnixPrefix = "unix:";
+  const std::string unix_path = std::string_view(options_.host).starts_with(kUnixPrefix)
+                                    ? options_.host.substr(kUnixPrefix.size())
+                                    : std::string();
+  if (unix_path.empty() && options_.port == 0) {
     return Status(StatusCode::kInvalidArgument, "ClientOptions::port is 0; pass the server's port");
   }
   const auto start = net::Clock::now();
@@ -257,7 +270,9 @@ Status ClientImpl::Connect() {
   for (;;) {
     ++attempts;
     net::Socket s;
-    last = net::ConnectWithTimeout(options_.host, options_.port, budget, &s);
+    last = unix_path.empty() ? net::ConnectWithTimeout(options_.host, options_.port, budget, &s)
+                             : net::ConnectUnix(unix_path, budget, &s);
+    if (last.code() == StatusCode::kInvalidArgument) return last;  // e.g. path too long
     if (last.ok()) {
       sock_ = std::move(s);
       break;
@@ -322,9 +337,10 @@ Status ClientImpl::Handshake(net::Deadline deadline) {
 }
 
 Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
-                               net::Deadline deadline, uint64_t* request_id) {
+                               net::Deadline deadline, uint64_t* request_id, uint32_t flags) {
   FrameHeader h;
   h.opcode = static_cast<uint16_t>(op);
+  h.flags = flags;
   h.request_id = next_request_id_++;
   uint32_t crc = 0;
   uint64_t len = 0;
@@ -426,12 +442,18 @@ Status ClientImpl::ReadPayload(const FrameHeader& h, net::Deadline deadline,
 }
 
 Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
-                        std::vector<uint8_t>* response, std::optional<net::Deadline> deadline) {
+                        std::vector<uint8_t>* response, std::optional<net::Deadline> deadline,
+                        uint32_t flags) {
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(op, parts, nparts, deadline.value_or(IoDeadline()), &id));
+  TS_RETURN_IF_ERROR(SendRequest(op, parts, nparts, deadline.value_or(IoDeadline()), &id, flags));
   const net::Deadline read_deadline = deadline.value_or(IoDeadline());
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(op, id, read_deadline, &h));
+  if ((h.flags & protocol::kEncodingFlags) != 0) {
+    return Broken(
+        Status(StatusCode::kProtocolError, std::string("server set an encoding flag on a ") +
+                                               protocol::OpcodeName(h.opcode) + " response"));
+  }
   return ReadPayload(h, read_deadline, response);
 }
 
@@ -497,10 +519,28 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
     // the size check below.
     if (__builtin_add_overflow(total, numels[i], &total)) total = UINT64_MAX;
   }
-  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+  if ((h.flags & protocol::kEncodingFlags) != enc_flags_) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "PULL response encoding flags do not match the request's"));
+  }
+  const size_t elem = protocol::WireElementSize(h.flags);
+  if (total > r.remaining() / elem || total * elem != r.remaining()) {
     return Broken(
         Status(StatusCode::kProtocolError, "PULL response data section does not match its metas"));
   }
+  // Reads n values into dst: straight into it for float32, else via
+  // enc_buf_ in chunks, decoded into dst.
+  auto read_values = [&](float* dst, uint64_t n) -> Status {
+    if (enc_flags_ == 0) return r.Read(dst, n * sizeof(float));
+    constexpr uint64_t kChunk = 64 * 1024;
+    if (enc_buf_.size() < kChunk) enc_buf_.resize(kChunk);
+    for (uint64_t done = 0; done < n; done += kChunk) {
+      const size_t c = static_cast<size_t>(std::min(kChunk, n - done));
+      TS_RETURN_IF_ERROR(r.Read(enc_buf_.data(), c * 2));
+      protocol::DecodeElements(enc_flags_, enc_buf_.data(), dst + done, c);
+    }
+    return Status::OK();
+  };
   // Check everything against the request before writing into any buffer.
   Status mismatch;
   if (views != nullptr) {
@@ -536,7 +576,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
   if (views != nullptr) {
     for (uint32_t i = 0; i < count; ++i) {
       const MutableTensorView& view = (*views)[i];
-      if (Status d = r.Read(view.data.data(), view.data.size_bytes()); !d.ok()) return Broken(d);
+      if (Status d = read_values(view.data.data(), view.data.size()); !d.ok()) return Broken(d);
     }
   } else {
     all->clear();
@@ -545,7 +585,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
       Tensor& t = (*all)[i];
       t.info = std::move(metas[i]);
       t.values.resize(numels[i]);
-      if (Status d = r.Read(t.values.data(), numels[i] * sizeof(float)); !d.ok()) return Broken(d);
+      if (Status d = read_values(t.values.data(), numels[i]); !d.ok()) return Broken(d);
     }
   }
   if (r.crc() != h.checksum) {
@@ -569,7 +609,7 @@ Status ClientImpl::Pull(std::span<const MutableTensorView> out, uint64_t* versio
   }
   struct iovec part = {payload.data(), payload.size()};
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id));
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id, enc_flags_));
   const net::Deadline deadline = IoDeadline();
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
@@ -581,7 +621,7 @@ Status ClientImpl::PullAll(std::vector<Tensor>* out, uint64_t* version) {
   uint8_t zero[4] = {0, 0, 0, 0};
   struct iovec part = {zero, sizeof(zero)};
   uint64_t id;
-  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id));
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPull, &part, 1, IoDeadline(), &id, enc_flags_));
   const net::Deadline deadline = IoDeadline();
   FrameHeader h;
   TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPull, id, deadline, &h));
@@ -599,15 +639,29 @@ Status ClientImpl::Push(UpdateKind kind, std::span<const TensorView> tensors,
   std::vector<struct iovec> parts;
   parts.reserve(tensors.size() + 1);
   parts.push_back({});
+  uint64_t total = 0;
   for (const TensorView& t : tensors) {
     uint64_t numel;
     TS_RETURN_IF_ERROR(ValidateSpec(t.name, t.shape, t.data.size(), &numel));
     w.Meta(t.name, t.shape);
     parts.push_back({const_cast<float*>(t.data.data()), t.data.size_bytes()});
+    total += numel;
   }
   parts[0] = {head.data(), head.size()};
+  if (enc_flags_ != 0) {
+    // Encode every tensor into one scratch buffer sent as the data section.
+    if (enc_buf_.size() < total) enc_buf_.resize(total);
+    uint16_t* dst = enc_buf_.data();
+    for (const TensorView& t : tensors) {
+      protocol::EncodeElements(enc_flags_, t.data.data(), dst, t.data.size());
+      dst += t.data.size();
+    }
+    parts.resize(2);
+    parts[1] = {enc_buf_.data(), static_cast<size_t>(total * 2)};
+  }
   std::vector<uint8_t> response;
-  TS_RETURN_IF_ERROR(Call(Opcode::kPush, parts.data(), parts.size(), &response));
+  TS_RETURN_IF_ERROR(
+      Call(Opcode::kPush, parts.data(), parts.size(), &response, std::nullopt, enc_flags_));
   uint64_t v;
   if (Status s = protocol::DecodeVersion(response, &v); !s.ok()) return s;
   if (version != nullptr) *version = v;

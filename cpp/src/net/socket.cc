@@ -8,6 +8,8 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -71,10 +73,96 @@ std::string AddrToString(const sockaddr* sa) {
     out += std::to_string(port);
     return out;
   }
+  if (sa->sa_family == AF_UNIX) return "unix-socket peer";
   return std::string(host) + ":" + std::to_string(port);
 }
 
+// Fills a sockaddr_un for `path`; kInvalidArgument when it does not fit.
+Status UnixAddr(const std::string& path, sockaddr_un* addr) {
+  *addr = sockaddr_un{};
+  addr->sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr->sun_path)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "Unix socket path '" + path + "' is " + std::to_string(path.size()) +
+                      " bytes; it must be 1.." + std::to_string(sizeof(addr->sun_path) - 1) +
+                      " bytes (the kernel's sun_path limit): choose a shorter path");
+  }
+  std::memcpy(addr->sun_path, path.data(), path.size());
+  return Status::OK();
+}
+
 }  // namespace
+
+Status ListenUnix(const std::string& path, Socket* out) {
+  sockaddr_un addr;
+  TS_RETURN_IF_ERROR(UnixAddr(path, &addr));
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status(StatusCode::kInvalidArgument,
+                    "cannot listen on Unix socket '" + path +
+                        "': a file that is not a socket is in the way; remove it or choose "
+                        "another path");
+    }
+    // Only a socket nobody answers on is stale; never steal a live server's.
+    Socket probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (probe.valid() &&
+        ::connect(probe.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      return Status(StatusCode::kAddressInUse,
+                    "cannot listen on Unix socket '" + path +
+                        "': another server is serving on it; stop it or choose another path");
+    }
+    ::unlink(path.c_str());
+  }
+  Socket s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!s.valid()) return IoError("socket", errno);
+  // 0600 from the start: umask applies to bind(), so no window with looser
+  // permissions (fchmod on a socket fd does not affect the file).
+  const mode_t old_mask = ::umask(0177);
+  const int rc = ::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  const int err = errno;
+  ::umask(old_mask);
+  if (rc != 0) {
+    return Status(err == EADDRINUSE                                  ? StatusCode::kAddressInUse
+                  : err == EACCES || err == ENOENT || err == ENOTDIR ? StatusCode::kInvalidArgument
+                                                                     : StatusCode::kConnectionError,
+                  "cannot bind Unix socket '" + path + "': " + Errno(err));
+  }
+  ::chmod(path.c_str(), 0600);
+  if (::listen(s.fd(), SOMAXCONN) != 0) {
+    const int lerr = errno;
+    ::unlink(path.c_str());
+    return IoError("listen", lerr);
+  }
+  SetNonBlocking(s.fd());
+  *out = std::move(s);
+  return Status::OK();
+}
+
+Status ConnectUnix(const std::string& path, Deadline deadline, Socket* out) {
+  sockaddr_un addr;
+  TS_RETURN_IF_ERROR(UnixAddr(path, &addr));
+  Socket s(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!s.valid()) return IoError("socket", errno);
+  int rc;
+  do {
+    rc = ::connect(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0 && errno != EINPROGRESS && errno != EAGAIN) {
+    return Status(StatusCode::kConnectionError, "connect to unix:" + path + ": " + Errno(errno));
+  }
+  if (rc != 0) {
+    TS_RETURN_IF_ERROR(PollFor(s.fd(), POLLOUT, deadline, "connecting"));
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(s.fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) {
+      return Status(StatusCode::kConnectionError, "connect to unix:" + path + ": " + Errno(err));
+    }
+  }
+  *out = std::move(s);
+  return Status::OK();
+}
 
 Deadline Deadline::In(double seconds) {
   if (!(seconds < 1e9)) return Never();  // also catches NaN and inf
@@ -188,7 +276,7 @@ Status Accept(const Socket& listener, Deadline deadline, Socket* out, std::strin
     int fd = ::accept4(listener.fd(), reinterpret_cast<sockaddr*>(&ss), &len,
                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
-      SetNoDelay(fd);
+      if (ss.ss_family != AF_UNIX) SetNoDelay(fd);
       if (peer != nullptr) *peer = AddrToString(reinterpret_cast<sockaddr*>(&ss));
       *out = Socket(fd);
       return Status::OK();
@@ -196,6 +284,9 @@ Status Accept(const Socket& listener, Deadline deadline, Socket* out, std::strin
     int err = errno;
     if (err == EINTR || err == ECONNABORTED) continue;
     if (err == EAGAIN || err == EWOULDBLOCK) {
+      // A shut-down Unix listener polls readable (POLLHUP) yet accepts
+      // nothing: the deadline bounds that loop.
+      if (deadline.Expired()) return TimedOut("waiting for a connection");
       TS_RETURN_IF_ERROR(PollFor(listener.fd(), POLLIN, deadline, "waiting for a connection"));
       continue;
     }

@@ -61,6 +61,17 @@ class Socket {
 [[nodiscard]] Status Listen(const std::string& bind_address, uint16_t port, Socket* out,
                             uint16_t* bound_port);
 
+// Binds and listens on a Unix-domain socket at `path` (mode 0600,
+// non-blocking fd). A socket file already there is replaced only when
+// nothing answers on it (a stale one from a crashed server); a live one
+// fails with kAddressInUse, any other file with kInvalidArgument, as does a
+// path longer than sun_path allows.
+[[nodiscard]] Status ListenUnix(const std::string& path, Socket* out);
+
+// One connection attempt to the Unix-domain socket at `path`, until
+// `deadline`. The fd is non-blocking.
+[[nodiscard]] Status ConnectUnix(const std::string& path, Deadline deadline, Socket* out);
+
 // Accepts one pending connection on a listening socket, waiting up to
 // `deadline`. The new fd is non-blocking with TCP_NODELAY. kTimeout when
 // nothing arrived; `peer` receives "host:port".

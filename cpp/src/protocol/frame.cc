@@ -79,6 +79,10 @@ Status CheckFlags(const FrameHeader& h) {
     return Status(StatusCode::kProtocolError,
                   "frame has unknown flag bits set (flags=" + std::to_string(h.flags) + ")");
   }
+  if ((h.flags & kEncodingFlags) == kEncodingFlags) {
+    return Status(StatusCode::kProtocolError,
+                  "frame sets both the fp16 and the bf16 encoding flags; choose one");
+  }
   return Status::OK();
 }
 

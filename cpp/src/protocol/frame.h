@@ -27,7 +27,19 @@ enum class Opcode : uint16_t {
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;
 inline constexpr uint32_t kFlagError = 1u << 1;
-inline constexpr uint32_t kKnownFlags = kFlagResponse | kFlagError;
+// Tensor data section encoded as fp16 / bf16 (2 bytes per element; metas
+// still say float32, the logical type). On a PUSH or REGISTER request the
+// request's data is encoded; on a PULL request the flag asks for an encoded
+// response, which carries the same flag. Both set is a protocol error.
+inline constexpr uint32_t kFlagFp16 = 1u << 2;
+inline constexpr uint32_t kFlagBf16 = 1u << 3;
+inline constexpr uint32_t kEncodingFlags = kFlagFp16 | kFlagBf16;
+inline constexpr uint32_t kKnownFlags = kFlagResponse | kFlagError | kEncodingFlags;
+
+// Bytes per element of a data section under `flags` (4, or 2 when encoded).
+inline constexpr size_t WireElementSize(uint32_t flags) {
+  return (flags & kEncodingFlags) != 0 ? 2 : 4;
+}
 
 // Name of an opcode for messages ("PULL"), "UNKNOWN" otherwise.
 const char* OpcodeName(uint16_t opcode);
@@ -51,7 +63,7 @@ FrameHeader DecodeHeader(const uint8_t in[kHeaderSize]);
 // frame with bad flags is still well framed.
 [[nodiscard]] Status ValidateHeader(const FrameHeader& h, uint64_t max_frame_bytes);
 
-// Checks that only known flag bits are set.
+// Checks that only known flag bits are set, and not both encodings.
 [[nodiscard]] Status CheckFlags(const FrameHeader& h);
 
 // Little-endian helpers shared by the codecs.

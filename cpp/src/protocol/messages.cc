@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "protocol/frame.h"
+#include "protocol/half.h"
 
 namespace tensorspark::protocol {
 
@@ -300,11 +301,27 @@ Status DecodeNonce(std::span<const uint8_t> payload, Nonce* v) {
   return r.Finish();
 }
 
+void EncodeElements(uint32_t flags, const float* in, uint16_t* out, size_t n) {
+  if ((flags & kFlagBf16) != 0) {
+    FloatToBFloat16(in, out, n);
+  } else {
+    FloatToHalf(in, out, n);
+  }
+}
+
+void DecodeElements(uint32_t flags, const uint16_t* in, float* out, size_t n) {
+  if ((flags & kFlagBf16) != 0) {
+    BFloat16ToFloat(in, out, n);
+  } else {
+    HalfToFloat(in, out, n);
+  }
+}
+
 // ---- REGISTER / PUSH ------------------------------------------------------------------
 
 namespace {
 
-Status ReadTensorSection(Reader& r, TensorSection* t) {
+Status ReadTensorSection(Reader& r, TensorSection* t, size_t elem_size) {
   uint32_t count;
   TS_RETURN_IF_ERROR(r.ReadCount(kMinMetaSize, &count));
   t->metas.clear();
@@ -319,12 +336,12 @@ Status ReadTensorSection(Reader& r, TensorSection* t) {
     if (__builtin_add_overflow(total, t->numels[i], &total)) total = UINT64_MAX;
   }
   t->data_offset = r.offset();
-  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+  if (total > r.remaining() / elem_size || total * elem_size != r.remaining()) {
     return Malformed("data section has " + std::to_string(r.remaining()) +
-                     " bytes but the metas describe " + std::to_string(total) +
-                     " float32 elements (" +
+                     " bytes but the metas describe " + std::to_string(total) + " elements of " +
+                     std::to_string(elem_size) + " bytes (" +
                      (total > (uint64_t{1} << 61) ? std::string("too many")
-                                                  : std::to_string(total * sizeof(float))) +
+                                                  : std::to_string(total * elem_size)) +
                      " bytes)");
   }
   t->data_len = r.remaining();
@@ -335,9 +352,9 @@ Status ReadTensorSection(Reader& r, TensorSection* t) {
 
 }  // namespace
 
-Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req) {
+Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req, size_t elem_size) {
   Reader r(payload);
-  return ReadTensorSection(r, req);
+  return ReadTensorSection(r, req, elem_size);
 }
 
 void EncodePushHead(const PushHead& head, std::vector<uint8_t>* out) {
@@ -350,7 +367,8 @@ void EncodePushHead(const PushHead& head, std::vector<uint8_t>* out) {
   w.F32(head.learning_rate);
 }
 
-Status DecodePush(std::span<const uint8_t> payload, PushHead* head, TensorSection* tensors) {
+Status DecodePush(std::span<const uint8_t> payload, PushHead* head, TensorSection* tensors,
+                  size_t elem_size) {
   Reader r(payload);
   uint8_t pad[3];
   TS_RETURN_IF_ERROR(r.ReadU8(&head->kind));
@@ -360,7 +378,7 @@ Status DecodePush(std::span<const uint8_t> payload, PushHead* head, TensorSectio
   }
   TS_RETURN_IF_ERROR(r.ReadU32(&head->mean_window));
   TS_RETURN_IF_ERROR(r.ReadF32(&head->learning_rate));
-  return ReadTensorSection(r, tensors);
+  return ReadTensorSection(r, tensors, elem_size);
 }
 
 void EncodeRegisterResponse(const RegisterResponse& resp, std::vector<uint8_t>* out) {
@@ -434,7 +452,8 @@ Status DecodePullRequest(std::span<const uint8_t> payload, std::vector<std::stri
 }
 
 Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
-                          std::vector<Tensor>* tensors) {
+                          std::vector<Tensor>* tensors, uint32_t flags) {
+  const size_t elem = WireElementSize(flags);
   Reader r(payload);
   uint32_t count;
   TS_RETURN_IF_ERROR(r.ReadU64(version));
@@ -447,15 +466,23 @@ Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
     TS_RETURN_IF_ERROR(r.ReadMeta(&(*tensors)[i].info, &numels[i]));
     total += numels[i];
   }
-  if (total > r.remaining() / sizeof(float) || total * sizeof(float) != r.remaining()) {
+  if (total > r.remaining() / elem || total * elem != r.remaining()) {
     return Malformed("data section size does not match the metas");
   }
+  std::vector<uint16_t> enc;
   for (uint32_t i = 0; i < count; ++i) {
     const uint8_t* p;
-    TS_RETURN_IF_ERROR(r.ReadBytes(numels[i] * sizeof(float), &p));
+    TS_RETURN_IF_ERROR(r.ReadBytes(numels[i] * elem, &p));
     auto& values = (*tensors)[i].values;
     values.resize(numels[i]);
-    if (numels[i] > 0) std::memcpy(values.data(), p, numels[i] * sizeof(float));
+    if (numels[i] == 0) continue;
+    if (elem == sizeof(float)) {
+      std::memcpy(values.data(), p, numels[i] * sizeof(float));
+    } else {
+      enc.resize(numels[i]);  // p may be unaligned
+      std::memcpy(enc.data(), p, numels[i] * 2);
+      DecodeElements(flags, enc.data(), values.data(), numels[i]);
+    }
   }
   return r.Finish();
 }

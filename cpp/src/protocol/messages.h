@@ -121,9 +121,12 @@ struct TensorSection {
   std::vector<VariableInfo> metas;
   std::vector<uint64_t> numels;
   size_t data_offset = 0;  // payload offset of the data section
-  size_t data_len = 0;     // == 4 * sum(numels)
+  size_t data_len = 0;     // == elem_size * sum(numels)
 };
-[[nodiscard]] Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req);
+// `elem_size` is the wire size of one element: 4 (float32) or 2 (fp16/bf16,
+// see WireElementSize).
+[[nodiscard]] Status DecodeRegister(std::span<const uint8_t> payload, TensorSection* req,
+                                    size_t elem_size = 4);
 
 struct PushHead {
   uint8_t kind = 0;
@@ -134,7 +137,7 @@ struct PushHead {
 inline constexpr size_t kPushHeadSize = 12;
 void EncodePushHead(const PushHead& head, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodePush(std::span<const uint8_t> payload, PushHead* head,
-                                TensorSection* tensors);
+                                TensorSection* tensors, size_t elem_size = 4);
 
 struct RegisterResponse {
   uint64_t version = 0;
@@ -159,8 +162,14 @@ void EncodePullRequest(std::span<const std::string_view> names, std::vector<uint
                                        std::vector<std::string_view>* names);
 // PULL response fully in memory (tests and small tools; the client parses it
 // incrementally instead).
+// `flags` of the response header select the data encoding (decoded to
+// float32 here).
 [[nodiscard]] Status DecodePullResponse(std::span<const uint8_t> payload, uint64_t* version,
-                                        std::vector<Tensor>* tensors);
+                                        std::vector<Tensor>* tensors, uint32_t flags = 0);
+// Encodes n floats into the wire encoding of `flags` (fp16 or bf16) and
+// back; `flags` must select one encoding.
+void EncodeElements(uint32_t flags, const float* in, uint16_t* out, size_t n);
+void DecodeElements(uint32_t flags, const uint16_t* in, float* out, size_t n);
 
 // ---- SET_OPTIMIZER ------------------------------------------------------------------
 // Request: u8 kind, u8[3] reserved (0), f32 learning_rate, beta1, beta2,

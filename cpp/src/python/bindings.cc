@@ -8,11 +8,13 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "tensorspark/client.h"
@@ -282,13 +284,30 @@ class PyShardedClient {
   std::unique_ptr<ShardedClient> client_;
 };
 
+// "fp32" | "fp16" | "bf16" or 0 | 1 | 2 (WireEncoding) -> WireEncoding.
+WireEncoding ParseEncoding(const std::variant<int, std::string>& e) {
+  if (const int* i = std::get_if<int>(&e)) {
+    if (*i >= 0 && *i <= 2) return static_cast<WireEncoding>(*i);
+  } else {
+    const std::string& s = std::get<std::string>(e);
+    if (s == "fp32") return WireEncoding::kFloat32;
+    if (s == "fp16") return WireEncoding::kFloat16;
+    if (s == "bf16") return WireEncoding::kBFloat16;
+  }
+  ThrowIfError(Status(StatusCode::kInvalidArgument,
+                      "encoding must be 'fp32', 'fp16' or 'bf16' (or 0, 1, 2)"));
+  return WireEncoding::kFloat32;
+}
+
 // Thin owner of a Client; its methods hold no Python objects while the GIL
 // is released.
 class PyClient {
  public:
   PyClient(const std::string& host, uint16_t port, nb::bytes secret, int32_t partition_id,
-           int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries) {
+           int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries,
+           const std::variant<int, std::string>& encoding) {
     ClientOptions opt;
+    opt.encoding = ParseEncoding(encoding);
     opt.host = host;
     opt.port = port;
     opt.secret = std::string(secret.c_str(), secret.size());
@@ -423,8 +442,9 @@ class PyServer {
  public:
   PyServer(const std::string& bind, uint16_t port, nb::bytes secret, uint64_t max_frame_bytes,
            uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
-           double handshake_timeout_s, uint32_t update_threads) {
+           double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path) {
     ServerOptions opt;
+    opt.unix_path = unix_path;
     opt.bind_address = bind;
     opt.port = port;
     opt.secret = std::string(secret.c_str(), secret.size());
@@ -481,10 +501,10 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
-                    double, uint32_t>(),
+                    double, uint32_t, const std::string&>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
-           "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u)
+           "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "")
       .def_prop_ro("port", &PyServer::port, "The bound port.")
       .def_prop_ro("version", &PyServer::version, "Number of pushes applied.")
       .def_prop_ro("running", &PyServer::running)
@@ -494,10 +514,11 @@ NB_MODULE(_core, m) {
            "Block until stopped or timeout_s passes (negative: forever); True if stopped.");
 
   nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
-      .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double,
-                    int>(),
+      .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double, int,
+                    const std::variant<int, std::string>&>(),
            "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
-           "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8)
+           "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8,
+           "encoding"_a = 0)
       .def("register", &PyClient::Register, "names"_a, "arrays"_a,
            "Register variables (first registration wins). Returns (created, version).")
       .def("list_variables", &PyClient::List, "Returns ([(name, shape)], version).")

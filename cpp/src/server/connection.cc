@@ -12,6 +12,7 @@
 
 #include "protocol/auth.h"
 #include "protocol/crc32c.h"
+#include "protocol/half.h"
 #include "protocol/messages.h"
 
 namespace tensorspark::server {
@@ -28,6 +29,8 @@ constexpr uint64_t kMaxHandshakePayload = 4096;
 constexpr size_t kAlign = 16;
 // Payloads are received and checksummed in chunks of this size (fits L2).
 constexpr uint64_t kRecvChunk = 256 * 1024;
+// Elements converted (and checksummed) per step of the fp16/bf16 codecs.
+constexpr uint64_t kConvertChunk = 64 * 1024;
 
 Status Err(StatusCode code, std::string msg) { return Status(code, std::move(msg)); }
 
@@ -247,10 +250,18 @@ Status Connection::Handshake() {
 
 Status Connection::Dispatch(const FrameHeader& h) {
   Status result;
-  if (Status f = protocol::CheckFlags(h); !f.ok() || h.flags != 0) {
-    result = f.ok()
-                 ? Err(StatusCode::kProtocolError, "a request must not set RESPONSE or ERROR flags")
-                 : f;
+  const bool encodable = h.opcode == static_cast<uint16_t>(Opcode::kRegister) ||
+                         h.opcode == static_cast<uint16_t>(Opcode::kPush) ||
+                         h.opcode == static_cast<uint16_t>(Opcode::kPull);
+  if (Status f = protocol::CheckFlags(h); !f.ok()) {
+    result = f;
+  } else if ((h.flags & (protocol::kFlagResponse | protocol::kFlagError)) != 0) {
+    result = Err(StatusCode::kProtocolError, "a request must not set RESPONSE or ERROR flags");
+  } else if ((h.flags & protocol::kEncodingFlags) != 0 && !encodable) {
+    result = Err(StatusCode::kProtocolError,
+                 std::string("the fp16/bf16 encoding flags are valid on REGISTER, PUSH and PULL "
+                             "only, not on ") +
+                     protocol::OpcodeName(h.opcode));
   } else {
     switch (static_cast<Opcode>(h.opcode)) {
       case Opcode::kHello:
@@ -301,9 +312,17 @@ Status Connection::Dispatch(const FrameHeader& h) {
 
 Status Connection::HandleRegister(const FrameHeader& h) {
   protocol::TensorSection req;
-  TS_RETURN_IF_ERROR(protocol::DecodeRegister(payload_span(), &req));
-  std::vector<storage::RegisterItem> items(req.metas.size());
+  const uint32_t enc = h.flags & protocol::kEncodingFlags;
+  TS_RETURN_IF_ERROR(
+      protocol::DecodeRegister(payload_span(), &req, protocol::WireElementSize(h.flags)));
   const uint8_t* data = payload() + req.data_offset;
+  if (enc != 0) {
+    if (!DecodeSection(enc, req.data_offset, req.data_len / 2)) {
+      return Err(StatusCode::kLimitExceeded, "server cannot allocate memory to decode this frame");
+    }
+    data = reinterpret_cast<const uint8_t*>(decoded_.data());
+  }
+  std::vector<storage::RegisterItem> items(req.metas.size());
   for (size_t i = 0; i < items.size(); ++i) {
     items[i] = {req.metas[i].name, req.metas[i].shape, data};
     data += req.numels[i] * sizeof(float);
@@ -363,6 +382,9 @@ Status Connection::HandlePull(const FrameHeader& h) {
   std::vector<std::shared_lock<std::shared_mutex>> locks;
   locks.reserve(lock_order.size());
   for (storage::Variable* v : lock_order) locks.emplace_back(v->mu());
+  if ((h.flags & protocol::kEncodingFlags) != 0) {
+    return SendEncodedPull(h, vars, &locks);
+  }
 
   uint64_t payload_len = out_.size();
   uint32_t crc = protocol::Crc32c(out_.data(), out_.size());
@@ -398,16 +420,22 @@ Status Connection::HandlePull(const FrameHeader& h) {
 Status Connection::HandlePush(const FrameHeader& h) {
   protocol::PushHead head;
   protocol::TensorSection req;
-  TS_RETURN_IF_ERROR(protocol::DecodePush(payload_span(), &head, &req));
-  // Align the data section for the vectorized update loops (see buf_).
-  const size_t misalign = reinterpret_cast<uintptr_t>(payload() + req.data_offset) % kAlign;
-  if (misalign != 0) {
-    const size_t new_shift = (shift_ + kAlign - misalign) % kAlign;
-    std::memmove(buf_.get() + new_shift, payload(), payload_len_);
-    shift_ = new_shift;
+  const uint32_t enc = h.flags & protocol::kEncodingFlags;
+  TS_RETURN_IF_ERROR(
+      protocol::DecodePush(payload_span(), &head, &req, protocol::WireElementSize(h.flags)));
+  const float* data;
+  if (enc != 0) {
+    // Decoded into float32 first, then applied by the same rules.
+    if (!DecodeSection(enc, req.data_offset, req.data_len / 2)) {
+      return Err(StatusCode::kLimitExceeded, "server cannot allocate memory to decode this frame");
+    }
+    data = decoded_.data();
+  } else {
+    // Align the data section for the vectorized update loops (see buf_).
+    AlignPayloadAt(req.data_offset);
+    data = reinterpret_cast<const float*>(payload() + req.data_offset);
   }
   std::vector<storage::PushItem> items(req.metas.size());
-  const auto* data = reinterpret_cast<const float*>(payload() + req.data_offset);
   for (size_t i = 0; i < items.size(); ++i) {
     items[i] = {req.metas[i].name, req.metas[i].shape, data, req.numels[i]};
     data += req.numels[i];
@@ -421,6 +449,76 @@ Status Connection::HandlePush(const FrameHeader& h) {
   out_.clear();
   protocol::EncodeVersion(version, &out_);
   (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+void Connection::AlignPayloadAt(size_t offset) {
+  const size_t misalign = reinterpret_cast<uintptr_t>(payload() + offset) % kAlign;
+  if (misalign != 0) {
+    const size_t new_shift = (shift_ + kAlign - misalign) % kAlign;
+    std::memmove(buf_.get() + new_shift, payload(), payload_len_);
+    shift_ = new_shift;
+  }
+}
+
+bool Connection::DecodeSection(uint32_t flags, size_t offset, uint64_t n) {
+  // 2-byte elements must be aligned for the conversion loops.
+  AlignPayloadAt(offset);
+  try {
+    if (decoded_.size() < n) decoded_.resize(n);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  const auto* in = reinterpret_cast<const uint16_t*>(payload() + offset);
+  for (uint64_t done = 0; done < n; done += kConvertChunk) {
+    const size_t c = static_cast<size_t>(std::min<uint64_t>(kConvertChunk, n - done));
+    protocol::DecodeElements(flags, in + done, decoded_.data() + done, c);
+  }
+  return true;
+}
+
+Status Connection::SendEncodedPull(const FrameHeader& req, std::span<storage::Variable* const> vars,
+                                   std::vector<std::shared_lock<std::shared_mutex>>* locks) {
+  const uint32_t enc = req.flags & protocol::kEncodingFlags;
+  uint64_t total = 0;
+  for (const storage::Variable* v : vars) total += v->numel();
+  try {
+    if (encoded_.size() < total) encoded_.resize(total);
+  } catch (const std::bad_alloc&) {
+    return Err(StatusCode::kLimitExceeded, "server cannot allocate memory to encode this pull");
+  }
+  // The cached per-variable CRCs are of float32 bytes: the checksum is
+  // computed over the encoded bytes, chunk by chunk while they are in cache.
+  uint32_t crc = protocol::Crc32c(out_.data(), out_.size());
+  uint16_t* dst = encoded_.data();
+  for (const storage::Variable* v : vars) {
+    const float* src = v->data();
+    for (uint64_t done = 0; done < v->numel(); done += kConvertChunk) {
+      const size_t c = static_cast<size_t>(std::min<uint64_t>(kConvertChunk, v->numel() - done));
+      protocol::EncodeElements(enc, src + done, dst, c);
+      crc = protocol::Crc32cExtend(crc, dst, c * 2);
+      dst += c;
+    }
+  }
+  locks->clear();
+  FrameHeader resp;
+  resp.opcode = req.opcode;
+  resp.flags = protocol::kFlagResponse | enc;
+  resp.request_id = req.request_id;
+  resp.payload_len = out_.size() + total * 2;
+  resp.checksum = crc;
+  uint8_t raw[protocol::kHeaderSize];
+  protocol::EncodeHeader(resp, raw);
+  struct iovec iov[3] = {{raw, sizeof(raw)},
+                         {out_.data(), out_.size()},
+                         {encoded_.data(), static_cast<size_t>(total * 2)}};
+  Status s = net::WriteV(socket_.fd(), iov, 3, IoDeadline());
+  if (!s.ok()) {
+    io_status_ = s;
+    return Status::OK();
+  }
+  ctx_->counters.bytes_out.fetch_add(sizeof(raw) + resp.payload_len, std::memory_order_relaxed);
+  ctx_->counters.pulls.fetch_add(1, std::memory_order_relaxed);
   return Status::OK();
 }
 

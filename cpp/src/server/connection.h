@@ -11,6 +11,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -101,6 +103,17 @@ class Connection {
   // Reallocates buf_ to `capacity` bytes keeping its first `keep` bytes;
   // false when memory is short.
   bool Grow(uint64_t capacity, uint64_t keep);
+  // Moves the payload so that its byte `offset` is kAlign-aligned (see buf_).
+  void AlignPayloadAt(size_t offset);
+  // Decodes an fp16/bf16 data section (`flags`) of n elements at payload
+  // offset `offset` into decoded_; false when memory is short.
+  bool DecodeSection(uint32_t flags, size_t offset, uint64_t n);
+  // Sends an fp16/bf16 PULL response: head (out_) then the variables'
+  // values encoded into encoded_ under `locks` (taken by the caller), which
+  // are released before the send: the bytes sent are a copy.
+  [[nodiscard]] Status SendEncodedPull(const protocol::FrameHeader& req,
+                                       std::span<storage::Variable* const> vars,
+                                       std::vector<std::shared_lock<std::shared_mutex>>* locks);
   const uint8_t* payload() const { return buf_.get() + shift_; }
   std::span<const uint8_t> payload_span() const { return {payload(), payload_len_}; }
 
@@ -121,7 +134,11 @@ class Connection {
   size_t shift_ = 0;
   uint64_t payload_len_ = 0;
   std::vector<uint8_t> out_;  // reusable response buffer
-  Status io_status_;          // first send failure; ends the connection
+  // fp16/bf16 wire encodings: float32 values of an encoded REGISTER/PUSH,
+  // and the encoded data section of a PULL response (reused, grow only).
+  std::vector<float> decoded_;
+  std::vector<uint16_t> encoded_;
+  Status io_status_;  // first send failure; ends the connection
 };
 
 }  // namespace tensorspark::server

@@ -2,6 +2,7 @@
 #include "tensorspark/server.h"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -44,7 +45,8 @@ class ServerImpl {
     std::thread thread;
   };
 
-  void AcceptLoop();
+  // Accepts on `listener` (TCP, or the Unix socket: one thread each).
+  void AcceptLoop(const net::Socket* listener);
   // Joins the threads of connections that ended (acceptor thread only).
   void ReapFinished();
   // Answers a connection we will not serve with an error frame, then drops it.
@@ -55,6 +57,8 @@ class ServerImpl {
   net::Socket listener_;
   uint16_t port_ = 0;
   std::thread acceptor_;
+  net::Socket unix_listener_;  // valid when options.unix_path is set
+  std::thread unix_acceptor_;
 
   std::mutex conns_mu_;  // guards conns_
   std::list<ConnEntry> conns_;
@@ -91,9 +95,13 @@ Status ServerImpl::Start() {
       o.update_threads != 0 ? o.update_threads : std::max(1u, std::thread::hardware_concurrency());
   TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
   TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
+  if (!o.unix_path.empty()) TS_RETURN_IF_ERROR(net::ListenUnix(o.unix_path, &unix_listener_));
   ctx_.request_shutdown = [this] { RequestShutdown(); };
   try {
-    acceptor_ = std::thread([this] { AcceptLoop(); });
+    acceptor_ = std::thread([this] { AcceptLoop(&listener_); });
+    if (unix_listener_.valid()) {
+      unix_acceptor_ = std::thread([this] { AcceptLoop(&unix_listener_); });
+    }
   } catch (const std::system_error& e) {
     return Status(StatusCode::kInternal,
                   std::string("cannot start the acceptor thread: ") + e.what());
@@ -148,13 +156,13 @@ void ServerImpl::ReapFinished() {
   for (ConnEntry& e : finished) e.thread.join();
 }
 
-void ServerImpl::AcceptLoop() {
+void ServerImpl::AcceptLoop(const net::Socket* listener) {
   while (!ctx_.stopping.load()) {
     net::Socket sock;
     std::string peer;
     // Bounded wait so `stopping` is seen even if shutdown() of the listening
     // socket does not wake poll().
-    Status s = net::Accept(listener_, net::Deadline::In(0.2), &sock, &peer);
+    Status s = net::Accept(*listener, net::Deadline::In(0.2), &sock, &peer);
     if (ctx_.stopping.load()) break;
     ReapFinished();
     if (!s.ok()) {
@@ -206,8 +214,15 @@ void ServerImpl::Stop() {
   }
   ctx_.stopping.store(true);
   listener_.Shutdown();
+  // (Not shutdown(): a shut-down Unix listener polls readable forever; the
+  // acceptor's bounded wait sees `stopping` instead.)
   if (acceptor_.joinable()) acceptor_.join();
+  if (unix_acceptor_.joinable()) unix_acceptor_.join();
   listener_.Close();
+  if (unix_listener_.valid()) {
+    unix_listener_.Close();
+    ::unlink(ctx_.options.unix_path.c_str());
+  }
   std::list<ConnEntry> conns;
   {
     std::lock_guard lock(conns_mu_);

@@ -23,7 +23,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
-    "                      [--threads N]\n"
+    "                      [--threads N] [--unix-socket PATH]\n"
     "\n"
     "Parameter server of tensorspark (wire protocol v1).\n"
     "\n"
@@ -34,6 +34,9 @@ constexpr char kUsage[] =
     "  --max-frame-bytes N   largest request payload accepted (default 2147483648)\n"
     "  --threads N           threads that apply one large update together, in chunks\n"
     "                        (default 0: one per core; 1: no extra threads; at most 1024)\n"
+    "  --unix-socket PATH    also listen on this Unix-domain socket (mode 0600; clients on\n"
+    "                        this host connect to host \"unix:PATH\"); a stale socket file\n"
+    "                        is replaced, and the file is removed on exit\n"
     "  --help                show this text\n"
     "\n"
     "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
@@ -104,6 +107,10 @@ int main(int argc, char** argv) {
         return BadArgs("--max-frame-bytes needs a number >= 64");
       }
       opt.max_frame_bytes = n;
+    } else if (arg == "--unix-socket") {
+      if (!take_value(&opt.unix_path) || opt.unix_path.empty()) {
+        return BadArgs("--unix-socket needs a path, e.g. /tmp/tensorspark-ps.sock");
+      }
     } else if (arg == "--threads") {
       uint64_t n;
       if (!take_value(&value) || !ParseUint(value, 1024, &n)) {
@@ -147,6 +154,9 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "tensorspark-ps listening on %s:%u\n", opt.bind_address.c_str(),
                static_cast<unsigned>(server->port()));
+  if (!opt.unix_path.empty()) {
+    std::fprintf(stderr, "tensorspark-ps listening on unix:%s\n", opt.unix_path.c_str());
+  }
   std::fflush(stderr);
 
   const char* reason = nullptr;

@@ -74,8 +74,18 @@ TEST(FrameTest, UnknownFlagsAreProtocolErrors) {
   FrameHeader h;
   h.flags = kFlagResponse;
   EXPECT_TRUE(CheckFlags(h).ok());
-  h.flags = 4;
+  h.flags = 16;
   EXPECT_EQ(CheckFlags(h).code(), StatusCode::kProtocolError);
+  // The encoding flags are known, but only one at a time.
+  h.flags = kFlagFp16;
+  EXPECT_TRUE(CheckFlags(h).ok());
+  h.flags = kFlagResponse | kFlagBf16;
+  EXPECT_TRUE(CheckFlags(h).ok());
+  h.flags = kFlagFp16 | kFlagBf16;
+  EXPECT_EQ(CheckFlags(h).code(), StatusCode::kProtocolError);
+  EXPECT_EQ(WireElementSize(0), 4u);
+  EXPECT_EQ(WireElementSize(kFlagFp16), 2u);
+  EXPECT_EQ(WireElementSize(kFlagBf16 | kFlagResponse), 2u);
 }
 
 TEST(StatusTest, NamesAndContext) {
