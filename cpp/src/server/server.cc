@@ -16,6 +16,7 @@
 #include "protocol/frame.h"
 #include "protocol/messages.h"
 #include "server/connection.h"
+#include "server/metrics_http.h"
 
 namespace tensorspark {
 
@@ -33,6 +34,7 @@ class ServerImpl {
 
   Status Start();
   uint16_t port() const { return port_; }
+  int metrics_port() const { return metrics_ ? metrics_->port() : -1; }
   uint64_t version() const { return ctx_.store.version(); }
   std::vector<StatEntry> Stats() const { return ctx_.Snapshot(); }
   void Stop();
@@ -55,6 +57,7 @@ class ServerImpl {
   net::Socket listener_;
   uint16_t port_ = 0;
   std::thread acceptor_;
+  std::unique_ptr<server::MetricsHttpServer> metrics_;  // null when off
 
   std::mutex conns_mu_;  // guards conns_
   std::list<ConnEntry> conns_;
@@ -82,6 +85,11 @@ Status ServerImpl::Start() {
   if (o.max_connections == 0) {
     return Status(StatusCode::kInvalidArgument, "max_connections must be >= 1");
   }
+  if (o.metrics_port < -1 || o.metrics_port > 65535) {
+    return Status(StatusCode::kInvalidArgument,
+                  "metrics_port must be -1 (off), 0 (any free port) or a port number (got " +
+                      std::to_string(o.metrics_port) + ")");
+  }
   if (o.update_threads > kMaxUpdateThreads) {
     return Status(StatusCode::kInvalidArgument, "update_threads must be 0 (one per core) to " +
                                                     std::to_string(kMaxUpdateThreads) + " (got " +
@@ -91,6 +99,12 @@ Status ServerImpl::Start() {
       o.update_threads != 0 ? o.update_threads : std::max(1u, std::thread::hardware_concurrency());
   TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
   TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
+  if (o.metrics_port >= 0) {
+    TS_RETURN_IF_ERROR(server::MetricsHttpServer::Start(
+        o.bind_address, static_cast<uint16_t>(o.metrics_port),
+        [this] { return server::RenderPrometheus(ctx_.Snapshot()); }, &metrics_));
+  }
+  TS_RETURN_IF_ERROR(ctx_.membership.Start());
   ctx_.request_shutdown = [this] { RequestShutdown(); };
   try {
     acceptor_ = std::thread([this] { AcceptLoop(); });
@@ -111,6 +125,8 @@ void ServerImpl::RequestShutdown() {
 
 void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status& why) {
   LogEvent("refused connection from " + peer + ": " + why.ToString());
+  if (why.code() == StatusCode::kLimitExceeded)
+    ctx_.membership.CountRefused(server::RefuseReason::kLimit);
   ctx_.counters.errors.fetch_add(1, std::memory_order_relaxed);
   std::vector<uint8_t> payload;
   protocol::EncodeError(why, &payload);
@@ -205,6 +221,8 @@ void ServerImpl::Stop() {
     if (stopped_) return;
   }
   ctx_.stopping.store(true);
+  ctx_.membership.Stop();  // wakes waiting pulls and pushes with kShuttingDown
+  if (metrics_) metrics_->Stop();
   listener_.Shutdown();
   if (acceptor_.joinable()) acceptor_.join();
   listener_.Close();
@@ -244,6 +262,7 @@ Status Server::Start(const ServerOptions& options, std::unique_ptr<Server>* out)
 Server::Server(std::unique_ptr<ServerImpl> impl) : impl_(std::move(impl)) {}
 Server::~Server() = default;  // ~ServerImpl stops
 uint16_t Server::port() const { return impl_->port(); }
+int Server::metrics_port() const { return impl_->metrics_port(); }
 uint64_t Server::version() const { return impl_->version(); }
 std::vector<StatEntry> Server::Stats() const { return impl_->Stats(); }
 void Server::Stop() { impl_->Stop(); }
