@@ -10,6 +10,7 @@ from .combiners import DeltaCombiner, DeltaWeightCombiner, MeanCombiner, MeanWei
 from .errors import (
     AddressInUseError,
     AuthenticationError,
+    FencedError,
     ProtocolError,
     PSConnectionError,
     PSTimeoutError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
+    "FencedError",
     "DeltaCombiner",
     "DeltaWeightCombiner",
     "MeanCombiner",
