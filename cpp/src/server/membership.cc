@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <shared_mutex>
 #include <system_error>
 
 #include "server/connection.h"
@@ -360,6 +361,18 @@ Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& optio
                                                     "was added to the round");
     }
   }
+  if (kind == static_cast<uint8_t>(UpdateKind::kGradient) && options.learning_rate == 0.0f) {
+    // Checked now, so that the round's apply cannot fail on it.
+    for (storage::Variable* v : vars) {
+      std::shared_lock var_lock(v->mu());
+      if (!v->optimizer()) {
+        return Status(StatusCode::kInvalidArgument,
+                      "variable '" + v->name() +
+                          "' has no server-side optimizer, so a gradient push to it needs a "
+                          "learning_rate > 0 (got 0); nothing was added to the round");
+      }
+    }
+  }
   if (accum_.empty()) {
     round_kind_ = kind;
     round_options_ = options;
@@ -421,6 +434,8 @@ void Membership::AppendStats(std::vector<StatEntry>* out) const {
     ++live;
     const std::string labels = Labels(p, m.attempt);
     out->emplace_back("worker_clock" + labels, m.clock);
+    auto c = conns_.find({p, m.attempt});
+    out->emplace_back("worker_connections" + labels, c == conns_.end() ? 0 : c->second);
     out->emplace_back(
         "worker_last_seen_ms" + labels,
         static_cast<uint64_t>(

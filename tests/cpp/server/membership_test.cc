@@ -142,6 +142,27 @@ TEST_F(ModesTest, SyncEarlyPushWaitsForTheOpenRound) {
   EXPECT_EQ(w, 2.0f + 15.0f);
 }
 
+TEST_F(ModesTest, SyncGradientRoundUsesTheMeanAndRefusesMixedKinds) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  const int64_t shape[] = {2};
+  const float g0[] = {1, 1}, g1[] = {3, 3};
+  TensorView t0{"w", shape, g0}, t1{"w", shape, g1};
+  uint64_t v;
+  PushOptions no_lr;  // no optimizer and no learning rate: refused up front
+  EXPECT_EQ(w0->Push(UpdateKind::kGradient, {&t0, 1}, no_lr, &v).code(),
+            StatusCode::kInvalidArgument);
+  PushOptions sgd;
+  sgd.learning_rate = 0.5f;
+  ASSERT_TRUE(w0->Push(UpdateKind::kGradient, {&t0, 1}, sgd, &v).ok());
+  EXPECT_EQ(PushDelta(w1.get(), 1).code(), StatusCode::kInvalidArgument);  // another kind
+  ASSERT_TRUE(w1->Push(UpdateKind::kGradient, {&t1, 1}, sgd, &v).ok());
+  float w = 0;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, -1.0f);  // w -= 0.5 * mean(1, 3)
+  EXPECT_EQ(v, 1u);
+}
+
 TEST_F(ModesTest, SyncWorkerThatDiesIsNotWaitedFor) {
   StartRun(ConsistencyMode::kSync);
   auto w0 = Worker(0), w1 = Worker(1), w2 = Worker(2);
@@ -327,6 +348,7 @@ TEST_F(ModesTest, MetricsStalenessAndPrometheusEndpoint) {
   EXPECT_EQ(stats["worker_clock{partition=\"0\",attempt=\"0\"}"], 1u);
   EXPECT_EQ(stats["worker_clock{partition=\"1\",attempt=\"0\"}"], 2u);
   EXPECT_EQ(stats.count("worker_last_seen_ms{partition=\"1\",attempt=\"0\"}"), 1u);
+  EXPECT_EQ(stats["worker_connections{partition=\"1\",attempt=\"0\"}"], 1u);
   EXPECT_EQ(stats["staleness_count"], 3u);
   EXPECT_EQ(stats["staleness_sum"], 3u);
   EXPECT_EQ(stats["staleness_bucket{le=\"0\"}"], 1u);
