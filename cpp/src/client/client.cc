@@ -737,7 +737,8 @@ void ClientImpl::StopHeartbeat() {
 void ClientImpl::HeartbeatLoop() {
   ClientOptions o = options_;
   o.heartbeat_interval_s = 0;
-  o.connect_timeout_s = std::min(o.connect_timeout_s, o.heartbeat_interval_s + 1.0);
+  // Bounded, so Leave/Close wait at most about one interval for this thread.
+  o.connect_timeout_s = std::min(o.connect_timeout_s, options_.heartbeat_interval_s + 1.0);
   std::unique_ptr<ClientImpl> hb;
   const auto interval = std::chrono::duration<double>(options_.heartbeat_interval_s);
   std::unique_lock lock(hb_mu_);

@@ -96,7 +96,9 @@ void Connection::Run() {
           break;
         }
         ctx_->membership.Touch(session_);
-        if (!Dispatch(h).ok()) break;
+        const bool keep = Dispatch(h).ok();
+        ctx_->membership.Settle(&session_);  // the answer is sent
+        if (!keep) break;
       }
     }
   } catch (const std::exception& e) {
@@ -108,7 +110,10 @@ void Connection::Run() {
     std::lock_guard lock(socket_mu_);
     socket_.Close();
   }
-  if (opened) ctx_->membership.Closed(session_, ctx_->stopping.load());
+  if (opened) {
+    ctx_->membership.Settle(&session_);
+    ctx_->membership.Closed(session_, ctx_->stopping.load());
+  }
   ctx_->counters.connections.fetch_sub(1, std::memory_order_relaxed);
   done_.store(true, std::memory_order_release);
 }
@@ -441,7 +446,7 @@ Status Connection::HandlePush(const FrameHeader& h) {
   options.learning_rate = head.learning_rate;
   options.mean_window = head.mean_window;
   uint64_t version = 0;
-  TS_RETURN_IF_ERROR(ctx_->membership.Push(session_, head.kind, options, items, &version));
+  TS_RETURN_IF_ERROR(ctx_->membership.Push(&session_, head.kind, options, items, &version));
   ctx_->counters.pushes.fetch_add(1, std::memory_order_relaxed);
   out_.clear();
   protocol::EncodeVersion(version, &out_);

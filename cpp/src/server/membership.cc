@@ -50,13 +50,22 @@ Status Membership::Start() {
   return Status::OK();
 }
 
-void Membership::Stop() {
+void Membership::Stop(double drain_s) {
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     stopping_ = true;
+    cv_.notify_all();
+    cv_.wait_for(lock, std::chrono::duration<double>(drain_s), [this] { return unsettled_ == 0; });
   }
-  cv_.notify_all();
   if (checker_.joinable()) checker_.join();
+}
+
+void Membership::Settle(Session* s) {
+  if (!s->waited) return;
+  s->waited = false;
+  std::lock_guard lock(mu_);
+  --unsettled_;
+  cv_.notify_all();
 }
 
 void Membership::CheckerLoop() {
@@ -71,7 +80,7 @@ void Membership::ExpireSilent() {
   const auto now = Clock::now();
   const double limit = config_.heartbeat_timeout_s;
   for (auto& [p, m] : members_) {
-    if (!m.live) continue;
+    if (!m.live || m.waiting > 0) continue;
     const double silent = std::chrono::duration<double>(now - m.last_seen).count();
     if (silent > limit) Drop(p, &m, "silent for " + Seconds(silent) + " s");
   }
@@ -230,24 +239,41 @@ Status Membership::Configure(const RunConfig& config) {
 }
 
 template <typename Ready, typename Describe>
-Status Membership::Wait(std::unique_lock<std::mutex>& lock, const Session& s, Ready ready,
+Status Membership::Wait(std::unique_lock<std::mutex>& lock, Session* s, Ready ready,
                         Describe describe) {
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(config_.wait_timeout_s));
+  Member* m = LiveMember(*s);
+  if (m == nullptr || ready(*m)) return Status::OK();
+  ++m->waiting;
+  if (!s->waited) {
+    s->waited = true;
+    ++unsettled_;
+  }
+  Status result;
   for (;;) {
     if (stopping_) {
-      return Status(StatusCode::kShuttingDown,
-                    "the parameter server is shutting down (was waiting for " + describe() + ")");
+      result = Status(StatusCode::kShuttingDown,
+                      "the parameter server is shutting down (was waiting for " + describe() + ")");
+      break;
     }
-    Member* m = LiveMember(s);
-    if (m == nullptr || ready(*m)) return Status::OK();
+    m = LiveMember(*s);
+    if (m == nullptr || ready(*m)) break;
     if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
-      m = LiveMember(s);
+      m = LiveMember(*s);
       if (m == nullptr || ready(*m) || stopping_) continue;
-      return Status(StatusCode::kTimeout, describe() + " (gave up after wait_timeout_s = " +
-                                              Seconds(config_.wait_timeout_s) + " s)");
+      result = Status(StatusCode::kTimeout, describe() + " (gave up after wait_timeout_s = " +
+                                                Seconds(config_.wait_timeout_s) + " s)");
+      break;
     }
   }
+  // The member (same attempt) may have been dropped and joined again
+  // meanwhile, with a fresh count.
+  if (m = LiveMember(*s); m != nullptr && m->waiting > 0) {
+    --m->waiting;
+    m->last_seen = Clock::now();
+  }
+  return result;
 }
 
 Status Membership::BeforePull(Session* s) {
@@ -258,7 +284,7 @@ Status Membership::BeforePull(Session* s) {
       if (config_.mode == ConsistencyMode::kSync) {
         const uint64_t need = m->clock;  // rounds before `need` must be closed
         w = Wait(
-            lock, *s, [&](const Member&) { return round_ >= need; },
+            lock, s, [&](const Member&) { return round_ >= need; },
             [&] {
               return "round " + std::to_string(round_) + ": waiting for partitions " +
                      Missing(round_);
@@ -267,7 +293,7 @@ Status Membership::BeforePull(Session* s) {
         const uint64_t clock = m->clock;
         const uint64_t need = clock >= config_.staleness ? clock - config_.staleness : 0;
         w = Wait(
-            lock, *s, [&](const Member&) { return MinLiveClock() >= need; },
+            lock, s, [&](const Member&) { return MinLiveClock() >= need; },
             [&] {
               return "clock " + std::to_string(clock) + " (staleness " +
                      std::to_string(config_.staleness) + "): waiting for partitions " +
@@ -290,8 +316,9 @@ void Membership::RecordStaleness(uint64_t staleness) {
   ++staleness_count_;
 }
 
-Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& options,
+Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
                         std::span<const storage::PushItem> items, uint64_t* version) {
+  const Session& s = *sp;
   std::unique_lock lock(mu_);
   if (Status f = CheckFenced(s); !f.ok()) {
     CountRefused(RefuseReason::kFenced);
@@ -322,7 +349,7 @@ Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& optio
   }
   // Sync round: wait until this member's previous round has closed.
   TS_RETURN_IF_ERROR(Wait(
-      lock, s, [&](const Member& m) { return m.clock <= round_; },
+      lock, sp, [&](const Member& m) { return m.clock <= round_; },
       [&] {
         return "round " + std::to_string(round_) + ": waiting for partitions " + Missing(round_);
       }));
@@ -336,7 +363,7 @@ Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& optio
     return Status(StatusCode::kInvalidArgument, "unknown push kind " + std::to_string(kind) +
                                                     " (1 = parameters, 2 = delta, 3 = gradient)");
   }
-  if (!accum_.empty() && kind != round_kind_) {
+  if (round_pushes_ > 0 && kind != round_kind_) {
     return Status(StatusCode::kInvalidArgument,
                   "every push of a sync round must have the same kind: round " +
                       std::to_string(round_) + " has kind " + std::to_string(round_kind_) +
@@ -373,7 +400,7 @@ Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& optio
       }
     }
   }
-  if (accum_.empty()) {
+  if (round_pushes_++ == 0) {
     round_kind_ = kind;
     round_options_ = options;
   }
@@ -401,7 +428,7 @@ Status Membership::Push(const Session& s, uint8_t kind, const PushOptions& optio
 }
 
 void Membership::MaybeCloseRound() {
-  if (config_.mode != ConsistencyMode::kSync || accum_.empty()) return;
+  if (config_.mode != ConsistencyMode::kSync || round_pushes_ == 0) return;
   for (const auto& [p, m] : members_) {
     if (m.live && m.clock <= round_) return;
   }
@@ -421,6 +448,7 @@ void Membership::MaybeCloseRound() {
   Status s = store_->Push(round_kind_, options, items, &version);
   if (!s.ok()) LogEvent("sync round " + std::to_string(round_) + " not applied: " + s.ToString());
   accum_.clear();
+  round_pushes_ = 0;
   ++round_;
   cv_.notify_all();
 }

@@ -35,6 +35,7 @@ struct Session {
   uint64_t conn_id = 0;       // unique per connection
   bool joined = false;        // this connection sent the member's JOIN
   bool pulled = false;        // pull_version is set
+  bool waited = false;        // the current request blocked in a wait (see Settle)
   uint64_t pull_version = 0;  // model version at this connection's last pull
 };
 
@@ -57,8 +58,13 @@ class Membership {
   // Starts the checker thread that drops members silent past the heartbeat
   // timeout (every ~100 ms).
   [[nodiscard]] Status Start();
-  // Wakes every waiter with kShuttingDown and joins the checker. Idempotent.
-  void Stop();
+  // Wakes every waiter with kShuttingDown and joins the checker, then gives
+  // the woken requests up to `drain_s` to send their answers (Settle).
+  // Idempotent.
+  void Stop(double drain_s = 0);
+  // Called by a connection after it answered a request: ends the request's
+  // wait, if it had one.
+  void Settle(Session* s);
 
   // Connection lifecycle.
   void Opened(const Session& s);
@@ -76,7 +82,7 @@ class Membership {
   [[nodiscard]] Status BeforePull(Session* s);
   // Applies (or, in sync mode, accumulates) a validated push. Refuses
   // fenced attempts. `version` receives the model version.
-  [[nodiscard]] Status Push(const Session& s, uint8_t kind, const PushOptions& options,
+  [[nodiscard]] Status Push(Session* s, uint8_t kind, const PushOptions& options,
                             std::span<const storage::PushItem> items, uint64_t* version);
 
   void CountRefused(RefuseReason r) {
@@ -95,6 +101,9 @@ class Membership {
     bool live = false;
     bool lost = false;  // dropped by the server (closed or silent), not LEAVE
     uint64_t join_conn = 0;
+    // Requests of this member now waiting in Wait(): a waiting member is
+    // not silent, whatever the heartbeat timeout.
+    uint32_t waiting = 0;
   };
   struct Accum {  // one variable of the open sync round
     std::vector<int64_t> shape;
@@ -115,7 +124,7 @@ class Membership {
   // Waits until `ready()` or the member is no longer live; fails on timeout
   // (message from `describe()`) or Stop().
   template <typename Ready, typename Describe>
-  Status Wait(std::unique_lock<std::mutex>& lock, const Session& s, Ready ready, Describe describe);
+  Status Wait(std::unique_lock<std::mutex>& lock, Session* s, Ready ready, Describe describe);
   void RecordStaleness(uint64_t staleness);
   void CheckerLoop();
 
@@ -125,6 +134,7 @@ class Membership {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  uint64_t unsettled_ = 0;  // requests that waited and have not answered yet
   std::thread checker_;
   RunConfig config_;
   std::map<int32_t, Member> members_;                      // by partition
@@ -133,6 +143,7 @@ class Membership {
   // Sync rounds: the open round, its accumulators (by variable name) and
   // the kind and options of its first push.
   uint64_t round_ = 0;
+  uint64_t round_pushes_ = 0;  // pushes added to the open round
   std::map<std::string, Accum, std::less<>> accum_;
   uint8_t round_kind_ = 0;
   PushOptions round_options_;

@@ -221,7 +221,9 @@ void ServerImpl::Stop() {
     if (stopped_) return;
   }
   ctx_.stopping.store(true);
-  ctx_.membership.Stop();  // wakes waiting pulls and pushes with kShuttingDown
+  // Wakes waiting pulls and pushes with kShuttingDown and lets them send
+  // that answer (bounded) before the sockets are shut down.
+  ctx_.membership.Stop(/*drain_s=*/2.0);
   if (metrics_) metrics_->Stop();
   listener_.Shutdown();
   if (acceptor_.joinable()) acceptor_.join();

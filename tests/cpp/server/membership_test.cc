@@ -199,6 +199,41 @@ TEST_F(ModesTest, SyncSilentWorkerIsDroppedAfterTheHeartbeatTimeout) {
   EXPECT_EQ(PushDelta(w2.get(), 5).code(), StatusCode::kInvalidArgument);
 }
 
+TEST_F(ModesTest, WaitingMemberIsNotSilent) {
+  StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.3f);
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 1;
+  o.heartbeat_interval_s = 0.05;
+  std::unique_ptr<Client> busy;  // long local work, kept live by heartbeats
+  ASSERT_TRUE(Client::Connect(o, &busy).ok());
+  ASSERT_TRUE(busy->Join(nullptr).ok());
+  auto w0 = Worker(0);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  auto pull = std::async(std::launch::async, [&] {
+    float w = 0;
+    Status s = PullW(w0.get(), &w);
+    return std::make_pair(s, w);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(StatsMap()["members"], 2u) << "the waiting worker must not be dropped";
+  ASSERT_TRUE(PushDelta(busy.get(), 3).ok());
+  auto [s, w] = pull.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(w, 2.0f);
+}
+
+TEST_F(ModesTest, EmptyPushesStillCloseTheRound) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  uint64_t v;
+  ASSERT_TRUE(w0->Push(UpdateKind::kDelta, {}, PushOptions{}, &v).ok());
+  ASSERT_TRUE(w1->Push(UpdateKind::kDelta, {}, PushOptions{}, &v).ok());
+  float w = -1;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, 0.0f);
+  EXPECT_EQ(StatsMap()["sync_round"], 1u);
+}
+
 TEST_F(ModesTest, HeartbeatThreadKeepsAQuietMemberLive) {
   StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.5f);
   ClientOptions o = TestClientOptions(server_->port());
