@@ -158,6 +158,23 @@ void DecodeEverything(Span p) {
       Expect(Same(enc, p), "STATS response does not re-encode");
     }
   }
+  {
+    uint64_t version, clock;
+    if (protocol::DecodeJoinResponse(p, &version, &clock).ok()) {
+      Bytes enc;
+      protocol::EncodeJoinResponse(version, clock, &enc);
+      Expect(Same(enc, p), "JOIN response does not re-encode");
+    }
+  }
+  {
+    RunConfig config;
+    if (protocol::DecodeConfigure(p, &config).ok()) {
+      Bytes enc;
+      protocol::EncodeConfigure(config, &enc);
+      Expect(Same(enc, p), "CONFIGURE does not re-encode");
+      (void)protocol::ValidateRunConfig(config);
+    }
+  }
 }
 
 void CheckCrc(Span p) {

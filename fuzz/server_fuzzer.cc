@@ -296,8 +296,16 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
           s = protocol::DecodePullResponse(payload, &version, &tensors);
           break;
         case Opcode::kPush:
+        case Opcode::kLeave:
+        case Opcode::kHeartbeat:
+        case Opcode::kConfigure:
           s = protocol::DecodeVersion(payload, &version);
           break;
+        case Opcode::kJoin: {
+          uint64_t clock;
+          s = protocol::DecodeJoinResponse(payload, &version, &clock);
+          break;
+        }
         case Opcode::kStats:
           s = protocol::DecodeStatsResponse(payload, &stats);
           break;

@@ -16,6 +16,7 @@ from .combiners import (
 from .errors import (
     AddressInUseError,
     AuthenticationError,
+    FencedError,
     ProtocolError,
     PSConnectionError,
     PSTimeoutError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
+    "FencedError",
     "DeltaCombiner",
     "DeltaWeightCombiner",
     "ElasticCombiner",

@@ -8,6 +8,8 @@ from the matching built-in exception, so ``except ConnectionError`` or
   not be reached or hung up; :class:`AuthenticationError` when it refused the
   run's secret, :class:`AddressInUseError` when its port is taken.
 - :class:`PSTimeoutError` (``TimeoutError``): a wait ran past its limit.
+- :class:`FencedError` (``PermissionError``): a newer attempt of this
+  worker's partition joined the run, so this attempt is refused.
 - :class:`ProtocolError`: a malformed, oversized or incompatible frame.
 - :class:`TensorSparkValueError` (``ValueError``): bad input, such as a feed
   name not in the graph; :class:`ShapeMismatchError` and
@@ -17,6 +19,7 @@ from the matching built-in exception, so ``except ConnectionError`` or
 from ._core import (
     AddressInUseError,
     AuthenticationError,
+    FencedError,
     ProtocolError,
     PSConnectionError,
     PSTimeoutError,
@@ -29,6 +32,7 @@ from ._core import (
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
+    "FencedError",
     "ProtocolError",
     "PSConnectionError",
     "PSTimeoutError",

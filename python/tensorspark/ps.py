@@ -35,6 +35,13 @@ _KINDS = {
     "gradient": _core.KIND_GRADIENT,
 }
 
+# Consistency modes of CONFIGURE (docs/consistency.md).
+_MODES = {
+    "async": _core.MODE_ASYNC,
+    "sync": _core.MODE_SYNC,
+    "ssp": _core.MODE_BOUNDED_STALENESS,
+}
+
 # Server-side optimizers: name -> (kind, hyperparameters with their Keras
 # defaults). Hyperparameters use the Keras argument names.
 _OPTIMIZERS: dict[str, tuple[int, dict[str, float]]] = {
@@ -159,6 +166,10 @@ class ParameterServer:
         ``PSClient("unix:" + unix_path, 0, secret)``, skipping the TCP stack.
         A stale socket file from a crashed server is replaced; the file is
         removed on :meth:`stop`.
+    metrics_port : int, optional
+        Serve the counters in the Prometheus text format at
+        ``http://host:metrics_port/metrics``; 0 picks a free port (see
+        :attr:`metrics_port`). None (default) serves no endpoint.
 
     Raises
     ------
@@ -179,6 +190,7 @@ class ParameterServer:
         handshake_timeout: float = 10.0,
         update_threads: int = 0,
         unix_path: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if unix_path is not None and (not isinstance(unix_path, str) or not unix_path):
             raise TensorSparkValueError(
@@ -190,6 +202,15 @@ class ParameterServer:
             )
         if not 0 <= int(port) <= 65535:
             raise TensorSparkValueError(f"ParameterServer: port must be 0..65535, got {port}")
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 <= metrics_port <= 65535
+        ):
+            raise TensorSparkValueError(
+                "ParameterServer: metrics_port must be None (off) or 0..65535, "
+                f"got {metrics_port!r}"
+            )
         self.host = host
         self._server = _core.Server(
             host,
@@ -202,6 +223,7 @@ class ParameterServer:
             handshake_timeout_s=handshake_timeout,
             update_threads=int(update_threads),
             unix_path=unix_path or "",
+            metrics_port=-1 if metrics_port is None else metrics_port,
         )
         self.unix_path = unix_path
 
@@ -209,6 +231,12 @@ class ParameterServer:
     def port(self) -> int:
         """The port the server listens on."""
         return self._server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the Prometheus ``/metrics`` endpoint, or None when it is off."""
+        port = self._server.metrics_port
+        return None if port < 0 else port
 
     @property
     def version(self) -> int:
@@ -263,6 +291,13 @@ class PSClient:
         range, but relative error up to 2**-8 ~ 3.9e-3 per element, so it
         does not meet 1e-3). The server stores float32 either way;
         :meth:`register` always sends float32.
+        Limit for any single read or write once connected. In the sync and
+        ssp modes a pull may wait for other workers: keep ``io_timeout``
+        above the run's ``wait_timeout``.
+    heartbeat_interval : float
+        After :meth:`join`, send a heartbeat from a background thread (with
+        its own connection) every this many seconds, so the worker stays a
+        live member during long local work; 0 (default) sends none.
 
     Raises
     ------
@@ -288,12 +323,18 @@ class PSClient:
         io_timeout: float = 120.0,
         max_retries: int = 8,
         encoding: str = "fp32",
+        heartbeat_interval: float = 0.0,
     ) -> None:
         if encoding not in _ENCODINGS:
             raise TensorSparkValueError(
                 f"PSClient: encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
             )
         self.encoding = encoding
+        heartbeat_interval = _as_number("PSClient: heartbeat_interval", heartbeat_interval)
+        if not (heartbeat_interval >= 0.0 and np.isfinite(heartbeat_interval)):
+            raise TensorSparkValueError(
+                f"PSClient: heartbeat_interval must be >= 0 seconds, got {heartbeat_interval!r}"
+            )
         self.host, self.port = host, int(port)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._client = _core.Client(
@@ -306,6 +347,7 @@ class PSClient:
             io_timeout_s=io_timeout,
             max_retries=max_retries,
             encoding=_ENCODINGS[encoding],
+            heartbeat_interval_s=heartbeat_interval,
         )
 
     def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
@@ -481,6 +523,88 @@ class PSClient:
             _as_number("set_optimizer: learning_rate", learning_rate),
             names=names,
             **core_args,
+        )
+
+    def join(self) -> int:
+        """Join the run as a worker; the sync and ssp modes wait for members.
+
+        The client must have been created with a ``partition_id`` >= 0. A
+        newer ``attempt`` of the same partition fences older ones.
+
+        Returns
+        -------
+        int
+            The worker's starting clock (0 for a fresh run; in sync mode the
+            round in progress).
+
+        Raises
+        ------
+        FencedError
+            A newer attempt of this partition has joined.
+        TensorSparkValueError
+            The client is not a worker (``partition_id`` < 0).
+        """
+        return self._client.join()
+
+    def leave(self) -> None:
+        """Leave the run: the server no longer waits for this worker."""
+        self._client.leave()
+
+    def heartbeat(self) -> None:
+        """Tell the server this worker is alive (any other call does too)."""
+        self._client.heartbeat()
+
+    def configure(
+        self,
+        mode: str,
+        staleness: int = 0,
+        *,
+        heartbeat_timeout: float = 30.0,
+        wait_timeout: float = 600.0,
+    ) -> None:
+        """Set the run's consistency mode (the driver, before workers join).
+
+        Parameters
+        ----------
+        mode : str
+            ``"async"``: pushes apply on arrival, pulls never wait.
+            ``"sync"``: each member's push joins the open round; when every
+            live member has pushed, the server applies the round's average,
+            and a member's next pull waits for that.
+            ``"ssp"``: bounded staleness; pushes apply on arrival and a
+            member at clock ``c`` pulls once every live member's clock is
+            ``>= c - staleness``.
+        staleness : int
+            The ssp bound (>= 0); ignored by the other modes.
+        heartbeat_timeout : float
+            Seconds of silence after which a member is dropped (> 0).
+        wait_timeout : float
+            Longest wait of a pull or push, in seconds (> 0); then
+            :class:`PSTimeoutError` names what it waited for.
+
+        Raises
+        ------
+        TensorSparkValueError
+            Unknown mode or bad value, or workers are live.
+        """
+        if mode not in _MODES:
+            raise TensorSparkValueError(
+                f"configure: mode must be one of {sorted(_MODES)}, got {mode!r}"
+            )
+        if isinstance(staleness, bool) or not isinstance(staleness, int | np.integer):
+            raise TensorSparkValueError(f"configure: staleness must be an int, got {staleness!r}")
+        if not 0 <= staleness < 2**32:
+            raise TensorSparkValueError(f"configure: staleness must be >= 0, got {staleness}")
+        timeouts = {"heartbeat_timeout": heartbeat_timeout, "wait_timeout": wait_timeout}
+        for what, value in timeouts.items():
+            v = _as_number(f"configure: {what}", value)
+            if not (v > 0.0 and np.isfinite(v)):
+                raise TensorSparkValueError(f"configure: {what} must be > 0 seconds, got {value!r}")
+        self._client.configure(
+            _MODES[mode],
+            int(staleness),
+            heartbeat_timeout_s=float(heartbeat_timeout),
+            wait_timeout_s=float(wait_timeout),
         )
 
     def stats(self) -> dict[str, int]:

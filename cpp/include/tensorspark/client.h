@@ -54,6 +54,11 @@ struct ClientOptions {
   // WireEncoding for the precision of each). Register always sends float32,
   // so initial values are exact.
   WireEncoding encoding = WireEncoding::kFloat32;
+  // > 0: after Join, a background thread with its own connection (same
+  // identity) sends HEARTBEAT every this many seconds, keeping the member
+  // live during long local work; Leave, Close and the destructor stop it.
+  // 0 (default): no heartbeat thread.
+  double heartbeat_interval_s = 0.0;
 };
 
 // A variable to register: its name, shape and initial value.
@@ -118,6 +123,26 @@ class Client {
   //   TS_RETURN_IF_ERROR(c->SetOptimizer(adam, only, nullptr));
   Status SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
                       uint64_t* version);
+
+  // ---- membership and consistency modes (docs/consistency.md) ----
+  // Joins the run as a worker (the connection's partition id must be >= 0).
+  // `clock` (may be null) receives the worker's starting clock. Fails with
+  // kFenced when a newer attempt of this partition has joined. Starts the
+  // heartbeat thread when ClientOptions::heartbeat_interval_s > 0.
+  Status Join(uint64_t* clock);
+  // Leaves the run: the server stops waiting for this worker. Stops the
+  // heartbeat thread.
+  Status Leave();
+  // Tells the server this worker is alive (any request does too).
+  Status Heartbeat();
+  // Sets the run's consistency mode and timeouts (the driver, before the
+  // workers join). Fails with kInvalidArgument on bad values or while
+  // workers are live.
+  //
+  //   tensorspark::RunConfig run;
+  //   run.mode = tensorspark::ConsistencyMode::kSync;
+  //   TS_RETURN_IF_ERROR(driver->Configure(run));
+  Status Configure(const RunConfig& config);
 
   // Counters of the server (see docs/protocol.md for their names).
   Status Stats(std::vector<StatEntry>* out);

@@ -53,6 +53,9 @@ struct ServerOptions {
   // std::thread::hardware_concurrency(), 1 applies every push on the
   // connection's thread. At most 1024.
   uint32_t update_threads = 0;
+  // Port of the Prometheus endpoint (GET /metrics on bind_address): -1 (the
+  // default) serves none, 0 picks a free port.
+  int metrics_port = -1;
 };
 
 class ServerImpl;
@@ -69,6 +72,9 @@ class Server {
 
   // The port actually bound (useful with port 0).
   uint16_t port() const;
+
+  // Port of the Prometheus endpoint, or -1 when it is off.
+  int metrics_port() const;
 
   // Model version: the number of pushes applied so far.
   uint64_t version() const;

@@ -31,6 +31,7 @@ enum class StatusCode : uint32_t {
   kShuttingDown = 11,       // the server is stopping
   kInternal = 12,           // a bug: please report
   kAddressInUse = 13,       // the listen port is taken
+  kFenced = 14,             // a newer attempt of this partition replaced the caller
 };
 
 // Short stable name of a code, e.g. "ShapeMismatch".
@@ -59,10 +60,10 @@ class [[nodiscard]] Status {
 };
 
 // Returns early from the enclosing function when `expr` fails.
-#define TS_RETURN_IF_ERROR(expr)                 \
-  do {                                           \
-    ::tensorspark::Status _ts_status = (expr);   \
-    if (!_ts_status.ok()) return _ts_status;     \
+#define TS_RETURN_IF_ERROR(expr)               \
+  do {                                         \
+    ::tensorspark::Status _ts_status = (expr); \
+    if (!_ts_status.ok()) return _ts_status;   \
   } while (0)
 
 }  // namespace tensorspark

@@ -128,6 +128,28 @@ struct OptimizerConfig {
   float initial_accumulator = 0.0f;  // finite, >= 0: kAdagrad's starting a
 };
 
+// How the server keeps the workers that JOINed the run in step
+// (docs/consistency.md). Connections that never join are never waited for.
+enum class ConsistencyMode : uint8_t {
+  // Pushes are applied on arrival and pulls return at once.
+  kAsync = 0,
+  // Synchronous rounds: a member's push joins the open round; when every
+  // live member has pushed, the server applies the round's average and a
+  // member's next pull (or push) waits until then.
+  kSync = 1,
+  // Stale synchronous parallel: pushes are applied on arrival; a member at
+  // clock c pulls only once every live member's clock is >= c - staleness.
+  kBoundedStaleness = 2,
+};
+
+// The run's consistency settings (Client::Configure).
+struct RunConfig {
+  ConsistencyMode mode = ConsistencyMode::kAsync;
+  uint32_t staleness = 0;             // kBoundedStaleness: allowed clock lag
+  float heartbeat_timeout_s = 30.0f;  // finite, > 0: silent members are dropped
+  float wait_timeout_s = 600.0f;      // finite, > 0: longest pull/push wait
+};
+
 // One named counter of the server's statistics.
 using StatEntry = std::pair<std::string, uint64_t>;
 

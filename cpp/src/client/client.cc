@@ -5,10 +5,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <system_error>
 #include <thread>
 
 #include "net/socket.h"
@@ -197,10 +200,16 @@ class ClientImpl {
                       uint64_t* version);
   Status Stats(std::vector<StatEntry>* out);
   Status Shutdown();
+  Status Join(uint64_t* clock);
+  Status Leave();
+  Status Heartbeat();
+  Status Configure(const RunConfig& config);
   void Close() {
+    StopHeartbeat();
     sock_.Close();
     connected_ = false;
   }
+  ~ClientImpl() { StopHeartbeat(); }
   bool connected() const { return connected_; }
 
  private:
@@ -228,7 +237,18 @@ class ClientImpl {
                           std::span<const MutableTensorView>* views, std::vector<Tensor>* all,
                           uint64_t* version);
 
+  // Empty-payload request answered by a version.
+  Status CallForVersion(Opcode op, uint64_t* version);
+  void StartHeartbeat();
+  void StopHeartbeat();
+  void HeartbeatLoop();
+
   const ClientOptions options_;
+  // Heartbeat thread (own connection); hb_mu_ guards hb_stop_.
+  std::thread hb_thread_;
+  std::mutex hb_mu_;
+  std::condition_variable hb_cv_;
+  bool hb_stop_ = false;
   net::Socket sock_;
   bool connected_ = false;
   uint64_t next_request_id_ = 1;
@@ -705,6 +725,88 @@ Status ClientImpl::Shutdown() {
   return Status::OK();
 }
 
+Status ClientImpl::CallForVersion(Opcode op, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(op, nullptr, 0, &response));
+  uint64_t v;
+  TS_RETURN_IF_ERROR(protocol::DecodeVersion(response, &v));
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::Join(uint64_t* clock) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kJoin, nullptr, 0, &response));
+  uint64_t version, c;
+  TS_RETURN_IF_ERROR(protocol::DecodeJoinResponse(response, &version, &c));
+  if (clock != nullptr) *clock = c;
+  StartHeartbeat();
+  return Status::OK();
+}
+
+Status ClientImpl::Leave() {
+  StopHeartbeat();
+  return CallForVersion(Opcode::kLeave, nullptr);
+}
+
+Status ClientImpl::Heartbeat() { return CallForVersion(Opcode::kHeartbeat, nullptr); }
+
+Status ClientImpl::Configure(const RunConfig& config) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  TS_RETURN_IF_ERROR(protocol::ValidateRunConfig(config));  // same message, no round trip
+  std::vector<uint8_t> payload;
+  protocol::EncodeConfigure(config, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kConfigure, &part, 1, &response));
+  uint64_t v;
+  return protocol::DecodeVersion(response, &v);
+}
+
+void ClientImpl::StartHeartbeat() {
+  if (!(options_.heartbeat_interval_s > 0) || hb_thread_.joinable()) return;
+  {
+    std::lock_guard lock(hb_mu_);
+    hb_stop_ = false;
+  }
+  try {
+    hb_thread_ = std::thread([this] { HeartbeatLoop(); });
+  } catch (const std::system_error&) {
+    // No thread: the member stays live only through its own requests.
+  }
+}
+
+void ClientImpl::StopHeartbeat() {
+  if (!hb_thread_.joinable()) return;
+  {
+    std::lock_guard lock(hb_mu_);
+    hb_stop_ = true;
+  }
+  hb_cv_.notify_all();
+  hb_thread_.join();
+}
+
+void ClientImpl::HeartbeatLoop() {
+  ClientOptions o = options_;
+  o.heartbeat_interval_s = 0;
+  // Bounded, so Leave/Close wait at most about one interval for this thread.
+  o.connect_timeout_s = std::min(o.connect_timeout_s, options_.heartbeat_interval_s + 1.0);
+  std::unique_ptr<ClientImpl> hb;
+  const auto interval = std::chrono::duration<double>(options_.heartbeat_interval_s);
+  std::unique_lock lock(hb_mu_);
+  while (!hb_cv_.wait_for(lock, interval, [this] { return hb_stop_; })) {
+    lock.unlock();
+    if (!hb || !hb->connected()) {
+      hb = std::make_unique<ClientImpl>(o);
+      if (!hb->Connect().ok()) hb.reset();  // retried at the next beat
+    }
+    if (hb) (void)hb->Heartbeat();
+    lock.lock();
+  }
+}
+
 // ---- Client -----------------------------------------------------------------
 
 Status Client::Connect(const ClientOptions& options, std::unique_ptr<Client>* out) {
@@ -738,6 +840,10 @@ Status Client::SetOptimizer(const OptimizerConfig& config, std::span<const std::
                             uint64_t* version) {
   return impl_->SetOptimizer(config, names, version);
 }
+Status Client::Join(uint64_t* clock) { return impl_->Join(clock); }
+Status Client::Leave() { return impl_->Leave(); }
+Status Client::Heartbeat() { return impl_->Heartbeat(); }
+Status Client::Configure(const RunConfig& config) { return impl_->Configure(config); }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }
 void Client::Close() { impl_->Close(); }

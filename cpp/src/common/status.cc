@@ -32,6 +32,8 @@ const char* StatusCodeName(StatusCode code) {
       return "Internal";
     case StatusCode::kAddressInUse:
       return "AddressInUse";
+    case StatusCode::kFenced:
+      return "Fenced";
   }
   return "Unknown";
 }

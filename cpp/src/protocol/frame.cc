@@ -25,6 +25,14 @@ const char* OpcodeName(uint16_t opcode) {
       return "SHUTDOWN";
     case Opcode::kSetOptimizer:
       return "SET_OPTIMIZER";
+    case Opcode::kJoin:
+      return "JOIN";
+    case Opcode::kLeave:
+      return "LEAVE";
+    case Opcode::kHeartbeat:
+      return "HEARTBEAT";
+    case Opcode::kConfigure:
+      return "CONFIGURE";
   }
   return "UNKNOWN";
 }

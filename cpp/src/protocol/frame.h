@@ -23,6 +23,10 @@ enum class Opcode : uint16_t {
   kStats = 7,
   kShutdown = 8,
   kSetOptimizer = 9,
+  kJoin = 10,
+  kLeave = 11,
+  kHeartbeat = 12,
+  kConfigure = 13,
 };
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;

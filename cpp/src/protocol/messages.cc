@@ -1,6 +1,7 @@
 #include "protocol/messages.h"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "protocol/frame.h"
@@ -534,6 +535,64 @@ Status DecodeSetOptimizer(std::span<const uint8_t> payload, OptimizerConfig* con
     names->push_back(n);
   }
   return r.Finish();
+}
+
+// ---- JOIN / CONFIGURE ----------------------------------------------------------------------
+
+void EncodeJoinResponse(uint64_t version, uint64_t clock, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U64(version);
+  w.U64(clock);
+}
+
+Status DecodeJoinResponse(std::span<const uint8_t> payload, uint64_t* version, uint64_t* clock) {
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadU64(version));
+  TS_RETURN_IF_ERROR(r.ReadU64(clock));
+  return r.Finish();
+}
+
+void EncodeConfigure(const RunConfig& config, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U8(static_cast<uint8_t>(config.mode));
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  w.U32(config.staleness);
+  w.F32(config.heartbeat_timeout_s);
+  w.F32(config.wait_timeout_s);
+}
+
+Status DecodeConfigure(std::span<const uint8_t> payload, RunConfig* config) {
+  Reader r(payload);
+  uint8_t mode;
+  uint8_t pad[3];
+  TS_RETURN_IF_ERROR(r.ReadU8(&mode));
+  for (uint8_t& b : pad) TS_RETURN_IF_ERROR(r.ReadU8(&b));
+  if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
+    return Malformed("reserved bytes after the consistency mode must be 0");
+  }
+  config->mode = static_cast<ConsistencyMode>(mode);  // range checked by ValidateRunConfig
+  TS_RETURN_IF_ERROR(r.ReadU32(&config->staleness));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->heartbeat_timeout_s));
+  TS_RETURN_IF_ERROR(r.ReadF32(&config->wait_timeout_s));
+  return r.Finish();
+}
+
+Status ValidateRunConfig(const RunConfig& config) {
+  if (static_cast<uint8_t>(config.mode) > 2) {
+    return Status(StatusCode::kInvalidArgument,
+                  "unknown consistency mode " + std::to_string(static_cast<int>(config.mode)) +
+                      " (0 = async, 1 = sync rounds, 2 = bounded staleness)");
+  }
+  auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
+  if (!positive(config.heartbeat_timeout_s) || !positive(config.wait_timeout_s)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "heartbeat_timeout_s and wait_timeout_s must be finite and > 0 (got " +
+                      std::to_string(config.heartbeat_timeout_s) + " and " +
+                      std::to_string(config.wait_timeout_s) + ")");
+  }
+  return Status::OK();
 }
 
 // ---- STATS ---------------------------------------------------------------------------------

@@ -183,6 +183,22 @@ void EncodeSetOptimizer(const OptimizerConfig& config, std::span<const std::stri
 [[nodiscard]] Status DecodeSetOptimizer(std::span<const uint8_t> payload, OptimizerConfig* config,
                                         std::vector<std::string_view>* names);
 
+// ---- JOIN / LEAVE / HEARTBEAT / CONFIGURE (docs/consistency.md) ------------------------
+// JOIN, LEAVE and HEARTBEAT requests are empty; LEAVE, HEARTBEAT and
+// CONFIGURE answer a version (EncodeVersion). JOIN answers u64 version,
+// u64 clock.
+inline constexpr size_t kJoinResponseSize = 16;
+void EncodeJoinResponse(uint64_t version, uint64_t clock, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeJoinResponse(std::span<const uint8_t> payload, uint64_t* version,
+                                        uint64_t* clock);
+// CONFIGURE request: u8 mode, u8[3] reserved (0), u32 staleness,
+// f32 heartbeat_timeout_s, f32 wait_timeout_s. Decoding checks the layout
+// only; ValidateRunConfig checks the values (kInvalidArgument).
+inline constexpr size_t kConfigureSize = 16;
+void EncodeConfigure(const RunConfig& config, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeConfigure(std::span<const uint8_t> payload, RunConfig* config);
+[[nodiscard]] Status ValidateRunConfig(const RunConfig& config);
+
 // ---- STATS ------------------------------------------------------------------------
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeStatsResponse(std::span<const uint8_t> payload,

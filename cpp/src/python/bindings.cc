@@ -11,6 +11,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -42,6 +43,7 @@ struct ErrorTypes {
   PyObject* value = nullptr;       // TensorSparkValueError (also ValueError)
   PyObject* shape = nullptr;       // ShapeMismatchError
   PyObject* not_found = nullptr;   // VariableNotFoundError (also KeyError)
+  PyObject* fenced = nullptr;      // FencedError (also PermissionError)
 };
 ErrorTypes g_errors;
 
@@ -67,6 +69,8 @@ PyObject* ErrorTypeFor(StatusCode code) {
       return g_errors.connection;
     case StatusCode::kTimeout:
       return g_errors.timeout;
+    case StatusCode::kFenced:
+      return g_errors.fenced;
     case StatusCode::kProtocolError:
     case StatusCode::kUnsupportedVersion:
     case StatusCode::kFrameTooLarge:
@@ -135,6 +139,10 @@ void RegisterErrors(nb::module_& m) {
   g_errors.not_found =
       NewError(m, "VariableNotFoundError", "The parameter server holds no variable of that name.",
                Bases({g_errors.value, PyExc_KeyError}));
+  g_errors.fenced = NewError(m, "FencedError",
+                             "A newer attempt of this worker's partition joined the run, so this "
+                             "attempt's pushes and joins are refused.",
+                             Bases({g_errors.base, PyExc_PermissionError}));
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -305,7 +313,7 @@ class PyClient {
  public:
   PyClient(const std::string& host, uint16_t port, nb::bytes secret, int32_t partition_id,
            int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries,
-           const std::variant<int, std::string>& encoding) {
+           const std::variant<int, std::string>& encoding, double heartbeat_interval_s) {
     ClientOptions opt;
     opt.encoding = ParseEncoding(encoding);
     opt.host = host;
@@ -316,6 +324,7 @@ class PyClient {
     opt.connect_timeout_s = connect_timeout_s;
     opt.io_timeout_s = io_timeout_s;
     opt.max_retries = max_retries;
+    opt.heartbeat_interval_s = heartbeat_interval_s;
     Released([&] { return Client::Connect(opt, &client_); });
   }
 
@@ -415,6 +424,39 @@ class PyClient {
     return StatsToDict(stats);
   }
 
+  uint64_t Join() {
+    uint64_t clock = 0;
+    Client* c = Live();
+    Released([&] { return c->Join(&clock); });
+    return clock;
+  }
+
+  void Leave() {
+    Client* c = Live();
+    Released([&] { return c->Leave(); });
+  }
+
+  void Heartbeat() {
+    Client* c = Live();
+    Released([&] { return c->Heartbeat(); });
+  }
+
+  void Configure(int mode, int64_t staleness, float heartbeat_timeout_s, float wait_timeout_s) {
+    if (mode < 0 || mode > 2 || staleness < 0 || staleness > UINT32_MAX) {
+      ThrowIfError(Status(StatusCode::kInvalidArgument,
+                          "configure: mode must be 0 (async), 1 (sync) or 2 (bounded staleness) "
+                          "and staleness in [0, 2^32), got mode " +
+                              std::to_string(mode) + ", staleness " + std::to_string(staleness)));
+    }
+    RunConfig config;
+    config.mode = static_cast<ConsistencyMode>(mode);
+    config.staleness = static_cast<uint32_t>(staleness);
+    config.heartbeat_timeout_s = heartbeat_timeout_s;
+    config.wait_timeout_s = wait_timeout_s;
+    Client* c = Live();
+    Released([&] { return c->Configure(config); });
+  }
+
   void ShutdownServer() {
     Client* c = Live();
     Released([&] { return c->ShutdownServer(); });
@@ -442,7 +484,8 @@ class PyServer {
  public:
   PyServer(const std::string& bind, uint16_t port, nb::bytes secret, uint64_t max_frame_bytes,
            uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
-           double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path) {
+           double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path,
+           int metrics_port) {
     ServerOptions opt;
     opt.unix_path = unix_path;
     opt.bind_address = bind;
@@ -454,10 +497,12 @@ class PyServer {
     opt.io_timeout_s = io_timeout_s;
     opt.handshake_timeout_s = handshake_timeout_s;
     opt.update_threads = update_threads;
+    opt.metrics_port = metrics_port;
     Released([&] { return Server::Start(opt, &server_); });
   }
 
   uint16_t port() const { return server_ ? server_->port() : 0; }
+  int metrics_port() const { return server_ ? server_->metrics_port() : -1; }
   uint64_t version() const { return server_ ? server_->version() : 0; }
   nb::dict Stats() const { return server_ ? StatsToDict(server_->Stats()) : nb::dict(); }
   bool running() const { return server_ != nullptr; }
@@ -491,6 +536,9 @@ NB_MODULE(_core, m) {
   m.attr("KIND_PARAMETERS") = 1;
   m.attr("KIND_DELTA") = 2;
   m.attr("KIND_GRADIENT") = 3;
+  m.attr("MODE_ASYNC") = 0;
+  m.attr("MODE_SYNC") = 1;
+  m.attr("MODE_BOUNDED_STALENESS") = 2;
   m.attr("OPTIMIZER_SGD") = 1;
   m.attr("OPTIMIZER_MOMENTUM") = 2;
   m.attr("OPTIMIZER_NESTEROV") = 3;
@@ -501,11 +549,14 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
-                    double, uint32_t, const std::string&>(),
+                    double, uint32_t, const std::string&, int>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
-           "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "")
+           "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "",
+           "metrics_port"_a = -1)
       .def_prop_ro("port", &PyServer::port, "The bound port.")
+      .def_prop_ro("metrics_port", &PyServer::metrics_port,
+                   "Port of the Prometheus /metrics endpoint, -1 when off.")
       .def_prop_ro("version", &PyServer::version, "Number of pushes applied.")
       .def_prop_ro("running", &PyServer::running)
       .def("stats", &PyServer::Stats, "Counters as a dict of int.")
@@ -515,10 +566,10 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double, int,
-                    const std::variant<int, std::string>&>(),
+                    const std::variant<int, std::string>&, double>(),
            "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8,
-           "encoding"_a = 0)
+           "encoding"_a = 0, "heartbeat_interval_s"_a = 0.0)
       .def("register", &PyClient::Register, "names"_a, "arrays"_a,
            "Register variables (first registration wins). Returns (created, version).")
       .def("list_variables", &PyClient::List, "Returns ([(name, shape)], version).")
@@ -532,6 +583,12 @@ NB_MODULE(_core, m) {
            "Set the server-side optimizer (OPTIMIZER_*) of the named variables, or of every "
            "variable (also later ones) when `names` is empty. Returns the version.")
       .def("stats", &PyClient::Stats, "The server's counters as a dict of int.")
+      .def("join", &PyClient::Join, "Join the run as a worker. Returns the starting clock.")
+      .def("leave", &PyClient::Leave, "Leave the run (the server stops waiting for this worker).")
+      .def("heartbeat", &PyClient::Heartbeat, "Tell the server this worker is alive.")
+      .def("configure", &PyClient::Configure, "mode"_a, "staleness"_a = 0,
+           "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
+           "Set the run's consistency mode (MODE_*), staleness and timeouts.")
       .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
       .def("close", &PyClient::Close, "Close the connection.")
       .def_prop_ro("connected", &PyClient::connected);

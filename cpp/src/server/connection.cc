@@ -42,7 +42,7 @@ void LogEvent(const std::string& message) {
 
 std::vector<StatEntry> ServerContext::Snapshot() const {
   auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-  return {
+  std::vector<StatEntry> out = {
       {"version", store.version()},
       {"variables", store.num_variables()},
       {"parameters", store.num_parameters()},
@@ -56,10 +56,14 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
       {"errors", get(counters.errors)},
       {"auth_failures", get(counters.auth_failures)},
   };
+  membership.AppendStats(&out);
+  return out;
 }
 
 Connection::Connection(ServerContext* ctx, net::Socket socket, std::string peer)
-    : ctx_(ctx), peer_(std::move(peer)), who_(peer_), socket_(std::move(socket)) {}
+    : ctx_(ctx), peer_(std::move(peer)), who_(peer_), socket_(std::move(socket)) {
+  session_.conn_id = ctx_->next_conn_id.fetch_add(1, std::memory_order_relaxed);
+}
 
 void Connection::Shutdown() {
   std::lock_guard lock(socket_mu_);
@@ -71,12 +75,15 @@ net::Deadline Connection::IoDeadline() const {
 }
 
 void Connection::Run() {
+  bool opened = false;
   try {
     Status s = Handshake();
     if (!s.ok()) {
       if (!ctx_->stopping.load())
         LogEvent("connection from " + who_ + " closed during the handshake: " + s.ToString());
     } else {
+      opened = true;
+      ctx_->membership.Opened(session_);
       for (;;) {
         // Idle between requests: wait without a limit (Shutdown() wakes us).
         Status w = net::WaitReadable(socket_.fd(), net::Deadline::Never());
@@ -91,7 +98,10 @@ void Connection::Run() {
           }
           break;
         }
-        if (!Dispatch(h).ok()) break;
+        ctx_->membership.Touch(session_);
+        const bool keep = Dispatch(h).ok();
+        ctx_->membership.Settle(&session_);  // the answer is sent
+        if (!keep) break;
       }
     }
   } catch (const std::exception& e) {
@@ -102,6 +112,10 @@ void Connection::Run() {
   {
     std::lock_guard lock(socket_mu_);
     socket_.Close();
+  }
+  if (opened) {
+    ctx_->membership.Settle(&session_);
+    ctx_->membership.Closed(session_, ctx_->stopping.load());
   }
   ctx_->counters.connections.fetch_sub(1, std::memory_order_relaxed);
   done_.store(true, std::memory_order_release);
@@ -117,6 +131,10 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
   if (!v.ok()) {
     // Bad magic: the stream cannot be trusted, close without answering.
     if (v.code() != StatusCode::kProtocolError) (void)SendError(*h, v);
+    if (v.code() == StatusCode::kFrameTooLarge)
+      ctx_->membership.CountRefused(RefuseReason::kFrameTooLarge);
+    if (v.code() == StatusCode::kUnsupportedVersion)
+      ctx_->membership.CountRefused(RefuseReason::kBadVersion);
     return v;
   }
   payload_len_ = h->payload_len;
@@ -132,6 +150,7 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
       Status e =
           Err(StatusCode::kLimitExceeded, "server cannot allocate " + std::to_string(payload_len_) +
                                               " bytes for this frame; send smaller frames");
+      ctx_->membership.CountRefused(RefuseReason::kLimit);
       (void)SendError(*h, e);
       return e;
     }
@@ -147,6 +166,7 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
             std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
                 " frame (CRC-32C " + std::to_string(crc) + ", header says " +
                 std::to_string(h->checksum) + "): data corrupted in transit");
+    ctx_->membership.CountRefused(RefuseReason::kBadChecksum);
     (void)SendError(*h, e);
     return e;
   }
@@ -196,6 +216,7 @@ Status Connection::Handshake() {
   const net::Deadline deadline = net::Deadline::In(ctx_->options.handshake_timeout_s);
   auto auth_failed = [&](const FrameHeader& h, std::string msg) {
     ctx_->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    ctx_->membership.CountRefused(RefuseReason::kAuth);
     Status e = Err(StatusCode::kAuthFailed, std::move(msg));
     (void)SendError(h, e);
     return e;
@@ -216,6 +237,8 @@ Status Connection::Handshake() {
   who_ = peer_ + " (partition " + std::to_string(hello.partition_id) + ", attempt " +
          std::to_string(hello.attempt) +
          (hello.client_name.empty() ? "" : ", " + hello.client_name) + ")";
+  session_.partition = hello.partition_id;
+  session_.attempt = hello.attempt;
   protocol::Nonce server_nonce;
   if (Status s = protocol::RandomNonce(&server_nonce); !s.ok()) {
     (void)SendError(h, s);
@@ -287,6 +310,12 @@ Status Connection::Dispatch(const FrameHeader& h) {
       case Opcode::kSetOptimizer:
         result = HandleSetOptimizer(h);
         break;
+      case Opcode::kJoin:
+      case Opcode::kLeave:
+      case Opcode::kHeartbeat:
+      case Opcode::kConfigure:
+        result = HandleMembership(h);
+        break;
       case Opcode::kShutdown: {
         if (payload_len_ != 0) {
           result = Err(StatusCode::kProtocolError, "SHUTDOWN takes an empty payload");
@@ -302,7 +331,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
       }
       default:
         result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
-                                                     " (this server speaks v1: 1..9)");
+                                                     " (this server speaks v1: 1..13)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -354,7 +383,8 @@ Status Connection::HandleList(const FrameHeader& h) {
 Status Connection::HandlePull(const FrameHeader& h) {
   std::vector<std::string_view> names;
   TS_RETURN_IF_ERROR(protocol::DecodePullRequest(payload_span(), &names));
-  const uint64_t version = ctx_->store.version();  // read before the values
+  TS_RETURN_IF_ERROR(ctx_->membership.BeforePull(&session_));  // mode waits, no locks held
+  const uint64_t version = ctx_->store.version();              // read before the values
   std::vector<storage::Variable*> vars;
   if (names.empty()) {
     ctx_->store.All(&vars);
@@ -444,7 +474,7 @@ Status Connection::HandlePush(const FrameHeader& h) {
   options.learning_rate = head.learning_rate;
   options.mean_window = head.mean_window;
   uint64_t version = 0;
-  TS_RETURN_IF_ERROR(ctx_->store.Push(head.kind, options, items, &version));
+  TS_RETURN_IF_ERROR(ctx_->membership.Push(&session_, head.kind, options, items, &version));
   ctx_->counters.pushes.fetch_add(1, std::memory_order_relaxed);
   out_.clear();
   protocol::EncodeVersion(version, &out_);
@@ -529,6 +559,40 @@ Status Connection::HandleSetOptimizer(const FrameHeader& h) {
   TS_RETURN_IF_ERROR(ctx_->store.SetOptimizer(config, names));
   out_.clear();
   protocol::EncodeVersion(ctx_->store.version(), &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleMembership(const FrameHeader& h) {
+  out_.clear();
+  switch (static_cast<Opcode>(h.opcode)) {
+    case Opcode::kJoin: {
+      if (payload_len_ != 0) return Err(StatusCode::kProtocolError, "JOIN takes an empty payload");
+      uint64_t clock = 0;
+      TS_RETURN_IF_ERROR(ctx_->membership.Join(&session_, &clock));
+      protocol::EncodeJoinResponse(ctx_->store.version(), clock, &out_);
+      break;
+    }
+    case Opcode::kLeave:
+      if (payload_len_ != 0) return Err(StatusCode::kProtocolError, "LEAVE takes an empty payload");
+      TS_RETURN_IF_ERROR(ctx_->membership.Leave(&session_));
+      protocol::EncodeVersion(ctx_->store.version(), &out_);
+      break;
+    case Opcode::kHeartbeat:  // Run() already refreshed last-seen
+      if (payload_len_ != 0) {
+        return Err(StatusCode::kProtocolError, "HEARTBEAT takes an empty payload");
+      }
+      protocol::EncodeVersion(ctx_->store.version(), &out_);
+      break;
+    default: {
+      RunConfig config;
+      TS_RETURN_IF_ERROR(protocol::DecodeConfigure(payload_span(), &config));
+      TS_RETURN_IF_ERROR(protocol::ValidateRunConfig(config));
+      TS_RETURN_IF_ERROR(ctx_->membership.Configure(config));
+      protocol::EncodeVersion(ctx_->store.version(), &out_);
+      break;
+    }
+  }
   (void)SendResponse(h, 0, out_);
   return Status::OK();
 }

@@ -19,6 +19,7 @@
 #include "common/thread_pool.h"
 #include "net/socket.h"
 #include "protocol/frame.h"
+#include "server/membership.h"
 #include "storage/param_store.h"
 #include "tensorspark/server.h"
 #include "tensorspark/status.h"
@@ -42,14 +43,17 @@ struct ServerCounters {
 // State shared by the server and all its connections; outlives them.
 struct ServerContext {
   explicit ServerContext(const ServerOptions& o)
-      : options(o), store(o.max_variables, &update_pool) {}
+      : options(o), store(o.max_variables, &update_pool), membership(&store) {}
 
   const ServerOptions options;
   // Applies large updates in chunks; started by the server (before any
   // connection), declared before `store`, which uses it.
   ThreadPool update_pool;
   storage::ParamStore store;
+  // Members, modes and their waits (docs/consistency.md).
+  Membership membership;
   ServerCounters counters;
+  std::atomic<uint64_t> next_conn_id{1};
   std::atomic<bool> stopping{false};
   // Called by a connection after it answered SHUTDOWN; must not block.
   std::function<void()> request_shutdown;
@@ -94,6 +98,8 @@ class Connection {
   [[nodiscard]] Status HandlePush(const protocol::FrameHeader& h);
   [[nodiscard]] Status HandleStats(const protocol::FrameHeader& h);
   [[nodiscard]] Status HandleSetOptimizer(const protocol::FrameHeader& h);
+  // JOIN, LEAVE, HEARTBEAT and CONFIGURE.
+  [[nodiscard]] Status HandleMembership(const protocol::FrameHeader& h);
 
   // Send failures are also recorded in io_status_ (the connection closes).
   [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,
@@ -120,6 +126,7 @@ class Connection {
   ServerContext* const ctx_;
   const std::string peer_;
   std::string who_;  // peer plus partition/attempt once known, for logs
+  Session session_;  // identity for the membership registry
   net::Socket socket_;
   std::mutex socket_mu_;  // orders Shutdown() against the final close in Run()
   std::atomic<bool> done_{false};

@@ -17,6 +17,7 @@
 #include "protocol/frame.h"
 #include "protocol/messages.h"
 #include "server/connection.h"
+#include "server/metrics_http.h"
 
 namespace tensorspark {
 
@@ -34,6 +35,7 @@ class ServerImpl {
 
   Status Start();
   uint16_t port() const { return port_; }
+  int metrics_port() const { return metrics_ ? metrics_->port() : -1; }
   uint64_t version() const { return ctx_.store.version(); }
   std::vector<StatEntry> Stats() const { return ctx_.Snapshot(); }
   void Stop();
@@ -59,6 +61,7 @@ class ServerImpl {
   std::thread acceptor_;
   net::Socket unix_listener_;  // valid when options.unix_path is set
   std::thread unix_acceptor_;
+  std::unique_ptr<server::MetricsHttpServer> metrics_;  // null when off
 
   std::mutex conns_mu_;  // guards conns_
   std::list<ConnEntry> conns_;
@@ -86,6 +89,11 @@ Status ServerImpl::Start() {
   if (o.max_connections == 0) {
     return Status(StatusCode::kInvalidArgument, "max_connections must be >= 1");
   }
+  if (o.metrics_port < -1 || o.metrics_port > 65535) {
+    return Status(StatusCode::kInvalidArgument,
+                  "metrics_port must be -1 (off), 0 (any free port) or a port number (got " +
+                      std::to_string(o.metrics_port) + ")");
+  }
   if (o.update_threads > kMaxUpdateThreads) {
     return Status(StatusCode::kInvalidArgument, "update_threads must be 0 (one per core) to " +
                                                     std::to_string(kMaxUpdateThreads) + " (got " +
@@ -96,6 +104,12 @@ Status ServerImpl::Start() {
   TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
   TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
   if (!o.unix_path.empty()) TS_RETURN_IF_ERROR(net::ListenUnix(o.unix_path, &unix_listener_));
+  if (o.metrics_port >= 0) {
+    TS_RETURN_IF_ERROR(server::MetricsHttpServer::Start(
+        o.bind_address, static_cast<uint16_t>(o.metrics_port),
+        [this] { return server::RenderPrometheus(ctx_.Snapshot()); }, &metrics_));
+  }
+  TS_RETURN_IF_ERROR(ctx_.membership.Start());
   ctx_.request_shutdown = [this] { RequestShutdown(); };
   try {
     acceptor_ = std::thread([this] { AcceptLoop(&listener_); });
@@ -119,6 +133,8 @@ void ServerImpl::RequestShutdown() {
 
 void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status& why) {
   LogEvent("refused connection from " + peer + ": " + why.ToString());
+  if (why.code() == StatusCode::kLimitExceeded)
+    ctx_.membership.CountRefused(server::RefuseReason::kLimit);
   ctx_.counters.errors.fetch_add(1, std::memory_order_relaxed);
   std::vector<uint8_t> payload;
   protocol::EncodeError(why, &payload);
@@ -213,6 +229,10 @@ void ServerImpl::Stop() {
     if (stopped_) return;
   }
   ctx_.stopping.store(true);
+  // Wakes waiting pulls and pushes with kShuttingDown and lets them send
+  // that answer (bounded) before the sockets are shut down.
+  ctx_.membership.Stop(/*drain_s=*/2.0);
+  if (metrics_) metrics_->Stop();
   listener_.Shutdown();
   // (Not shutdown(): a shut-down Unix listener polls readable forever; the
   // acceptor's bounded wait sees `stopping` instead.)
@@ -259,6 +279,7 @@ Status Server::Start(const ServerOptions& options, std::unique_ptr<Server>* out)
 Server::Server(std::unique_ptr<ServerImpl> impl) : impl_(std::move(impl)) {}
 Server::~Server() = default;  // ~ServerImpl stops
 uint16_t Server::port() const { return impl_->port(); }
+int Server::metrics_port() const { return impl_->metrics_port(); }
 uint64_t Server::version() const { return impl_->version(); }
 std::vector<StatEntry> Server::Stats() const { return impl_->Stats(); }
 void Server::Stop() { impl_->Stop(); }

@@ -23,7 +23,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
-    "                      [--threads N] [--unix-socket PATH]\n"
+    "                      [--threads N] [--unix-socket PATH] [--metrics-port N]\n"
     "\n"
     "Parameter server of tensorspark (wire protocol v1).\n"
     "\n"
@@ -37,6 +37,8 @@ constexpr char kUsage[] =
     "  --unix-socket PATH    also listen on this Unix-domain socket (mode 0600; clients on\n"
     "                        this host connect to host \"unix:PATH\"); a stale socket file\n"
     "                        is replaced, and the file is removed on exit\n"
+    "  --metrics-port N      serve Prometheus metrics at http://ADDR:N/metrics (0 picks a\n"
+    "                        free port; default: off)\n"
     "  --help                show this text\n"
     "\n"
     "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
@@ -93,6 +95,12 @@ int main(int argc, char** argv) {
         return BadArgs("--port needs a number from 0 to 65535");
       }
       opt.port = static_cast<uint16_t>(port);
+    } else if (arg == "--metrics-port") {
+      uint64_t port;
+      if (!take_value(&value) || !ParseUint(value, 65535, &port)) {
+        return BadArgs("--metrics-port needs a number from 0 to 65535");
+      }
+      opt.metrics_port = static_cast<int>(port);
     } else if (arg == "--bind") {
       if (!take_value(&opt.bind_address) || opt.bind_address.empty()) {
         return BadArgs("--bind needs an address, e.g. 0.0.0.0 or 127.0.0.1");
@@ -156,6 +164,10 @@ int main(int argc, char** argv) {
                static_cast<unsigned>(server->port()));
   if (!opt.unix_path.empty()) {
     std::fprintf(stderr, "tensorspark-ps listening on unix:%s\n", opt.unix_path.c_str());
+  }
+  if (server->metrics_port() >= 0) {
+    std::fprintf(stderr, "tensorspark-ps metrics at http://%s:%d/metrics\n",
+                 opt.bind_address.c_str(), server->metrics_port());
   }
   std::fflush(stderr);
 

@@ -392,5 +392,65 @@ TEST(MessagesTest, MalformedSetOptimizerIsAProtocolError) {
   EXPECT_EQ(DecodeSetOptimizer(huge, &d, &got).code(), StatusCode::kProtocolError);
 }
 
+TEST(MessagesTest, JoinResponseRoundTrip) {
+  std::vector<uint8_t> p;
+  EncodeJoinResponse(7, 3, &p);
+  ASSERT_EQ(p.size(), kJoinResponseSize);
+  uint64_t version = 0, clock = 0;
+  ASSERT_TRUE(DecodeJoinResponse(p, &version, &clock).ok());
+  EXPECT_EQ(version, 7u);
+  EXPECT_EQ(clock, 3u);
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeJoinResponse(cut, &version, &clock).code(), StatusCode::kProtocolError);
+  }
+  p.push_back(0);
+  EXPECT_EQ(DecodeJoinResponse(p, &version, &clock).code(), StatusCode::kProtocolError);
+}
+
+TEST(MessagesTest, ConfigureRoundTrip) {
+  RunConfig c;
+  c.mode = ConsistencyMode::kBoundedStaleness;
+  c.staleness = 3;
+  c.heartbeat_timeout_s = 0.5f;
+  c.wait_timeout_s = 12.0f;
+  std::vector<uint8_t> p;
+  EncodeConfigure(c, &p);
+  ASSERT_EQ(p.size(), kConfigureSize);
+  EXPECT_EQ(p[0], 2);
+  RunConfig d;
+  ASSERT_TRUE(DecodeConfigure(p, &d).ok());
+  EXPECT_EQ(d.mode, c.mode);
+  EXPECT_EQ(d.staleness, 3u);
+  EXPECT_EQ(d.heartbeat_timeout_s, 0.5f);
+  EXPECT_EQ(d.wait_timeout_s, 12.0f);
+  EXPECT_TRUE(ValidateRunConfig(d).ok());
+  // An unknown mode decodes; validation refuses it.
+  p[0] = 9;
+  ASSERT_TRUE(DecodeConfigure(p, &d).ok());
+  EXPECT_EQ(ValidateRunConfig(d).code(), StatusCode::kInvalidArgument);
+  d.mode = ConsistencyMode::kSync;
+  d.wait_timeout_s = 0.0f;
+  EXPECT_EQ(ValidateRunConfig(d).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(MessagesTest, MalformedConfigureIsAProtocolError) {
+  std::vector<uint8_t> p;
+  EncodeConfigure(RunConfig{}, &p);
+  RunConfig d;
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeConfigure(cut, &d).code(), StatusCode::kProtocolError) << len;
+  }
+  std::vector<uint8_t> trailing = p;
+  trailing.push_back(0);
+  EXPECT_EQ(DecodeConfigure(trailing, &d).code(), StatusCode::kProtocolError);
+  for (size_t i = 1; i <= 3; ++i) {
+    std::vector<uint8_t> reserved = p;
+    reserved[i] = 1;
+    EXPECT_EQ(DecodeConfigure(reserved, &d).code(), StatusCode::kProtocolError) << i;
+  }
+}
+
 }  // namespace
 }  // namespace tensorspark::protocol

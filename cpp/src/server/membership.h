@@ -1,0 +1,157 @@
+// Members of a run and the consistency modes (docs/consistency.md).
+//
+// Locking: `mu_` guards every field below it; `cv_` is notified whenever a
+// wait condition may have changed (a clock moved, a round closed, a member
+// joined, left or was lost, Stop()). Waits release `mu_` and never hold a
+// variable lock. The only lock taken while holding `mu_` is a variable lock
+// inside ParamStore::Push (closing a sync round), so the order is always
+// mu_ -> variable lock.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "storage/param_store.h"
+#include "tensorspark/status.h"
+#include "tensorspark/types.h"
+
+namespace tensorspark::server {
+
+// What one connection knows about its identity (set by the handshake).
+// Owned by the connection's thread.
+struct Session {
+  int32_t partition = -1;
+  int32_t attempt = 0;
+  uint64_t conn_id = 0;       // unique per connection
+  bool joined = false;        // this connection sent the member's JOIN
+  bool pulled = false;        // pull_version is set
+  bool waited = false;        // the current request blocked in a wait (see Settle)
+  uint64_t pull_version = 0;  // model version at this connection's last pull
+};
+
+// Why a frame was refused, for refused{reason=...}.
+enum class RefuseReason : int {
+  kFenced = 0,
+  kFrameTooLarge,
+  kBadChecksum,
+  kBadVersion,
+  kAuth,
+  kLimit,
+  kCount,
+};
+
+class Membership {
+ public:
+  explicit Membership(storage::ParamStore* store) : store_(store) {}
+  ~Membership();  // Stop()s
+
+  // Starts the checker thread that drops members silent past the heartbeat
+  // timeout (every ~100 ms).
+  [[nodiscard]] Status Start();
+  // Wakes every waiter with kShuttingDown and joins the checker, then gives
+  // the woken requests up to `drain_s` to send their answers (Settle).
+  // Idempotent.
+  void Stop(double drain_s = 0);
+  // Called by a connection after it answered a request: ends the request's
+  // wait, if it had one.
+  void Settle(Session* s);
+
+  // Connection lifecycle.
+  void Opened(const Session& s);
+  // A joined connection that closes without LEAVE drops its member.
+  void Closed(const Session& s, bool quiet);
+  // Any frame from a member's connection refreshes its last-seen time.
+  void Touch(const Session& s);
+
+  [[nodiscard]] Status Join(Session* s, uint64_t* clock);
+  [[nodiscard]] Status Leave(Session* s);
+  [[nodiscard]] Status Configure(const RunConfig& config);
+
+  // Called before a pull is served: waits as the mode requires (members
+  // only), then remembers the version the member pulled at.
+  [[nodiscard]] Status BeforePull(Session* s);
+  // Applies (or, in sync mode, accumulates) a validated push. Refuses
+  // fenced attempts. `version` receives the model version.
+  [[nodiscard]] Status Push(Session* s, uint8_t kind, const PushOptions& options,
+                            std::span<const storage::PushItem> items, uint64_t* version);
+
+  void CountRefused(RefuseReason r) {
+    refused_[static_cast<int>(r)].fetch_add(1, std::memory_order_relaxed);
+  }
+  // Appends members, worker_clock, worker_last_seen_ms, the staleness
+  // histogram and the refused counters.
+  void AppendStats(std::vector<StatEntry>* out) const;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Member {
+    int32_t attempt = 0;
+    uint64_t clock = 0;
+    Clock::time_point last_seen;
+    bool live = false;
+    bool lost = false;  // dropped by the server (closed or silent), not LEAVE
+    uint64_t join_conn = 0;
+    // Requests of this member now waiting in Wait(): a waiting member is
+    // not silent, whatever the heartbeat timeout.
+    uint32_t waiting = 0;
+  };
+  struct Accum {  // one variable of the open sync round
+    std::vector<int64_t> shape;
+    std::vector<float> sum;
+    uint32_t count = 0;
+  };
+
+  // All below: caller holds mu_.
+  Member* LiveMember(const Session& s);
+  Status CheckFenced(const Session& s) const;
+  void Drop(int32_t partition, Member* m, const std::string& why);
+  void ExpireSilent();
+  uint64_t MinLiveClock() const;
+  std::string Missing(uint64_t round) const;
+  std::string Lagging(uint64_t need) const;
+  // Closes the open sync round when every live member has pushed for it.
+  void MaybeCloseRound();
+  // Waits until `ready()` or the member is no longer live; fails on timeout
+  // (message from `describe()`) or Stop().
+  template <typename Ready, typename Describe>
+  Status Wait(std::unique_lock<std::mutex>& lock, Session* s, Ready ready, Describe describe);
+  void RecordStaleness(uint64_t staleness);
+  void CheckerLoop();
+
+  storage::ParamStore* const store_;
+  std::array<std::atomic<uint64_t>, static_cast<int>(RefuseReason::kCount)> refused_{};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  uint64_t unsettled_ = 0;  // requests that waited and have not answered yet
+  std::thread checker_;
+  RunConfig config_;
+  std::map<int32_t, Member> members_;                      // by partition
+  std::map<int32_t, int32_t> max_attempt_;                 // highest attempt seen per partition
+  std::map<std::pair<int32_t, int32_t>, uint64_t> conns_;  // open connections per identity
+  // Sync rounds: the open round, its accumulators (by variable name) and
+  // the kind and options of its first push.
+  uint64_t round_ = 0;
+  uint64_t round_pushes_ = 0;  // pushes added to the open round
+  std::map<std::string, Accum, std::less<>> accum_;
+  uint8_t round_kind_ = 0;
+  PushOptions round_options_;
+  // Staleness histogram: buckets le 0,1,2,4,8,16,32,+Inf (not cumulative
+  // here; rendered cumulatively).
+  std::array<uint64_t, 8> staleness_buckets_{};
+  uint64_t staleness_sum_ = 0;
+  uint64_t staleness_count_ = 0;
+};
+
+}  // namespace tensorspark::server

@@ -1,0 +1,422 @@
+// Membership, fencing and the sync / bounded-staleness modes over loopback.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <map>
+#include <thread>
+
+#include "test_util.h"
+
+namespace tensorspark::testing {
+namespace {
+
+using std::chrono::steady_clock;
+
+double Since(steady_clock::time_point t) {
+  return std::chrono::duration<double>(steady_clock::now() - t).count();
+}
+
+class ModesTest : public ::testing::Test {
+ protected:
+  void StartRun(ConsistencyMode mode, uint32_t staleness = 0, float heartbeat_timeout_s = 30,
+                float wait_timeout_s = 10, int metrics_port = -1) {
+    ServerOptions o = TestServerOptions();
+    o.metrics_port = metrics_port;
+    server_ = StartServer(o);
+    ASSERT_TRUE(server_);
+    driver_ = ConnectClient(server_->port());
+    ASSERT_TRUE(driver_);
+    const int64_t shape[] = {2};
+    const float init[] = {0, 0};
+    VariableSpec spec{"w", shape, init};
+    std::vector<bool> created;
+    uint64_t v;
+    ASSERT_TRUE(driver_->Register({&spec, 1}, &created, &v).ok());
+    RunConfig run;
+    run.mode = mode;
+    run.staleness = staleness;
+    run.heartbeat_timeout_s = heartbeat_timeout_s;
+    run.wait_timeout_s = wait_timeout_s;
+    Status s = driver_->Configure(run);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+
+  std::unique_ptr<Client> Worker(int32_t partition, int32_t attempt = 0, bool join = true) {
+    ClientOptions o = TestClientOptions(server_->port());
+    o.partition_id = partition;
+    o.attempt = attempt;
+    std::unique_ptr<Client> c;
+    Status s = Client::Connect(o, &c);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    if (join && c) {
+      uint64_t clock = 99;
+      s = c->Join(&clock);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
+    return c;
+  }
+
+  static Status PushDelta(Client* c, float x) {
+    const int64_t shape[] = {2};
+    const float d[] = {x, x};
+    TensorView t{"w", shape, d};
+    uint64_t v;
+    return c->Push(UpdateKind::kDelta, {&t, 1}, PushOptions{}, &v);
+  }
+
+  static Status PullW(Client* c, float* out) {
+    float w[2] = {-1, -1};
+    MutableTensorView view{"w", w};
+    uint64_t v;
+    Status s = c->Pull({&view, 1}, &v);
+    *out = w[0];
+    return s;
+  }
+
+  std::map<std::string, uint64_t> StatsMap() {
+    std::map<std::string, uint64_t> m;
+    for (auto& [k, v] : server_->Stats()) m[k] = v;
+    return m;
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Client> driver_;
+};
+
+TEST_F(ModesTest, SyncRoundAveragesAndPullWaitsForTheRound) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1), w2 = Worker(2);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  std::atomic<bool> done{false};
+  float seen = -1;
+  auto pull = std::async(std::launch::async, [&] {
+    Status s = PullW(w0.get(), &seen);
+    done = true;
+    return s;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(done.load()) << "the pull must wait for round 0";
+  ASSERT_TRUE(PushDelta(w1.get(), 2).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(done.load());
+  EXPECT_EQ(server_->version(), 0u);
+  ASSERT_TRUE(PushDelta(w2.get(), 3).ok());
+  Status s = pull.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(seen, 2.0f);  // w += mean(1, 2, 3)
+  EXPECT_EQ(server_->version(), 1u);
+  // The driver never waits, and a second round averages again.
+  float d = 0;
+  ASSERT_TRUE(PullW(driver_.get(), &d).ok());
+  EXPECT_EQ(d, 2.0f);
+  ASSERT_TRUE(PushDelta(w0.get(), 3).ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 3).ok());
+  ASSERT_TRUE(PushDelta(w2.get(), 6).ok());
+  ASSERT_TRUE(PullW(w1.get(), &seen).ok());
+  EXPECT_EQ(seen, 6.0f);
+  EXPECT_EQ(server_->version(), 2u);
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["members"], 3u);
+  EXPECT_EQ(stats["worker_clock{partition=\"1\",attempt=\"0\"}"], 2u);
+}
+
+TEST_F(ModesTest, SyncEarlyPushWaitsForTheOpenRound) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  std::atomic<bool> done{false};
+  auto second = std::async(std::launch::async, [&] {
+    Status s = PushDelta(w0.get(), 10);
+    done = true;
+    return s;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(done.load());
+  ASSERT_TRUE(PushDelta(w1.get(), 3).ok());
+  ASSERT_TRUE(second.get().ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 20).ok());  // closes round 1
+  float w = 0;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, 2.0f + 15.0f);
+}
+
+TEST_F(ModesTest, SyncGradientRoundUsesTheMeanAndRefusesMixedKinds) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  const int64_t shape[] = {2};
+  const float g0[] = {1, 1}, g1[] = {3, 3};
+  TensorView t0{"w", shape, g0}, t1{"w", shape, g1};
+  uint64_t v;
+  PushOptions no_lr;  // no optimizer and no learning rate: refused up front
+  EXPECT_EQ(w0->Push(UpdateKind::kGradient, {&t0, 1}, no_lr, &v).code(),
+            StatusCode::kInvalidArgument);
+  PushOptions sgd;
+  sgd.learning_rate = 0.5f;
+  ASSERT_TRUE(w0->Push(UpdateKind::kGradient, {&t0, 1}, sgd, &v).ok());
+  EXPECT_EQ(PushDelta(w1.get(), 1).code(), StatusCode::kInvalidArgument);  // another kind
+  ASSERT_TRUE(w1->Push(UpdateKind::kGradient, {&t1, 1}, sgd, &v).ok());
+  float w = 0;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, -1.0f);  // w -= 0.5 * mean(1, 3)
+  EXPECT_EQ(v, 1u);
+}
+
+TEST_F(ModesTest, SyncWorkerThatDiesIsNotWaitedFor) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1), w2 = Worker(2);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 2).ok());
+  auto t = steady_clock::now();
+  auto pull = std::async(std::launch::async, [&] {
+    float w = 0;
+    Status s = PullW(w0.get(), &w);
+    return std::make_pair(s, w);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  w2->Close();  // like a killed process: no LEAVE
+  auto [s, w] = pull.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(w, 1.5f);
+  EXPECT_LT(Since(t), 2.0);
+  EXPECT_EQ(StatsMap()["members"], 2u);
+}
+
+TEST_F(ModesTest, SyncSilentWorkerIsDroppedAfterTheHeartbeatTimeout) {
+  StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.5f);
+  auto w0 = Worker(0), w1 = Worker(1), w2 = Worker(2);  // w2 stays silent
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 2).ok());
+  auto t = steady_clock::now();
+  float w = 0;
+  Status s = PullW(w0.get(), &w);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(w, 1.5f);
+  EXPECT_GT(Since(t), 0.25);
+  EXPECT_LT(Since(t), 3.0);
+  // The dropped worker's later push is refused: it must join again.
+  EXPECT_EQ(PushDelta(w2.get(), 5).code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(ModesTest, WaitingMemberIsNotSilent) {
+  StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.3f);
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 1;
+  o.heartbeat_interval_s = 0.05;
+  std::unique_ptr<Client> busy;  // long local work, kept live by heartbeats
+  ASSERT_TRUE(Client::Connect(o, &busy).ok());
+  ASSERT_TRUE(busy->Join(nullptr).ok());
+  auto w0 = Worker(0);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  auto pull = std::async(std::launch::async, [&] {
+    float w = 0;
+    Status s = PullW(w0.get(), &w);
+    return std::make_pair(s, w);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(StatsMap()["members"], 2u) << "the waiting worker must not be dropped";
+  ASSERT_TRUE(PushDelta(busy.get(), 3).ok());
+  auto [s, w] = pull.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(w, 2.0f);
+}
+
+TEST_F(ModesTest, EmptyPushesStillCloseTheRound) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  uint64_t v;
+  ASSERT_TRUE(w0->Push(UpdateKind::kDelta, {}, PushOptions{}, &v).ok());
+  ASSERT_TRUE(w1->Push(UpdateKind::kDelta, {}, PushOptions{}, &v).ok());
+  float w = -1;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, 0.0f);
+  EXPECT_EQ(StatsMap()["sync_round"], 1u);
+}
+
+TEST_F(ModesTest, HeartbeatThreadKeepsAQuietMemberLive) {
+  StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.5f);
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 0;
+  o.heartbeat_interval_s = 0.1;
+  std::unique_ptr<Client> c;
+  ASSERT_TRUE(Client::Connect(o, &c).ok());
+  ASSERT_TRUE(c->Join(nullptr).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(900));
+  EXPECT_EQ(StatsMap()["members"], 1u);
+  ASSERT_TRUE(c->Leave().ok());
+  EXPECT_EQ(StatsMap()["members"], 0u);
+}
+
+TEST_F(ModesTest, BoundedStalenessBlocksTheFastWorkerUntilTheSlowOneCatchesUp) {
+  StartRun(ConsistencyMode::kBoundedStaleness, 1);
+  auto fast = Worker(0), slow = Worker(1);
+  float w = 0;
+  ASSERT_TRUE(PushDelta(fast.get(), 1).ok());  // clock 1
+  ASSERT_TRUE(PullW(fast.get(), &w).ok());     // needs min clock >= 0
+  EXPECT_EQ(w, 1.0f);                          // applied on arrival
+  ASSERT_TRUE(PushDelta(fast.get(), 1).ok());  // clock 2
+  std::atomic<bool> done{false};
+  auto pull = std::async(std::launch::async, [&] {
+    float x;
+    Status s = PullW(fast.get(), &x);
+    done = true;
+    return s;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(done.load()) << "clock 2 with staleness 1 waits for clock 1";
+  ASSERT_TRUE(PushDelta(slow.get(), 1).ok());  // slow reaches clock 1
+  ASSERT_TRUE(pull.get().ok());
+  // Clock 3 needs the slow worker at 2; it dies instead.
+  ASSERT_TRUE(PushDelta(fast.get(), 1).ok());
+  auto t = steady_clock::now();
+  auto pull2 = std::async(std::launch::async, [&] {
+    float x;
+    return PullW(fast.get(), &x);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  slow->Close();
+  ASSERT_TRUE(pull2.get().ok());
+  EXPECT_LT(Since(t), 2.0);
+}
+
+TEST_F(ModesTest, BoundedStalenessSilentWorkerIsDropped) {
+  StartRun(ConsistencyMode::kBoundedStaleness, 1, /*heartbeat_timeout_s=*/0.5f);
+  auto fast = Worker(0), slow = Worker(1);
+  ASSERT_TRUE(PushDelta(fast.get(), 1).ok());
+  ASSERT_TRUE(PushDelta(fast.get(), 1).ok());
+  auto t = steady_clock::now();
+  float w = 0;
+  Status s = PullW(fast.get(), &w);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_GT(Since(t), 0.25);
+  EXPECT_LT(Since(t), 3.0);
+  EXPECT_EQ(w, 2.0f);
+}
+
+TEST_F(ModesTest, NewerAttemptFencesTheOlderOne) {
+  StartRun(ConsistencyMode::kAsync);
+  auto old_attempt = Worker(3, 0);
+  auto retry = Worker(3, 1);
+  Status s = PushDelta(old_attempt.get(), 1);
+  EXPECT_EQ(s.code(), StatusCode::kFenced) << s.ToString();
+  EXPECT_NE(s.message().find("replaced by attempt 1"), std::string::npos) << s.message();
+  EXPECT_EQ(old_attempt->Join(nullptr).code(), StatusCode::kFenced);
+  EXPECT_TRUE(PushDelta(retry.get(), 1).ok());
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["refused{reason=\"fenced\"}"], 2u);
+  EXPECT_EQ(stats["members"], 1u);
+  EXPECT_EQ(stats.count("worker_clock{partition=\"3\",attempt=\"0\"}"), 0u);
+  EXPECT_EQ(stats["worker_clock{partition=\"3\",attempt=\"1\"}"], 1u);
+}
+
+TEST_F(ModesTest, WaitTimeoutNamesTheMissingPartitions) {
+  StartRun(ConsistencyMode::kSync, 0, 30, /*wait_timeout_s=*/0.3f);
+  auto w0 = Worker(0), w1 = Worker(1), w2 = Worker(2);
+  ASSERT_TRUE(PushDelta(w1.get(), 1).ok());
+  float w;
+  auto t = steady_clock::now();
+  Status s = PullW(w1.get(), &w);
+  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s.ToString();
+  EXPECT_NE(s.message().find("round 0: waiting for partitions 0, 2"), std::string::npos)
+      << s.message();
+  EXPECT_GT(Since(t), 0.2);
+  EXPECT_LT(Since(t), 3.0);
+}
+
+TEST_F(ModesTest, ConfigureIsRefusedWhileWorkersAreLive) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0);
+  RunConfig run;
+  EXPECT_EQ(driver_->Configure(run).code(), StatusCode::kInvalidArgument);
+  run.wait_timeout_s = -1;
+  EXPECT_EQ(driver_->Configure(run).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(w0->Leave().ok());
+  run.wait_timeout_s = 5;
+  EXPECT_TRUE(driver_->Configure(run).ok());
+  EXPECT_EQ(driver_->Join(nullptr).code(), StatusCode::kInvalidArgument);  // not a worker
+}
+
+TEST_F(ModesTest, StopWakesAWaitingPull) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  auto pull = std::async(std::launch::async, [&] {
+    float w;
+    return PullW(w0.get(), &w);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  auto t = steady_clock::now();
+  server_->Stop();
+  Status s = pull.get();
+  EXPECT_EQ(s.code(), StatusCode::kShuttingDown) << s.ToString();
+  EXPECT_LT(Since(t), 2.0);
+}
+
+std::string HttpGet(uint16_t port, const std::string& path) {
+  net::Socket sock;
+  EXPECT_TRUE(net::ConnectWithTimeout("127.0.0.1", port, net::Deadline::In(5), &sock).ok());
+  std::string req = "GET " + path + " HTTP/1.0\r\nHost: x\r\n\r\n";
+  EXPECT_TRUE(net::WriteFull(sock.fd(), req.data(), req.size(), net::Deadline::In(5)).ok());
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    size_t got = 0;
+    if (!net::ReadSome(sock.fd(), buf, sizeof(buf), net::Deadline::In(5), &got).ok() || got == 0)
+      break;
+    out.append(buf, got);
+  }
+  return out;
+}
+
+TEST_F(ModesTest, MetricsStalenessAndPrometheusEndpoint) {
+  StartRun(ConsistencyMode::kAsync, 0, 30, 10, /*metrics_port=*/0);
+  ASSERT_GT(server_->metrics_port(), 0);
+  auto a = Worker(0), b = Worker(1);
+  float w;
+  ASSERT_TRUE(PullW(a.get(), &w).ok());
+  ASSERT_TRUE(PullW(b.get(), &w).ok());
+  ASSERT_TRUE(PushDelta(a.get(), 1).ok());  // staleness 0
+  ASSERT_TRUE(PushDelta(b.get(), 1).ok());  // staleness 1 (a's push since b's pull)
+  ASSERT_TRUE(PushDelta(b.get(), 1).ok());  // staleness 2
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["worker_clock{partition=\"0\",attempt=\"0\"}"], 1u);
+  EXPECT_EQ(stats["worker_clock{partition=\"1\",attempt=\"0\"}"], 2u);
+  EXPECT_EQ(stats.count("worker_last_seen_ms{partition=\"1\",attempt=\"0\"}"), 1u);
+  EXPECT_EQ(stats["worker_connections{partition=\"1\",attempt=\"0\"}"], 1u);
+  EXPECT_EQ(stats["staleness_count"], 3u);
+  EXPECT_EQ(stats["staleness_sum"], 3u);
+  EXPECT_EQ(stats["staleness_bucket{le=\"0\"}"], 1u);
+  EXPECT_EQ(stats["staleness_bucket{le=\"1\"}"], 2u);
+  EXPECT_EQ(stats["staleness_bucket{le=\"2\"}"], 3u);
+  EXPECT_EQ(stats["staleness_bucket{le=\"+Inf\"}"], 3u);
+  EXPECT_EQ(stats["refused{reason=\"fenced\"}"], 0u);
+
+  std::string page = HttpGet(static_cast<uint16_t>(server_->metrics_port()), "/metrics");
+  EXPECT_NE(page.find("200 OK"), std::string::npos) << page;
+  EXPECT_NE(page.find("tensorspark_worker_clock{partition=\"1\",attempt=\"0\"} 2"),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("tensorspark_staleness_bucket{le=\"+Inf\"} 3"), std::string::npos) << page;
+  EXPECT_NE(page.find("tensorspark_members 2"), std::string::npos) << page;
+}
+
+TEST_F(ModesTest, RefusedFramesAreCountedByReason) {
+  StartRun(ConsistencyMode::kAsync);
+  RawConn bad;
+  ASSERT_TRUE(bad.Connect(server_->port()).ok());
+  ASSERT_TRUE(bad.Handshake("wrong-secret-0123456789abcdef").code() != StatusCode::kOk);
+  RawConn crc;
+  ASSERT_TRUE(crc.Connect(server_->port()).ok());
+  ASSERT_TRUE(crc.Handshake().ok());
+  RawConn::FrameOptions fo;
+  fo.checksum = 1234;
+  ASSERT_TRUE(crc.Send(static_cast<uint16_t>(protocol::Opcode::kStats), 2, {}, fo).ok());
+  (void)crc.ReadError(2);
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["refused{reason=\"auth\"}"], 1u);
+  EXPECT_EQ(stats["refused{reason=\"bad_checksum\"}"], 1u);
+}
+
+}  // namespace
+}  // namespace tensorspark::testing

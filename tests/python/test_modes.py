@@ -1,0 +1,170 @@
+"""Membership and consistency modes through the Python binding (threads as workers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tensorspark import (
+    FencedError,
+    ParameterServer,
+    PSClient,
+    PSTimeoutError,
+    TensorSparkError,
+    TensorSparkValueError,
+    generate_secret,
+)
+
+
+@pytest.fixture
+def server():
+    secret = generate_secret()
+    with ParameterServer(secret, host="127.0.0.1", metrics_port=0) as s:
+        s.secret = secret
+        yield s
+
+
+def connect(server, **kw) -> PSClient:
+    return PSClient("127.0.0.1", server.port, server.secret, io_timeout=10.0, **kw)
+
+
+def start_run(server, mode, staleness=0, **kw):
+    driver = connect(server)
+    driver.register({"w": np.zeros(2, np.float32)})
+    driver.configure(mode, staleness, **kw)
+    return driver
+
+
+def test_sync_round_applies_the_average(server):
+    driver = start_run(server, "sync")
+    workers = [connect(server, partition_id=p) for p in range(3)]
+    assert [w.join() for w in workers] == [0, 0, 0]
+    results = {}
+
+    def work(p, w):
+        w.push({"w": np.full(2, p + 1, np.float32)}, kind="delta")
+        results[p] = w.pull(["w"])["w"].tolist()
+
+    threads = [threading.Thread(target=work, args=(p, w)) for p, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {0: [2.0, 2.0], 1: [2.0, 2.0], 2: [2.0, 2.0]}
+    assert server.version == 1
+    assert driver.pull(["w"])["w"].tolist() == [2.0, 2.0]
+    stats = server.stats()
+    assert stats["members"] == 3
+    assert stats['worker_clock{partition="2",attempt="0"}'] == 1
+    for w in workers:
+        w.leave()
+        w.close()
+    assert server.stats()["members"] == 0
+
+
+def test_ssp_blocks_the_fast_worker_until_the_slow_one_catches_up(server):
+    start_run(server, "ssp", 1)
+    fast = connect(server, partition_id=0)
+    slow = connect(server, partition_id=1)
+    fast.join()
+    slow.join()
+    one = {"w": np.ones(2, np.float32)}
+    fast.push(one)
+    fast.push(one)  # clock 2: pulls need every clock >= 1
+    done = threading.Event()
+
+    def pull():
+        fast.pull(["w"])
+        done.set()
+
+    t = threading.Thread(target=pull)
+    t.start()
+    assert not done.wait(0.3)
+    slow.push(one)
+    assert done.wait(5)
+    t.join()
+    # Clock 3 needs the slow worker at 2; when it leaves, nobody is waited for.
+    fast.push(one)
+    done.clear()
+    t = threading.Thread(target=pull)
+    t.start()
+    assert not done.wait(0.2)
+    slow.leave()
+    assert done.wait(5)
+    t.join()
+
+
+def test_wait_timeout_names_the_missing_partitions(server):
+    start_run(server, "sync", wait_timeout=0.3)
+    a = connect(server, partition_id=0)
+    b = connect(server, partition_id=1)
+    a.join()
+    b.join()
+    a.push({"w": np.ones(2, np.float32)})
+    with pytest.raises(PSTimeoutError, match="waiting for partitions 1"):
+        a.pull(["w"])
+
+
+def test_newer_attempt_fences_the_older_one(server):
+    start_run(server, "async")
+    old = connect(server, partition_id=4, attempt=0)
+    new = connect(server, partition_id=4, attempt=1)
+    old.join()
+    new.join()
+    with pytest.raises(FencedError, match="replaced by attempt 1") as info:
+        old.push({"w": np.ones(2, np.float32)})
+    assert isinstance(info.value, TensorSparkError)
+    assert isinstance(info.value, PermissionError)
+    new.push({"w": np.ones(2, np.float32)})
+    assert server.stats()['refused{reason="fenced"}'] == 1
+
+
+def test_heartbeat_thread_keeps_a_quiet_worker_live(server):
+    start_run(server, "sync", heartbeat_timeout=0.5)
+    quiet = connect(server, partition_id=0, heartbeat_interval=0.1)
+    silent = connect(server, partition_id=1)
+    quiet.join()
+    silent.join()
+    quiet.heartbeat()
+    time.sleep(1.0)
+    stats = server.stats()
+    assert stats["members"] == 1
+    assert 'worker_clock{partition="0",attempt="0"}' in stats
+    quiet.leave()
+
+
+def test_metrics_endpoint_serves_the_counters(server):
+    start_run(server, "async")
+    w = connect(server, partition_id=0)
+    w.join()
+    w.pull(["w"])
+    w.push({"w": np.ones(2, np.float32)})
+    assert server.metrics_port and server.metrics_port > 0
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        page = r.read().decode()
+    assert 'tensorspark_worker_clock{partition="0",attempt="0"} 1' in page
+    assert 'tensorspark_staleness_bucket{le="0"} 1' in page
+    assert "tensorspark_members 1" in page
+
+
+def test_bad_values_are_refused(server):
+    c = connect(server)
+    with pytest.raises(TensorSparkValueError, match="mode"):
+        c.configure("bsp")
+    with pytest.raises(TensorSparkValueError, match="staleness"):
+        c.configure("ssp", -1)
+    with pytest.raises(TensorSparkValueError, match="wait_timeout"):
+        c.configure("sync", wait_timeout=0)
+    with pytest.raises(TensorSparkValueError, match="partition"):
+        c.join()  # the driver is not a worker
+    with pytest.raises(TensorSparkValueError, match="metrics_port"):
+        ParameterServer(server.secret, host="127.0.0.1", metrics_port=70000)
+    with pytest.raises(TensorSparkValueError, match="heartbeat_interval"):
+        connect(server, partition_id=0, heartbeat_interval=-1)
+    with ParameterServer(server.secret, host="127.0.0.1") as off:
+        assert off.metrics_port is None
