@@ -105,6 +105,20 @@ void DecodeEverything(Span p) {
     }
   }
   {
+    // fp16/bf16 data sections (2 bytes per element): the layout checks.
+    protocol::PushHead head;
+    protocol::TensorSection t;
+    if (protocol::DecodeRegister(p, &t, 2).ok() || protocol::DecodePush(p, &head, &t, 2).ok()) {
+      uint64_t total = 0;
+      for (uint64_t n : t.numels) total += n;
+      Expect(t.data_len == total * 2 && t.data_offset + t.data_len == p.size(),
+             "encoded data section size");
+    }
+    uint64_t version;
+    std::vector<Tensor> tensors;
+    (void)protocol::DecodePullResponse(p, &version, &tensors, protocol::kFlagFp16);
+  }
+  {
     protocol::RegisterResponse r;
     if (protocol::DecodeRegisterResponse(p, &r).ok()) {
       Bytes enc;

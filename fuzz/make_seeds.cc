@@ -124,6 +124,12 @@ int main(int argc, char** argv) {
   add("push_bad_kind", Seed().Frame(Opcode::kPush, Push(9, 0, -1.0f, {b})));
   add("list_stats_shutdown",
       Seed().Frame(Opcode::kList).Frame(Opcode::kStats).Frame(Opcode::kShutdown));
+  // fp16/bf16 wire encodings (flags bits 2, 3), and both at once.
+  add("pull_encoded",
+      Seed()
+          .Frame(Opcode::kPull, Pull({"w", "b"}), protocol::kFlagFp16)
+          .Frame(Opcode::kPull, Pull({}), protocol::kFlagBf16)
+          .Frame(Opcode::kPull, Pull({"s"}), protocol::kFlagFp16 | protocol::kFlagBf16));
   add("bad_flags_opcode", Seed()
                               .Frame(Opcode::kList, {}, protocol::kFlagResponse)
                               .Frame(static_cast<Opcode>(99))

@@ -293,7 +293,12 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
           s = protocol::DecodeListResponse(payload, &version, &vars);
           break;
         case Opcode::kPull:
-          s = protocol::DecodePullResponse(payload, &version, &tensors);
+          // An encoded PULL is answered in the requested encoding.
+          if ((h.flags & protocol::kEncodingFlags) != (req.flags & protocol::kEncodingFlags)) {
+            s = Status(StatusCode::kProtocolError, "PULL reply encoding differs from request");
+          } else {
+            s = protocol::DecodePullResponse(payload, &version, &tensors, h.flags);
+          }
           break;
         case Opcode::kPush:
         case Opcode::kLeave:

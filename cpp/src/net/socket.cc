@@ -116,13 +116,12 @@ Status ListenUnix(const std::string& path, Socket* out) {
   }
   Socket s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!s.valid()) return IoError("socket", errno);
-  // 0600 from the start: umask applies to bind(), so no window with looser
-  // permissions (fchmod on a socket fd does not affect the file).
-  const mode_t old_mask = ::umask(0177);
-  const int rc = ::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  const int err = errno;
-  ::umask(old_mask);
-  if (rc != 0) {
+  // 0600 from the start: on Linux bind() creates the file with the socket
+  // inode's mode (minus umask), which fchmod sets beforehand. (Changing the
+  // process-wide umask instead would race with other threads' files.)
+  ::fchmod(s.fd(), 0600);
+  if (::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    const int err = errno;
     return Status(err == EADDRINUSE                                  ? StatusCode::kAddressInUse
                   : err == EACCES || err == ENOENT || err == ENOTDIR ? StatusCode::kInvalidArgument
                                                                      : StatusCode::kConnectionError,
