@@ -8,6 +8,7 @@ end) pushes its update and pulls the merged model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import _core
 from ._graph import load_values
-from .errors import TensorSparkValueError
+from .errors import TensorSparkError, TensorSparkValueError
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TaskConfig:
     threads: int
     connect_timeout: float
     io_timeout: float
+    join: bool  # join the run as a member (single server): sync/ssp wait for members
+    heartbeat_interval: float
 
 
 def _batches(rows: Iterable[Any], cfg: TaskConfig, partition: int) -> Iterator[list[Any]]:
@@ -226,7 +229,9 @@ def _connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:
     }
     if cfg.servers:
         return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
-    return _core.Client(cfg.host, cfg.port, cfg.secret, **common)
+    return _core.Client(
+        cfg.host, cfg.port, cfg.secret, heartbeat_interval_s=cfg.heartbeat_interval, **common
+    )
 
 
 def train_partition(
@@ -242,6 +247,8 @@ def train_partition(
     model = _Model(graph_broadcast.value, cfg)
     client = _connect(cfg, partition, attempt)
     try:
+        if cfg.join:
+            client.join()  # fences older attempts of this partition
         sync = _Sync(client, cfg, model)
         sync.pull()
         steps = samples = 0
@@ -268,6 +275,9 @@ def train_partition(
             "last_fetch": _plain(last),
         }
     finally:
+        if cfg.join and client.connected:
+            with contextlib.suppress(TensorSparkError):
+                client.leave()  # the others stop waiting for this task at once
         client.close()
         model.close()
 

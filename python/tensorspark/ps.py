@@ -136,6 +136,8 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise TensorSparkValueError(f"server address {address!r}: port must be 1..65535")
     return host.strip("[]"), port
+
+
 # Wire encodings of PSClient(encoding=...) -> the core's WireEncoding.
 _ENCODINGS = {"fp32": 0, "fp16": 1, "bf16": 2}
 

@@ -90,6 +90,13 @@ class SparkSession:
         needs ``secret``.
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
+    heartbeat_timeout : float
+        Seconds of silence after which the server stops waiting for a task
+        (its tasks send heartbeats every third of it).
+    wait_timeout : float
+        Longest time a task waits for the others in the ``"sync"`` and
+        ``"ssp"`` modes before failing with a message naming them; keep it
+        below ``io_timeout``.
     threads_per_task : int, optional
         TensorFlow threads per task; default ``spark.task.cpus``.
 
@@ -118,6 +125,8 @@ class SparkSession:
         servers: list[str] | None = None,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
+        heartbeat_timeout: float = 30.0,
+        wait_timeout: float = 240.0,
         threads_per_task: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -129,6 +138,7 @@ class SparkSession:
         self.user, self.name = user, name
         self.sync_interval, self.batch_size = int(sync_interval), int(batch_size)
         self.connect_timeout, self.io_timeout = float(connect_timeout), float(io_timeout)
+        self.heartbeat_timeout, self.wait_timeout = float(heartbeat_timeout), float(wait_timeout)
         self.seed = int(seed)
         conf = sc.getConf()
         self.threads_per_task = int(threads_per_task or conf.get("spark.task.cpus", "1"))
@@ -204,6 +214,9 @@ class SparkSession:
         feed_dict: dict[Any, Any] | None = None,
         weight_combiner: MeanCombiner | DeltaCombiner | ElasticCombiner | None = None,
         shuffle_within_partition: bool = False,
+        *,
+        consistency: str = "async",
+        staleness: int = 0,
     ) -> RunSummary | Any:
         """Run ``fetches`` on every batch of ``feed_rdd`` across Spark tasks.
 
@@ -226,6 +239,15 @@ class SparkSession:
             How pushes merge on the server; default :class:`MeanCombiner`.
         shuffle_within_partition : bool
             Shuffle each partition's rows before batching.
+        consistency : {"async", "sync", "ssp"}
+            ``"async"`` (default): each push is applied when it arrives.
+            ``"sync"``: every sync is a round; the server applies the average
+            of the round's pushes once every live task has pushed, and the
+            tasks continue from that model. ``"ssp"``: bounded staleness, a
+            task at sync ``c`` waits until every live task has reached
+            ``c - staleness``. A task that dies is not waited for.
+        staleness : int
+            The ``"ssp"`` bound.
 
         Returns
         -------
@@ -252,6 +274,7 @@ class SparkSession:
                 f"{type(combiner).__name__}"
             )
         names = [_graph.param_name(v) for v in params]
+        self._configure(consistency, staleness)
         self._register(names, params)
 
         num_parts = feed_rdd.getNumPartitions()
@@ -278,6 +301,8 @@ class SparkSession:
             threads=self.threads_per_task,
             connect_timeout=self.connect_timeout,
             io_timeout=self.io_timeout,
+            join=not self.servers,
+            heartbeat_interval=self.heartbeat_timeout / 3,
         )
         meta = _graph.export_graph(graph)
         self._write_tmp("graph.meta", meta)
@@ -325,6 +350,22 @@ class SparkSession:
         names = [k if isinstance(k, str) else getattr(k, "name", k) for k in feed_dict]
         _graph.check_feed_names(graph, names, what="feed_dict")
         return tuple((n, np.asarray(v)) for n, v in zip(names, feed_dict.values(), strict=True))
+
+    def _configure(self, consistency: str, staleness: int) -> None:
+        """Set the run's consistency mode on the server before the tasks join."""
+        if self.servers:
+            if consistency != "async":
+                raise TensorSparkValueError(
+                    f"consistency={consistency!r} needs a single parameter server; with "
+                    "servers=[...] only 'async' is supported"
+                )
+            return
+        self._client.configure(
+            consistency,
+            staleness,
+            heartbeat_timeout=self.heartbeat_timeout,
+            wait_timeout=self.wait_timeout,
+        )
 
     def _register(self, names: list[str], params: list[Any]) -> None:
         """Register the variables with the driver's current values (first run)."""

@@ -278,3 +278,42 @@ def test_seed_module_paths():
 
     assert sps.SparkSession is tensorspark.SparkSession
     assert comb.MeanWeightCombiner is tensorspark.MeanCombiner
+
+
+def test_sync_rounds_average_the_workers(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
+        summary = ss.run(
+            train,
+            feed_rdd=ones_rdd(sc, 80, 2),
+            feed_name_list=[x.name],
+            weight_combiner=DeltaCombiner(),
+            consistency="sync",
+        )
+        # 4 steps per task, a round every 2: each round both tasks start from
+        # the same model and push +20, and the server applies the mean (+20).
+        assert summary.version == 2  # one version per round
+        np.testing.assert_array_equal(sess.run(v), [40.0, 40.0])
+        stats = ss.stats()
+        assert stats["members"] == 0  # both tasks left at the end
+
+
+def test_bounded_staleness_applies_every_push(sc, tf1):
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
+        summary = ss.run(
+            train,
+            feed_rdd=ones_rdd(sc, 80, 2),
+            feed_name_list=[x.name],
+            weight_combiner=DeltaCombiner(),
+            consistency="ssp",
+            staleness=1,
+        )
+        assert summary.version == 4
+        np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])
+        with pytest.raises(TensorSparkValueError, match="mode"):
+            ss.run(train, feed_rdd=ones_rdd(sc, 8, 2), feed_name_list=[x.name], consistency="bogus")
