@@ -424,8 +424,8 @@ NB_MODULE(_core, m) {
            "Block until stopped or timeout_s passes (negative: forever); True if stopped.");
 
   nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
-      .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double,
-                    int, double>(),
+      .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double, int,
+                    double>(),
            "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8,
            "heartbeat_interval_s"_a = 0.0)
