@@ -225,9 +225,10 @@ class PSClient:
     connect_timeout : float
         Seconds allowed for connecting, retries with backoff included.
     io_timeout : float
-        Limit for any single read or write once connected. In the sync and
-        ssp modes a pull may wait for other workers: keep ``io_timeout``
-        above the run's ``wait_timeout``.
+        Limit for any single read or write once connected. After
+        :meth:`join`, a pull or push may also wait on the server for other
+        workers (sync and ssp modes), so each round trip then allows
+        ``io_timeout`` + 600 s (the default ``wait_timeout``).
     heartbeat_interval : float
         After :meth:`join`, send a heartbeat from a background thread (with
         its own connection) every this many seconds, so the worker stays a
