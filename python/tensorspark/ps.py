@@ -284,7 +284,10 @@ class PSClient:
     connect_timeout : float
         Seconds allowed for connecting, retries with backoff included.
     io_timeout : float
-        Limit for any single read or write once connected.
+        Limit for any single read or write once connected. After
+        :meth:`join`, a pull or push may also wait on the server for other
+        workers (sync and ssp modes), so each round trip then allows
+        ``io_timeout`` + 600 s (the default ``wait_timeout``).
     encoding : str
         How pushed and pulled values travel: ``"fp32"`` (default, exact),
         ``"fp16"`` (half the bytes; relative error <= 2**-11 ~ 4.9e-4 for
@@ -293,9 +296,6 @@ class PSClient:
         range, but relative error up to 2**-8 ~ 3.9e-3 per element, so it
         does not meet 1e-3). The server stores float32 either way;
         :meth:`register` always sends float32.
-        Limit for any single read or write once connected. In the sync and
-        ssp modes a pull may wait for other workers: keep ``io_timeout``
-        above the run's ``wait_timeout``.
     heartbeat_interval : float
         After :meth:`join`, send a heartbeat from a background thread (with
         its own connection) every this many seconds, so the worker stays a

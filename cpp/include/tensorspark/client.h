@@ -54,6 +54,11 @@ struct ClientOptions {
   // WireEncoding for the precision of each). Register always sends float32,
   // so initial values are exact.
   WireEncoding encoding = WireEncoding::kFloat32;
+  // After Join, a pull or push may wait on the server for other workers
+  // (sync and bounded-staleness modes; the server bounds it by the run's
+  // wait_timeout_s), so a joined client allows each round trip
+  // io_timeout_s + member_wait_s. Keep it >= the run's wait_timeout_s.
+  double member_wait_s = 600.0;
   // > 0: after Join, a background thread with its own connection (same
   // identity) sends HEARTBEAT every this many seconds, keeping the member
   // live during long local work; Leave, Close and the destructor stop it.

@@ -206,6 +206,7 @@ class ClientImpl {
   Status Configure(const RunConfig& config);
   void Close() {
     StopHeartbeat();
+    joined_ = false;
     sock_.Close();
     connected_ = false;
   }
@@ -230,7 +231,11 @@ class ClientImpl {
   // (default: io_timeout_s from now).
   Status Call(Opcode op, struct iovec* parts, size_t nparts, std::vector<uint8_t>* response,
               std::optional<net::Deadline> deadline = std::nullopt, uint32_t flags = 0);
-  net::Deadline IoDeadline() const { return net::Deadline::In(options_.io_timeout_s); }
+  // A joined client's requests may wait on the server (member_wait_s).
+  net::Deadline IoDeadline() const {
+    return net::Deadline::In(options_.io_timeout_s +
+                             (joined_ ? std::max(0.0, options_.member_wait_s) : 0.0));
+  }
   Status ReadPayload(const FrameHeader& h, net::Deadline deadline, std::vector<uint8_t>* out);
   // Reads the PULL response after its header; `views` null means PullAll.
   Status ReadPullResponse(const FrameHeader& h, net::Deadline deadline,
@@ -249,6 +254,7 @@ class ClientImpl {
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;
   bool hb_stop_ = false;
+  bool joined_ = false;  // between a successful Join and Leave/Close
   net::Socket sock_;
   bool connected_ = false;
   uint64_t next_request_id_ = 1;
@@ -742,12 +748,14 @@ Status ClientImpl::Join(uint64_t* clock) {
   uint64_t version, c;
   TS_RETURN_IF_ERROR(protocol::DecodeJoinResponse(response, &version, &c));
   if (clock != nullptr) *clock = c;
+  joined_ = true;
   StartHeartbeat();
   return Status::OK();
 }
 
 Status ClientImpl::Leave() {
   StopHeartbeat();
+  joined_ = false;
   return CallForVersion(Opcode::kLeave, nullptr);
 }
 

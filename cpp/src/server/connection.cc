@@ -129,12 +129,12 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
   ctx_->counters.bytes_in.fetch_add(sizeof(raw), std::memory_order_relaxed);
   Status v = protocol::ValidateHeader(*h, max_payload);
   if (!v.ok()) {
-    // Bad magic: the stream cannot be trusted, close without answering.
-    if (v.code() != StatusCode::kProtocolError) (void)SendError(*h, v);
     if (v.code() == StatusCode::kFrameTooLarge)
       ctx_->membership.CountRefused(RefuseReason::kFrameTooLarge);
     if (v.code() == StatusCode::kUnsupportedVersion)
       ctx_->membership.CountRefused(RefuseReason::kBadVersion);
+    // Bad magic: the stream cannot be trusted, close without answering.
+    if (v.code() != StatusCode::kProtocolError) (void)SendError(*h, v);
     return v;
   }
   payload_len_ = h->payload_len;

@@ -413,9 +413,66 @@ TEST_F(ModesTest, RefusedFramesAreCountedByReason) {
   fo.checksum = 1234;
   ASSERT_TRUE(crc.Send(static_cast<uint16_t>(protocol::Opcode::kStats), 2, {}, fo).ok());
   (void)crc.ReadError(2);
+  RawConn version;
+  ASSERT_TRUE(version.Connect(server_->port()).ok());
+  ASSERT_TRUE(version.Handshake().ok());
+  RawConn::FrameOptions v2;
+  v2.version = 2;
+  ASSERT_TRUE(version.Send(static_cast<uint16_t>(protocol::Opcode::kStats), 3, {}, v2).ok());
+  EXPECT_EQ(version.ReadError(3).code(), StatusCode::kUnsupportedVersion);
+  RawConn big;
+  ASSERT_TRUE(big.Connect(server_->port()).ok());
+  ASSERT_TRUE(big.Handshake().ok());
+  RawConn::FrameOptions huge;
+  huge.payload_len = uint64_t{1} << 40;
+  ASSERT_TRUE(big.Send(static_cast<uint16_t>(protocol::Opcode::kPush), 4, {}, huge).ok());
+  EXPECT_EQ(big.ReadError(4).code(), StatusCode::kFrameTooLarge);
   auto stats = StatsMap();
   EXPECT_EQ(stats["refused{reason=\"auth\"}"], 1u);
   EXPECT_EQ(stats["refused{reason=\"bad_checksum\"}"], 1u);
+  EXPECT_EQ(stats["refused{reason=\"bad_version\"}"], 1u);
+  EXPECT_EQ(stats["refused{reason=\"frame_too_large\"}"], 1u);
+}
+
+TEST_F(ModesTest, MalformedMembershipFramesAreProtocolErrors) {
+  StartRun(ConsistencyMode::kAsync);
+  RawConn raw;
+  ASSERT_TRUE(raw.Connect(server_->port()).ok());
+  ASSERT_TRUE(raw.Handshake().ok());  // partition 1, attempt 0
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kJoin, 3, {1}).ok());
+  EXPECT_EQ(raw.ReadError(3).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> config;
+  protocol::EncodeConfigure(RunConfig{}, &config);
+  config[2] = 7;  // reserved
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kConfigure, 4, config).ok());
+  EXPECT_EQ(raw.ReadError(4).code(), StatusCode::kProtocolError);
+  // The connection stays usable: a well-formed JOIN answers version, clock.
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kJoin, 5, {}).ok());
+  protocol::FrameHeader h;
+  std::vector<uint8_t> p;
+  ASSERT_TRUE(raw.Read(&h, &p).ok());
+  uint64_t version = 9, clock = 9;
+  ASSERT_TRUE(protocol::DecodeJoinResponse(p, &version, &clock).ok());
+  EXPECT_EQ(version, 0u);
+  EXPECT_EQ(clock, 0u);
+  EXPECT_EQ(StatsMap()["members"], 1u);
+}
+
+TEST_F(ModesTest, LostWorkerJoinsAgainAtTheOpenRound) {
+  StartRun(ConsistencyMode::kSync, 0, /*heartbeat_timeout_s=*/0.3f);
+  auto w0 = Worker(0), w1 = Worker(1);
+  ASSERT_TRUE(PushDelta(w0.get(), 2).ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 4).ok());                     // round 0 closes: w = 3
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));  // both silent: lost
+  EXPECT_EQ(StatsMap()["members"], 0u);
+  EXPECT_EQ(PushDelta(w0.get(), 1).code(), StatusCode::kInvalidArgument);
+  uint64_t clock = 0;
+  ASSERT_TRUE(w0->Join(&clock).ok());
+  EXPECT_EQ(clock, 1u);  // the open round
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());
+  float w = 0;
+  ASSERT_TRUE(PullW(w0.get(), &w).ok());
+  EXPECT_EQ(w, 4.0f);
 }
 
 }  // namespace
