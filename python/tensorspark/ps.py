@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Mapping
+from typing import Any, Self
 
 import numpy as np
 
@@ -268,7 +269,67 @@ class ParameterServer:
         self.stop()
 
 
-class PSClient:
+class _TensorClient:
+    """Calls shared by :class:`PSClient` and :class:`ShardedPSClient`.
+
+    Subclasses set ``self._client`` (a core client) and ``self._shapes``.
+    """
+
+    _client: Any
+    _shapes: dict[str, tuple[int, ...]]
+
+    def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
+        """Register variables with initial values; the first registration wins.
+
+        Returns ``{name: created}``; ``created`` is False where the server
+        already held the variable (its values are kept).
+        """
+        names = list(variables)
+        arrays = [_as_float32(n, variables[n]) for n in names]
+        created, _ = self._client.register(names, arrays)
+        for n, a in zip(names, arrays, strict=True):
+            self._shapes[n] = tuple(a.shape)
+        return dict(zip(names, created, strict=True))
+
+    def pull_into(self, out: Mapping[str, np.ndarray]) -> int:
+        """Fill caller-owned float32, C-contiguous arrays in place; returns the version."""
+        return self._client.pull_into(*_out_buffers(out))
+
+    def push(
+        self,
+        values: Mapping[str, np.ndarray],
+        kind: str = "delta",
+        *,
+        learning_rate: float = 0.0,
+        mean_window: int = 1,
+    ) -> int:
+        """Push values; returns the model version after the push.
+
+        ``kind`` is ``"parameters"`` (Mean combiner with ``mean_window``),
+        ``"delta"`` (added to the model) or ``"gradient"`` (a step of each
+        variable's server-side optimizer, see :meth:`set_optimizer`, or plain
+        SGD where none is set). For a gradient, ``learning_rate`` > 0
+        overrides the optimizer's learning rate for this push; 0 uses it (a
+        variable without an optimizer then refuses the push).
+        """
+        return _push(self._client, values, kind, learning_rate, mean_window)
+
+    def push_arrays(self, kind: int, names: list[str], arrays: list[np.ndarray], **kw) -> int:
+        """Push already float32, C-contiguous arrays without any checks or copies."""
+        return self._client.push(kind, names, arrays, **kw)
+
+    def close(self) -> None:
+        """Close the connection(s)."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PSClient(_TensorClient):
     """One authenticated connection to a parameter server.
 
     Parameters
@@ -352,19 +413,6 @@ class PSClient:
             heartbeat_interval_s=heartbeat_interval,
         )
 
-    def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
-        """Register variables with initial values; the first registration wins.
-
-        Returns ``{name: created}``; ``created`` is False where the server
-        already held the variable (its values are kept).
-        """
-        names = list(variables)
-        arrays = [_as_float32(n, variables[n]) for n in names]
-        created, _ = self._client.register(names, arrays)
-        for n, a in zip(names, arrays, strict=True):
-            self._shapes[n] = tuple(a.shape)
-        return dict(zip(names, created, strict=True))
-
     def list_variables(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of every variable on the server."""
         infos, _ = self._client.list_variables()
@@ -391,33 +439,6 @@ class PSClient:
         out = {n: np.empty(shapes[n], dtype=np.float32) for n in names}
         self.pull_into(out)
         return out
-
-    def pull_into(self, out: Mapping[str, np.ndarray]) -> int:
-        """Fill caller-owned float32, C-contiguous arrays in place; returns the version."""
-        return self._client.pull_into(*_out_buffers(out))
-
-    def push(
-        self,
-        values: Mapping[str, np.ndarray],
-        kind: str = "delta",
-        *,
-        learning_rate: float = 0.0,
-        mean_window: int = 1,
-    ) -> int:
-        """Push values; returns the model version after the push.
-
-        ``kind`` is ``"parameters"`` (Mean combiner with ``mean_window``),
-        ``"delta"`` (added to the model) or ``"gradient"`` (a step of each
-        variable's server-side optimizer, see :meth:`set_optimizer`, or plain
-        SGD where none is set). For a gradient, ``learning_rate`` > 0
-        overrides the optimizer's learning rate for this push; 0 uses it (a
-        variable without an optimizer then refuses the push).
-        """
-        return _push(self._client, values, kind, learning_rate, mean_window)
-
-    def push_arrays(self, kind: int, names: list[str], arrays: list[np.ndarray], **kw) -> int:
-        """Push already float32, C-contiguous arrays without any checks or copies."""
-        return self._client.push(kind, names, arrays, **kw)
 
     def set_optimizer(
         self,
@@ -621,17 +642,8 @@ class PSClient:
     def connected(self) -> bool:
         return self._client.connected
 
-    def close(self) -> None:
-        self._client.close()
 
-    def __enter__(self) -> PSClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class ShardedPSClient:
+class ShardedPSClient(_TensorClient):
     """One model spread over several parameter servers.
 
     Each variable is cut into chunks of about ``chunk_bytes`` that live on the
@@ -679,14 +691,6 @@ class ShardedPSClient:
             chunk_bytes=int(chunk_bytes),
         )
 
-    def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
-        """Register variables over the servers; the first registration wins."""
-        names = list(variables)
-        arrays = [_as_float32(n, variables[n]) for n in names]
-        created, _ = self._client.register(names, arrays)
-        self._shapes.update((n, tuple(a.shape)) for n, a in zip(names, arrays, strict=True))
-        return dict(zip(names, created, strict=True))
-
     def pull(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """Pull the named variables (registered through this client) into new arrays."""
         names = list(names)
@@ -700,21 +704,6 @@ class ShardedPSClient:
         self.pull_into(out)
         return out
 
-    def pull_into(self, out: Mapping[str, np.ndarray]) -> int:
-        """Fill caller-owned float32 arrays in place; returns the summed version."""
-        return self._client.pull_into(*_out_buffers(out))
-
-    def push(
-        self,
-        values: Mapping[str, np.ndarray],
-        kind: str = "delta",
-        *,
-        learning_rate: float = 0.0,
-        mean_window: int = 1,
-    ) -> int:
-        """Push values (as :meth:`PSClient.push`); returns the summed version."""
-        return _push(self._client, values, kind, learning_rate, mean_window)
-
     def stats_per_server(self) -> list[dict[str, int]]:
         """Each server's counters, in server order."""
         return [dict(d) for d in self._client.stats()]
@@ -726,12 +715,3 @@ class ShardedPSClient:
             for k, v in d.items():
                 total[k] = total.get(k, 0) + v
         return total
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> ShardedPSClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -42,6 +42,19 @@ def ones_rdd(sc, rows, parts):
     return sc.parallelize([(np.ones(2, np.float32),) for _ in range(rows)], parts)
 
 
+def train_counting(sc, tf1, rows, parts, sync_interval, batch_size=10, **run_kwargs):
+    """Train the counting graph in a fresh session; returns (summary, model v)."""
+    x, v, train = counting_graph(tf1)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=sync_interval, batch_size=batch_size) as ss:
+        summary = ss.run(
+            train, feed_rdd=ones_rdd(sc, rows, parts), feed_name_list=[x.name], **run_kwargs
+        )
+        assert ss.stats()["members"] == 0  # every task left at the end
+    return summary, sess.run(v)
+
+
 def test_every_push_from_two_workers_is_applied(sc, tf1, spark_tmp_dir):
     x, v, train = counting_graph(tf1)
     sess = tf1.Session()
@@ -80,53 +93,32 @@ def test_every_push_from_two_workers_is_applied(sc, tf1, spark_tmp_dir):
 
 
 def test_mean_combiner_and_sync_interval(sc, tf1):
-    x, v, train = counting_graph(tf1)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    with SparkSession(sc, sess, sync_interval=4, batch_size=10) as ss:
-        summary = ss.run(
-            train,
-            feed_rdd=ones_rdd(sc, 80, 2),
-            feed_name_list=[x.name],
-            weight_combiner=MeanCombiner(average_iterates=False),
-        )
-        # 40 rows per partition = 4 steps = 1 push each (the final sync).
-        assert [p["pushes"] for p in summary.partitions] == [1, 1]
-        final = sess.run(v)
-        assert final[0] == final[1]
-        # Both pull 0 first: (0+40)/2=20, (20+40)/2=30; or the second pulls
-        # the first's 20: (20+60)/2=40.
-        assert final[0] in (30.0, 40.0)
-        assert summary.version == 2
+    summary, final = train_counting(
+        sc, tf1, 80, 2, sync_interval=4, weight_combiner=MeanCombiner(average_iterates=False)
+    )
+    # 40 rows per partition = 4 steps = 1 push each (the final sync).
+    assert [p["pushes"] for p in summary.partitions] == [1, 1]
+    assert summary.version == 2
+    # Both pull 0 first: (0+40)/2=20, (20+40)/2=30; or the second pulls
+    # the first's 20: (20+60)/2=40.
+    assert final[0] == final[1] and final[0] in (30.0, 40.0)
 
 
 def test_mean_combiner_pushes_iterate_average(sc, tf1):
-    x, v, train = counting_graph(tf1)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    with SparkSession(sc, sess, sync_interval=4, batch_size=10) as ss:
-        ss.run(train, feed_rdd=ones_rdd(sc, 80, 2), feed_name_list=[x.name])  # default combiner
-        # A worker's iterates are p+10, p+20, p+30, p+40: it pushes p+25.
-        # Both pull 0: 12.5 then (12.5+25)/2 = 18.75; or the second pulls
-        # 12.5 and pushes 37.5: (12.5+37.5)/2 = 25.
-        final = sess.run(v)
-        assert final[0] == final[1] and final[0] in (18.75, 25.0)
+    _, final = train_counting(sc, tf1, 80, 2, sync_interval=4)  # default combiner
+    # A worker's iterates are p+10, p+20, p+30, p+40: it pushes p+25.
+    # Both pull 0: 12.5 then (12.5+25)/2 = 18.75; or the second pulls
+    # 12.5 and pushes 37.5: (12.5+37.5)/2 = 25.
+    assert final[0] == final[1] and final[0] in (18.75, 25.0)
 
 
 def test_elastic_averaging(sc, tf1):
-    x, v, train = counting_graph(tf1)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
-        ss.run(
-            train,
-            feed_rdd=ones_rdd(sc, 40, 1),
-            feed_name_list=[x.name],
-            weight_combiner=ElasticCombiner(alpha=0.5),
-        )
-        # One worker, centre c = 0: after 2 steps x = 20, e = 0.5 (20 - 0) = 10,
-        # c = 10, x = 10; after 2 more x = 30, e = 0.5 (30 - 10) = 10, c = 20.
-        np.testing.assert_array_equal(sess.run(v), [20.0, 20.0])
+    _, final = train_counting(
+        sc, tf1, 40, 1, sync_interval=2, weight_combiner=ElasticCombiner(alpha=0.5)
+    )
+    # One worker, centre c = 0: after 2 steps x = 20, e = 0.5 (20 - 0) = 10,
+    # c = 10, x = 10; after 2 more x = 30, e = 0.5 (30 - 10) = 10, c = 20.
+    np.testing.assert_array_equal(final, [20.0, 20.0])
     with pytest.raises(ValueError, match="alpha"):
         ElasticCombiner(alpha=1.5)
 
@@ -281,43 +273,31 @@ def test_seed_module_paths():
 
 
 def test_sync_rounds_average_the_workers(sc, tf1):
-    x, v, train = counting_graph(tf1)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
-        summary = ss.run(
-            train,
-            feed_rdd=ones_rdd(sc, 80, 2),
-            feed_name_list=[x.name],
-            weight_combiner=DeltaCombiner(),
-            consistency="sync",
-        )
-        # 4 steps per task, a round every 2; each push is +20. A round closes
-        # when every *live* task has pushed, and the server adds the round's
-        # mean (+20). Tasks that overlap share rounds (2 rounds in all); a
-        # task that starts after the other finished has rounds of its own
-        # (up to 4). Either way the model is 20 x rounds: averaged, where
-        # async deltas would add up to 80 whatever the overlap.
-        assert summary.version in (2, 3, 4)  # one version per round
-        np.testing.assert_array_equal(sess.run(v), [20.0 * summary.version] * 2)
-        stats = ss.stats()
-        assert stats["members"] == 0  # both tasks left at the end
+    summary, final = train_counting(
+        sc, tf1, 80, 2, sync_interval=2, weight_combiner=DeltaCombiner(), consistency="sync"
+    )
+    # 4 steps per task, a round every 2; each push is +20. A round closes
+    # when every *live* task has pushed, and the server adds the round's
+    # mean (+20). Tasks that overlap share rounds (2 rounds in all); a
+    # task that starts after the other finished has rounds of its own
+    # (up to 4). Either way the model is 20 x rounds: averaged, where
+    # async deltas would add up to 80 whatever the overlap.
+    assert summary.version in (2, 3, 4)  # one version per round
+    np.testing.assert_array_equal(final, [20.0 * summary.version] * 2)
 
 
 def test_bounded_staleness_applies_every_push(sc, tf1):
-    x, v, train = counting_graph(tf1)
-    sess = tf1.Session()
-    sess.run(tf1.global_variables_initializer())
-    with SparkSession(sc, sess, sync_interval=2, batch_size=10) as ss:
-        summary = ss.run(
-            train,
-            feed_rdd=ones_rdd(sc, 80, 2),
-            feed_name_list=[x.name],
-            weight_combiner=DeltaCombiner(),
-            consistency="ssp",
-            staleness=1,
-        )
-        assert summary.version == 4
-        np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])
-        with pytest.raises(TensorSparkValueError, match="mode"):
-            ss.run(train, feed_rdd=ones_rdd(sc, 8, 2), feed_name_list=[x.name], consistency="bogus")
+    summary, final = train_counting(
+        sc,
+        tf1,
+        80,
+        2,
+        sync_interval=2,
+        weight_combiner=DeltaCombiner(),
+        consistency="ssp",
+        staleness=1,
+    )
+    assert summary.version == 4
+    np.testing.assert_array_equal(final, [80.0, 80.0])
+    with pytest.raises(TensorSparkValueError, match="mode"):
+        train_counting(sc, tf1, 8, 2, sync_interval=2, consistency="bogus")
