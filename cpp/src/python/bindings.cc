@@ -212,6 +212,44 @@ UpdateKind CheckedKind(int kind) {
   return static_cast<UpdateKind>(kind);
 }
 
+// Register, pull and push over NumPy arrays for either client type (Client
+// and ShardedClient share these signatures). `c` must be live.
+template <typename C>
+std::pair<std::vector<bool>, uint64_t> RegisterArrays(C* c, const std::vector<std::string>& names,
+                                                      const std::vector<FloatArray>& arrays) {
+  ArrayViews v = MakeViews(names, arrays, "register");
+  std::vector<VariableSpec> specs;
+  specs.reserve(v.views.size());
+  for (const TensorView& t : v.views) specs.push_back({t.name, t.shape, t.data});
+  std::vector<bool> created;
+  uint64_t version = 0;
+  Released([&] { return c->Register(specs, &created, &version); });
+  return {created, version};
+}
+
+template <typename C>
+uint64_t PullIntoArrays(C* c, const std::vector<std::string>& names,
+                        const std::vector<FloatArray>& outs) {
+  std::vector<MutableTensorView> views = MakeMutableViews(names, outs);
+  uint64_t version = 0;
+  Released([&] { return c->Pull(views, &version); });
+  return version;
+}
+
+template <typename C>
+uint64_t PushArrays(C* c, int kind, const std::vector<std::string>& names,
+                    const std::vector<FloatArray>& arrays, float learning_rate,
+                    uint32_t mean_window) {
+  const UpdateKind k = CheckedKind(kind);
+  ArrayViews v = MakeViews(names, arrays, "push");
+  PushOptions opt;
+  opt.learning_rate = learning_rate;
+  opt.mean_window = mean_window;
+  uint64_t version = 0;
+  Released([&] { return c->Push(k, v.views, opt, &version); });
+  return version;
+}
+
 // A model sharded over several servers (ShardedClient); same calls as
 // PyClient for register, pull and push.
 class PyShardedClient {
@@ -232,36 +270,16 @@ class PyShardedClient {
 
   std::pair<std::vector<bool>, uint64_t> Register(const std::vector<std::string>& names,
                                                   const std::vector<FloatArray>& arrays) {
-    ArrayViews v = MakeViews(names, arrays, "register");
-    std::vector<VariableSpec> specs;
-    specs.reserve(v.views.size());
-    for (const TensorView& t : v.views) specs.push_back({t.name, t.shape, t.data});
-    std::vector<bool> created;
-    uint64_t version = 0;
-    ShardedClient* c = Live();
-    Released([&] { return c->Register(specs, &created, &version); });
-    return {created, version};
+    return RegisterArrays(Live(), names, arrays);
   }
 
   uint64_t PullInto(const std::vector<std::string>& names, const std::vector<FloatArray>& outs) {
-    std::vector<MutableTensorView> views = MakeMutableViews(names, outs);
-    uint64_t version = 0;
-    ShardedClient* c = Live();
-    Released([&] { return c->Pull(views, &version); });
-    return version;
+    return PullIntoArrays(Live(), names, outs);
   }
 
   uint64_t Push(int kind, const std::vector<std::string>& names,
                 const std::vector<FloatArray>& arrays, float learning_rate, uint32_t mean_window) {
-    const UpdateKind k = CheckedKind(kind);
-    ArrayViews v = MakeViews(names, arrays, "push");
-    PushOptions opt;
-    opt.learning_rate = learning_rate;
-    opt.mean_window = mean_window;
-    uint64_t version = 0;
-    ShardedClient* c = Live();
-    Released([&] { return c->Push(k, v.views, opt, &version); });
-    return version;
+    return PushArrays(Live(), kind, names, arrays, learning_rate, mean_window);
   }
 
   std::vector<nb::dict> Stats() {
@@ -330,20 +348,7 @@ class PyClient {
 
   std::pair<std::vector<bool>, uint64_t> Register(const std::vector<std::string>& names,
                                                   const std::vector<FloatArray>& arrays) {
-    CheckSameLength(names.size(), arrays.size(), "register");
-    std::vector<std::vector<int64_t>> shapes;
-    shapes.reserve(arrays.size());
-    std::vector<VariableSpec> specs;
-    specs.reserve(arrays.size());
-    for (size_t i = 0; i < arrays.size(); ++i) {
-      shapes.push_back(ShapeOf(arrays[i]));
-      specs.push_back({names[i], shapes.back(), {arrays[i].data(), arrays[i].size()}});
-    }
-    std::vector<bool> created;
-    uint64_t version = 0;
-    Client* c = Live();
-    Released([&] { return c->Register(specs, &created, &version); });
-    return {created, version};
+    return RegisterArrays(Live(), names, arrays);
   }
 
   std::pair<std::vector<std::pair<std::string, std::vector<int64_t>>>, uint64_t> List() {
@@ -358,40 +363,12 @@ class PyClient {
   }
 
   uint64_t PullInto(const std::vector<std::string>& names, const std::vector<FloatArray>& outs) {
-    CheckSameLength(names.size(), outs.size(), "pull_into");
-    std::vector<MutableTensorView> views;
-    views.reserve(outs.size());
-    for (size_t i = 0; i < outs.size(); ++i)
-      views.push_back({names[i], {outs[i].data(), outs[i].size()}});
-    uint64_t version = 0;
-    Client* c = Live();
-    Released([&] { return c->Pull(views, &version); });
-    return version;
+    return PullIntoArrays(Live(), names, outs);
   }
 
   uint64_t Push(int kind, const std::vector<std::string>& names,
                 const std::vector<FloatArray>& arrays, float learning_rate, uint32_t mean_window) {
-    CheckSameLength(names.size(), arrays.size(), "push");
-    if (kind < 1 || kind > 3) {
-      ThrowIfError(Status(StatusCode::kInvalidArgument,
-                          "push: kind must be 1 (parameters), 2 (delta) or 3 (gradient), got " +
-                              std::to_string(kind)));
-    }
-    std::vector<std::vector<int64_t>> shapes;
-    shapes.reserve(arrays.size());
-    std::vector<TensorView> views;
-    views.reserve(arrays.size());
-    for (size_t i = 0; i < arrays.size(); ++i) {
-      shapes.push_back(ShapeOf(arrays[i]));
-      views.push_back({names[i], shapes.back(), {arrays[i].data(), arrays[i].size()}});
-    }
-    PushOptions opt;
-    opt.learning_rate = learning_rate;
-    opt.mean_window = mean_window;
-    uint64_t version = 0;
-    Client* c = Live();
-    Released([&] { return c->Push(static_cast<UpdateKind>(kind), views, opt, &version); });
-    return version;
+    return PushArrays(Live(), kind, names, arrays, learning_rate, mean_window);
   }
 
   uint64_t SetOptimizer(int kind, float learning_rate, float beta1, float beta2, float epsilon,
