@@ -31,6 +31,24 @@ struct Piece {
   bool whole = false;   // single-chunk variable: keeps its own shape
 };
 
+// Views of one server's pieces: a single-chunk variable keeps its shape, a
+// chunk is 1-D (its length stored in `shapes`, which must outlive the views).
+std::vector<TensorView> PieceViews(const std::vector<Piece>& pieces,
+                                   std::span<const TensorView> tensors,
+                                   std::vector<int64_t>* shapes) {
+  shapes->resize(pieces.size());
+  std::vector<TensorView> views;
+  views.reserve(pieces.size());
+  for (size_t j = 0; j < pieces.size(); ++j) {
+    const Piece& p = pieces[j];
+    const TensorView& t = tensors[p.tensor];
+    (*shapes)[j] = static_cast<int64_t>(p.count);
+    std::span<const int64_t> shape = p.whole ? t.shape : std::span<const int64_t>(&(*shapes)[j], 1);
+    views.push_back({p.name, shape, t.data.subspan(p.offset, p.count)});
+  }
+  return views;
+}
+
 }  // namespace
 
 struct ShardedClient::Impl {
@@ -153,20 +171,15 @@ Status ShardedClient::Register(std::span<const VariableSpec> vars, std::vector<b
     TS_RETURN_IF_ERROR(m.Plan(i, vars[i].name, static_cast<uint64_t>(numel), &by_server));
   }
   created->assign(vars.size(), false);
+  std::vector<TensorView> tensors;
+  tensors.reserve(vars.size());
+  for (const VariableSpec& v : vars) tensors.push_back({v.name, v.shape, v.initial});
   std::vector<std::vector<bool>> server_created(m.clients.size());
   std::vector<std::vector<int64_t>> chunk_shapes(m.clients.size());
   Status s = m.ForEach(Impl::Busy(by_server), [&](size_t srv) {
-    const auto& pieces = by_server[srv];
-    std::vector<int64_t>& shapes = chunk_shapes[srv];
-    shapes.resize(pieces.size());
     std::vector<VariableSpec> specs;
-    specs.reserve(pieces.size());
-    for (size_t j = 0; j < pieces.size(); ++j) {
-      const Piece& p = pieces[j];
-      const VariableSpec& v = vars[p.tensor];
-      shapes[j] = static_cast<int64_t>(p.count);
-      std::span<const int64_t> shape = p.whole ? v.shape : std::span<const int64_t>(&shapes[j], 1);
-      specs.push_back({p.name, shape, v.initial.subspan(p.offset, p.count)});
+    for (const TensorView& t : PieceViews(by_server[srv], tensors, &chunk_shapes[srv])) {
+      specs.push_back({t.name, t.shape, t.data});
     }
     return m.clients[srv]->Register(specs, &server_created[srv], &m.versions[srv]);
   });
@@ -209,18 +222,7 @@ Status ShardedClient::Push(UpdateKind kind, std::span<const TensorView> tensors,
   }
   std::vector<std::vector<int64_t>> chunk_shapes(m.clients.size());
   Status s = m.ForEach(Impl::Busy(by_server), [&](size_t srv) {
-    const auto& pieces = by_server[srv];
-    std::vector<int64_t>& shapes = chunk_shapes[srv];
-    shapes.resize(pieces.size());
-    std::vector<TensorView> views;
-    views.reserve(pieces.size());
-    for (size_t j = 0; j < pieces.size(); ++j) {
-      const Piece& p = pieces[j];
-      const TensorView& t = tensors[p.tensor];
-      shapes[j] = static_cast<int64_t>(p.count);
-      std::span<const int64_t> shape = p.whole ? t.shape : std::span<const int64_t>(&shapes[j], 1);
-      views.push_back({p.name, shape, t.data.subspan(p.offset, p.count)});
-    }
+    std::vector<TensorView> views = PieceViews(by_server[srv], tensors, &chunk_shapes[srv]);
     return m.clients[srv]->Push(kind, views, options, &m.versions[srv]);
   });
   if (!s.ok()) return s;
