@@ -60,10 +60,10 @@ class [[nodiscard]] Status {
 };
 
 // Returns early from the enclosing function when `expr` fails.
-#define TS_RETURN_IF_ERROR(expr)                 \
-  do {                                           \
-    ::tensorspark::Status _ts_status = (expr);   \
-    if (!_ts_status.ok()) return _ts_status;     \
+#define TS_RETURN_IF_ERROR(expr)               \
+  do {                                         \
+    ::tensorspark::Status _ts_status = (expr); \
+    if (!_ts_status.ok()) return _ts_status;   \
   } while (0)
 
 }  // namespace tensorspark
