@@ -55,6 +55,23 @@ inline std::unique_ptr<Client> ConnectClient(uint16_t port) {
   return c;
 }
 
+// Sends `request` on a fresh loopback connection to `port` and returns every
+// byte the peer answers until it closes (used for HTTP requests).
+inline std::string RequestReply(uint16_t port, const std::string& request) {
+  net::Socket sock;
+  EXPECT_TRUE(net::ConnectWithTimeout("127.0.0.1", port, net::Deadline::In(5), &sock).ok());
+  EXPECT_TRUE(net::WriteFull(sock.fd(), request.data(), request.size(), net::Deadline::In(5)).ok());
+  std::string reply;
+  char buf[4096];
+  for (;;) {
+    size_t got = 0;
+    if (!net::ReadSome(sock.fd(), buf, sizeof(buf), net::Deadline::In(5), &got).ok() || got == 0)
+      break;
+    reply.append(buf, got);
+  }
+  return reply;
+}
+
 // A connection that speaks the protocol by hand.
 class RawConn {
  public:

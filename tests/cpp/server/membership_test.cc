@@ -354,19 +354,7 @@ TEST_F(ModesTest, StopWakesAWaitingPull) {
 }
 
 std::string HttpGet(uint16_t port, const std::string& path) {
-  net::Socket sock;
-  EXPECT_TRUE(net::ConnectWithTimeout("127.0.0.1", port, net::Deadline::In(5), &sock).ok());
-  std::string req = "GET " + path + " HTTP/1.0\r\nHost: x\r\n\r\n";
-  EXPECT_TRUE(net::WriteFull(sock.fd(), req.data(), req.size(), net::Deadline::In(5)).ok());
-  std::string out;
-  char buf[4096];
-  for (;;) {
-    size_t got = 0;
-    if (!net::ReadSome(sock.fd(), buf, sizeof(buf), net::Deadline::In(5), &got).ok() || got == 0)
-      break;
-    out.append(buf, got);
-  }
-  return out;
+  return RequestReply(port, "GET " + path + " HTTP/1.0\r\nHost: x\r\n\r\n");
 }
 
 TEST_F(ModesTest, MetricsStalenessAndPrometheusEndpoint) {

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "net/socket.h"
+#include "test_util.h"
 
 namespace tensorspark::server {
 namespace {
@@ -25,21 +26,6 @@ TEST(RenderPrometheus, CountersGaugesAndLabels) {
             "tensorspark_worker_clock{partition=\"1\"} 4\n");
 }
 
-std::string Get(uint16_t port, const std::string& request) {
-  net::Socket s;
-  EXPECT_TRUE(net::ConnectWithTimeout("127.0.0.1", port, net::Deadline::In(5), &s).ok());
-  EXPECT_TRUE(net::WriteFull(s.fd(), request.data(), request.size(), net::Deadline::In(5)).ok());
-  std::string reply;
-  char buf[4096];
-  for (;;) {
-    size_t got = 0;
-    if (!net::ReadSome(s.fd(), buf, sizeof(buf), net::Deadline::In(5), &got).ok() || got == 0)
-      break;
-    reply.append(buf, got);
-  }
-  return reply;
-}
-
 TEST(MetricsHttpServer, ServesMetricsAnd404) {
   int scrapes = 0;
   std::unique_ptr<MetricsHttpServer> http;
@@ -50,16 +36,16 @@ TEST(MetricsHttpServer, ServesMetricsAnd404) {
                   },
                   &http)
                   .ok());
-  std::string r = Get(http->port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  std::string r = testing::RequestReply(http->port(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_NE(r.find("HTTP/1.0 200 OK"), std::string::npos) << r;
   EXPECT_NE(r.find("tensorspark_pulls_total 1\n"), std::string::npos) << r;
-  r = Get(http->port(), "GET /other HTTP/1.1\r\n\r\n");
+  r = testing::RequestReply(http->port(), "GET /other HTTP/1.1\r\n\r\n");
   EXPECT_NE(r.find("404"), std::string::npos) << r;
   // A client that connects and says nothing does not block the next scrape
   // for longer than the scrape deadline.
   net::Socket idle;
   ASSERT_TRUE(net::ConnectWithTimeout("127.0.0.1", http->port(), net::Deadline::In(5), &idle).ok());
-  r = Get(http->port(), "GET /metrics HTTP/1.0\r\n\r\n");
+  r = testing::RequestReply(http->port(), "GET /metrics HTTP/1.0\r\n\r\n");
   EXPECT_NE(r.find("tensorspark_pulls_total 2\n"), std::string::npos) << r;
   http->Stop();
 }
