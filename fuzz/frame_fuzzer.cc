@@ -181,6 +181,15 @@ void DecodeEverything(Span p) {
     }
   }
   {
+    bool has_report = false;
+    protocol::ProgressReport report;
+    if (protocol::DecodeHeartbeat(p, &has_report, &report).ok()) {
+      Bytes enc;
+      protocol::EncodeHeartbeat(has_report ? &report : nullptr, &enc);
+      Expect(Same(enc, p), "HEARTBEAT does not re-encode");
+    }
+  }
+  {
     RunConfig config;
     if (protocol::DecodeConfigure(p, &config).ok()) {
       Bytes enc;

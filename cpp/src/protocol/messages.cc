@@ -79,6 +79,13 @@ Status Reader::ReadF32(float* v) {
   return Status::OK();
 }
 
+Status Reader::ReadF64(double* v) {
+  uint64_t u;
+  TS_RETURN_IF_ERROR(ReadU64(&u));
+  *v = std::bit_cast<double>(u);
+  return Status::OK();
+}
+
 Status Reader::ReadBytes(size_t n, const uint8_t** out) {
   TS_RETURN_IF_ERROR(Need(n, "bytes"));
   *out = data_ + pos_;
@@ -176,6 +183,8 @@ void Writer::U64(uint64_t v) {
 }
 
 void Writer::F32(float v) { U32(std::bit_cast<uint32_t>(v)); }
+
+void Writer::F64(double v) { U64(std::bit_cast<uint64_t>(v)); }
 
 void Writer::Bytes(const void* p, size_t n) {
   const auto* b = static_cast<const uint8_t*>(p);
@@ -549,6 +558,32 @@ Status DecodeJoinResponse(std::span<const uint8_t> payload, uint64_t* version, u
   Reader r(payload);
   TS_RETURN_IF_ERROR(r.ReadU64(version));
   TS_RETURN_IF_ERROR(r.ReadU64(clock));
+  return r.Finish();
+}
+
+void EncodeHeartbeat(const ProgressReport* report, std::vector<uint8_t>* out) {
+  if (report == nullptr) return;
+  Writer w(out);
+  w.U64(report->steps);
+  w.U64(report->samples);
+  w.F64(report->loss);
+}
+
+Status DecodeHeartbeat(std::span<const uint8_t> payload, bool* has_report, ProgressReport* report) {
+  *has_report = false;
+  if (payload.empty()) return Status::OK();
+  // Checked up front so the message names both accepted sizes.
+  if (payload.size() != kProgressReportSize) {
+    return Malformed(
+        "HEARTBEAT takes an empty payload or a 24-byte progress report (u64 steps, "
+        "u64 samples, f64 loss), got " +
+        std::to_string(payload.size()) + " bytes");
+  }
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadU64(&report->steps));
+  TS_RETURN_IF_ERROR(r.ReadU64(&report->samples));
+  TS_RETURN_IF_ERROR(r.ReadF64(&report->loss));
+  *has_report = true;
   return r.Finish();
 }
 

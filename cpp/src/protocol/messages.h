@@ -42,6 +42,7 @@ class Reader {
   [[nodiscard]] Status ReadI32(int32_t* v);
   [[nodiscard]] Status ReadI64(int64_t* v);
   [[nodiscard]] Status ReadF32(float* v);
+  [[nodiscard]] Status ReadF64(double* v);
   [[nodiscard]] Status ReadBytes(size_t n, const uint8_t** out);
   [[nodiscard]] Status ReadNonce(Nonce* out);
   // `str`: u16 length + bytes.
@@ -78,6 +79,7 @@ class Writer {
   void I32(int32_t v) { U32(static_cast<uint32_t>(v)); }
   void I64(int64_t v) { U64(static_cast<uint64_t>(v)); }
   void F32(float v);
+  void F64(double v);
   void Bytes(const void* p, size_t n);
   // Caller guarantees s.size() <= 65535 (names are validated first).
   void Str(std::string_view s);
@@ -184,9 +186,21 @@ void EncodeSetOptimizer(const OptimizerConfig& config, std::span<const std::stri
                                         std::vector<std::string_view>* names);
 
 // ---- JOIN / LEAVE / HEARTBEAT / CONFIGURE (docs/consistency.md) ------------------------
-// JOIN, LEAVE and HEARTBEAT requests are empty; LEAVE, HEARTBEAT and
-// CONFIGURE answer a version (EncodeVersion). JOIN answers u64 version,
-// u64 clock.
+// JOIN and LEAVE requests are empty; LEAVE, HEARTBEAT and CONFIGURE answer
+// a version (EncodeVersion). JOIN answers u64 version, u64 clock.
+// HEARTBEAT is empty or a progress report: u64 steps, u64 samples,
+// f64 loss (NaN = unknown); any other length is malformed.
+inline constexpr size_t kProgressReportSize = 24;
+struct ProgressReport {
+  uint64_t steps = 0;
+  uint64_t samples = 0;
+  double loss = 0.0;
+};
+// `report` null encodes the empty payload.
+void EncodeHeartbeat(const ProgressReport* report, std::vector<uint8_t>* out);
+// `has_report` tells whether the payload carried a report.
+[[nodiscard]] Status DecodeHeartbeat(std::span<const uint8_t> payload, bool* has_report,
+                                     ProgressReport* report);
 inline constexpr size_t kJoinResponseSize = 16;
 void EncodeJoinResponse(uint64_t version, uint64_t clock, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeJoinResponse(std::span<const uint8_t> payload, uint64_t* version,

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace tensorspark::protocol {
 namespace {
@@ -449,6 +451,39 @@ TEST(MessagesTest, MalformedConfigureIsAProtocolError) {
     std::vector<uint8_t> reserved = p;
     reserved[i] = 1;
     EXPECT_EQ(DecodeConfigure(reserved, &d).code(), StatusCode::kProtocolError) << i;
+  }
+}
+
+TEST(MessagesTest, HeartbeatIsEmptyOrAProgressReport) {
+  std::vector<uint8_t> p;
+  EncodeHeartbeat(nullptr, &p);
+  EXPECT_TRUE(p.empty());
+  bool has = true;
+  ProgressReport r;
+  ASSERT_TRUE(DecodeHeartbeat(p, &has, &r).ok());
+  EXPECT_FALSE(has);
+  const ProgressReport sent{12, 384, -0.125};
+  EncodeHeartbeat(&sent, &p);
+  ASSERT_EQ(p.size(), kProgressReportSize);
+  EXPECT_EQ(p[0], 12);     // little-endian steps
+  EXPECT_EQ(p[23], 0xbf);  // sign and exponent of -0.125, last byte
+  ASSERT_TRUE(DecodeHeartbeat(p, &has, &r).ok());
+  EXPECT_TRUE(has);
+  EXPECT_EQ(r.steps, 12u);
+  EXPECT_EQ(r.samples, 384u);
+  EXPECT_EQ(r.loss, -0.125);
+  const ProgressReport unknown{1, 2, std::numeric_limits<double>::quiet_NaN()};
+  p.clear();
+  EncodeHeartbeat(&unknown, &p);
+  ASSERT_TRUE(DecodeHeartbeat(p, &has, &r).ok());
+  EXPECT_TRUE(std::isnan(r.loss));
+  for (size_t len : {1u, 8u, 23u, 25u, 48u}) {
+    std::vector<uint8_t> bad(len, 0);
+    Status s = DecodeHeartbeat(bad, &has, &r);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError) << len;
+    EXPECT_FALSE(has);
+    EXPECT_NE(s.message().find("got " + std::to_string(len) + " bytes"), std::string::npos)
+        << s.message();
   }
 }
 
