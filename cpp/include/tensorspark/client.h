@@ -1,7 +1,8 @@
 // Client of the tensorspark parameter server.
 //
 // A Client holds one persistent, authenticated connection. Calls are
-// blocking and not thread-safe: use one Client per thread (or guard it).
+// blocking and not thread-safe (except ReportProgress): use one Client per
+// thread (or guard it).
 // Every call has a deadline (ClientOptions::io_timeout_s) and returns a
 // Status; nothing here throws or aborts.
 //
@@ -61,7 +62,8 @@ struct ClientOptions {
   double member_wait_s = 600.0;
   // > 0: after Join, a background thread with its own connection (same
   // identity) sends HEARTBEAT every this many seconds, keeping the member
-  // live during long local work; Leave, Close and the destructor stop it.
+  // live during long local work and carrying the latest ReportProgress
+  // values; Leave, Close and the destructor stop it.
   // 0 (default): no heartbeat thread.
   double heartbeat_interval_s = 0.0;
 };
@@ -138,8 +140,25 @@ class Client {
   // Leaves the run: the server stops waiting for this worker. Stops the
   // heartbeat thread.
   Status Leave();
-  // Tells the server this worker is alive (any request does too).
+  // Tells the server this worker is alive (any request does too), with the
+  // latest ReportProgress values if there are any.
   Status Heartbeat();
+  // Stores this worker's progress for the next heartbeat (the background
+  // thread's or Heartbeat()): steps and samples done so far and the latest
+  // loss (NaN = unknown). No I/O; unlike the other calls it is thread-safe,
+  // so a training callback may call it while another thread pushes. The
+  // server shows it in STATS as worker_steps, worker_samples,
+  // worker_loss_f64 and worker_progress_age_ms (time since steps last
+  // increased), for a progress bar or a hang watchdog.
+  //
+  //   opt.heartbeat_interval_s = 5;  // the beats carry the reports
+  //   TS_RETURN_IF_ERROR(tensorspark::Client::Connect(opt, &c));
+  //   TS_RETURN_IF_ERROR(c->Join(nullptr));
+  //   for (uint64_t step = 1; step <= steps; ++step) {
+  //     double loss = TrainStep(batch);
+  //     c->ReportProgress(step, step * batch_size, loss);
+  //   }
+  void ReportProgress(uint64_t steps, uint64_t samples, double loss);
   // Sets the run's consistency mode and timeouts (the driver, before the
   // workers join). Fails with kInvalidArgument on bad values or while
   // workers are live.

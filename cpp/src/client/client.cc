@@ -202,8 +202,12 @@ class ClientImpl {
   Status Shutdown();
   Status Join(uint64_t* clock);
   Status Leave();
-  Status Heartbeat();
+  Status Heartbeat() { return SendHeartbeat(LatestProgress()); }
   Status Configure(const RunConfig& config);
+  void ReportProgress(const protocol::ProgressReport& report) {
+    std::lock_guard lock(progress_mu_);
+    progress_ = report;
+  }
   void Close() {
     StopHeartbeat();
     joined_ = false;
@@ -244,6 +248,12 @@ class ClientImpl {
 
   // Empty-payload request answered by a version.
   Status CallForVersion(Opcode op, uint64_t* version);
+  // HEARTBEAT, with a progress report if `report` is set.
+  Status SendHeartbeat(const std::optional<protocol::ProgressReport>& report);
+  std::optional<protocol::ProgressReport> LatestProgress() {
+    std::lock_guard lock(progress_mu_);
+    return progress_;
+  }
   void StartHeartbeat();
   void StopHeartbeat();
   void HeartbeatLoop();
@@ -254,6 +264,9 @@ class ClientImpl {
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;
   bool hb_stop_ = false;
+  // Latest ReportProgress values (any thread; read by the heartbeat thread).
+  std::mutex progress_mu_;
+  std::optional<protocol::ProgressReport> progress_;
   bool joined_ = false;  // between a successful Join and Leave/Close
   net::Socket sock_;
   bool connected_ = false;
@@ -759,7 +772,16 @@ Status ClientImpl::Leave() {
   return CallForVersion(Opcode::kLeave, nullptr);
 }
 
-Status ClientImpl::Heartbeat() { return CallForVersion(Opcode::kHeartbeat, nullptr); }
+Status ClientImpl::SendHeartbeat(const std::optional<protocol::ProgressReport>& report) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> payload;
+  protocol::EncodeHeartbeat(report ? &*report : nullptr, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kHeartbeat, &part, payload.empty() ? 0 : 1, &response));
+  uint64_t v;
+  return protocol::DecodeVersion(response, &v);
+}
 
 Status ClientImpl::Configure(const RunConfig& config) {
   TS_RETURN_IF_ERROR(CheckConnected());
@@ -810,7 +832,7 @@ void ClientImpl::HeartbeatLoop() {
       hb = std::make_unique<ClientImpl>(o);
       if (!hb->Connect().ok()) hb.reset();  // retried at the next beat
     }
-    if (hb) (void)hb->Heartbeat();
+    if (hb) (void)hb->SendHeartbeat(LatestProgress());
     lock.lock();
   }
 }
@@ -851,6 +873,9 @@ Status Client::SetOptimizer(const OptimizerConfig& config, std::span<const std::
 Status Client::Join(uint64_t* clock) { return impl_->Join(clock); }
 Status Client::Leave() { return impl_->Leave(); }
 Status Client::Heartbeat() { return impl_->Heartbeat(); }
+void Client::ReportProgress(uint64_t steps, uint64_t samples, double loss) {
+  impl_->ReportProgress({steps, samples, loss});
+}
 Status Client::Configure(const RunConfig& config) { return impl_->Configure(config); }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }

@@ -578,12 +578,14 @@ Status Connection::HandleMembership(const FrameHeader& h) {
       TS_RETURN_IF_ERROR(ctx_->membership.Leave(&session_));
       protocol::EncodeVersion(ctx_->store.version(), &out_);
       break;
-    case Opcode::kHeartbeat:  // Run() already refreshed last-seen
-      if (payload_len_ != 0) {
-        return Err(StatusCode::kProtocolError, "HEARTBEAT takes an empty payload");
-      }
+    case Opcode::kHeartbeat: {  // Run() already refreshed last-seen
+      bool has_report = false;
+      protocol::ProgressReport report;
+      TS_RETURN_IF_ERROR(protocol::DecodeHeartbeat(payload_span(), &has_report, &report));
+      if (has_report) ctx_->membership.Report(session_, report);
       protocol::EncodeVersion(ctx_->store.version(), &out_);
       break;
+    }
     default: {
       RunConfig config;
       TS_RETURN_IF_ERROR(protocol::DecodeConfigure(payload_span(), &config));

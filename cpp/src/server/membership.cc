@@ -1,6 +1,7 @@
 #include "server/membership.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -139,6 +140,17 @@ void Membership::Touch(const Session& s) {
   if (Member* m = LiveMember(s)) m->last_seen = Clock::now();
 }
 
+void Membership::Report(const Session& s, const protocol::ProgressReport& report) {
+  if (s.partition < 0) return;
+  std::lock_guard lock(mu_);
+  Member* m = LiveMember(s);
+  if (m == nullptr) return;
+  // Only an increase counts as progress: a repeated (or reset) count keeps
+  // the age growing, so a watchdog sees a stuck worker.
+  if (report.steps > m->progress.steps) m->progress_at = Clock::now();
+  m->progress = report;
+}
+
 uint64_t Membership::MinLiveClock() const {
   uint64_t min = std::numeric_limits<uint64_t>::max();
   for (const auto& [p, m] : members_) {
@@ -196,6 +208,7 @@ Status Membership::Join(Session* s, uint64_t* clock) {
   m.live = true;
   m.join_conn = s->conn_id;
   m.last_seen = Clock::now();
+  m.progress_at = m.last_seen;
   // Sync: the open round; otherwise level with the slowest live member.
   if (config_.mode == ConsistencyMode::kSync) {
     m.clock = round_;
@@ -454,8 +467,13 @@ void Membership::MaybeCloseRound() {
 }
 
 void Membership::AppendStats(std::vector<StatEntry>* out) const {
-  const auto now = Clock::now();
   std::lock_guard lock(mu_);
+  // Read under mu_: no time stamp below is later than `now`.
+  const auto now = Clock::now();
+  auto ms_since = [&](Clock::time_point t) {
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - t).count();
+    return static_cast<uint64_t>(std::max<decltype(ms)>(ms, 0));
+  };
   uint64_t live = 0;
   for (const auto& [p, m] : members_) {
     if (!m.live) continue;
@@ -464,10 +482,12 @@ void Membership::AppendStats(std::vector<StatEntry>* out) const {
     out->emplace_back("worker_clock" + labels, m.clock);
     auto c = conns_.find({p, m.attempt});
     out->emplace_back("worker_connections" + labels, c == conns_.end() ? 0 : c->second);
-    out->emplace_back(
-        "worker_last_seen_ms" + labels,
-        static_cast<uint64_t>(
-            std::chrono::duration_cast<std::chrono::milliseconds>(now - m.last_seen).count()));
+    out->emplace_back("worker_last_seen_ms" + labels, ms_since(m.last_seen));
+    out->emplace_back("worker_steps" + labels, m.progress.steps);
+    out->emplace_back("worker_samples" + labels, m.progress.samples);
+    // `_f64` keys carry the IEEE-754 bits of a double (docs/consistency.md).
+    out->emplace_back("worker_loss_f64" + labels, std::bit_cast<uint64_t>(m.progress.loss));
+    out->emplace_back("worker_progress_age_ms" + labels, ms_since(m.progress_at));
   }
   out->emplace_back("members", live);
   out->emplace_back("mode", static_cast<uint64_t>(config_.mode));

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <span>
@@ -21,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "protocol/messages.h"
 #include "storage/param_store.h"
 #include "tensorspark/status.h"
 #include "tensorspark/types.h"
@@ -73,6 +75,11 @@ class Membership {
   // Any frame from a member's connection refreshes its last-seen time.
   void Touch(const Session& s);
 
+  // A HEARTBEAT's progress report: stored for the live member with this
+  // connection's identity; ignored from any other connection (nothing would
+  // show it, and JOIN starts a member's progress afresh).
+  void Report(const Session& s, const protocol::ProgressReport& report);
+
   [[nodiscard]] Status Join(Session* s, uint64_t* clock);
   [[nodiscard]] Status Leave(Session* s);
   [[nodiscard]] Status Configure(const RunConfig& config);
@@ -88,8 +95,8 @@ class Membership {
   void CountRefused(RefuseReason r) {
     refused_[static_cast<int>(r)].fetch_add(1, std::memory_order_relaxed);
   }
-  // Appends members, worker_clock, worker_last_seen_ms, the staleness
-  // histogram and the refused counters.
+  // Appends members, the per-member worker_* keys (clock, connections,
+  // last seen, progress), the staleness histogram and the refused counters.
   void AppendStats(std::vector<StatEntry>* out) const;
 
  private:
@@ -104,6 +111,10 @@ class Membership {
     // Requests of this member now waiting in Wait(): a waiting member is
     // not silent, whatever the heartbeat timeout.
     uint32_t waiting = 0;
+    // Latest progress report (HEARTBEAT); progress_at is when `steps` last
+    // increased, or the JOIN.
+    protocol::ProgressReport progress{0, 0, std::numeric_limits<double>::quiet_NaN()};
+    Clock::time_point progress_at;
   };
   struct Accum {  // one variable of the open sync round
     std::vector<int64_t> shape;

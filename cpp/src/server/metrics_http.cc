@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
+#include <charconv>
+#include <cmath>
 #include <set>
 #include <string_view>
 
@@ -28,6 +31,18 @@ std::string Sanitize(std::string_view s) {
   return out;
 }
 
+// A STATS value as Prometheus text: keys ending in `_f64` carry the bits of
+// a double, printed as the shortest decimal that reads back the same.
+std::string FormatValue(std::string_view base, uint64_t value) {
+  if (!base.ends_with("_f64")) return std::to_string(value);
+  const double d = std::bit_cast<double>(value);
+  if (std::isnan(d)) return "NaN";
+  if (std::isinf(d)) return d > 0 ? "+Inf" : "-Inf";
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof(buf), d);
+  return std::string(buf, r.ptr);
+}
+
 Status Respond(int fd, std::string_view status, std::string_view type, std::string_view body) {
   std::string msg = "HTTP/1.0 " + std::string(status) + "\r\nContent-Type: " + std::string(type) +
                     "\r\nContent-Length: " + std::to_string(body.size()) +
@@ -51,7 +66,7 @@ std::string RenderPrometheus(const std::vector<StatEntry>& stats) {
     if (typed.insert(name).second) {
       out += "# TYPE " + name + (counter ? " counter\n" : " gauge\n");
     }
-    out += name + std::string(labels) + " " + std::to_string(value) + "\n";
+    out += name + std::string(labels) + " " + FormatValue(base, value) + "\n";
   }
   return out;
 }

@@ -20,7 +20,8 @@ namespace tensorspark::server {
 // labels ("worker_clock{partition=\"3\"}"); each metric gets one TYPE line.
 // Keys in kCounterKeys, or ending in "_total", are counters (exposed with a
 // "_total" suffix); every other key is a gauge. Names get a "tensorspark_"
-// prefix.
+// prefix. Keys ending in "_f64" hold a double's IEEE-754 bits and are
+// printed as decimal floats (NaN, +Inf, -Inf as Prometheus spells them).
 std::string RenderPrometheus(const std::vector<StatEntry>& stats);
 
 // A minimal HTTP/1.0 server: GET /metrics answers the rendered counters,

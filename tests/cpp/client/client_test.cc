@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <numeric>
 #include <thread>
 
@@ -266,6 +267,26 @@ TEST_F(ClientTest, StatsAndClose) {
   Status s = client_->Stats(&stats);
   EXPECT_EQ(s.code(), StatusCode::kConnectionError);
   EXPECT_NE(s.message().find("reconnect"), std::string::npos);
+}
+
+TEST_F(ClientTest, ReportProgressFromAnotherThreadRidesOnHeartbeat) {
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 4;
+  std::unique_ptr<Client> worker;
+  ASSERT_TRUE(Client::Connect(o, &worker).ok());
+  ASSERT_TRUE(worker->Join(nullptr).ok());
+  // A training callback reports while this thread talks to the server.
+  std::thread reporter([&] {
+    for (uint64_t step = 1; step <= 2000; ++step) worker->ReportProgress(step, step * 32, 1.0);
+  });
+  for (int i = 0; i < 20; ++i) ASSERT_TRUE(worker->Heartbeat().ok());
+  reporter.join();
+  ASSERT_TRUE(worker->Heartbeat().ok());
+  std::vector<StatEntry> stats;
+  ASSERT_TRUE(client_->Stats(&stats).ok());
+  std::map<std::string, uint64_t> m(stats.begin(), stats.end());
+  EXPECT_EQ(m["worker_steps{partition=\"4\",attempt=\"0\"}"], 2000u);
+  EXPECT_EQ(m["worker_samples{partition=\"4\",attempt=\"0\"}"], 64000u);
 }
 
 TEST(ClientConnectTest, WrongSecretIsAuthFailed) {

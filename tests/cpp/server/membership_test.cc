@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <bit>
 #include <chrono>
+#include <cmath>
 #include <future>
 #include <map>
 #include <thread>
@@ -444,6 +446,133 @@ TEST_F(ModesTest, MalformedMembershipFramesAreProtocolErrors) {
   EXPECT_EQ(version, 0u);
   EXPECT_EQ(clock, 0u);
   EXPECT_EQ(StatsMap()["members"], 1u);
+}
+
+std::string Key(const char* name, int partition) {
+  return std::string(name) + "{partition=\"" + std::to_string(partition) + "\",attempt=\"0\"}";
+}
+
+TEST_F(ModesTest, ProgressReportsShowInStats) {
+  StartRun(ConsistencyMode::kAsync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  // Nothing reported yet: zero counts, unknown loss, age since JOIN.
+  ASSERT_TRUE(w1->Heartbeat().ok());  // an empty HEARTBEAT, as before
+  auto stats = StatsMap();
+  EXPECT_EQ(stats[Key("worker_steps", 1)], 0u);
+  EXPECT_EQ(stats[Key("worker_samples", 1)], 0u);
+  EXPECT_TRUE(std::isnan(std::bit_cast<double>(stats[Key("worker_loss_f64", 1)])));
+  EXPECT_EQ(stats.count(Key("worker_progress_age_ms", 1)), 1u);
+
+  w0->ReportProgress(10, 320, 0.6931471805599453);
+  ASSERT_TRUE(w0->Heartbeat().ok());
+  stats = StatsMap();
+  EXPECT_EQ(stats[Key("worker_steps", 0)], 10u);
+  EXPECT_EQ(stats[Key("worker_samples", 0)], 320u);
+  EXPECT_EQ(std::bit_cast<double>(stats[Key("worker_loss_f64", 0)]), 0.6931471805599453);
+  EXPECT_LT(stats[Key("worker_progress_age_ms", 0)], 250u);
+
+  // The same step count again: alive, but no progress, so the age grows.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  w0->ReportProgress(10, 320, 0.5);
+  ASSERT_TRUE(w0->Heartbeat().ok());
+  stats = StatsMap();
+  const uint64_t stuck = stats[Key("worker_progress_age_ms", 0)];
+  EXPECT_GE(stuck, 300u);
+  EXPECT_LT(stats[Key("worker_last_seen_ms", 0)], stuck);
+  EXPECT_EQ(std::bit_cast<double>(stats[Key("worker_loss_f64", 0)]), 0.5);
+
+  // One more step resets it.
+  w0->ReportProgress(11, 352, 0.25);
+  ASSERT_TRUE(w0->Heartbeat().ok());
+  stats = StatsMap();
+  EXPECT_EQ(stats[Key("worker_steps", 0)], 11u);
+  EXPECT_LT(stats[Key("worker_progress_age_ms", 0)], stuck);
+  // The never-reporting worker's age runs from its JOIN.
+  EXPECT_GE(stats[Key("worker_progress_age_ms", 1)], 300u);
+  // Reports from a connection that is not a live member are ignored.
+  driver_->ReportProgress(5, 5, 5);
+  ASSERT_TRUE(driver_->Heartbeat().ok());
+  ASSERT_TRUE(w1->Leave().ok());
+  w1->ReportProgress(99, 99, 1);
+  ASSERT_TRUE(w1->Heartbeat().ok());
+  EXPECT_EQ(StatsMap().count(Key("worker_steps", 1)), 0u);
+  ASSERT_TRUE(w1->Join(nullptr).ok());  // a fresh member: nothing kept
+  stats = StatsMap();
+  EXPECT_EQ(stats[Key("worker_steps", 1)], 0u);
+  EXPECT_LT(stats[Key("worker_progress_age_ms", 1)], stuck);
+  EXPECT_EQ(stats.count("worker_steps{partition=\"-1\",attempt=\"0\"}"), 0u);
+}
+
+TEST_F(ModesTest, HeartbeatOfAnotherLengthIsAProtocolError) {
+  StartRun(ConsistencyMode::kAsync);
+  RawConn raw;
+  ASSERT_TRUE(raw.Connect(server_->port()).ok());
+  ASSERT_TRUE(raw.Handshake().ok());  // partition 1, attempt 0
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kJoin, 3, {}).ok());
+  protocol::FrameHeader h;
+  std::vector<uint8_t> p;
+  ASSERT_TRUE(raw.Read(&h, &p).ok());
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kHeartbeat, 4, std::vector<uint8_t>(8, 1)).ok());
+  Status e = raw.ReadError(4);
+  EXPECT_EQ(e.code(), StatusCode::kProtocolError);
+  EXPECT_NE(e.message().find("24-byte progress report"), std::string::npos) << e.message();
+  // The connection keeps serving: a well-formed report is stored.
+  const protocol::ProgressReport report{3, 96, 1.5};
+  std::vector<uint8_t> beat;
+  protocol::EncodeHeartbeat(&report, &beat);
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kHeartbeat, 5, beat).ok());
+  ASSERT_TRUE(raw.Read(&h, &p).ok());
+  EXPECT_EQ(h.flags, protocol::kFlagResponse);
+  uint64_t version = 9;
+  ASSERT_TRUE(protocol::DecodeVersion(p, &version).ok());
+  auto stats = StatsMap();
+  EXPECT_EQ(stats[Key("worker_steps", 1)], 3u);
+  EXPECT_EQ(stats[Key("worker_samples", 1)], 96u);
+  EXPECT_EQ(std::bit_cast<double>(stats[Key("worker_loss_f64", 1)]), 1.5);
+  EXPECT_EQ(stats["members"], 1u);
+}
+
+TEST_F(ModesTest, HeartbeatThreadCarriesTheLatestReport) {
+  StartRun(ConsistencyMode::kAsync);
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 2;
+  o.heartbeat_interval_s = 0.05;
+  std::unique_ptr<Client> c;
+  ASSERT_TRUE(Client::Connect(o, &c).ok());
+  ASSERT_TRUE(c->Join(nullptr).ok());
+  c->ReportProgress(7, 224, 2.5);  // no request of this connection carries it
+  auto t = steady_clock::now();
+  std::map<std::string, uint64_t> stats;
+  while (Since(t) < 5.0) {
+    stats = StatsMap();
+    if (stats[Key("worker_steps", 2)] == 7u) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(stats[Key("worker_steps", 2)], 7u);
+  EXPECT_EQ(stats[Key("worker_samples", 2)], 224u);
+  EXPECT_EQ(std::bit_cast<double>(stats[Key("worker_loss_f64", 2)]), 2.5);
+  ASSERT_TRUE(c->Leave().ok());
+}
+
+TEST_F(ModesTest, ProgressInThePrometheusEndpoint) {
+  StartRun(ConsistencyMode::kAsync, 0, 30, 10, /*metrics_port=*/0);
+  auto w = Worker(0);
+  w->ReportProgress(4, 128, 0.375);
+  ASSERT_TRUE(w->Heartbeat().ok());
+  std::string page = HttpGet(static_cast<uint16_t>(server_->metrics_port()), "/metrics");
+  EXPECT_NE(page.find("tensorspark_worker_steps{partition=\"0\",attempt=\"0\"} 4\n"),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("tensorspark_worker_samples{partition=\"0\",attempt=\"0\"} 128\n"),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("# TYPE tensorspark_worker_loss_f64 gauge\n"
+                      "tensorspark_worker_loss_f64{partition=\"0\",attempt=\"0\"} 0.375\n"),
+            std::string::npos)
+      << page;
+  EXPECT_NE(page.find("tensorspark_worker_progress_age_ms{partition=\"0\",attempt=\"0\"} "),
+            std::string::npos)
+      << page;
 }
 
 TEST_F(ModesTest, LostWorkerJoinsAgainAtTheOpenRound) {

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
+#include <cmath>
 #include <string>
 
 #include "net/socket.h"
@@ -24,6 +26,29 @@ TEST(RenderPrometheus, CountersGaugesAndLabels) {
             "# TYPE tensorspark_worker_clock gauge\n"
             "tensorspark_worker_clock{partition=\"0\"} 5\n"
             "tensorspark_worker_clock{partition=\"1\"} 4\n");
+}
+
+TEST(RenderPrometheus, F64KeysArePrintedAsFloats) {
+  auto bits = [](double d) { return std::bit_cast<uint64_t>(d); };
+  std::string text =
+      RenderPrometheus({{"worker_loss_f64{partition=\"0\"}", bits(0.1)},
+                        {"worker_loss_f64{partition=\"1\"}", bits(-2.5e-7)},
+                        {"worker_loss_f64{partition=\"2\"}", bits(1e300)},
+                        {"worker_loss_f64{partition=\"3\"}", bits(3.0)},
+                        {"worker_loss_f64{partition=\"4\"}", bits(std::nan(""))},
+                        {"worker_loss_f64{partition=\"5\"}", bits(-HUGE_VAL)},
+                        {"worker_steps{partition=\"0\"}", bits(0.1)}});  // not _f64: an int
+  EXPECT_EQ(text,
+            "# TYPE tensorspark_worker_loss_f64 gauge\n"
+            "tensorspark_worker_loss_f64{partition=\"0\"} 0.1\n"
+            "tensorspark_worker_loss_f64{partition=\"1\"} -2.5e-07\n"
+            "tensorspark_worker_loss_f64{partition=\"2\"} 1e+300\n"
+            "tensorspark_worker_loss_f64{partition=\"3\"} 3\n"
+            "tensorspark_worker_loss_f64{partition=\"4\"} NaN\n"
+            "tensorspark_worker_loss_f64{partition=\"5\"} -Inf\n"
+            "# TYPE tensorspark_worker_steps gauge\n"
+            "tensorspark_worker_steps{partition=\"0\"} " +
+                std::to_string(bits(0.1)) + "\n");
 }
 
 TEST(MetricsHttpServer, ServesMetricsAnd404) {
