@@ -250,8 +250,12 @@ class ParameterServer:
     def running(self) -> bool:
         return self._server.running
 
-    def stats(self) -> dict[str, int]:
-        """The server's counters (pushes, pulls, bytes, connections, ...)."""
+    def stats(self) -> dict[str, int | float]:
+        """The server's counters (pushes, pulls, bytes, connections, ...).
+
+        Values are ints, except keys whose name (before any ``{...}`` labels)
+        ends in ``_f64``, such as ``worker_loss_f64``: those are floats.
+        """
         return dict(self._server.stats())
 
     def stop(self) -> None:
@@ -574,8 +578,61 @@ class PSClient(_TensorClient):
         self._client.leave()
 
     def heartbeat(self) -> None:
-        """Tell the server this worker is alive (any other call does too)."""
+        """Tell the server this worker is alive (any other call does too).
+
+        Carries the latest :meth:`report_progress` values, if any.
+        """
         self._client.heartbeat()
+
+    def report_progress(self, steps: int, samples: int, loss: float) -> None:
+        """Record this worker's progress for the server's stats.
+
+        Stores the values without any I/O (cheap enough for every step; safe
+        to call from another thread than the one using the client); the next
+        heartbeat, from the ``heartbeat_interval`` thread or
+        :meth:`heartbeat`, carries them. While the worker is a live member
+        (after :meth:`join`), :meth:`stats` on any connection then shows
+        ``worker_steps``, ``worker_samples``, ``worker_loss_f64`` (a float)
+        and ``worker_progress_age_ms`` (milliseconds since ``steps`` last
+        increased, or since the join) with the labels
+        ``{partition="p",attempt="a"}``: enough for a progress bar on the
+        driver and a watchdog that spots a worker that stopped making
+        progress.
+
+        Parameters
+        ----------
+        steps : int
+            Training steps done so far (>= 0). Only an increase counts as
+            progress.
+        samples : int
+            Samples processed so far (>= 0).
+        loss : float
+            The latest loss; ``float("nan")`` when unknown.
+
+        Raises
+        ------
+        TensorSparkValueError
+            ``steps`` or ``samples`` is not an int in [0, 2**64), or
+            ``loss`` is not a number.
+
+        Examples
+        --------
+        >>> client = PSClient(host, port, secret, partition_id=0,
+        ...                   heartbeat_interval=5.0)  # doctest: +SKIP
+        >>> client.join()  # doctest: +SKIP
+        >>> client.report_progress(100, 3200, 0.41)  # doctest: +SKIP
+        """
+        counts = {"steps": steps, "samples": samples}
+        for what, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TensorSparkValueError(
+                    f"report_progress: {what} must be an int, got {value!r}"
+                )
+            if not 0 <= value < 2**64:
+                raise TensorSparkValueError(f"report_progress: {what} must be >= 0, got {value}")
+        self._client.report_progress(
+            int(steps), int(samples), _as_number("report_progress: loss", loss)
+        )
 
     def configure(
         self,
@@ -630,8 +687,12 @@ class PSClient(_TensorClient):
             wait_timeout_s=float(wait_timeout),
         )
 
-    def stats(self) -> dict[str, int]:
-        """The server's counters."""
+    def stats(self) -> dict[str, int | float]:
+        """The server's counters.
+
+        Values are ints, except keys whose name (before any ``{...}`` labels)
+        ends in ``_f64``, such as ``worker_loss_f64``: those are floats.
+        """
         return dict(self._client.stats())
 
     def shutdown_server(self) -> None:
@@ -704,14 +765,21 @@ class ShardedPSClient(_TensorClient):
         self.pull_into(out)
         return out
 
-    def stats_per_server(self) -> list[dict[str, int]]:
-        """Each server's counters, in server order."""
+    def stats_per_server(self) -> list[dict[str, int | float]]:
+        """Each server's counters, in server order (``_f64`` keys as floats)."""
         return [dict(d) for d in self._client.stats()]
 
-    def stats(self) -> dict[str, int]:
-        """Counters summed over the servers (``version`` is the summed version)."""
-        total: dict[str, int] = {}
+    def stats(self) -> dict[str, int | float]:
+        """Counters summed over the servers (``version`` is the summed version).
+
+        Float keys (``_f64``, such as a worker's loss) are not summed: the
+        first server's value that has the key is kept.
+        """
+        total: dict[str, int | float] = {}
         for d in self.stats_per_server():
             for k, v in d.items():
-                total[k] = total.get(k, 0) + v
+                if isinstance(v, float):
+                    total.setdefault(k, v)
+                else:
+                    total[k] = total.get(k, 0) + v
         return total

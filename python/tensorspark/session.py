@@ -201,8 +201,8 @@ class SparkSession:
         """The in-driver parameter server, or None when using an external one."""
         return self._server
 
-    def stats(self) -> dict[str, int]:
-        """The parameter server's counters."""
+    def stats(self) -> dict[str, int | float]:
+        """The parameter server's counters (``_f64`` keys as floats)."""
         return self._client.stats()
 
     def run(

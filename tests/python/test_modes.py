@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import urllib.request
@@ -14,6 +15,7 @@ from tensorspark import (
     ParameterServer,
     PSClient,
     PSTimeoutError,
+    ShardedPSClient,
     TensorSparkError,
     TensorSparkValueError,
     generate_secret,
@@ -150,6 +152,69 @@ def test_metrics_endpoint_serves_the_counters(server):
     assert 'tensorspark_worker_clock{partition="0",attempt="0"} 1' in page
     assert 'tensorspark_staleness_bucket{le="0"} 1' in page
     assert "tensorspark_members 1" in page
+
+
+def test_progress_reports_show_in_stats_as_floats(server):
+    driver = start_run(server, "async")
+    w = connect(server, partition_id=0, heartbeat_interval=0.05)
+    quiet = connect(server, partition_id=1)
+    w.join()
+    quiet.join()
+    w.report_progress(12, np.int64(384), 0.25)  # carried by the heartbeat thread
+    labels = '{partition="0",attempt="0"}'
+    deadline = time.monotonic() + 5
+    while server.stats()["worker_steps" + labels] != 12 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for stats in (server.stats(), driver.stats()):
+        assert stats["worker_steps" + labels] == 12
+        assert stats["worker_samples" + labels] == 384
+        loss = stats["worker_loss_f64" + labels]
+        assert isinstance(loss, float) and loss == 0.25
+        assert isinstance(stats["worker_progress_age_ms" + labels], int)
+        assert isinstance(stats["version"], int)
+        # Never reported: counts 0, loss NaN.
+        assert stats['worker_steps{partition="1",attempt="0"}'] == 0
+        assert math.isnan(stats['worker_loss_f64{partition="1",attempt="0"}'])
+    quiet.report_progress(1, 32, float("nan"))
+    quiet.heartbeat()
+    assert math.isnan(driver.stats()['worker_loss_f64{partition="1",attempt="0"}'])
+    assert driver.stats()['worker_steps{partition="1",attempt="0"}'] == 1
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        page = r.read().decode()
+    assert f"tensorspark_worker_loss_f64{labels} 0.25\n" in page
+    assert 'tensorspark_worker_loss_f64{partition="1",attempt="0"} NaN\n' in page
+    assert f"tensorspark_worker_samples{labels} 384\n" in page
+    for bad in (-1, 2**64, 1.5, True, "3"):
+        with pytest.raises(TensorSparkValueError, match="steps"):
+            w.report_progress(bad, 0, 0.0)
+        with pytest.raises(TensorSparkValueError, match="samples"):
+            w.report_progress(0, bad, 0.0)
+    with pytest.raises(TensorSparkValueError, match="loss"):
+        w.report_progress(0, 0, "high")
+    w.leave()
+    quiet.leave()
+
+
+def test_sharded_stats_keep_floats_unsummed(server):
+    with ParameterServer(server.secret, host="127.0.0.1") as other:
+        workers = []
+        for s, loss in ((server, 0.5), (other, 0.75)):
+            w = PSClient("127.0.0.1", s.port, server.secret, partition_id=0)
+            w.join()
+            w.report_progress(3, 96, loss)
+            w.heartbeat()
+            workers.append(w)
+        addresses = [("127.0.0.1", server.port), ("127.0.0.1", other.port)]
+        with ShardedPSClient(addresses, server.secret) as c:
+            per_server = c.stats_per_server()
+            total = c.stats()
+        key = '{partition="0",attempt="0"}'
+        assert [d["worker_loss_f64" + key] for d in per_server] == [0.5, 0.75]
+        assert total["worker_loss_f64" + key] == 0.5  # the first server's, not a sum
+        assert total["worker_steps" + key] == 6
+        for w in workers:
+            w.close()
 
 
 def test_bad_values_are_refused(server):

@@ -11,9 +11,11 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <bit>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -167,9 +169,18 @@ void CheckSameLength(size_t names, size_t arrays, const char* what) {
   }
 }
 
+// Counters as int; a key whose name (before any labels) ends in "_f64"
+// carries a double's bits and becomes a float.
 nb::dict StatsToDict(const std::vector<StatEntry>& stats) {
   nb::dict d;
-  for (const auto& [key, value] : stats) d[nb::str(key.c_str())] = value;
+  for (const auto& [key, value] : stats) {
+    const std::string_view base = std::string_view(key).substr(0, key.find('{'));
+    if (base.ends_with("_f64")) {
+      d[nb::str(key.c_str())] = std::bit_cast<double>(value);
+    } else {
+      d[nb::str(key.c_str())] = value;
+    }
+  }
   return d;
 }
 
@@ -418,6 +429,11 @@ class PyClient {
     Released([&] { return c->Heartbeat(); });
   }
 
+  // No I/O: stored for the next heartbeat, so the GIL is kept.
+  void ReportProgress(uint64_t steps, uint64_t samples, double loss) {
+    if (client_) client_->ReportProgress(steps, samples, loss);
+  }
+
   void Configure(int mode, int64_t staleness, float heartbeat_timeout_s, float wait_timeout_s) {
     if (mode < 0 || mode > 2 || staleness < 0 || staleness > UINT32_MAX) {
       ThrowIfError(Status(StatusCode::kInvalidArgument,
@@ -536,7 +552,8 @@ NB_MODULE(_core, m) {
                    "Port of the Prometheus /metrics endpoint, -1 when off.")
       .def_prop_ro("version", &PyServer::version, "Number of pushes applied.")
       .def_prop_ro("running", &PyServer::running)
-      .def("stats", &PyServer::Stats, "Counters as a dict of int.")
+      .def("stats", &PyServer::Stats,
+           "Counters as a dict of int (keys ending in _f64, before labels: float).")
       .def("stop", &PyServer::Stop, "Stop serving and join all server threads.")
       .def("wait_until_stopped", &PyServer::WaitUntilStopped, "timeout_s"_a,
            "Block until stopped or timeout_s passes (negative: forever); True if stopped.");
@@ -559,10 +576,14 @@ NB_MODULE(_core, m) {
            "initial_accumulator"_a = 0.0, "names"_a = std::vector<std::string>(),
            "Set the server-side optimizer (OPTIMIZER_*) of the named variables, or of every "
            "variable (also later ones) when `names` is empty. Returns the version.")
-      .def("stats", &PyClient::Stats, "The server's counters as a dict of int.")
+      .def("stats", &PyClient::Stats,
+           "The server's counters as a dict of int (keys ending in _f64, before labels: float).")
       .def("join", &PyClient::Join, "Join the run as a worker. Returns the starting clock.")
       .def("leave", &PyClient::Leave, "Leave the run (the server stops waiting for this worker).")
-      .def("heartbeat", &PyClient::Heartbeat, "Tell the server this worker is alive.")
+      .def("heartbeat", &PyClient::Heartbeat,
+           "Tell the server this worker is alive, with the latest progress report if any.")
+      .def("report_progress", &PyClient::ReportProgress, "steps"_a, "samples"_a, "loss"_a,
+           "Store this worker's progress (no I/O); heartbeats carry it to the server's stats.")
       .def("configure", &PyClient::Configure, "mode"_a, "staleness"_a = 0,
            "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
            "Set the run's consistency mode (MODE_*), staleness and timeouts.")
