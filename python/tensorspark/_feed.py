@@ -1,0 +1,314 @@
+"""Streaming a partition into training batches with bounded memory.
+
+Driver side: :func:`check_columns` validates a DataFrame's feature and label
+columns against the schema before any job starts. Task side: Arrow record
+batches (from ``mapInArrow``) or RDD rows become NumPy chunks, and
+:class:`BatchStream` turns chunks into fixed-size batches while holding at
+most ``buffer_batches`` batches of rows (the shuffle buffer), never the whole
+partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import TensorSparkValueError
+
+# Spark SQL type names (``DataType.typeName()``) accepted as numbers.
+_NUMERIC = {"byte", "short", "integer", "long", "float", "double", "decimal", "boolean"}
+_INTEGRAL = {"byte", "short", "integer", "long", "boolean"}
+
+
+def _column_kind(field: Any) -> str:
+    """'scalar', 'array' or 'vector' for a numeric column; '' otherwise."""
+    dtype = field.dataType
+    name = dtype.typeName()
+    if name in _NUMERIC:
+        return "scalar"
+    if name == "array" and dtype.elementType.typeName() in _NUMERIC:
+        return "array"
+    if type(dtype).__name__ == "VectorUDT":
+        return "vector"
+    return ""
+
+
+def check_columns(
+    schema: Any, features: Sequence[str], label: str | None
+) -> tuple[list[str], bool]:
+    """Check that the feature and label columns exist and are numeric.
+
+    Returns the feature column kinds and whether the label is integral (so it
+    is fed as int64, e.g. for a sparse categorical loss).
+    """
+    by_name = {f.name: f for f in schema.fields}
+    available = ", ".join(f"{f.name} ({f.dataType.simpleString()})" for f in schema.fields)
+    kinds = []
+    wanted = [*features, label] if label is not None else list(features)
+    for col in wanted:
+        if col not in by_name:
+            role = "label" if col == label else "feature"
+            raise TensorSparkValueError(
+                f"the DataFrame has no {role} column {col!r}; its columns are: {available}. "
+                f"Pass {'label_col' if role == 'label' else 'features_col'}= to name it"
+            )
+    for col in features:
+        kind = _column_kind(by_name[col])
+        if not kind:
+            raise TensorSparkValueError(
+                f"feature column {col!r} has type {by_name[col].dataType.simpleString()}; a "
+                "feature column must be numeric, an array of numbers or an ML vector"
+            )
+        kinds.append(kind)
+    integral = False
+    if label is not None:
+        kind = _column_kind(by_name[label])
+        if not kind:
+            raise TensorSparkValueError(
+                f"label column {label!r} has type {by_name[label].dataType.simpleString()}, "
+                "which is not numeric; convert it first, e.g. with pyspark.ml.feature."
+                "StringIndexer for class names"
+            )
+        dtype = by_name[label].dataType
+        integral = kind == "scalar" and dtype.typeName() in _INTEGRAL
+    return kinds, integral
+
+
+def _arrow_column(column: Any, name: str) -> np.ndarray:
+    """One Arrow column (scalar, list or ML vector struct) as a 2-D float32 array."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if column.null_count:
+        row = next(i for i in range(n) if not column[i].is_valid)
+        raise TensorSparkValueError(f"column {name!r} has a null in row {row} of a batch")
+    if pa.types.is_struct(column.type):  # pyspark.ml.linalg vector: type, size, indices, values
+        return _vectors(column, name)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        offsets = np.asarray(column.offsets)
+        lengths = np.diff(offsets)
+        width = int(lengths[0]) if n else 0
+        if n and (lengths != width).any():
+            bad = int(np.flatnonzero(lengths != width)[0])
+            raise TensorSparkValueError(
+                f"column {name!r}: rows of different lengths ({width} and {int(lengths[bad])} "
+                f"at row {bad} of a batch); every row must have the same length"
+            )
+        values = column.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        if values.null_count:
+            raise TensorSparkValueError(f"column {name!r} has a null element")
+        flat = values.to_numpy(zero_copy_only=False)
+        return flat.astype(np.float32, copy=False).reshape(n, width)
+    if pa.types.is_fixed_size_list(column.type):
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(np.float32, copy=False).reshape(n, column.type.list_size)
+    return column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, 1)
+
+
+def _vectors(column: Any, name: str) -> np.ndarray:
+    """Dense or sparse pyspark.ml vectors (Arrow structs) as a 2-D float32 array."""
+    kinds = column.field("type").to_numpy(zero_copy_only=False)
+    values = column.field("values")
+    n = len(column)
+    if n and (kinds == 1).all():
+        return _arrow_column(values, name)
+    sizes = column.field("size").to_numpy(zero_copy_only=False)
+    width = int(sizes[0]) if n else 0
+    out = np.zeros((n, width), dtype=np.float32)
+    indices = column.field("indices")
+    for i in range(n):
+        vals = np.asarray(values[i].values, dtype=np.float32)
+        if kinds[i] == 1:
+            if len(vals) != width:
+                raise TensorSparkValueError(
+                    f"column {name!r}: vectors of different sizes ({width} and {len(vals)})"
+                )
+            out[i] = vals
+        else:
+            if int(sizes[i]) != width:
+                raise TensorSparkValueError(
+                    f"column {name!r}: vectors of different sizes ({width} and {int(sizes[i])})"
+                )
+            out[i, np.asarray(indices[i].values)] = vals
+    return out
+
+
+def arrow_chunks(
+    batches: Iterable[Any], features: Sequence[str], label: str | None, integral_label: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """NumPy ``(x, y)`` chunks from Arrow record batches, one per batch."""
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        parts = [_arrow_column(batch.column(c), c) for c in features]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        y = None
+        if label is not None:
+            col = batch.column(label)
+            if integral_label:
+                if col.null_count:
+                    raise TensorSparkValueError(f"label column {label!r} has a null")
+                y = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            else:
+                y = _arrow_column(col, label)
+                if y.shape[1] == 1:
+                    y = y[:, 0]
+        yield x, y
+
+
+def row_chunks(
+    rows: Iterable[Any], chunk_rows: int, partition: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """NumPy ``(x, y)`` chunks of ``chunk_rows`` from RDD rows ``(features, label)``."""
+    xs: list[Any] = []
+    ys: list[Any] = []
+    for k, row in enumerate(rows):
+        if not isinstance(row, (tuple, list)) or len(row) != 2:
+            got = f"{len(row)} items" if isinstance(row, (tuple, list)) else type(row).__name__
+            raise TensorSparkValueError(
+                f"RDD row {k} of partition {partition} has {got}; each row must be a tuple "
+                "(features, label) of NumPy arrays or numbers"
+            )
+        xs.append(row[0])
+        ys.append(row[1])
+        if len(xs) == chunk_rows:
+            yield _stack_rows(xs, ys, partition)
+            xs, ys = [], []
+    if xs:
+        yield _stack_rows(xs, ys, partition)
+
+
+def _stack_rows(xs: list[Any], ys: list[Any], partition: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        x = np.asarray(xs, dtype=np.float32)
+        y = np.asarray(ys)
+    except (ValueError, TypeError) as e:
+        raise TensorSparkValueError(
+            f"RDD partition {partition}: rows have features or labels of different shapes or "
+            f"non-numeric values ({e})"
+        ) from None
+    if not np.issubdtype(y.dtype, np.number) and y.dtype != np.bool_:
+        raise TensorSparkValueError(
+            f"RDD partition {partition}: labels must be numeric, got dtype {y.dtype}"
+        )
+    y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+    return x.reshape(len(xs), -1), y
+
+
+def shape_features(x: np.ndarray, input_shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Reshape flat rows to the model's input shape, or fail naming both sizes."""
+    want = int(np.prod(input_shape)) if input_shape else 1
+    if x.shape[1] != want:
+        raise TensorSparkValueError(
+            f"{where}: each row has {x.shape[1]} feature values but the model's input shape "
+            f"{tuple(input_shape)} needs {want}; check features_col or the model's input"
+        )
+    return x.reshape((x.shape[0], *input_shape))
+
+
+class BatchStream:
+    """Fixed-size batches from a stream of chunks, holding a bounded buffer.
+
+    Without shuffling, rows come out in order and the buffer holds less than
+    one batch plus the current chunk. With shuffling it is a shuffle buffer
+    of ``buffer_batches * batch_size`` rows (like ``tf.data``'s): each batch
+    draws random rows from the buffer, which refills from the stream. Chunks
+    are consumed lazily, so at most one incoming chunk is held beside the
+    buffer.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+        batch_size: int,
+        *,
+        buffer_batches: int = 4,
+        shuffle: bool = False,
+        seed: Any = 0,
+    ) -> None:
+        if batch_size < 1 or buffer_batches < 1:
+            raise TensorSparkValueError("batch_size and buffer_batches must be >= 1")
+        self._chunks = iter(chunks)
+        self.batch_size = batch_size
+        self.capacity = batch_size * buffer_batches
+        self.shuffle = shuffle
+        self._rng = np.random.default_rng(seed)
+        self.rows_held_max = 0  # the most rows buffered at once (for the memory bound)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        return self._shuffled() if self.shuffle else self._in_order()
+
+    def _in_order(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        bs = self.batch_size
+        pending_x: list[np.ndarray] = []
+        pending_y: list[np.ndarray | None] = []
+        held = 0
+        for x, y in self._chunks:
+            pending_x.append(x)
+            pending_y.append(y)
+            held += len(x)
+            self.rows_held_max = max(self.rows_held_max, held)
+            if held < bs:
+                continue
+            cx = np.concatenate(pending_x) if len(pending_x) > 1 else pending_x[0]
+            cy = _concat(pending_y)
+            n_full = len(cx) // bs * bs
+            for start in range(0, n_full, bs):
+                yield cx[start : start + bs], _slice(cy, start, start + bs)
+            pending_x = [cx[n_full:]] if n_full < len(cx) else []
+            pending_y = [_slice(cy, n_full, len(cx))] if n_full < len(cx) else []
+            held = len(cx) - n_full
+        if held:
+            yield (
+                (np.concatenate(pending_x) if len(pending_x) > 1 else pending_x[0]),
+                _concat(pending_y),
+            )
+
+    def _shuffled(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        bs, cap = self.batch_size, self.capacity
+        buf_x: np.ndarray | None = None
+        buf_y: np.ndarray | None = None
+        size = 0
+        for x, y in self._chunks:
+            if buf_x is None:
+                buf_x = np.empty((cap, *x.shape[1:]), dtype=x.dtype)
+                buf_y = None if y is None else np.empty((cap, *y.shape[1:]), dtype=y.dtype)
+            pos = 0
+            while pos < len(x):
+                take = min(cap - size, len(x) - pos)
+                buf_x[size : size + take] = x[pos : pos + take]
+                if buf_y is not None:
+                    buf_y[size : size + take] = y[pos : pos + take]
+                size += take
+                pos += take
+                self.rows_held_max = max(self.rows_held_max, size)
+                if size == cap:
+                    # Emit a random batch, then fill its holes from the buffer's tail.
+                    pick = self._rng.choice(size, size=bs, replace=False)
+                    yield buf_x[pick], None if buf_y is None else buf_y[pick]
+                    tail = np.arange(size - bs, size)
+                    holes = pick[pick < size - bs]
+                    movers = tail[~np.isin(tail, pick)]
+                    buf_x[holes] = buf_x[movers]
+                    if buf_y is not None:
+                        buf_y[holes] = buf_y[movers]
+                    size -= bs
+        if size:
+            order = self._rng.permutation(size)
+            for start in range(0, size, bs):
+                idx = order[start : start + bs]
+                yield buf_x[idx], None if buf_y is None else buf_y[idx]
+
+
+def _concat(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    if not parts or parts[0] is None:
+        return None
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _slice(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
+    return None if a is None else a[start:stop]

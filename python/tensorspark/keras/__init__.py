@@ -1,0 +1,15 @@
+"""Keras 3 models on Spark: distributed training and inference.
+
+- :func:`fit` trains a compiled Keras model on a DataFrame or RDD across
+  Spark tasks against the parameter server, and returns the model with a
+  :class:`History`.
+- :func:`predict` adds a prediction column to a DataFrame by batched,
+  distributed inference.
+- :class:`tensorspark.ml.KerasEstimator` wraps both as a Spark ML pipeline
+  stage.
+"""
+
+from ._fit import FitResult, History, fit
+from ._inference import predict
+
+__all__ = ["FitResult", "History", "fit", "predict"]

@@ -1,0 +1,148 @@
+"""Batched, distributed inference: add a prediction column to a DataFrame.
+
+The model travels once per job in a Spark broadcast (``.keras`` bytes) and is
+loaded once per Python worker process: later tasks and batches on that
+worker reuse it (Spark reuses Python workers between tasks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .. import _feed
+from ..errors import TensorSparkValueError
+from . import _spec
+
+# Models loaded in this Python worker, by broadcast id (the newest few).
+_LOADED: dict[int, Any] = {}
+_KEEP = 2
+
+
+def _model(blob: Any, custom_objects: Any, loads: Any) -> Any:
+    model = _LOADED.get(blob.id)
+    if model is None:
+        while len(_LOADED) >= _KEEP:
+            _LOADED.pop(next(iter(_LOADED)))
+        model = _LOADED[blob.id] = _spec.from_bytes(blob.value, custom_objects)
+        if loads is not None:
+            loads.add(1)
+    return model
+
+
+def _predict_batches(
+    blob: Any,
+    custom_objects: Any,
+    loads: Any,
+    features: tuple[str, ...],
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    output_name: str,
+    scalar: bool,
+    batches: Iterator[Any],
+) -> Iterator[Any]:
+    import pyarrow as pa
+
+    model = None
+    for batch in batches:
+        if model is None:
+            model = _model(blob, custom_objects, loads)
+        if batch.num_rows == 0:
+            continue
+        x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
+        x = _feed.shape_features(x, input_shape, "predict")
+        y = np.asarray(
+            model.predict_on_batch(x)
+            if len(x) <= batch_size
+            else model.predict(x, batch_size=batch_size, verbose=0),
+            dtype=np.float32,
+        )
+        y = y.reshape(len(x), -1)
+        if scalar:
+            column = pa.array(y[:, 0], type=pa.float32())
+        else:
+            offsets = pa.array(np.arange(0, y.size + 1, y.shape[1], dtype=np.int32))
+            column = pa.ListArray.from_arrays(offsets, pa.array(y.ravel(), type=pa.float32()))
+        yield pa.RecordBatch.from_arrays(
+            [*batch.columns, column], names=[*batch.schema.names, output_name]
+        )
+
+
+def predict(
+    model: Any,
+    df: Any,
+    *,
+    features_col: str | list[str] = "features",
+    prediction_col: str = "prediction",
+    batch_size: int = 1024,
+    custom_objects: dict[str, Any] | None = None,
+    load_counter: Any = None,
+    _blob: Any = None,
+) -> Any:
+    """Add the model's predictions as a column, computed in Spark tasks.
+
+    Parameters
+    ----------
+    model : keras.Model
+        The model (compiled or not); it is sent once per call in a broadcast
+        and loaded once per Python worker.
+    df : pyspark.sql.DataFrame
+        Rows to predict; every column is kept.
+    features_col : str or list of str
+        Numeric, array or ML vector column(s), concatenated and reshaped to
+        the model's input shape.
+    prediction_col : str
+        The new column: ``float`` for a model with one output value per
+        row, otherwise ``array<float>`` (e.g. class probabilities).
+    batch_size : int
+        Rows per inference batch (also the Arrow batch size).
+    custom_objects : dict, optional
+        Passed to ``keras.saving.load_model`` in the tasks.
+    load_counter : pyspark.Accumulator, optional
+        Incremented each time a Python worker loads the model.
+
+    Returns
+    -------
+    pyspark.sql.DataFrame
+        ``df`` with ``prediction_col`` added (lazy, like any transformation).
+    """
+    import keras
+    from pyspark.sql.types import ArrayType, FloatType, StructField, StructType
+
+    if not isinstance(model, keras.Model):
+        raise TensorSparkValueError(f"predict: expected a keras.Model, got {type(model).__name__}")
+    features = (features_col,) if isinstance(features_col, str) else tuple(features_col)
+    _feed.check_columns(df.schema, features, None)
+    if prediction_col in df.columns:
+        raise TensorSparkValueError(
+            f"predict: the DataFrame already has a column {prediction_col!r}; choose another "
+            "prediction_col"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TensorSparkValueError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
+    from ._fit import _input_shape
+
+    input_shape = _input_shape(model)
+    out_dims = int(np.prod(model.output_shape[1:]))
+    scalar = out_dims == 1
+    spark = df.sparkSession
+    blob = _blob if _blob is not None else spark.sparkContext.broadcast(_spec.to_bytes(model))
+    out_type = FloatType() if scalar else ArrayType(FloatType(), False)
+    schema = StructType([*df.schema.fields, StructField(prediction_col, out_type, False)])
+    fn = functools.partial(
+        _predict_batches,
+        blob,
+        custom_objects,
+        load_counter,
+        features,
+        input_shape,
+        batch_size,
+        prediction_col,
+        scalar,
+    )
+    # Arrow batches of batch_size rows: a session setting, read when the plan runs.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    return df.mapInArrow(fn, schema)

@@ -1,0 +1,173 @@
+"""How a Keras model travels and maps onto the parameter server.
+
+The driver serializes the compiled model to ``.keras`` bytes (or ships the
+user's builder function); tasks rebuild it once per Python worker. Weights
+are matched by position in ``model.weights`` (layer names differ between
+processes that build the same architecture), with shapes checked.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorSparkValueError
+
+UPDATES = ("delta", "gradient")
+
+
+def check_compiled(model: Any, where: str = "fit") -> None:
+    """Fail clearly unless ``model`` is a compiled Keras model."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise TensorSparkValueError(
+            f"{where}: expected a keras.Model or a function returning one, got "
+            f"{type(model).__name__}"
+        )
+    if not getattr(model, "compiled", False) or model.optimizer is None or model.loss is None:
+        raise TensorSparkValueError(
+            f"{where}: the model is not compiled; call model.compile(optimizer=..., loss=..., "
+            "metrics=[...]) before training (the model builder must return a compiled model)"
+        )
+    if not model.built or not model.weights:
+        raise TensorSparkValueError(
+            f"{where}: the model has no weights yet; give it an input shape "
+            "(keras.Input(shape=...)) so it is built before training"
+        )
+
+
+def resolve(model_or_builder: Any, where: str = "fit") -> tuple[Any, Callable[[], Any] | None]:
+    """The driver's model, and the builder when one was given."""
+    import keras
+
+    if isinstance(model_or_builder, keras.Model):
+        check_compiled(model_or_builder, where)
+        return model_or_builder, None
+    if callable(model_or_builder):
+        model = model_or_builder()
+        check_compiled(model, where)
+        return model, model_or_builder
+    raise TensorSparkValueError(
+        f"{where}: expected a compiled keras.Model or a function that builds one, got "
+        f"{type(model_or_builder).__name__}"
+    )
+
+
+def to_bytes(model: Any) -> bytes:
+    """The model (architecture, weights, compile config) as ``.keras`` bytes."""
+    with tempfile.TemporaryDirectory(prefix="tensorspark-") as d:
+        path = os.path.join(d, "model.keras")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def from_bytes(data: bytes, custom_objects: dict[str, Any] | None = None) -> Any:
+    """A model from :func:`to_bytes` output."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="tensorspark-") as d:
+        path = os.path.join(d, "model.keras")
+        with open(path, "wb") as f:
+            f.write(data)
+        with warnings.catch_warnings():
+            # A model saved before training has no optimizer slots yet.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return keras.saving.load_model(path, custom_objects=custom_objects, compile=True)
+
+
+def weight_names(model: Any) -> list[str]:
+    """Parameter-server names of ``model.weights``: position and Keras path."""
+    return [f"{i:04d}/{getattr(w, 'path', w.name)}" for i, w in enumerate(model.weights)]
+
+
+def synced(model: Any, update: str) -> list[int]:
+    """Indices into ``model.weights`` that the parameter server keeps in sync.
+
+    Deltas cover every weight (BatchNorm statistics included); gradients
+    exist for trainable weights only.
+    """
+    if update == "delta":
+        return list(range(len(model.weights)))
+    trainable = {id(w) for w in model.trainable_weights}
+    return [i for i, w in enumerate(model.weights) if id(w) in trainable]
+
+
+def check_same_weights(model: Any, shapes: list[tuple[int, ...]]) -> None:
+    """Fail when a task's model does not have the driver's weight shapes."""
+    got = [tuple(w.shape) for w in model.weights]
+    if got != [tuple(s) for s in shapes]:
+        raise TensorSparkValueError(
+            "the model built in the Spark task does not match the driver's: weight shapes "
+            f"{got} vs {list(shapes)}; the model builder must build the same architecture "
+            "every time"
+        )
+
+
+def learning_rate(optimizer: Any) -> float | None:
+    """The optimizer's current learning rate, or None for a schedule."""
+    import keras
+
+    lr = optimizer.learning_rate
+    if isinstance(
+        getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule
+    ):
+        return None
+    return float(np.asarray(lr))
+
+
+def server_optimizer(optimizer: Any) -> tuple[str, float, dict[str, float]]:
+    """The server-side optimizer equivalent to a Keras optimizer.
+
+    Used with ``update="gradient"``: the server applies the pushed gradients
+    with these formulas (see ``PSClient.set_optimizer``).
+    """
+    import keras
+
+    opt = keras.optimizers
+    lr = learning_rate(optimizer)
+    name = type(optimizer).__name__
+    if lr is None:
+        raise TensorSparkValueError(
+            f"update='gradient' needs a constant learning rate; the {name} optimizer has a "
+            "schedule. Use update='delta', or change the rate per epoch with a callback "
+            "(keras.callbacks.LearningRateScheduler)"
+        )
+    cfg = optimizer.get_config()
+    for unsupported in ("clipnorm", "clipvalue", "global_clipnorm"):
+        if cfg.get(unsupported):
+            raise TensorSparkValueError(
+                f"update='gradient': the server does not clip gradients ({unsupported}="
+                f"{cfg[unsupported]}); use update='delta'"
+            )
+    if isinstance(optimizer, opt.AdamW):
+        keys = ("beta_1", "beta_2", "epsilon", "weight_decay")
+        return "adamw", lr, {k: float(cfg[k]) for k in keys}
+    if isinstance(optimizer, opt.Adam):
+        if cfg.get("amsgrad"):
+            raise TensorSparkValueError("update='gradient': Adam(amsgrad=True) is not supported")
+        return "adam", lr, {k: float(cfg[k]) for k in ("beta_1", "beta_2", "epsilon")}
+    if isinstance(optimizer, opt.SGD):
+        momentum = float(cfg.get("momentum", 0.0))
+        if momentum == 0.0:
+            return "sgd", lr, {}
+        return ("nesterov" if cfg.get("nesterov") else "momentum"), lr, {"momentum": momentum}
+    if isinstance(optimizer, opt.RMSprop):
+        if cfg.get("momentum") or cfg.get("centered"):
+            raise TensorSparkValueError(
+                "update='gradient': RMSprop with momentum or centered=True is not supported"
+            )
+        return "rmsprop", lr, {"rho": float(cfg["rho"]), "epsilon": float(cfg["epsilon"])}
+    if isinstance(optimizer, opt.Adagrad):
+        keys = ("initial_accumulator_value", "epsilon")
+        return "adagrad", lr, {k: float(cfg[k]) for k in keys}
+    raise TensorSparkValueError(
+        f"update='gradient': the server has no equivalent of the {name} optimizer; use SGD, "
+        "Adam, AdamW, RMSprop or Adagrad, or update='delta' (any optimizer, run in the tasks)"
+    )

@@ -1,0 +1,390 @@
+"""What one Spark task runs for a Keras model: train or evaluate a partition.
+
+A task streams its partition through :class:`~tensorspark._feed.BatchStream`
+(bounded memory), runs a compiled ``tf.function`` step per batch, and every
+``sync_interval`` steps pushes its update to the parameter server and pulls
+the merged model. The model and its step functions are built once per
+Python worker process and run (epochs reuse them), keyed by the run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _core, _feed
+from ..errors import TensorSparkError, TensorSparkValueError
+from . import _spec
+
+
+@dataclass(frozen=True)
+class KerasTaskConfig:
+    """Everything a task needs, shipped in the task closure (plain values)."""
+
+    host: str
+    port: int
+    secret: bytes
+    run_id: str
+    epoch: int
+    weight_names: tuple[str, ...]
+    weight_shapes: tuple[tuple[int, ...], ...]
+    synced: tuple[int, ...]  # indices into model.weights kept on the server
+    input_shape: tuple[int, ...]
+    features: tuple[str, ...]
+    label: str | None
+    integral_label: bool
+    batch_size: int
+    buffer_batches: int
+    shuffle: bool
+    seed: int
+    sync_interval: int
+    update: str  # "delta" or "gradient"
+    learning_rate: float | None  # the driver optimizer's rate this epoch (delta)
+    threads: int
+    connect_timeout: float
+    io_timeout: float
+    heartbeat_interval: float
+    join: bool = True
+
+
+# The latest run's replica in this Python worker (Spark reuses workers).
+_REPLICAS: dict[str, _Replica] = {}
+
+
+class _Replica:
+    """The task's copy of the model, its step functions and sync buffers."""
+
+    def __init__(self, cfg: KerasTaskConfig, model: Any) -> None:
+        import tensorflow as tf
+
+        _spec.check_compiled(model, "in a Spark task")
+        _spec.check_same_weights(model, list(cfg.weight_shapes))
+        self.model = model
+        self.weights = [model.weights[i] for i in cfg.synced]
+        self.names = [cfg.weight_names[i] for i in cfg.synced]
+        self.buffers = [np.empty(tuple(w.shape), np.float32) for w in self.weights]
+        self.base = [np.empty_like(b) for b in self.buffers]
+        self.update = cfg.update
+        trainable = model.trainable_variables
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.loss_count = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        if cfg.update == "gradient":
+            self.accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in trainable]
+        else:
+            self.accumulators = []
+            model.optimizer.build(trainable)
+
+        @tf.function(reduce_retracing=True)
+        def train_step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            grads = tape.gradient(loss, trainable)
+            if self.accumulators:
+                for acc, g in zip(self.accumulators, grads, strict=True):
+                    acc.assign_add(tf.convert_to_tensor(g))
+            else:
+                model.optimizer.apply_gradients(zip(grads, trainable, strict=True))
+            model.compute_metrics(x, y, y_pred)
+            n = tf.cast(tf.shape(x)[0], tf.float64)
+            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
+            self.loss_count.assign_add(n)
+            return loss
+
+        @tf.function(reduce_retracing=True)
+        def eval_step(x: Any, y: Any) -> Any:
+            y_pred = model(x, training=False)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+            model.compute_metrics(x, y, y_pred)
+            n = tf.cast(tf.shape(x)[0], tf.float64)
+            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
+            self.loss_count.assign_add(n)
+            return loss
+
+        self.train_step, self.eval_step = train_step, eval_step
+
+    def reset(self) -> None:
+        self.model.reset_metrics()
+        self.loss_sum.assign(0.0)
+        self.loss_count.assign(0.0)
+
+    def loss_totals(self) -> tuple[float, float]:
+        return float(self.loss_sum.numpy()), float(self.loss_count.numpy())
+
+    def metrics(self) -> dict[str, float]:
+        """The compiled metrics' values (the loss is tracked separately)."""
+        out = {}
+        for key, value in self.model.get_metrics_result().items():
+            if key != "loss":
+                with contextlib.suppress(TypeError, ValueError):
+                    out[key] = float(np.asarray(value))
+        return out
+
+    def load(self, arrays: list[np.ndarray]) -> None:
+        for w, a in zip(self.weights, arrays, strict=True):
+            w.assign(a)
+
+
+def _replica(
+    cfg: KerasTaskConfig, model_blob: Any, builder: Callable[[], Any] | None, custom: Any
+) -> _Replica:
+    """The replica for this run, built on the worker's first task of the run."""
+    replica = _REPLICAS.get(cfg.run_id)
+    if replica is None:
+        _set_threads(cfg.threads)
+        _REPLICAS.clear()  # one run at a time per worker: free the previous model
+        model = builder() if builder is not None else _spec.from_bytes(model_blob.value, custom)
+        replica = _REPLICAS[cfg.run_id] = _Replica(cfg, model)
+    return replica
+
+
+def _set_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    # Only possible before TF's runtime starts (the worker's first task).
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class _Sync:
+    """Pushes the task's update and pulls the merged model."""
+
+    def __init__(self, client: Any, replica: _Replica, cfg: KerasTaskConfig) -> None:
+        self.client, self.replica, self.cfg = client, replica, cfg
+        self.version = 0
+        self.pushes = 0
+        self.staleness: list[int] = []
+
+    def pull(self) -> None:
+        r = self.replica
+        self.version = self.client.pull_into(r.names, r.buffers)
+        r.load(r.buffers)
+        for b, p in zip(r.base, r.buffers, strict=True):
+            np.copyto(b, p)
+
+    def push_and_pull(self, steps: int, since_sync: int, partition: int) -> None:
+        r = self.replica
+        if r.update == "gradient":
+            scale = np.float32(1.0 / since_sync)
+            update = [np.ascontiguousarray(a.numpy() * scale) for a in r.accumulators]
+            for a in r.accumulators:
+                a.assign(np.zeros(a.shape, np.float32))
+            kind = _core.KIND_GRADIENT
+        else:
+            update = [
+                np.ascontiguousarray(w.numpy() - b, dtype=np.float32)
+                for w, b in zip(r.weights, r.base, strict=True)
+            ]
+            kind = _core.KIND_DELTA
+        for name, arr in zip(r.names, update, strict=True):
+            if not np.isfinite(arr).all():
+                raise TensorSparkValueError(
+                    f"the update of weight {name!r} is NaN or Inf at step {steps} of partition "
+                    f"{partition} (epoch {self.cfg.epoch + 1}); nothing from this interval was "
+                    "pushed, so the parameter server keeps the last good model (version "
+                    f"{self.version}). Lower the learning rate or check the data"
+                )
+        pulled_at = self.version
+        self.version = self.client.push(kind, r.names, update)
+        self.staleness.append(max(0, self.version - pulled_at - 1))
+        self.pushes += 1
+        self.pull()
+
+
+def _connect(cfg: KerasTaskConfig, partition: int, attempt: int) -> Any:
+    return _core.Client(
+        cfg.host,
+        cfg.port,
+        cfg.secret,
+        partition_id=partition,
+        attempt=attempt,
+        connect_timeout_s=cfg.connect_timeout,
+        io_timeout_s=cfg.io_timeout,
+        heartbeat_interval_s=cfg.heartbeat_interval if cfg.join else 0.0,
+    )
+
+
+def _task_identity() -> tuple[int, int]:
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return 0, 0
+    return ctx.partitionId(), ctx.attemptNumber()
+
+
+def _report(client: Any, steps: int, samples: int, loss: float) -> None:
+    report = getattr(client, "report_progress", None)
+    if report is not None:
+        report(steps, samples, loss)
+
+
+def train(
+    cfg: KerasTaskConfig,
+    model_blob: Any,
+    builder: Callable[[], Any] | None,
+    custom_objects: Any,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+) -> dict[str, Any]:
+    """Train on one partition's chunks; returns the task's figures."""
+    partition, attempt = _task_identity()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    started = time.monotonic()
+    replica = _replica(cfg, model_blob, builder, custom_objects)
+    if cfg.update == "delta" and cfg.learning_rate is not None:
+        with contextlib.suppress(AttributeError, ValueError, TypeError):
+            replica.model.optimizer.learning_rate.assign(cfg.learning_rate)
+    replica.reset()
+    rss_base = rss_peak = _rss_bytes()
+    client = _connect(cfg, partition, attempt)
+    try:
+        if cfg.join:
+            client.join()  # fences older attempts of this partition
+        sync = _Sync(client, replica, cfg)
+        sync.pull()
+        stream = _feed.BatchStream(
+            chunks,
+            cfg.batch_size,
+            buffer_batches=cfg.buffer_batches,
+            shuffle=cfg.shuffle,
+            seed=[cfg.seed, cfg.epoch, partition],
+        )
+        steps = samples = since_sync = 0
+        last = (0.0, 0.0)  # loss totals at the last sync
+        where = f"partition {partition}"
+        train_started = time.monotonic()
+        for x, y in stream:
+            x = _feed.shape_features(x, cfg.input_shape, where)
+            replica.train_step(x, y)
+            steps += 1
+            samples += len(x)
+            since_sync += 1
+            if since_sync == cfg.sync_interval:
+                now = _check_loss(replica, steps, partition, cfg, sync.version)
+                sync.push_and_pull(steps, since_sync, partition)
+                _report(client, steps, samples, (now[0] - last[0]) / max(1.0, now[1] - last[1]))
+                last = now
+                since_sync = 0
+                rss_peak = max(rss_peak, _rss_bytes())
+        if since_sync:
+            _check_loss(replica, steps, partition, cfg, sync.version)
+            sync.push_and_pull(steps, since_sync, partition)
+        rss_peak = max(rss_peak, _rss_bytes())
+        train_seconds = time.monotonic() - train_started
+        loss_sum, loss_count = replica.loss_totals()
+        return {
+            "partition": partition,
+            "attempt": attempt,
+            "steps": steps,
+            "samples": samples,
+            "pushes": sync.pushes,
+            "version": sync.version,
+            "seconds": time.monotonic() - started,
+            "train_seconds": train_seconds,
+            "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
+            "loss": loss_sum / loss_count if loss_count else float("nan"),
+            "metrics": replica.metrics(),
+            "staleness_mean": float(np.mean(sync.staleness)) if sync.staleness else 0.0,
+            "staleness_max": int(max(sync.staleness, default=0)),
+            "rss_base_bytes": rss_base,
+            "rss_peak_bytes": rss_peak,
+            "rows_buffered_max": stream.rows_held_max,
+        }
+    finally:
+        if cfg.join and client.connected:
+            with contextlib.suppress(TensorSparkError):
+                client.leave()  # the others stop waiting for this task at once
+        client.close()
+
+
+def _check_loss(
+    replica: _Replica, steps: int, partition: int, cfg: KerasTaskConfig, version: int
+) -> tuple[float, float]:
+    """Fail before pushing when the loss turned NaN; returns the loss totals."""
+    total, count = replica.loss_totals()
+    if not np.isfinite(total):
+        raise TensorSparkValueError(
+            f"the loss became NaN or Inf before step {steps} of partition {partition} (epoch "
+            f"{cfg.epoch + 1}); nothing from this interval was pushed, so the parameter server "
+            f"keeps the last good model (version {version}). Lower the learning rate or check "
+            "the data for NaN/Inf"
+        )
+    return total, count
+
+
+def evaluate(
+    cfg: KerasTaskConfig,
+    model_blob: Any,
+    builder: Callable[[], Any] | None,
+    custom_objects: Any,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+) -> dict[str, Any]:
+    """Evaluate the server's current model on one partition's chunks."""
+    partition, attempt = _task_identity()
+    replica = _replica(cfg, model_blob, builder, custom_objects)
+    replica.reset()
+    client = _connect(cfg, -1, 0)
+    try:
+        client.pull_into(replica.names, replica.buffers)
+    finally:
+        client.close()
+    replica.load(replica.buffers)
+    samples = 0
+    for x, y in _feed.BatchStream(chunks, cfg.batch_size, buffer_batches=1):
+        x = _feed.shape_features(x, cfg.input_shape, f"validation partition {partition}")
+        replica.eval_step(x, y)
+        samples += len(x)
+    loss_sum, _ = replica.loss_totals()
+    return {
+        "partition": partition,
+        "samples": samples,
+        "loss_sum": loss_sum,
+        "metrics": replica.metrics(),
+    }
+
+
+def arrow_partition(
+    fn: Callable[..., dict[str, Any]],
+    cfg: KerasTaskConfig,
+    model_blob: Any,
+    builder: Any,
+    custom_objects: Any,
+    batches: Iterator[Any],
+) -> Iterator[Any]:
+    """``mapInArrow`` function: run ``fn`` on the batches, yield one JSON row."""
+    import json
+
+    import pyarrow as pa
+
+    chunks = _feed.arrow_chunks(batches, cfg.features, cfg.label, cfg.integral_label)
+    result = fn(cfg, model_blob, builder, custom_objects, chunks)
+    yield pa.RecordBatch.from_pydict({"result": [json.dumps(result)]})
+
+
+def rdd_partition(
+    fn: Callable[..., dict[str, Any]],
+    cfg: KerasTaskConfig,
+    model_blob: Any,
+    builder: Any,
+    custom_objects: Any,
+    index: int,
+    rows: Iterable[Any],
+) -> Iterator[dict[str, Any]]:
+    """``mapPartitionsWithIndex`` function over ``(features, label)`` rows."""
+    chunks = _feed.row_chunks(rows, cfg.batch_size, index)
+    yield fn(cfg, model_blob, builder, custom_objects, chunks)
