@@ -25,7 +25,8 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VPY)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
-           "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib
+           "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
+           "pyarrow>=14" "pandas>=2,<3" tensorboard
 
 .PHONY: demo test test-cpp test-python bench lint fuzz system system-gtest venv install clean
 
@@ -100,7 +101,7 @@ system-gtest:
 
 # The venv is (re)made when pyproject.toml changes.
 venv: $(VENV)/.deps-stamp
-$(VENV)/.deps-stamp: pyproject.toml
+$(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(PY_DEPS)

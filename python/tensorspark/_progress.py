@@ -8,6 +8,7 @@ background thread on the driver polls them over its own connection.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -15,7 +16,9 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .errors import TensorSparkError
+from .errors import TensorSparkError, TensorSparkValueError
+
+log = logging.getLogger("tensorspark")
 
 _WORKER_KEY = re.compile(r'^worker_(steps|samples|loss_f64)\{partition="(\d+)",attempt="(\d+)"\}$')
 
@@ -117,7 +120,11 @@ class ProgressBar:
                 t0, s0 = history[0]
                 rate = (samples - s0) / (now - t0) if now > t0 else 0.0
                 if self._on_sample is not None:
-                    self._on_sample(self.samples_done + samples, rate, loss)
+                    try:
+                        self._on_sample(self.samples_done + samples, rate, loss)
+                    except Exception as e:  # noqa: BLE001 - logging must not stop training
+                        log.warning("tensorspark: progress log failed, stopping it: %s", e)
+                        self._on_sample = None
                 if not self.enabled:
                     continue
                 line = self._line(samples, steps, rate, loss, len(workers))
@@ -160,6 +167,12 @@ class TensorBoardLog:
     def __init__(self, log_dir: str) -> None:
         import tensorflow as tf
 
+        try:
+            import tensorboard  # noqa: F401 - tf.summary needs it
+        except ImportError:
+            raise TensorSparkValueError(
+                "log_dir needs the tensorboard package: pip install tensorboard"
+            ) from None
         self._tf = tf
         self._writer = tf.summary.create_file_writer(log_dir)
 

@@ -47,6 +47,15 @@ class _KerasParams(HasFeaturesCol, HasLabelCol, HasPredictionCol):
     def getBatchSize(self) -> int:
         return self.getOrDefault(self.batchSize)
 
+    def setBatchSize(self, value: int) -> _KerasParams:
+        return self._set(batchSize=value)
+
+    def setFeaturesCol(self, value: str) -> _KerasParams:
+        return self._set(featuresCol=value)
+
+    def setPredictionCol(self, value: str) -> _KerasParams:
+        return self._set(predictionCol=value)
+
 
 class KerasEstimator(Estimator, _KerasParams):
     """Train a Keras model on a DataFrame as a Spark ML estimator.

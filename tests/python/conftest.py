@@ -11,6 +11,12 @@ import pytest
 # tensorspark installed).
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Functions defined in test modules (model builders) are pickled by
+# reference, so the workers must be able to import the test modules.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_HERE, os.environ.get("PYTHONPATH", "")) if p
+)
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -48,3 +54,11 @@ def tf1():
     tf.disable_v2_behavior()
     with tf.Graph().as_default():
         yield tf
+
+
+@pytest.fixture(scope="session")
+def spark(sc):
+    """A SparkSession on the shared local[2] context (DataFrames)."""
+    from pyspark.sql import SparkSession
+
+    return SparkSession.builder.getOrCreate()

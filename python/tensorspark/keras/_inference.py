@@ -8,6 +8,7 @@ worker reuse it (Spark reuses Python workers between tasks).
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,23 +18,24 @@ from .. import _feed
 from ..errors import TensorSparkValueError
 from . import _spec
 
-# Models loaded in this Python worker, by broadcast id (the newest few).
-_LOADED: dict[int, Any] = {}
+# Models loaded in this Python worker, by the driver's key (the newest few).
+_LOADED: dict[str, Any] = {}
 _KEEP = 2
 
 
-def _model(blob: Any, custom_objects: Any, loads: Any) -> Any:
-    model = _LOADED.get(blob.id)
+def _model(key: str, blob: Any, custom_objects: Any, loads: Any) -> Any:
+    model = _LOADED.get(key)
     if model is None:
         while len(_LOADED) >= _KEEP:
             _LOADED.pop(next(iter(_LOADED)))
-        model = _LOADED[blob.id] = _spec.from_bytes(blob.value, custom_objects)
+        model = _LOADED[key] = _spec.from_bytes(blob.value, custom_objects)
         if loads is not None:
             loads.add(1)
     return model
 
 
 def _predict_batches(
+    key: str,
     blob: Any,
     custom_objects: Any,
     loads: Any,
@@ -49,7 +51,7 @@ def _predict_batches(
     model = None
     for batch in batches:
         if model is None:
-            model = _model(blob, custom_objects, loads)
+            model = _model(key, blob, custom_objects, loads)
         if batch.num_rows == 0:
             continue
         x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
@@ -134,6 +136,7 @@ def predict(
     schema = StructType([*df.schema.fields, StructField(prediction_col, out_type, False)])
     fn = functools.partial(
         _predict_batches,
+        uuid.uuid4().hex,
         blob,
         custom_objects,
         load_counter,

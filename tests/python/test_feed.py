@@ -1,0 +1,69 @@
+"""The bounded-memory batch stream and the column checks (no Spark jobs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorspark import TensorSparkValueError
+from tensorspark._feed import BatchStream, arrow_chunks, row_chunks, shape_features
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        idx = np.arange(start, min(n, start + size))
+        yield idx[:, None].astype(np.float32), idx.astype(np.int64)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 32, 100])
+def test_every_row_once_in_bounded_memory(shuffle, chunk):
+    stream = BatchStream(_chunks(1000, chunk), 32, buffer_batches=4, shuffle=shuffle, seed=1)
+    batches = list(stream)
+    xs = np.concatenate([x[:, 0] for x, _ in batches]).astype(np.int64)
+    ys = np.concatenate([y for _, y in batches])
+    assert sorted(xs.tolist()) == list(range(1000))
+    assert (xs == ys).all()  # features and labels stay paired
+    assert all(len(x) == 32 for x, _ in batches[:-1])
+    assert (xs != np.arange(1000)).any() == shuffle
+    # The buffer never holds more than buffer_batches batches (plus one
+    # incoming chunk without shuffling).
+    assert stream.rows_held_max <= (128 if shuffle else 32 + chunk)
+
+
+def test_shuffle_mixes_beyond_one_batch():
+    first = next(iter(BatchStream(_chunks(1000, 10), 32, buffer_batches=8, shuffle=True)))
+    assert first[1].max() > 64  # drawn from the whole 256-row buffer
+
+
+def test_arrow_columns_lists_vectors_and_scalars():
+    pa = pytest.importorskip("pyarrow")
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "a": pa.array([[1.0, 2.0], [3.0, 4.0]], type=pa.list_(pa.float64())),
+            "s": pa.array([5, 6], type=pa.int32()),
+            "label": pa.array([0, 1], type=pa.int64()),
+        }
+    )
+    [(x, y)] = list(arrow_chunks([batch], ("a", "s"), "label", True))
+    assert x.dtype == np.float32 and x.tolist() == [[1, 2, 5], [3, 4, 6]]
+    assert y.dtype == np.int64 and y.tolist() == [0, 1]
+
+
+def test_ragged_array_column_is_named():
+    pa = pytest.importorskip("pyarrow")
+    batch = pa.RecordBatch.from_pydict({"a": [[1.0, 2.0], [3.0]], "label": [0.0, 1.0]})
+    with pytest.raises(TensorSparkValueError, match="column 'a': rows of different lengths"):
+        list(arrow_chunks([batch], ("a",), "label", False))
+
+
+def test_wrong_feature_length_names_both_sizes():
+    with pytest.raises(
+        TensorSparkValueError, match=r"has 5 feature values .* \(28, 28, 1\) needs 784"
+    ):
+        shape_features(np.zeros((2, 5), np.float32), (28, 28, 1), "partition 0")
+
+
+def test_rdd_rows_must_be_pairs():
+    with pytest.raises(TensorSparkValueError, match="RDD row 1 of partition 3 has 3 items"):
+        list(row_chunks([(1.0, 0), (1.0, 2.0, 3.0)], 10, 3))
