@@ -3,7 +3,9 @@
 #
 #   make demo    train the seed program on Fashion-MNIST on local[2]
 #   make test    C++ tests (ctest) + Python tests (pytest on real Spark)
-#   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png}
+#   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png};
+#                the Keras CNN's accuracy, throughput and memory bound ->
+#                bench/results/keras_fashion_mnist.json
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -54,6 +56,7 @@ bench: install
 	$(CPP_BUILD)/ps_roundtrip --out bench/results/ps_roundtrip.json
 	$(VPY) bench/python_overhead.py $(CPP_BUILD)/ps_roundtrip bench/results/ps_roundtrip.json
 	$(VPY) bench/plot_ps_roundtrip.py bench/results/ps_roundtrip.json
+	$(VPY) bench/keras_fashion_mnist.py --out bench/results/keras_fashion_mnist.json
 
 lint: venv
 	@scripts/setup-system.sh --with-lint

@@ -24,140 +24,191 @@ import tensorspark.core.spark_session as sps
 
 tf.disable_v2_behavior()
 
-DATA_DIR = '/usr/share/datasets/fashion-mnist'
-mnist_image_file = DATA_DIR + '/train-images-idx3-ubyte.gz'
-mnist_label_file = DATA_DIR + '/train-labels-idx1-ubyte.gz'
-mnist_test_image_file = DATA_DIR + '/t10k-images-idx3-ubyte.gz'
-mnist_test_label_file = DATA_DIR + '/t10k-labels-idx1-ubyte.gz'
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+mnist_image_file = DATA_DIR + "/train-images-idx3-ubyte.gz"
+mnist_label_file = DATA_DIR + "/train-labels-idx1-ubyte.gz"
+mnist_test_image_file = DATA_DIR + "/t10k-images-idx3-ubyte.gz"
+mnist_test_label_file = DATA_DIR + "/t10k-labels-idx1-ubyte.gz"
 
 
 def _read32(data, offset):
-	return int(np.frombuffer(data, dtype='>u4', count=1, offset=offset)[0])
+    return int(np.frombuffer(data, dtype=">u4", count=1, offset=offset)[0])
 
 
 def _parse_images(content):
-	data = gzip.decompress(content)
-	magic = _read32(data, 0)
-	if magic != 2051:
-		raise ValueError('Invalid magic number %d in MNIST image file' % magic)
-	num_images, rows, cols = _read32(data, 4), _read32(data, 8), _read32(data, 12)
-	images = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(num_images, rows * cols)
-	return list(enumerate(images))
+    data = gzip.decompress(content)
+    magic = _read32(data, 0)
+    if magic != 2051:
+        raise ValueError("Invalid magic number %d in MNIST image file" % magic)
+    num_images, rows, cols = _read32(data, 4), _read32(data, 8), _read32(data, 12)
+    images = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(num_images, rows * cols)
+    return list(enumerate(images))
 
 
 def _parse_labels(content):
-	data = gzip.decompress(content)
-	magic = _read32(data, 0)
-	if magic != 2049:
-		raise ValueError('Invalid magic number %d in MNIST label file' % magic)
-	num_items = _read32(data, 4)
-	labels = np.frombuffer(data, dtype=np.uint8, offset=8, count=num_items)
-	return list(enumerate(labels))
+    data = gzip.decompress(content)
+    magic = _read32(data, 0)
+    if magic != 2049:
+        raise ValueError("Invalid magic number %d in MNIST label file" % magic)
+    num_items = _read32(data, 4)
+    labels = np.frombuffer(data, dtype=np.uint8, offset=8, count=num_items)
+    return list(enumerate(labels))
 
 
 def extract_images(sc, filepath):
-	"""(index, uint8 image of 784 pixels) pairs of an idx3 .gz file."""
-	return sc.binaryFiles(filepath).flatMap(lambda kv: _parse_images(kv[1]))
+    """(index, uint8 image of 784 pixels) pairs of an idx3 .gz file."""
+    return sc.binaryFiles(filepath).flatMap(lambda kv: _parse_images(kv[1]))
 
 
 def extract_labels(sc, filepath):
-	"""(index, label) pairs of an idx1 .gz file."""
-	return sc.binaryFiles(filepath).flatMap(lambda kv: _parse_labels(kv[1]))
+    """(index, label) pairs of an idx1 .gz file."""
+    return sc.binaryFiles(filepath).flatMap(lambda kv: _parse_labels(kv[1]))
 
 
 def dense_to_one_hot(label, num_class=10):
-	one_hot = np.zeros(num_class, dtype=np.float32)
-	one_hot[int(label)] = 1.0
-	return one_hot
+    one_hot = np.zeros(num_class, dtype=np.float32)
+    one_hot[int(label)] = 1.0
+    return one_hot
 
 
 def flatten_image_label(iterator):
-	for _, (image, label) in iterator:
-		yield (image.astype(np.float32) / 255.0, dense_to_one_hot(label))
+    for _, (image, label) in iterator:
+        yield (image.astype(np.float32) / 255.0, dense_to_one_hot(label))
 
 
 def load_test_set(sc):
-	images = dict(extract_images(sc, mnist_test_image_file).collect())
-	labels = dict(extract_labels(sc, mnist_test_label_file).collect())
-	order = sorted(images)
-	test_images = np.stack([images[i] for i in order]).astype(np.float32) / 255.0
-	test_labels = np.stack([dense_to_one_hot(labels[i]) for i in order])
-	return test_images, test_labels
+    images = dict(extract_images(sc, mnist_test_image_file).collect())
+    labels = dict(extract_labels(sc, mnist_test_label_file).collect())
+    order = sorted(images)
+    test_images = np.stack([images[i] for i in order]).astype(np.float32) / 255.0
+    test_labels = np.stack([dense_to_one_hot(labels[i]) for i in order])
+    return test_images, test_labels
 
 
-def train(sc=None, user=None, name='spark_mnist', server_host='localhost', server_port=10080, sync_interval=100, batch_size=100, num_partition=1, num_epoch=1):
-	is_new_sc = False
-	if sc is None:
-		sc = pyspark.SparkContext(conf=pyspark.SparkConf())
-		is_new_sc = True
+def train(
+    sc=None,
+    user=None,
+    name="spark_mnist",
+    server_host="localhost",
+    server_port=10080,
+    sync_interval=100,
+    batch_size=100,
+    num_partition=1,
+    num_epoch=1,
+):
+    is_new_sc = False
+    if sc is None:
+        sc = pyspark.SparkContext(conf=pyspark.SparkConf())
+        is_new_sc = True
 
-	image_rdd = extract_images(sc, mnist_image_file)
-	label_rdd = extract_labels(sc, mnist_label_file)
-	image_label_rdd = image_rdd.join(label_rdd, numPartitions=num_partition).mapPartitions(flatten_image_label).cache()
+    image_rdd = extract_images(sc, mnist_image_file)
+    label_rdd = extract_labels(sc, mnist_label_file)
+    image_label_rdd = (
+        image_rdd.join(label_rdd, numPartitions=num_partition)
+        .mapPartitions(flatten_image_label)
+        .cache()
+    )
 
-	x = tf.placeholder(tf.float32, [None, 784])
-	W = tf.Variable(tf.zeros([784, 10]))
-	b = tf.Variable(tf.zeros([10]))
-	y = tf.nn.softmax(tf.matmul(x, W) + b)
-	y_ = tf.placeholder(tf.float32, [None, 10])
-	cross_entropy = tf.reduce_mean(-tf.reduce_sum(y_ * tf.log(y), reduction_indices=[1]))
-	train_step = tf.train.GradientDescentOptimizer(0.5).minimize(cross_entropy)
-	init = tf.initialize_all_variables()
-	sess = tf.Session()
-	sess.run(init)
+    x = tf.placeholder(tf.float32, [None, 784])
+    W = tf.Variable(tf.zeros([784, 10]))
+    b = tf.Variable(tf.zeros([10]))
+    y = tf.nn.softmax(tf.matmul(x, W) + b)
+    y_ = tf.placeholder(tf.float32, [None, 10])
+    cross_entropy = tf.reduce_mean(-tf.reduce_sum(y_ * tf.log(y), reduction_indices=[1]))
+    train_step = tf.train.GradientDescentOptimizer(0.5).minimize(cross_entropy)
+    init = tf.initialize_all_variables()
+    sess = tf.Session()
+    sess.run(init)
 
-	feed_name_list = [x.name, y_.name]
-	param_list = [W, b]
+    feed_name_list = [x.name, y_.name]
+    param_list = [W, b]
 
-	spark_sess = sps.SparkSession(sc, sess, user=user, name=name, server_host=server_host, server_port=server_port, sync_interval=sync_interval, batch_size=batch_size)
-	start_time = time.time()
-	for i in range(num_epoch):
-		summary = spark_sess.run(train_step, feed_rdd=image_label_rdd, feed_name_list=feed_name_list, param_list=param_list, shuffle_within_partition=True)
-		print('epoch %d: %d steps, %d samples, model version %d, %.1f s' % (i + 1, summary.steps, summary.samples, summary.version, summary.seconds))
-	end_time = time.time()
-	print('training time: %.1f s' % (end_time - start_time))
+    spark_sess = sps.SparkSession(
+        sc,
+        sess,
+        user=user,
+        name=name,
+        server_host=server_host,
+        server_port=server_port,
+        sync_interval=sync_interval,
+        batch_size=batch_size,
+    )
+    start_time = time.time()
+    for i in range(num_epoch):
+        summary = spark_sess.run(
+            train_step,
+            feed_rdd=image_label_rdd,
+            feed_name_list=feed_name_list,
+            param_list=param_list,
+            shuffle_within_partition=True,
+        )
+        print(
+            "epoch %d: %d steps, %d samples, model version %d, %.1f s"
+            % (i + 1, summary.steps, summary.samples, summary.version, summary.seconds)
+        )
+    end_time = time.time()
+    print("training time: %.1f s" % (end_time - start_time))
 
-	correct_prediction = tf.equal(tf.argmax(y, 1), tf.argmax(y_, 1))
-	accuracy = tf.reduce_mean(tf.cast(correct_prediction, tf.float32))
-	test_images, test_labels = load_test_set(sc)
-	test_accuracy = sess.run(accuracy, feed_dict={x: test_images, y_: test_labels})
-	print('test accuracy: %.4f' % test_accuracy)
+    correct_prediction = tf.equal(tf.argmax(y, 1), tf.argmax(y_, 1))
+    accuracy = tf.reduce_mean(tf.cast(correct_prediction, tf.float32))
+    test_images, test_labels = load_test_set(sc)
+    test_accuracy = sess.run(accuracy, feed_dict={x: test_images, y_: test_labels})
+    print("test accuracy: %.4f" % test_accuracy)
 
-	spark_sess.close()
-	if is_new_sc:
-		sc.stop()
-	return test_accuracy
+    spark_sess.close()
+    if is_new_sc:
+        sc.stop()
+    return test_accuracy
 
 
 def main(argv=None):
-	parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-	parser.add_argument('--master', default='local[2]', help='Spark master URL')
-	parser.add_argument('--partitions', type=int, default=2)
-	parser.add_argument('--epochs', type=int, default=2)
-	parser.add_argument('--sync-interval', type=int, default=100)
-	parser.add_argument('--batch-size', type=int, default=100)
-	parser.add_argument('--server-host', default=None, help="PS address for executors (default: the driver's)")
-	parser.add_argument('--server-port', type=int, default=0, help='PS port (0: a free one)')
-	parser.add_argument('--min-accuracy', type=float, default=0.0, help='exit 1 below this test accuracy')
-	args = parser.parse_args(argv)
-	for path in (mnist_image_file, mnist_label_file, mnist_test_image_file, mnist_test_label_file):
-		if not os.path.exists(path):
-			sys.exit('%s is missing: install Debian package dataset-fashion-mnist (make demo does)' % path)
-	# Spark's Python workers must use this interpreter (it has TensorFlow).
-	os.environ.setdefault('PYSPARK_PYTHON', sys.executable)
-	conf = pyspark.SparkConf().setMaster(args.master).setAppName('tensorspark-fashion-mnist-seed')
-	conf.set('spark.ui.showConsoleProgress', 'false')
-	sc = pyspark.SparkContext(conf=conf)
-	sc.setLogLevel('ERROR')
-	try:
-		acc = train(sc=sc, user=os.environ.get('USER', 'user'), name='fashion_mnist_seed', server_host=args.server_host, server_port=args.server_port, sync_interval=args.sync_interval, batch_size=args.batch_size, num_partition=args.partitions, num_epoch=args.epochs)
-	finally:
-		sc.stop()
-	if acc < args.min_accuracy:
-		print('test accuracy %.4f is below the bound %.2f' % (acc, args.min_accuracy))
-		return 1
-	return 0
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--master", default="local[2]", help="Spark master URL")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--sync-interval", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--server-host", default=None, help="PS address for executors (default: the driver's)"
+    )
+    parser.add_argument("--server-port", type=int, default=0, help="PS port (0: a free one)")
+    parser.add_argument(
+        "--min-accuracy", type=float, default=0.0, help="exit 1 below this test accuracy"
+    )
+    args = parser.parse_args(argv)
+    for path in (mnist_image_file, mnist_label_file, mnist_test_image_file, mnist_test_label_file):
+        if not os.path.exists(path):
+            sys.exit(
+                "%s is missing: install Debian package dataset-fashion-mnist (make demo does)"
+                % path
+            )
+    # Spark's Python workers must use this interpreter (it has TensorFlow).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    conf = pyspark.SparkConf().setMaster(args.master).setAppName("tensorspark-fashion-mnist-seed")
+    conf.set("spark.ui.showConsoleProgress", "false")
+    sc = pyspark.SparkContext(conf=conf)
+    sc.setLogLevel("ERROR")
+    try:
+        acc = train(
+            sc=sc,
+            user=os.environ.get("USER", "user"),
+            name="fashion_mnist_seed",
+            server_host=args.server_host,
+            server_port=args.server_port,
+            sync_interval=args.sync_interval,
+            batch_size=args.batch_size,
+            num_partition=args.partitions,
+            num_epoch=args.epochs,
+        )
+    finally:
+        sc.stop()
+    if acc < args.min_accuracy:
+        print("test accuracy %.4f is below the bound %.2f" % (acc, args.min_accuracy))
+        return 1
+    return 0
 
 
-if __name__ == '__main__':
-	sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -262,6 +262,8 @@ def train_partition(
             if since_sync == cfg.sync_interval:
                 sync.push_and_pull(steps, partition, since_sync)
                 since_sync = 0
+                if not cfg.servers:  # heartbeats carry it to the driver's stats
+                    client.report_progress(steps, samples, float("nan"))
         if since_sync:
             sync.push_and_pull(steps, partition, since_sync)
         yield {

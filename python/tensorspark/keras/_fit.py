@@ -210,7 +210,8 @@ class _Run:
             threads=self.threads,
             connect_timeout=o["connect_timeout"],
             io_timeout=o["io_timeout"],
-            heartbeat_interval=o["heartbeat_timeout"] / 3,
+            # Heartbeats also carry the progress reports the driver draws.
+            heartbeat_interval=min(1.0, o["heartbeat_timeout"] / 3),
             join=train,
         )
 
