@@ -129,6 +129,10 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The model builder lives in examples/; Spark's Python workers import it.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")) if p
+    )
     import pyspark
     import tensorflow as tf
 

@@ -329,6 +329,58 @@ class SparkSession:
             partitions=results,
         )
 
+    def save_checkpoint(self, path: str, var_list: list[Any] | None = None) -> str:
+        """Save the driver's trained variables as a TF checkpoint.
+
+        Parameters
+        ----------
+        path : str
+            Checkpoint prefix, e.g. ``"ckpt/model"`` (files
+            ``model.index`` and ``model.data-*`` are written; directories
+            are created).
+        var_list : list of tf.Variable, optional
+            Variables to save; default every global variable.
+
+        Returns
+        -------
+        str
+            The prefix, for ``tf.compat.v1.train.Saver().restore``.
+        """
+        import tensorflow.compat.v1 as tf
+
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        with self.sess.graph.as_default():
+            saver = tf.train.Saver(var_list=var_list, save_relative_paths=True)
+        return saver.save(self.sess, path, write_meta_graph=True)
+
+    def export_saved_model(
+        self, export_dir: str, inputs: dict[str, Any], outputs: dict[str, Any]
+    ) -> str:
+        """Export the trained graph as a SavedModel for serving.
+
+        Parameters
+        ----------
+        export_dir : str
+            A directory that does not exist yet.
+        inputs, outputs : dict of str to tf.Tensor
+            The serving signature, e.g. ``{"x": x}`` and ``{"y": y}``.
+
+        Returns
+        -------
+        str
+            ``export_dir``, loadable with ``tf.saved_model.load``.
+        """
+        import tensorflow.compat.v1 as tf
+
+        if os.path.exists(export_dir):
+            raise TensorSparkValueError(
+                f"export_saved_model: {export_dir} already exists; choose a new directory"
+            )
+        with self.sess.graph.as_default():
+            tf.saved_model.simple_save(self.sess, export_dir, inputs=inputs, outputs=outputs)
+        return export_dir
+
     def close(self) -> None:
         """Close the driver's connection and stop the in-driver server."""
         self._finalizer()

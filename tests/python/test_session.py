@@ -301,3 +301,25 @@ def test_bounded_staleness_applies_every_push(sc, tf1):
     np.testing.assert_array_equal(final, [80.0, 80.0])
     with pytest.raises(TensorSparkValueError, match="mode"):
         train_counting(sc, tf1, 8, 2, sync_interval=2, consistency="bogus")
+
+
+def test_trained_graph_exports_as_checkpoint_and_saved_model(sc, tf1, tmp_path):
+    x, v, train = counting_graph(tf1)
+    y = tf1.identity(v * 2.0, name="y")
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=3, batch_size=10) as ss:
+        ss.run(train, feed_rdd=ones_rdd(sc, 40, 2), feed_name_list=[x.name])
+        prefix = ss.save_checkpoint(str(tmp_path / "ckpt" / "model"))
+        export = ss.export_saved_model(str(tmp_path / "saved"), {"x": x}, {"y": y})
+        with pytest.raises(TensorSparkValueError, match="already exists"):
+            ss.export_saved_model(export, {"x": x}, {"y": y})
+    np.testing.assert_array_equal(sess.run(v), [40.0, 40.0])
+    with tf1.Graph().as_default():
+        restored = tf1.Session()
+        tf1.train.import_meta_graph(prefix + ".meta").restore(restored, prefix)
+        np.testing.assert_array_equal(restored.run("v:0"), [40.0, 40.0])
+    with tf1.Graph().as_default():
+        served = tf1.Session()
+        tf1.saved_model.loader.load(served, ["serve"], export)
+        np.testing.assert_array_equal(served.run("y:0"), [80.0, 80.0])
