@@ -117,7 +117,7 @@ def test_vector_column_builder_callbacks_and_tensorboard(spark, tmp_path):
             if epoch == 1:
                 self.model.stop_training = True
 
-    _, history = fit(
+    model, history = fit(
         lambda: _build(0.02),
         df,
         features_col="vec",
@@ -127,9 +127,13 @@ def test_vector_column_builder_callbacks_and_tensorboard(spark, tmp_path):
         callbacks=[StopAfterTwo()],
         validation_data=df,
         log_dir=str(tmp_path),
+        save_path=str(tmp_path / "trained.keras"),
         progress=False,
     )
     assert history.epoch == [0, 1]
+    saved = keras.saving.load_model(tmp_path / "trained.keras")
+    for a, b in zip(saved.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
     assert [e for e, _ in seen] == [0, 1]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(seen[-1][1])
     assert history.history["val_accuracy"][-1] > 0.85

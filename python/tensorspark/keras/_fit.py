@@ -327,6 +327,7 @@ def fit(
     log_dir: str | None = None,
     name: str | None = None,
     custom_objects: dict[str, Any] | None = None,
+    save_path: str | None = None,
     server_host: str | None = None,
     server_port: int = 0,
     seed: int = 0,
@@ -406,6 +407,9 @@ def fit(
         model's name.
     custom_objects : dict, optional
         Passed to ``keras.saving.load_model`` in the tasks.
+    save_path : str, optional
+        Save the trained model here at the end (a ``.keras`` file, as
+        ``model.save``).
     server_host, server_port : str, int
         Address tasks use to reach the driver's parameter server; default
         the driver's address (loopback in local mode) and a free port.
@@ -461,6 +465,8 @@ def _options(given: dict[str, Any]) -> dict[str, Any]:
         raise TensorSparkValueError(
             f"update must be one of {list(_spec.UPDATES)}, got {opts['update']!r}"
         )
+    if opts["save_path"] and not str(opts["save_path"]).endswith(".keras"):
+        raise TensorSparkValueError(f"save_path must name a .keras file, got {opts['save_path']!r}")
     vd = opts["validation_data"]
     if isinstance(vd, tuple) and len(vd) != 2:
         raise TensorSparkValueError("validation_data as a tuple must be (x, y)")
@@ -528,6 +534,8 @@ def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
         if tb:
             tb.close()
     callbacks.on_train_end(logs)
+    if opts["save_path"]:
+        model.save(opts["save_path"])
     return FitResult(model, history)
 
 
