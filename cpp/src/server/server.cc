@@ -185,7 +185,8 @@ Status ServerImpl::WriteSnapshotLocked(const char* why, std::string* path) {
            std::to_string(info.version) + ", " + std::to_string(info.variables) + " variables, " +
            std::to_string(info.bytes) + " bytes, " + took + " s)");
   std::vector<std::string> removed;
-  if (Status p = storage::PruneSnapshots(o.snapshot_dir, o.snapshot_keep, &removed); !p.ok()) {
+  if (Status p = storage::PruneSnapshots(o.snapshot_dir, o.snapshot_keep, &removed, info.path);
+      !p.ok()) {
     LogEvent("removing old snapshots failed: " + p.ToString());
   }
   if (path != nullptr) *path = info.path;

@@ -348,7 +348,7 @@ class FileReader {
     return Status(StatusCode::kInvalidArgument, path_ + ": " + why);
   }
   Status Truncated(uint64_t at, const std::string& why) const {
-    return Fail("truncated at byte " + std::to_string(at) + " (" + why + ")");
+    return Fail("truncated at byte " + std::to_string(at) + ": " + why);
   }
 
   CrcTracker& crc() { return crc_; }
@@ -392,8 +392,8 @@ std::string TensorLabel(const std::vector<uint8_t>& meta, uint64_t index) {
 Status ReadRecord(FileReader* f, uint64_t index, const std::string& what, RawRecord* rec,
                   std::vector<float>* data) {
   rec->offset = f->pos();
-  TS_RETURN_IF_ERROR(f->Need(kSnapshotRecordHeaderSize,
-                             "the header of record " + std::to_string(index) + " (" + what + ")"));
+  const std::string label = "record " + std::to_string(index) + " (" + what + ")";
+  TS_RETURN_IF_ERROR(f->Need(kSnapshotRecordHeaderSize, "the header of " + label));
   f->crc().BeginRecord();
   uint8_t head[kSnapshotRecordHeaderSize];
   TS_RETURN_IF_ERROR(f->Read(head, sizeof(head)));
@@ -407,7 +407,7 @@ Status ReadRecord(FileReader* f, uint64_t index, const std::string& what, RawRec
     return f->Fail(what + " has a corrupt record header: meta " + std::to_string(meta_len) +
                    " bytes, data " + std::to_string(data_len) + " bytes" + at);
   }
-  TS_RETURN_IF_ERROR(f->Need(uint64_t{meta_len} + data_len + 4, what + at));
+  TS_RETURN_IF_ERROR(f->Need(uint64_t{meta_len} + data_len + 4, "the rest of " + label));
   rec->meta.resize(meta_len);
   TS_RETURN_IF_ERROR(f->Read(rec->meta.data(), meta_len));
   data->resize(data_len / sizeof(float));
@@ -416,8 +416,8 @@ Status ReadRecord(FileReader* f, uint64_t index, const std::string& what, RawRec
   uint8_t stored[4];
   TS_RETURN_IF_ERROR(f->Read(stored, sizeof(stored)));
   if (LoadLE32(stored) != computed) {
-    const std::string label = rec->type == kRecordTensor ? TensorLabel(rec->meta, index) : what;
-    return f->Fail(label + " checksum mismatch" + at);
+    const std::string name = rec->type == kRecordTensor ? TensorLabel(rec->meta, index) : what;
+    return f->Fail(name + " checksum mismatch" + at);
   }
   return Status::OK();
 }
@@ -625,13 +625,25 @@ Status ListSnapshots(const std::string& dir, std::vector<std::pair<uint64_t, std
   return Status::OK();
 }
 
-Status PruneSnapshots(const std::string& dir, uint64_t keep, std::vector<std::string>* removed) {
+Status PruneSnapshots(const std::string& dir, uint64_t keep, std::vector<std::string>* removed,
+                      const std::string& written) {
   removed->clear();
   std::vector<std::pair<uint64_t, std::string>> files;
   TS_RETURN_IF_ERROR(ListSnapshots(dir, &files));
   std::vector<std::string> doomed;
   if (keep > 0) {
-    for (size_t i = keep; i < files.size(); ++i) doomed.push_back(files[i].second);
+    // `written` counts among the kept ones wherever it sorts.
+    uint64_t kept = 0;
+    const bool protect =
+        std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.second == written; });
+    for (const auto& [version, path] : files) {
+      if (path == written) continue;
+      if (kept + (protect ? 1 : 0) < keep) {
+        ++kept;
+      } else {
+        doomed.push_back(path);
+      }
+    }
   }
   // Leftovers of writes cut short (a crash) of versions older than the
   // newest snapshot: no write of ours is in flight (the caller serializes).

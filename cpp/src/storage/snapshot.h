@@ -74,10 +74,13 @@ bool ParseSnapshotFileName(std::string_view name, uint64_t* version);
 
 // Keeps the `keep` newest snapshot files of `dir` (0 keeps all) and
 // deletes the older ones, and any temporary file left by an interrupted
-// write of an older version. `removed` receives the deleted paths; the
-// first failure to delete is returned after trying every file.
+// write of an older version; never deletes `written` (the file just
+// written, which may be older than others after resuming from an older
+// snapshot). `removed` receives the deleted paths; the first failure to
+// delete is returned after trying every file.
 [[nodiscard]] Status PruneSnapshots(const std::string& dir, uint64_t keep,
-                                    std::vector<std::string>* removed);
+                                    std::vector<std::string>* removed,
+                                    const std::string& written = "");
 
 // The snapshot files of `dir` as (version, path), newest first.
 [[nodiscard]] Status ListSnapshots(const std::string& dir,

@@ -286,6 +286,20 @@ TEST(SnapshotTest, PruneKeepsTheNewest) {
   EXPECT_EQ(files[1].first, 4u);
   EXPECT_EQ(files[2].first, 3u);
   EXPECT_TRUE(std::filesystem::exists(dir.Sub("notes.txt")));
+
+  // The file just written is kept even when newer ones exist (after a
+  // resume from an older snapshot), and counts among the kept.
+  const std::string older = dir.Sub(SnapshotFileName(1));
+  WriteBytes(older, std::vector<uint8_t>(1));
+  ASSERT_TRUE(PruneSnapshots(dir.path(), 2, &removed, older).ok());
+  EXPECT_EQ(removed,
+            (std::vector<std::string>{dir.Sub(SnapshotFileName(4)), dir.Sub(SnapshotFileName(3))}));
+  ASSERT_TRUE(ListSnapshots(dir.path(), &files).ok());
+  ASSERT_EQ(files.size(), 2u);  // 5 and 1
+  ASSERT_TRUE(PruneSnapshots(dir.path(), 1, &removed, older).ok());
+  ASSERT_TRUE(ListSnapshots(dir.path(), &files).ok());
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_EQ(files[0].second, older);
 }
 
 // A small snapshot with Adam slots, as bytes.
@@ -311,7 +325,7 @@ TEST(SnapshotTest, EveryTruncationIsDetected) {
     SnapshotData data;
     Status s = ReadSnapshot(cut, &data);
     ASSERT_EQ(s.code(), StatusCode::kInvalidArgument) << len;
-    EXPECT_TRUE(s.message().starts_with(cut + ": truncated at byte " + std::to_string(len) + " ("))
+    EXPECT_TRUE(s.message().starts_with(cut + ": truncated at byte " + std::to_string(len) + ": "))
         << s.message();
   }
 }
