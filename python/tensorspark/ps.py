@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
@@ -122,6 +123,16 @@ def _push(client, values: Mapping[str, np.ndarray], kind: str, lr: float, window
     return client.push(_KINDS[kind], names, arrays, learning_rate=lr, mean_window=window)
 
 
+def _path_or_empty(what: str, path: str | os.PathLike | None) -> str:
+    if path is None:
+        return ""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise TensorSparkValueError(
+            f"ParameterServer: {what} must be a non-empty path or None, got {path!r}"
+        )
+    return os.fsdecode(path)
+
+
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     """``"host:port"`` (or a ``(host, port)`` pair) as ``(host, port)``."""
     if isinstance(address, tuple):
@@ -173,11 +184,36 @@ class ParameterServer:
         Serve the counters in the Prometheus text format at
         ``http://host:metrics_port/metrics``; 0 picks a free port (see
         :attr:`metrics_port`). None (default) serves no endpoint.
+    snapshot_dir : str or os.PathLike, optional
+        Directory for snapshots of the variables, their optimizer state and
+        the model version (created if missing; docs/snapshots.md). With it,
+        :meth:`snapshot` writes one, and :meth:`stop` writes a final one if
+        the model changed since the last. None (default): no snapshots.
+    snapshot_every_s : float
+        Write a snapshot in the background when the model changed and this
+        many seconds passed since the last one; 0 (default) is off. Needs
+        ``snapshot_dir``.
+    snapshot_every_versions : int
+        Write a snapshot when this many more pushes were applied since the
+        last one; 0 (default) is off. Needs ``snapshot_dir``.
+    snapshot_keep : int
+        Snapshot files kept in ``snapshot_dir``; older ones are deleted after
+        a new one is written. 0 keeps all. Default 3.
+    resume_from : str or os.PathLike, optional
+        Start from a snapshot file, or from the newest valid snapshot in a
+        directory (newer corrupt or truncated ones are skipped with a message
+        on stderr naming the file and its fault). The server starts with its
+        variables, optimizer state and version, and counts on from it.
 
     Raises
     ------
     AddressInUseError
         The port (or a live ``unix_path``) is taken.
+    TensorSparkValueError
+        A bad option, an unusable ``snapshot_dir``, or a ``resume_from`` with
+        no valid snapshot (the message names each file and its fault;
+        :class:`VariableNotFoundError`, a subclass, when the path or any
+        snapshot file is missing).
     """
 
     def __init__(
@@ -194,6 +230,11 @@ class ParameterServer:
         update_threads: int = 0,
         unix_path: str | None = None,
         metrics_port: int | None = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        snapshot_every_s: float = 0,
+        snapshot_every_versions: int = 0,
+        snapshot_keep: int = 3,
+        resume_from: str | os.PathLike | None = None,
     ) -> None:
         if unix_path is not None and (not isinstance(unix_path, str) or not unix_path):
             raise TensorSparkValueError(
@@ -214,6 +255,15 @@ class ParameterServer:
                 "ParameterServer: metrics_port must be None (off) or 0..65535, "
                 f"got {metrics_port!r}"
             )
+        snapshot_every_s = _as_number("ParameterServer: snapshot_every_s", snapshot_every_s)
+        for what, n in (
+            ("snapshot_every_versions", snapshot_every_versions),
+            ("snapshot_keep", snapshot_keep),
+        ):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise TensorSparkValueError(
+                    f"ParameterServer: {what} must be an int >= 0, got {n!r}"
+                )
         self.host = host
         self._server = _core.Server(
             host,
@@ -227,6 +277,11 @@ class ParameterServer:
             update_threads=int(update_threads),
             unix_path=unix_path or "",
             metrics_port=-1 if metrics_port is None else metrics_port,
+            snapshot_dir=_path_or_empty("snapshot_dir", snapshot_dir),
+            snapshot_every_s=snapshot_every_s,
+            snapshot_every_versions=snapshot_every_versions,
+            snapshot_keep=snapshot_keep,
+            resume_from=_path_or_empty("resume_from", resume_from),
         )
         self.unix_path = unix_path
 
@@ -258,8 +313,22 @@ class ParameterServer:
         """
         return dict(self._server.stats())
 
+    def snapshot(self) -> str:
+        """Write a snapshot into ``snapshot_dir`` now and return its path.
+
+        Raises :class:`TensorSparkValueError` when the server has no
+        ``snapshot_dir``, is stopped, or the write failed (the message names
+        the file; the server keeps serving and counts it in
+        ``stats()["snapshot_errors"]``).
+        """
+        return self._server.snapshot()
+
     def stop(self) -> None:
-        """Stop serving; close every connection and join the server threads."""
+        """Stop serving; close every connection and join the server threads.
+
+        With ``snapshot_dir`` set, a final snapshot is written first if the
+        model changed since the last one.
+        """
         self._server.stop()
 
     def wait_until_stopped(self, timeout: float) -> bool:

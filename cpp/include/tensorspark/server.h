@@ -14,6 +14,11 @@
 //   TS_RETURN_IF_ERROR(tensorspark::Server::Start(opt, &server));
 //   std::printf("listening on %u\n", server->port());
 //   server->WaitUntilStopped(-1);  // until Stop() or a client's shutdown call
+//
+// Snapshots (docs/snapshots.md): with snapshot_dir set the server writes
+// its variables, optimizer state and version to checksummed files there,
+// when due, on Snapshot() and on Stop(); resume_from starts a server from
+// one of them.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +61,29 @@ struct ServerOptions {
   // Port of the Prometheus endpoint (GET /metrics on bind_address): -1 (the
   // default) serves none, 0 picks a free port.
   int metrics_port = -1;
+
+  // ---- snapshots (docs/snapshots.md) ----
+  // Directory of the snapshot files (created if missing); empty: no
+  // snapshots. One server per directory.
+  std::string snapshot_dir;
+  // A background thread writes a snapshot when the model changed and this
+  // many seconds passed since the last one (0: off; finite, >= 0) ...
+  double snapshot_every_s = 0;
+  // ... or when the version grew by this many pushes since the last one
+  // (0: off). Either needs snapshot_dir. With snapshot_dir set, Stop()
+  // writes a final snapshot if the model changed since the last one.
+  uint64_t snapshot_every_versions = 0;
+  // Snapshot files kept in snapshot_dir: older ones are deleted after a new
+  // one is written. 0 keeps all.
+  uint64_t snapshot_keep = 3;
+  // Start from a snapshot: a snapshot file, or a directory whose newest
+  // valid snapshot is used (newer corrupt or truncated ones are skipped and
+  // logged, naming the file and the fault). The server starts with its
+  // variables, optimizer state and version; pushes count on from it.
+  // Start() fails with kNotFound when the path or any snapshot file is
+  // missing and kInvalidArgument when no snapshot is valid. Empty: start
+  // empty.
+  std::string resume_from;
 };
 
 class ServerImpl;
@@ -82,8 +110,17 @@ class Server {
   // Current counters (the same ones the protocol's stats call returns).
   std::vector<StatEntry> Stats() const;
 
-  // Stops accepting, closes every connection and joins all threads.
-  // Idempotent; safe from any thread except a connection thread.
+  // Writes a snapshot now (also while the background thread is on) and
+  // sets *path (may be null) to its file. kInvalidArgument when
+  // snapshot_dir is empty; a failed write returns its error (naming the
+  // file), is logged and counted in snapshot_errors, and leaves the server
+  // serving. Thread-safe; snapshots are written one at a time.
+  Status Snapshot(std::string* path);
+
+  // Stops accepting, closes every connection and joins all threads, then
+  // writes the final snapshot (when snapshot_dir is set and the model
+  // changed since the last one). Idempotent; safe from any thread except a
+  // connection thread.
   void Stop();
 
   // Blocks until the server has stopped (by Stop() or a client's shutdown

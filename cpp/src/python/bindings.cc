@@ -478,7 +478,9 @@ class PyServer {
   PyServer(const std::string& bind, uint16_t port, nb::bytes secret, uint64_t max_frame_bytes,
            uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
            double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path,
-           int metrics_port) {
+           int metrics_port, const std::string& snapshot_dir, double snapshot_every_s,
+           uint64_t snapshot_every_versions, uint64_t snapshot_keep,
+           const std::string& resume_from) {
     ServerOptions opt;
     opt.unix_path = unix_path;
     opt.bind_address = bind;
@@ -491,6 +493,11 @@ class PyServer {
     opt.handshake_timeout_s = handshake_timeout_s;
     opt.update_threads = update_threads;
     opt.metrics_port = metrics_port;
+    opt.snapshot_dir = snapshot_dir;
+    opt.snapshot_every_s = snapshot_every_s;
+    opt.snapshot_every_versions = snapshot_every_versions;
+    opt.snapshot_keep = snapshot_keep;
+    opt.resume_from = resume_from;
     Released([&] { return Server::Start(opt, &server_); });
   }
 
@@ -499,6 +506,18 @@ class PyServer {
   uint64_t version() const { return server_ ? server_->version() : 0; }
   nb::dict Stats() const { return server_ ? StatsToDict(server_->Stats()) : nb::dict(); }
   bool running() const { return server_ != nullptr; }
+
+  std::string Snapshot() {
+    if (!server_) {
+      ThrowIfError(Status(StatusCode::kInvalidArgument,
+                          "snapshot: the server is stopped (its final snapshot, if any, was "
+                          "written on stop)"));
+    }
+    std::string path;
+    Server* s = server_.get();
+    Released([&] { return s->Snapshot(&path); });
+    return path;
+  }
 
   void Stop() {
     if (!server_) return;
@@ -542,11 +561,14 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
-                    double, uint32_t, const std::string&, int>(),
+                    double, uint32_t, const std::string&, int, const std::string&, double, uint64_t,
+                    uint64_t, const std::string&>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
            "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "",
-           "metrics_port"_a = -1)
+           "metrics_port"_a = -1, "snapshot_dir"_a = "", "snapshot_every_s"_a = 0.0,
+           "snapshot_every_versions"_a = uint64_t{0}, "snapshot_keep"_a = uint64_t{3},
+           "resume_from"_a = "")
       .def_prop_ro("port", &PyServer::port, "The bound port.")
       .def_prop_ro("metrics_port", &PyServer::metrics_port,
                    "Port of the Prometheus /metrics endpoint, -1 when off.")
@@ -554,7 +576,10 @@ NB_MODULE(_core, m) {
       .def_prop_ro("running", &PyServer::running)
       .def("stats", &PyServer::Stats,
            "Counters as a dict of int (keys ending in _f64, before labels: float).")
-      .def("stop", &PyServer::Stop, "Stop serving and join all server threads.")
+      .def("snapshot", &PyServer::Snapshot,
+           "Write a snapshot into snapshot_dir now; returns its path.")
+      .def("stop", &PyServer::Stop,
+           "Stop serving and join all server threads (writes the final snapshot, if any).")
       .def("wait_until_stopped", &PyServer::WaitUntilStopped, "timeout_s"_a,
            "Block until stopped or timeout_s passes (negative: forever); True if stopped.");
 

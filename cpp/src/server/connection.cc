@@ -55,6 +55,10 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
       {"bytes_out", get(counters.bytes_out)},
       {"errors", get(counters.errors)},
       {"auth_failures", get(counters.auth_failures)},
+      {"snapshots_written", get(counters.snapshots_written)},
+      {"snapshot_errors", get(counters.snapshot_errors)},
+      {"snapshot_version", get(counters.snapshot_version)},
+      {"resumed_version", get(counters.resumed_version)},
   };
   membership.AppendStats(&out);
   return out;

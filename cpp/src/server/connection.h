@@ -38,6 +38,12 @@ struct ServerCounters {
   std::atomic<uint64_t> bytes_out{0};
   std::atomic<uint64_t> errors{0};
   std::atomic<uint64_t> auth_failures{0};
+  // Snapshots (docs/snapshots.md): files written, failed attempts, the
+  // version of the last one written and the version resumed from.
+  std::atomic<uint64_t> snapshots_written{0};
+  std::atomic<uint64_t> snapshot_errors{0};
+  std::atomic<uint64_t> snapshot_version{0};
+  std::atomic<uint64_t> resumed_version{0};
 };
 
 // State shared by the server and all its connections; outlives them.

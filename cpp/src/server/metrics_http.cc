@@ -11,9 +11,9 @@
 namespace tensorspark::server {
 namespace {
 
-constexpr std::array<std::string_view, 8> kCounterKeys = {
-    "pushes",    "pulls",  "registers",     "bytes_in",
-    "bytes_out", "errors", "auth_failures", "connections_total"};
+constexpr std::array<std::string_view, 10> kCounterKeys = {
+    "pushes", "pulls",         "registers",         "bytes_in",        "bytes_out",
+    "errors", "auth_failures", "connections_total", "snapshot_errors", "snapshots_written"};
 constexpr size_t kMaxRequest = 8192;
 constexpr double kScrapeDeadlineS = 2.0;
 

@@ -2,11 +2,16 @@
 #include "tensorspark/server.h"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
+#include <cstdio>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <system_error>
@@ -18,6 +23,7 @@
 #include "protocol/messages.h"
 #include "server/connection.h"
 #include "server/metrics_http.h"
+#include "storage/snapshot.h"
 
 namespace tensorspark {
 
@@ -26,6 +32,33 @@ using server::LogEvent;
 
 namespace {
 constexpr uint32_t kMaxUpdateThreads = 1024;
+// How often the snapshot thread looks whether a snapshot is due.
+constexpr auto kSnapshotCheck = std::chrono::milliseconds(100);
+// After a failed background write the next try waits this long, so a full
+// disk does not make the thread spin and flood the log.
+constexpr auto kSnapshotRetry = std::chrono::seconds(5);
+
+// mkdir -p: creates `dir` and missing parents (mode 0755).
+Status MakeDirs(const std::string& dir) {
+  for (size_t pos = 1; pos <= dir.size(); ++pos) {
+    if (pos < dir.size() && dir[pos] != '/') continue;
+    const std::string prefix = dir.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      return Status(StatusCode::kInvalidArgument, "snapshot_dir '" + dir + "': cannot create '" +
+                                                      prefix + "': " + std::strerror(errno));
+    }
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot_dir '" + dir + "' exists and is not a directory");
+  }
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot_dir '" + dir + "' is not writable: " + std::strerror(errno));
+  }
+  return Status::OK();
+}
 }  // namespace
 
 class ServerImpl {
@@ -38,6 +71,7 @@ class ServerImpl {
   int metrics_port() const { return metrics_ ? metrics_->port() : -1; }
   uint64_t version() const { return ctx_.store.version(); }
   std::vector<StatEntry> Stats() const { return ctx_.Snapshot(); }
+  Status Snapshot(std::string* path);
   void Stop();
   bool WaitUntilStopped(double timeout_s);
 
@@ -55,6 +89,15 @@ class ServerImpl {
   void Refuse(net::Socket sock, const std::string& peer, const Status& why);
   void RequestShutdown();
 
+  // Validates the snapshot options, prepares snapshot_dir and restores
+  // resume_from into the (still empty) store; before anything listens.
+  Status StartSnapshots();
+  // Writes snapshots when due until Stop().
+  void SnapshotLoop();
+  // Writes one snapshot, logs and counts the outcome, prunes old files.
+  // Caller holds snapshot_mu_.
+  Status WriteSnapshotLocked(const char* why, std::string* path);
+
   server::ServerContext ctx_;
   net::Socket listener_;
   uint16_t port_ = 0;
@@ -71,7 +114,117 @@ class ServerImpl {
   std::condition_variable state_cv_;
   bool stopped_ = false;
   bool stop_requested_ = false;
+  bool started_ = false;  // Start() succeeded (so Stop() writes the final snapshot)
+
+  std::thread snapshot_thread_;
+  std::mutex snapshot_mu_;  // one snapshot write at a time; guards last_snap_*
+  uint64_t last_snap_version_ = 0;
+  uint64_t last_snap_generation_ = 0;  // store generation the last snapshot covers
+  std::chrono::steady_clock::time_point last_snap_time_;
+  std::chrono::steady_clock::time_point snap_retry_after_;  // after a failed background write
+  std::mutex snap_wait_mu_;                                 // guards snap_stop_
+  std::condition_variable snap_cv_;
+  bool snap_stop_ = false;
 };
+
+Status ServerImpl::StartSnapshots() {
+  const ServerOptions& o = ctx_.options;
+  if (!(o.snapshot_every_s >= 0) || !std::isfinite(o.snapshot_every_s)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot_every_s must be a finite number of seconds >= 0 (0: off)");
+  }
+  if ((o.snapshot_every_s > 0 || o.snapshot_every_versions > 0) && o.snapshot_dir.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot_every_s and snapshot_every_versions need a snapshot_dir");
+  }
+  if (!o.snapshot_dir.empty()) TS_RETURN_IF_ERROR(MakeDirs(o.snapshot_dir));
+  last_snap_time_ = std::chrono::steady_clock::now();
+  if (o.resume_from.empty()) return Status::OK();
+
+  storage::SnapshotData data;
+  std::string chosen;
+  std::vector<std::string> skipped;
+  Status s = storage::LoadSnapshot(o.resume_from, &data, &chosen, &skipped);
+  for (const std::string& why : skipped) {
+    LogEvent("resume: skipping " + why + (s.ok() ? "; falling back to an older snapshot" : ""));
+  }
+  TS_RETURN_IF_ERROR(s);
+  const uint64_t version = data.version;
+  const size_t variables = data.variables.size();
+  TS_RETURN_IF_ERROR(
+      storage::RestoreSnapshot(std::move(data), &ctx_.store).WithContext("resume from " + chosen));
+  ctx_.counters.resumed_version.store(version, std::memory_order_relaxed);
+  // The resumed state counts as written: no snapshot until it changes.
+  last_snap_version_ = version;
+  last_snap_generation_ = ctx_.store.generation();
+  LogEvent("resumed from " + chosen + ": version " + std::to_string(version) + ", " +
+           std::to_string(variables) + " variables");
+  return Status::OK();
+}
+
+Status ServerImpl::WriteSnapshotLocked(const char* why, std::string* path) {
+  const ServerOptions& o = ctx_.options;
+  const auto start = std::chrono::steady_clock::now();
+  last_snap_time_ = start;
+  storage::SnapshotInfo info;
+  Status s = storage::WriteSnapshot(ctx_.store, o.snapshot_dir, &info);
+  if (!s.ok()) {
+    ctx_.counters.snapshot_errors.fetch_add(1, std::memory_order_relaxed);
+    LogEvent(std::string("snapshot (") + why + ") failed: " + s.ToString());
+    return s;
+  }
+  ctx_.counters.snapshots_written.fetch_add(1, std::memory_order_relaxed);
+  ctx_.counters.snapshot_version.store(info.version, std::memory_order_relaxed);
+  last_snap_version_ = info.version;
+  last_snap_generation_ = info.generation;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  char took[32];
+  std::snprintf(took, sizeof(took), "%.3f", secs);
+  LogEvent(std::string("snapshot (") + why + ") written: " + info.path + " (version " +
+           std::to_string(info.version) + ", " + std::to_string(info.variables) + " variables, " +
+           std::to_string(info.bytes) + " bytes, " + took + " s)");
+  std::vector<std::string> removed;
+  if (Status p = storage::PruneSnapshots(o.snapshot_dir, o.snapshot_keep, &removed, info.path);
+      !p.ok()) {
+    LogEvent("removing old snapshots failed: " + p.ToString());
+  }
+  if (path != nullptr) *path = info.path;
+  return Status::OK();
+}
+
+Status ServerImpl::Snapshot(std::string* path) {
+  if (ctx_.options.snapshot_dir.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshots are off: start the server with a snapshot_dir");
+  }
+  std::lock_guard lock(snapshot_mu_);
+  return WriteSnapshotLocked("requested", path);
+}
+
+void ServerImpl::SnapshotLoop() {
+  const ServerOptions& o = ctx_.options;
+  const auto every = std::chrono::duration<double>(o.snapshot_every_s);
+  std::unique_lock wait_lock(snap_wait_mu_);
+  while (!snap_cv_.wait_for(wait_lock, kSnapshotCheck, [this] { return snap_stop_; })) {
+    wait_lock.unlock();
+    {
+      std::lock_guard lock(snapshot_mu_);
+      const auto now = std::chrono::steady_clock::now();
+      const bool changed = ctx_.store.generation() != last_snap_generation_;
+      // The version only grows, and last_snap_version_ was read from it.
+      const bool by_versions =
+          o.snapshot_every_versions > 0 &&
+          ctx_.store.version() - last_snap_version_ >= o.snapshot_every_versions;
+      const bool by_time = o.snapshot_every_s > 0 && now - last_snap_time_ >= every;
+      if (changed && (by_versions || by_time) && now >= snap_retry_after_) {
+        Status st = WriteSnapshotLocked(by_versions ? "every_versions" : "every_s", nullptr);
+        if (!st.ok()) snap_retry_after_ = now + kSnapshotRetry;
+      }
+    }
+    wait_lock.lock();
+  }
+}
 
 Status ServerImpl::Start() {
   const ServerOptions& o = ctx_.options;
@@ -102,6 +255,7 @@ Status ServerImpl::Start() {
   const size_t threads =
       o.update_threads != 0 ? o.update_threads : std::max(1u, std::thread::hardware_concurrency());
   TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
+  TS_RETURN_IF_ERROR(StartSnapshots());
   TS_RETURN_IF_ERROR(net::Listen(o.bind_address, o.port, &listener_, &port_));
   if (!o.unix_path.empty()) TS_RETURN_IF_ERROR(net::ListenUnix(o.unix_path, &unix_listener_));
   if (o.metrics_port >= 0) {
@@ -116,10 +270,14 @@ Status ServerImpl::Start() {
     if (unix_listener_.valid()) {
       unix_acceptor_ = std::thread([this] { AcceptLoop(&unix_listener_); });
     }
+    if (o.snapshot_every_s > 0 || o.snapshot_every_versions > 0) {
+      snapshot_thread_ = std::thread([this] { SnapshotLoop(); });
+    }
   } catch (const std::system_error& e) {
     return Status(StatusCode::kInternal,
-                  std::string("cannot start the acceptor thread: ") + e.what());
+                  std::string("cannot start the acceptor or snapshot thread: ") + e.what());
   }
+  started_ = true;
   return Status::OK();
 }
 
@@ -250,6 +408,18 @@ void ServerImpl::Stop() {
     conns.swap(conns_);
   }
   for (ConnEntry& e : conns) e.thread.join();
+  // Every connection is gone: the final snapshot holds every applied push.
+  {
+    std::lock_guard lock(snap_wait_mu_);
+    snap_stop_ = true;
+  }
+  snap_cv_.notify_all();
+  if (snapshot_thread_.joinable()) snapshot_thread_.join();
+  if (started_ && !ctx_.options.snapshot_dir.empty()) {
+    std::lock_guard lock(snapshot_mu_);
+    if (ctx_.store.generation() != last_snap_generation_)
+      (void)WriteSnapshotLocked("final", nullptr);
+  }
   {
     std::lock_guard lock(state_mu_);
     stopped_ = true;
@@ -282,6 +452,7 @@ uint16_t Server::port() const { return impl_->port(); }
 int Server::metrics_port() const { return impl_->metrics_port(); }
 uint64_t Server::version() const { return impl_->version(); }
 std::vector<StatEntry> Server::Stats() const { return impl_->Stats(); }
+Status Server::Snapshot(std::string* path) { return impl_->Snapshot(path); }
 void Server::Stop() { impl_->Stop(); }
 bool Server::WaitUntilStopped(double timeout_s) { return impl_->WaitUntilStopped(timeout_s); }
 

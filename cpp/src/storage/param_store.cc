@@ -43,6 +43,40 @@ std::string Num(float v) {
 
 // ---- Variable: optimizer state --------------------------------------------------
 
+Variable::Variable(uint64_t id, VariableState&& state)
+    : id_(id),
+      name_(std::move(state.name)),
+      shape_(std::move(state.shape)),
+      values_(std::move(state.values)),
+      optimizer_(state.optimizer),
+      slots_ready_(state.slots_ready),
+      step_(state.step) {
+  crc_ = protocol::Crc32c(values_.data(), values_.size() * sizeof(float));
+  if (slots_ready_ && optimizer_) {
+    for (int i = 0; i < optimizers::NumSlots(optimizer_->kind); ++i) {
+      slots_[i] = std::move(state.slots[i]);
+    }
+  }
+}
+
+void Variable::CopyState(VariableState* out) const {
+  std::shared_lock lock(mu_);
+  out->name = name_;
+  out->shape = shape_;
+  out->values.assign(values_.begin(), values_.end());
+  out->optimizer = optimizer_;
+  out->slots_ready = slots_ready_ && optimizer_.has_value();
+  out->step = step_;
+  const int n = out->slots_ready ? optimizers::NumSlots(optimizer_->kind) : 0;
+  for (int i = 0; i < optimizers::kMaxSlots; ++i) {
+    if (i < n) {
+      out->slots[i].assign(slots_[i].begin(), slots_[i].end());
+    } else {
+      out->slots[i].clear();
+    }
+  }
+}
+
 void Variable::SetOptimizer(const OptimizerConfig& config) {
   if (!optimizer_ || !optimizers::KeepsSlots(*optimizer_, config)) {
     slots_ready_ = false;
@@ -132,6 +166,7 @@ Status ParamStore::Register(std::span<const RegisterItem> items, std::vector<uin
     added += numel;
   }
   num_parameters_.fetch_add(added, std::memory_order_relaxed);
+  if (!fresh.empty()) generation_.fetch_add(1, std::memory_order_acq_rel);
   return Status::OK();
 }
 
@@ -239,6 +274,7 @@ Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<cons
           if (Status s = v->EnsureSlots(); !s.ok()) {
             if (i == 0) return s;
             version_.fetch_add(1, std::memory_order_acq_rel);
+            generation_.fetch_add(1, std::memory_order_acq_rel);
             return Status(s.code(), s.message() + " for this tensor; the " + std::to_string(i) +
                                         " tensors before it in this push were applied");
           }
@@ -255,6 +291,9 @@ Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<cons
     v->set_crc(optimizers::ApplyWithCrc(u, b, v->numel(), pool_, parallel_min_));
   }
   *version = version_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  // After the values: a snapshot that read the generation before this push
+  // finished sees it change (snapshot.h).
+  generation_.fetch_add(1, std::memory_order_acq_rel);
   return Status::OK();
 }
 
@@ -276,6 +315,67 @@ Status ParamStore::SetOptimizer(const OptimizerConfig& config,
     std::unique_lock lock(v->mu());
     v->SetOptimizer(config);
   }
+  generation_.fetch_add(1, std::memory_order_acq_rel);
+  return Status::OK();
+}
+
+std::optional<OptimizerConfig> ParamStore::default_optimizer() const {
+  std::shared_lock lock(map_mu_);
+  return default_optimizer_;
+}
+
+Status ParamStore::Restore(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                           std::vector<VariableState>&& vars) {
+  auto bad = [](std::string msg) { return Status(StatusCode::kInvalidArgument, std::move(msg)); };
+  if (default_opt) TS_RETURN_IF_ERROR(optimizers::ValidateConfig(*default_opt));
+  std::unique_lock lock(map_mu_);
+  if (!ordered_.empty()) {
+    return bad("cannot restore a snapshot into a server that already holds " +
+               std::to_string(ordered_.size()) + " variables");
+  }
+  if (vars.size() > max_variables_) {
+    return Status(StatusCode::kLimitExceeded, "the snapshot holds " + std::to_string(vars.size()) +
+                                                  " variables, more than the server's limit of " +
+                                                  std::to_string(max_variables_) +
+                                                  "; raise max_variables");
+  }
+  std::unordered_map<std::string_view, size_t> seen;
+  for (const VariableState& v : vars) {
+    const std::string who = "variable '" + v.name + "'";
+    if (v.name.empty()) return bad("a variable has an empty name");
+    if (!seen.emplace(v.name, 0).second) return bad(who + " appears twice");
+    for (int64_t d : v.shape) {
+      if (d < 0) return bad(who + " has a negative dimension");
+    }
+    const uint64_t numel = NumElements(v.shape);
+    if (v.values.size() != numel) {
+      return bad(who + " has " + std::to_string(v.values.size()) + " values for shape " +
+                 ShapeToString(v.shape));
+    }
+    if (!v.optimizer) {
+      if (v.slots_ready || v.step != 0) return bad(who + " has optimizer state but no optimizer");
+      continue;
+    }
+    if (Status s = optimizers::ValidateConfig(*v.optimizer); !s.ok()) return s.WithContext(who);
+    if (!v.slots_ready) continue;
+    for (int i = 0; i < optimizers::NumSlots(v.optimizer->kind); ++i) {
+      if (v.slots[i].size() != numel) {
+        return bad(who + " has " + std::to_string(v.slots[i].size()) + " values in slot " +
+                   std::to_string(i) + " but " + std::to_string(numel) + " elements");
+      }
+    }
+  }
+  uint64_t added = 0;
+  for (VariableState& v : vars) {
+    auto var = std::make_unique<Variable>(ordered_.size(), std::move(v));
+    added += var->numel();
+    ordered_.push_back(var.get());
+    by_name_.emplace(var->name(), std::move(var));
+  }
+  default_optimizer_ = default_opt;
+  num_parameters_.fetch_add(added, std::memory_order_relaxed);
+  version_.store(version, std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
   return Status::OK();
 }
 

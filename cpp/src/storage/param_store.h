@@ -8,6 +8,8 @@
 // Variables are never removed, so Variable pointers stay valid for the
 // store's lifetime and may be used after map_mu_ is released. Code holding
 // several variable locks at once must take them in increasing id() order.
+// A snapshot (storage/snapshot.h) copies one variable at a time under its
+// shared lock (CopyState) and writes the copy without any lock.
 #pragma once
 
 #include <atomic>
@@ -29,10 +31,28 @@
 
 namespace tensorspark::storage {
 
+// Everything the store holds of one variable: what a snapshot saves and
+// ParamStore::Restore puts back, so a restored variable takes the same next
+// step bit for bit.
+struct VariableState {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+  std::optional<OptimizerConfig> optimizer;
+  // Slots are state only once allocated (EnsureSlots): then slots[i] holds
+  // numel floats for i < NumSlots(kind). Until then they are refilled from
+  // the config at the next gradient push, and step is 0.
+  bool slots_ready = false;
+  uint64_t step = 0;
+  std::vector<float> slots[optimizers::kMaxSlots];
+};
+
 class Variable {
  public:
   Variable(uint64_t id, std::string name, std::vector<int64_t> shape, uint64_t numel)
       : id_(id), name_(std::move(name)), shape_(std::move(shape)), values_(numel) {}
+  // A variable restored from `state` (validated by the caller); computes crc().
+  Variable(uint64_t id, VariableState&& state);
 
   uint64_t id() const { return id_; }  // registration order; the lock order
   const std::string& name() const { return name_; }
@@ -63,8 +83,14 @@ class Variable {
   std::span<const float> slot(int i) const { return slots_[i]; }
   float* mutable_slot(int i) { return slots_[i].empty() ? nullptr : slots_[i].data(); }
   uint64_t step() const { return step_; }
+  bool slots_ready() const { return slots_ready_; }
   // Counts one more optimizer step and returns t.
   uint64_t NextStep() { return ++step_; }
+
+  // Copies values and optimizer state into `out` (reusing its buffers)
+  // under a shared lock, so the copy is one consistent state and pushes to
+  // this variable wait only for the copy.
+  void CopyState(VariableState* out) const;
 
  private:
   const uint64_t id_;
@@ -128,7 +154,23 @@ class ParamStore {
   [[nodiscard]] Status SetOptimizer(const OptimizerConfig& config,
                                     std::span<const std::string_view> names);
 
+  // Fills an empty store (nothing registered yet) from a snapshot: the
+  // variables in registration order, the default optimizer and the model
+  // version, which later pushes continue from. Validates everything first
+  // (kInvalidArgument: not empty, duplicate name, sizes that do not match
+  // the shape, bad optimizer config; kLimitExceeded: over max_variables)
+  // and changes nothing on failure.
+  [[nodiscard]] Status Restore(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                               std::vector<VariableState>&& vars);
+
+  // Optimizer given to variables registered from now on, if any.
+  std::optional<OptimizerConfig> default_optimizer() const;
+
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
+  // Grows with every change of the store's state (registration of a new
+  // variable, push, optimizer change, restore); equal values mean nothing
+  // changed in between. Read it before copying to know what a copy covers.
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
   uint64_t num_variables() const;
   uint64_t num_parameters() const { return num_parameters_.load(std::memory_order_relaxed); }
 
@@ -151,6 +193,7 @@ class ParamStore {
   std::unordered_map<std::string, std::unique_ptr<Variable>, NameHash, std::equal_to<>> by_name_;
   std::vector<Variable*> ordered_;  // guarded by map_mu_
   std::atomic<uint64_t> version_{0};
+  std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> num_parameters_{0};
 };
 

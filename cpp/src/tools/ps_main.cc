@@ -1,13 +1,16 @@
 // tensorspark-ps: the standalone parameter server.
 //
 //   tensorspark-ps --secret-file /path/to/secret [--port 10080] [--bind 0.0.0.0] [--threads N]
+//                  [--snapshot-dir DIR --snapshot-every-s S] [--resume-from DIR]
 //
 // Runs until SIGINT/SIGTERM or a client's SHUTDOWN request, then stops
-// cleanly and exits 0. Bad arguments exit 2, a failed start exits 1.
+// cleanly (writing a final snapshot when --snapshot-dir is set) and exits 0.
+// Bad arguments exit 2, a failed start exits 1.
 #include <pthread.h>
 #include <signal.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -24,6 +27,9 @@ namespace {
 constexpr char kUsage[] =
     "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
     "                      [--threads N] [--unix-socket PATH] [--metrics-port N]\n"
+    "                      [--snapshot-dir DIR] [--snapshot-every-s S] [--snapshot-every-versions "
+    "N]\n"
+    "                      [--snapshot-keep N] [--resume-from PATH]\n"
     "\n"
     "Parameter server of tensorspark (wire protocol v1).\n"
     "\n"
@@ -39,6 +45,20 @@ constexpr char kUsage[] =
     "                        is replaced, and the file is removed on exit\n"
     "  --metrics-port N      serve Prometheus metrics at http://ADDR:N/metrics (0 picks a\n"
     "                        free port; default: off)\n"
+    "\n"
+    "Snapshots (docs/snapshots.md):\n"
+    "  --snapshot-dir DIR    write snapshots of the variables, optimizer state and version\n"
+    "                        into DIR (created if missing); also one on exit if the model\n"
+    "                        changed since the last one\n"
+    "  --snapshot-every-s S  write one when the model changed and S seconds passed since\n"
+    "                        the last (decimal, default 0: off)\n"
+    "  --snapshot-every-versions N\n"
+    "                        write one when N more pushes were applied (default 0: off)\n"
+    "  --snapshot-keep N     snapshots kept in DIR, older ones are deleted (default 3;\n"
+    "                        0 keeps all)\n"
+    "  --resume-from PATH    start from a snapshot file, or from the newest valid snapshot\n"
+    "                        in a directory (corrupt ones are skipped and logged)\n"
+    "\n"
     "  --help                show this text\n"
     "\n"
     "Stops on SIGINT, SIGTERM or a client's shutdown request.\n";
@@ -58,6 +78,17 @@ bool ParseUint(std::string_view s, uint64_t max, uint64_t* out) {
     if (v > (max - d) / 10) return false;
     v = v * 10 + d;
   }
+  *out = v;
+  return true;
+}
+
+// Seconds as a plain decimal (no sign, no exponent, no inf/nan).
+bool ParseSeconds(const std::string& s, double* out) {
+  if (s.empty() || s.find_first_not_of("0123456789.") != std::string::npos) return false;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(s.c_str(), &end);
+  if (errno != 0 || end != s.c_str() + s.size() || !std::isfinite(v)) return false;
   *out = v;
   return true;
 }
@@ -125,11 +156,34 @@ int main(int argc, char** argv) {
         return BadArgs("--threads needs a number from 0 (one per core) to 1024");
       }
       opt.update_threads = static_cast<uint32_t>(n);
+    } else if (arg == "--snapshot-dir") {
+      if (!take_value(&opt.snapshot_dir) || opt.snapshot_dir.empty()) {
+        return BadArgs("--snapshot-dir needs a directory");
+      }
+    } else if (arg == "--snapshot-every-s") {
+      if (!take_value(&value) || !ParseSeconds(value, &opt.snapshot_every_s)) {
+        return BadArgs("--snapshot-every-s needs a number of seconds >= 0, e.g. 300 or 0.5");
+      }
+    } else if (arg == "--snapshot-every-versions") {
+      if (!take_value(&value) || !ParseUint(value, UINT64_MAX, &opt.snapshot_every_versions)) {
+        return BadArgs("--snapshot-every-versions needs a number >= 0");
+      }
+    } else if (arg == "--snapshot-keep") {
+      if (!take_value(&value) || !ParseUint(value, UINT64_MAX, &opt.snapshot_keep)) {
+        return BadArgs("--snapshot-keep needs a number >= 0 (0 keeps every snapshot)");
+      }
+    } else if (arg == "--resume-from") {
+      if (!take_value(&opt.resume_from) || opt.resume_from.empty()) {
+        return BadArgs("--resume-from needs a snapshot file or directory");
+      }
     } else {
       return BadArgs("unknown argument '" + std::string(argv[i]) + "'");
     }
   }
   if (secret_file.empty()) return BadArgs("--secret-file is required");
+  if ((opt.snapshot_every_s > 0 || opt.snapshot_every_versions > 0) && opt.snapshot_dir.empty()) {
+    return BadArgs("--snapshot-every-s and --snapshot-every-versions need --snapshot-dir");
+  }
 
   std::ifstream in(secret_file, std::ios::binary);
   if (!in) {
@@ -168,6 +222,13 @@ int main(int argc, char** argv) {
   if (server->metrics_port() >= 0) {
     std::fprintf(stderr, "tensorspark-ps metrics at http://%s:%d/metrics\n",
                  opt.bind_address.c_str(), server->metrics_port());
+  }
+  if (!opt.snapshot_dir.empty()) {
+    std::fprintf(stderr,
+                 "tensorspark-ps snapshots in %s (every %g s, every %llu versions, keep %llu)\n",
+                 opt.snapshot_dir.c_str(), opt.snapshot_every_s,
+                 static_cast<unsigned long long>(opt.snapshot_every_versions),
+                 static_cast<unsigned long long>(opt.snapshot_keep));
   }
   std::fflush(stderr);
 
