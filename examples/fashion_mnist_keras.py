@@ -1,6 +1,6 @@
 """A Keras CNN trained on Fashion-MNIST across Spark tasks with tensorspark.
 
-Two convolution + max-pooling layers, a dense layer and a softmax output
+Two convolution + max-pooling layers, dropout, a dense layer and a softmax output
 (the architecture the Fashion-MNIST benchmark table lists at 0.916), trained
 on a Spark DataFrame built from Debian's ``dataset-fashion-mnist`` files.
 Each task streams its partition through Arrow and trains against the
@@ -30,6 +30,7 @@ def build_model():
             keras.layers.Conv2D(64, 3, activation="relu"),
             keras.layers.MaxPooling2D(2),
             keras.layers.Flatten(),
+            keras.layers.Dropout(0.3),
             keras.layers.Dense(128, activation="relu"),
             keras.layers.Dense(10),
         ],
