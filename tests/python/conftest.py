@@ -48,10 +48,11 @@ def sc(spark_tmp_dir):
 
 @pytest.fixture
 def tf1():
-    """``tensorflow.compat.v1`` in graph mode, with a fresh default graph."""
+    """``tensorflow.compat.v1`` building a fresh default graph (graph mode)."""
     import tensorflow.compat.v1 as tf
 
-    tf.disable_v2_behavior()
+    # Graph mode only inside this graph: disable_v2_behavior() would be
+    # process-wide and final, and the Keras tests in this process need eager.
     with tf.Graph().as_default():
         yield tf
 
