@@ -28,6 +28,9 @@ log = logging.getLogger("tensorspark")
 
 MODES = ("async", "sync", "ssp")
 
+# A one-element variable on the server counting completed epochs.
+_EPOCHS_DONE = "__tensorspark__/epochs_done"
+
 # Arrow batches reach a task at most this many rows at a time (the memory bound).
 _ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
@@ -54,6 +57,9 @@ class History:
         Per epoch: samples trained divided by the Spark job's wall time.
     seconds : list of float
         Wall time of each epoch's Spark job.
+    resumed_version : int or None
+        The model version of the snapshot a ``resume_from`` run started
+        from; None for a fresh run.
     """
 
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -61,6 +67,7 @@ class History:
     workers: list[list[dict[str, Any]]] = field(default_factory=list)
     samples_per_sec: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    resumed_version: int | None = None
 
 
 class FitResult(NamedTuple):
@@ -145,7 +152,17 @@ class _Run:
         self.host = host
         self.secret = generate_secret()
         bind = "127.0.0.1" if _spark.is_loopback(host) else "0.0.0.0"
-        self.server = ParameterServer(self.secret, host=bind, port=int(opts["server_port"]))
+        self.server = ParameterServer(
+            self.secret,
+            host=bind,
+            port=int(opts["server_port"]),
+            snapshot_dir=opts["checkpoint_dir"],
+            snapshot_every_s=opts["checkpoint_every_s"] if opts["checkpoint_dir"] else 0,
+            snapshot_every_versions=opts["checkpoint_every_versions"],
+            snapshot_keep=opts["checkpoint_keep"],
+            resume_from=opts["resume_from"],
+        )
+        self.resumed_version: int | None = None
         self.port = self.server.port
         self.client = self.connect()
         self.update = opts["update"]
@@ -168,9 +185,17 @@ class _Run:
             io_timeout=self.opts["io_timeout"],
         )
 
-    def setup_server(self) -> None:
+    def setup_server(self) -> int:
+        """Register the model and configure the run; the epochs already done.
+
+        A server resumed from a snapshot already holds the variables (the
+        first registration wins), so the driver's model takes its values and
+        training continues after the last completed epoch.
+        """
         weights = self.model.get_weights()
-        self.client.register({self.names[i]: weights[i] for i in self.synced})
+        values = {self.names[i]: weights[i] for i in self.synced}
+        values[_EPOCHS_DONE] = np.zeros(1, np.float32)
+        created = self.client.register(values)
         self.client.configure(
             self.opts["consistency"],
             self.opts["staleness"],
@@ -179,6 +204,23 @@ class _Run:
         )
         if self.update == "gradient":
             self.set_server_optimizer()
+        if created[_EPOCHS_DONE]:
+            return 0
+        version = self.load_model()
+        done = int(self.client.pull([_EPOCHS_DONE])[_EPOCHS_DONE][0])
+        log.warning(
+            "tensorspark: resumed %s from a snapshot at version %d after %d completed epochs",
+            self.name,
+            version,
+            done,
+        )
+        self.resumed_version = version
+        return done
+
+    def epoch_done(self, epoch: int) -> None:
+        """Record the completed epoch on the server (so snapshots carry it)."""
+        done = np.array([epoch + 1], np.float32)
+        self.client.push({_EPOCHS_DONE: done}, kind="parameters")
 
     def set_server_optimizer(self) -> None:
         name, lr, hyper = _spec.server_optimizer(self.model.optimizer)
@@ -328,6 +370,11 @@ def fit(
     name: str | None = None,
     custom_objects: dict[str, Any] | None = None,
     save_path: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every_s: float = 30.0,
+    checkpoint_every_versions: int = 0,
+    checkpoint_keep: int = 3,
+    resume_from: str | None = None,
     server_host: str | None = None,
     server_port: int = 0,
     seed: int = 0,
@@ -410,6 +457,20 @@ def fit(
     save_path : str, optional
         Save the trained model here at the end (a ``.keras`` file, as
         ``model.save``).
+    checkpoint_dir : str, optional
+        A local directory (or a mounted file system) where the parameter
+        server writes atomic snapshots of every weight, its optimizer state
+        (``update="gradient"``) and the completed epochs: every
+        ``checkpoint_every_s`` seconds and/or ``checkpoint_every_versions``
+        pushes, keeping the newest ``checkpoint_keep`` (docs/snapshots.md).
+    checkpoint_every_s, checkpoint_every_versions, checkpoint_keep : float, int, int
+        Snapshot intervals (0 turns one off) and how many files to keep.
+    resume_from : str, optional
+        Continue a run whose driver died: a snapshot file, or a
+        ``checkpoint_dir`` whose newest valid snapshot is used (a corrupt or
+        truncated newer one is skipped with a message). The model takes
+        the snapshot's weights and training resumes at the first epoch not
+        completed; the updates since the snapshot are lost.
     server_host, server_port : str, int
         Address tasks use to reach the driver's parameter server; default
         the driver's address (loopback in local mode) and a free port.
@@ -477,8 +538,8 @@ def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
     import keras
 
     model = run.model
-    run.setup_server()
-    history = History()
+    first_epoch = run.setup_server()
+    history = History(resumed_version=run.resumed_version)
     tb = _progress.TensorBoardLog(opts["log_dir"]) if opts["log_dir"] else None
     bar = _progress.ProgressBar(
         run.connect,
@@ -502,7 +563,7 @@ def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
     callbacks.on_train_begin()
     logs: dict[str, float] = {}
     try:
-        for epoch in range(opts["epochs"]):
+        for epoch in range(first_epoch, opts["epochs"]):
             callbacks.on_epoch_begin(epoch)
             if run.update == "gradient":
                 run.set_server_optimizer()  # a callback may have changed the rate
@@ -519,6 +580,7 @@ def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
             run.load_model()
             logs = {"loss": _weighted(results, "loss"), **_merge_metrics(results)}
             logs.update(_validate(run, opts.get("validation_data"), opts, epoch))
+            run.epoch_done(epoch)
             _record(history, epoch, logs, results, samples, seconds)
             bar.end_epoch(_summary(logs, samples, seconds), samples)
             if tb:

@@ -1,0 +1,136 @@
+"""Snapshots and resume: a driver killed with SIGKILL, then resumed (real Spark, real TF)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# The killed driver: a fit that snapshots every few pushes and never ends on
+# its own (a callback sleeps after each epoch).
+DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    sys.path.insert(0, {tests!r})
+    from pyspark.sql import SparkSession
+    import keras
+    from test_keras import _build, _data, _df
+    import tensorspark.keras
+
+    spark = SparkSession.builder.master("local[2]").getOrCreate()
+    x, y = _data(2000)
+    df = _df(spark, x, y)
+
+    class Slow(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            print("epoch done", epoch, flush=True)
+            time.sleep(2)
+
+    tensorspark.keras.fit(_build(0.02), df, epochs=1000, batch_size=50, sync_interval=2,
+                          checkpoint_dir={ckpt!r}, checkpoint_every_versions=20,
+                          checkpoint_every_s=0, checkpoint_keep=3, callbacks=[Slow()],
+                          progress=False)
+    """
+)
+
+
+def _snapshots(ckpt: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(ckpt, "snapshot-*.tsnap")))
+
+
+def _version(path: str) -> int:
+    return int(os.path.basename(path)[len("snapshot-") : -len(".tsnap")])
+
+
+def test_driver_killed_then_resumed_from_the_snapshot(spark, tmp_path):
+    from test_keras import _build, _data, _df
+
+    import tensorspark.keras
+
+    ckpt = str(tmp_path / "ckpt")
+    script = tmp_path / "driver.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(DRIVER.format(tests=tests, ckpt=ckpt))
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        # Wait for three snapshots and a completed epoch, then kill mid-run.
+        while time.monotonic() < deadline:
+            if driver.poll() is not None:
+                pytest.fail(f"the driver exited early:\n{(tmp_path / 'driver.log').read_text()}")
+            if (
+                len(_snapshots(ckpt)) >= 3
+                and "epoch done 1" in (tmp_path / "driver.log").read_text()
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no snapshots within 240 s:\n" + (tmp_path / "driver.log").read_text())
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        log.close()
+    snaps = _snapshots(ckpt)
+    assert len(snaps) == 3  # keep-K pruning
+
+    x, y = _data(2000)
+    df = _df(spark, x, y)
+    xv, yv = _data(300, seed=9)
+    newest = _version(snaps[-1])
+    model, history = tensorspark.keras.fit(
+        _build(0.02),
+        df,
+        epochs=4,
+        batch_size=50,
+        sync_interval=2,
+        resume_from=ckpt,
+        checkpoint_dir=ckpt,
+        checkpoint_every_versions=0,
+        validation_data=(xv, yv),
+        progress=False,
+    )
+    assert history.resumed_version == newest
+    assert history.epoch and history.epoch[0] >= 2  # epochs 0 and 1 were done before the kill
+    assert history.epoch[-1] == 3
+    assert history.history["val_accuracy"][-1] > 0.9
+
+
+def test_corrupt_newest_snapshot_falls_back_to_the_one_before(spark, tmp_path, capfd):
+    from test_keras import _build, _data, _df
+
+    import tensorspark.keras
+
+    ckpt = str(tmp_path / "ckpt")
+    x, y = _data(600)
+    df = _df(spark, x, y)
+    common = dict(
+        batch_size=50,
+        sync_interval=2,
+        progress=False,
+        checkpoint_dir=ckpt,
+        checkpoint_every_versions=5,
+        checkpoint_every_s=0,
+        checkpoint_keep=0,
+    )
+    tensorspark.keras.fit(_build(0.02), df, epochs=1, **common)
+    snaps = _snapshots(ckpt)
+    assert len(snaps) >= 2
+    with open(snaps[-1], "r+b") as f:  # truncate the newest
+        f.truncate(os.path.getsize(snaps[-1]) // 2)
+    _, history = tensorspark.keras.fit(_build(0.02), df, epochs=2, resume_from=ckpt, **common)
+    assert history.resumed_version == _version(snaps[-2])
+    err = capfd.readouterr().err
+    assert f"skipping {snaps[-1]}: truncated" in err
+    assert history.epoch and history.epoch[-1] == 1
+    assert np.isfinite(history.history["loss"]).all()
