@@ -190,6 +190,24 @@ void DecodeEverything(Span p) {
     }
   }
   {
+    uint8_t kind = 0;
+    std::string_view text;
+    if (protocol::DecodeReport(p, &kind, &text).ok()) {
+      Expect(text.size() <= protocol::kMaxReportBytes, "REPORT over the limit accepted");
+      Bytes enc;
+      protocol::EncodeReport(kind, text, &enc);
+      Expect(Same(enc, p), "REPORT does not re-encode");
+    }
+  }
+  {
+    std::vector<WorkerReport> reports;
+    if (protocol::DecodeReportsResponse(p, &reports).ok()) {
+      Bytes enc;
+      protocol::EncodeReportsResponse(reports, &enc);
+      Expect(Same(enc, p), "REPORTS response does not re-encode");
+    }
+  }
+  {
     RunConfig config;
     if (protocol::DecodeConfigure(p, &config).ok()) {
       Bytes enc;

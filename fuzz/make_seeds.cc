@@ -130,6 +130,24 @@ int main(int argc, char** argv) {
           .Frame(Opcode::kPull, Pull({"w", "b"}), protocol::kFlagFp16)
           .Frame(Opcode::kPull, Pull({}), protocol::kFlagBf16)
           .Frame(Opcode::kPull, Pull({"s"}), protocol::kFlagFp16 | protocol::kFlagBf16));
+  // Stack dumps (REPORT, opcode 14) and the driver's view of them (REPORTS,
+  // 15); the server target connects as partition 1, so it can JOIN.
+  {
+    Bytes dump, bad_kind;
+    protocol::EncodeReport(protocol::kReportStackDump,
+                           "Thread 0x01 (most recent call first):\n  File \"t.py\", line 3 in f\n",
+                           &dump);
+    protocol::EncodeReport(2, "x", &bad_kind);
+    add("report_reports", Seed()
+                              .Frame(Opcode::kReports)
+                              .Frame(Opcode::kReport, dump)
+                              .Frame(Opcode::kJoin)
+                              .Frame(Opcode::kReport, dump)
+                              .Frame(Opcode::kReports)
+                              .Frame(Opcode::kReport, bad_kind)
+                              .Frame(Opcode::kLeave)
+                              .Frame(Opcode::kReports));
+  }
   add("bad_flags_opcode", Seed()
                               .Frame(Opcode::kList, {}, protocol::kFlagResponse)
                               .Frame(static_cast<Opcode>(99))
@@ -148,7 +166,7 @@ int main(int argc, char** argv) {
   // Reply frames: decoder inputs (requests with bad flags for the server).
   {
     const uint32_t kReply = protocol::kFlagResponse;
-    Bytes err, reg, ver, list, pull, stats;
+    Bytes err, reg, ver, list, pull, stats, reports;
     protocol::EncodeError(Status(StatusCode::kNotFound, "no such variable"), &err);
     protocol::EncodeRegisterResponse({3, {1, 0}}, &reg);
     protocol::EncodeVersion(42, &ver);
@@ -160,13 +178,17 @@ int main(int argc, char** argv) {
     protocol::Writer(&pull).Bytes(values.data(), values.size() * sizeof(float));
     const std::vector<StatEntry> counters{{"version", 7}, {"pushes", 7}};
     protocol::EncodeStatsResponse(counters, &stats);
+    const std::vector<WorkerReport> workers{{0, 0, 3, 12, 40, 15, "File \"t.py\""},
+                                            {1, 2, 3, 0, 900, WorkerReport::kNoReport, ""}};
+    protocol::EncodeReportsResponse(workers, &reports);
     add("replies", Seed()
                        .Frame(Opcode::kPull, err, kReply | protocol::kFlagError)
                        .Frame(Opcode::kRegister, reg, kReply)
                        .Frame(Opcode::kPush, ver, kReply)
                        .Frame(Opcode::kList, list, kReply)
                        .Frame(Opcode::kPull, pull, kReply)
-                       .Frame(Opcode::kStats, stats, kReply));
+                       .Frame(Opcode::kStats, stats, kReply)
+                       .Frame(Opcode::kReports, reports, kReply));
   }
 
   const std::string dir = argv[1];

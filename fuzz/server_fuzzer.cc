@@ -304,8 +304,14 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
         case Opcode::kLeave:
         case Opcode::kHeartbeat:
         case Opcode::kConfigure:
+        case Opcode::kReport:
           s = protocol::DecodeVersion(payload, &version);
           break;
+        case Opcode::kReports: {
+          std::vector<WorkerReport> reports;
+          s = protocol::DecodeReportsResponse(payload, &reports);
+          break;
+        }
         case Opcode::kJoin: {
           uint64_t clock;
           s = protocol::DecodeJoinResponse(payload, &version, &clock);

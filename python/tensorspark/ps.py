@@ -703,6 +703,104 @@ class PSClient(_TensorClient):
             int(steps), int(samples), _as_number("report_progress: loss", loss)
         )
 
+    def report(self, text: str) -> None:
+        """Send a stack dump to the server as this worker's latest report.
+
+        The server keeps the newest report of each live member (after
+        :meth:`join`) for :meth:`reports`, replacing the previous one, and
+        ignores reports from any other connection. A worker that may hang
+        in native code should rather let the heartbeat thread ship a
+        ``faulthandler`` file (:meth:`set_dump_file`).
+
+        Parameters
+        ----------
+        text : str
+            The dump, e.g. from ``faulthandler.dump_traceback``. Only its
+            last 64 KiB (UTF-8) are sent.
+
+        Raises
+        ------
+        TensorSparkValueError
+            ``text`` is not a str.
+
+        Examples
+        --------
+        >>> import traceback
+        >>> client.report("".join(traceback.format_stack()))  # doctest: +SKIP
+        """
+        if not isinstance(text, str):
+            raise TensorSparkValueError(f"report: text must be a str, got {type(text).__name__}")
+        self._client.report(text)
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Every live member's progress and latest report, for a watchdog.
+
+        Any connection may ask (typically the driver's).
+
+        Returns
+        -------
+        list of dict
+            One dict per live member, in partition order, with the keys
+            ``partition``, ``attempt``, ``clock``, ``steps`` (ints),
+            ``progress_age_s`` (float: seconds since ``steps`` last
+            increased, or since the join), ``report_age_s`` (float seconds
+            since its latest report arrived, or None if it sent none) and
+            ``text`` (str: that report, ``""`` if none; invalid UTF-8 is
+            replaced).
+
+        Examples
+        --------
+        >>> for w in driver.reports():  # doctest: +SKIP
+        ...     if w["progress_age_s"] > 600:
+        ...         print(f"worker {w['partition']} is stuck:\n{w['text']}")
+        """
+        return list(self._client.reports())
+
+    def set_dump_file(self, path: str | os.PathLike) -> None:
+        """Have the heartbeat thread ship a stack dump file to the server.
+
+        At each heartbeat the client's background thread (it needs no GIL)
+        checks the file's size and modification time and, when the file is
+        not empty and changed since it was last sent, sends its last 64 KiB
+        as this worker's report (see :meth:`report`). Together with
+        ``faulthandler.dump_traceback_later(t, repeat=True, file=f)``,
+        whose C thread writes without the GIL, the driver's
+        :meth:`reports` shows where a worker is, even one stuck in native
+        code holding the GIL. Needs ``heartbeat_interval`` > 0 and
+        :meth:`join`; without the heartbeat thread nothing is shipped.
+        Stores the path without any I/O; safe to call from another thread.
+        A file that cannot be read is skipped (logged once on stderr).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file; ``""`` stops shipping.
+
+        Raises
+        ------
+        TensorSparkValueError
+            ``path`` is not a str or path.
+
+        Examples
+        --------
+        >>> import faulthandler
+        >>> f = open("/tmp/stack-0.txt", "w")  # doctest: +SKIP
+        >>> faulthandler.dump_traceback_later(60, repeat=True, file=f)  # doctest: +SKIP
+        >>> client = PSClient(host, port, secret, partition_id=0,
+        ...                   heartbeat_interval=5.0)  # doctest: +SKIP
+        >>> client.set_dump_file(f.name)  # doctest: +SKIP
+        >>> client.join()  # doctest: +SKIP
+        """
+        try:
+            name = os.fspath(path)
+        except TypeError:
+            name = None
+        if not isinstance(name, str):
+            raise TensorSparkValueError(
+                f"set_dump_file: path must be a str or os.PathLike, got {type(path).__name__}"
+            )
+        self._client.set_dump_file(name)
+
     def configure(
         self,
         mode: str,

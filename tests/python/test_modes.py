@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import threading
 import time
@@ -194,6 +195,43 @@ def test_progress_reports_show_in_stats_as_floats(server):
         w.report_progress(0, 0, "high")
     w.leave()
     quiet.leave()
+
+
+def test_faulthandler_dump_reaches_the_driver(server, tmp_path):
+    driver = start_run(server, "async")
+    w = connect(server, partition_id=3, heartbeat_interval=0.05)
+    quiet = connect(server, partition_id=4)
+    dump_path = tmp_path / "stack-3.txt"
+    w.set_dump_file(dump_path)  # not there yet: skipped until it is
+    w.join()
+    quiet.join()
+    with open(dump_path, "w") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        by_partition = {r["partition"]: r for r in driver.reports()}
+        if by_partition[3]["text"]:
+            break
+        time.sleep(0.02)
+    report = by_partition[3]
+    assert "File" in report["text"]
+    assert "test_faulthandler_dump_reaches_the_driver" in report["text"]
+    assert report["attempt"] == 0 and report["clock"] == 0 and report["steps"] == 0
+    assert isinstance(report["progress_age_s"], float) and report["progress_age_s"] >= 0
+    assert 0 <= report["report_age_s"] < 5
+    assert by_partition[4]["report_age_s"] is None and by_partition[4]["text"] == ""
+    # report() sends now; bad text and paths are refused before any I/O.
+    quiet.report('Thread 0x1 (most recent call first):\n  File "q.py", line 1 \u2192 f')
+    by_partition = {r["partition"]: r for r in w.reports()}
+    assert by_partition[4]["text"].endswith("\u2192 f")
+    with pytest.raises(TensorSparkValueError, match="text"):
+        w.report(b"bytes")
+    with pytest.raises(TensorSparkValueError, match="path"):
+        w.set_dump_file(3)
+    assert driver.reports()[0]["partition"] == 3
+    w.leave()
+    quiet.leave()
+    assert driver.reports() == []
 
 
 def test_sharded_stats_keep_floats_unsummed(server):

@@ -1,8 +1,8 @@
 // Client of the tensorspark parameter server.
 //
 // A Client holds one persistent, authenticated connection. Calls are
-// blocking and not thread-safe (except ReportProgress): use one Client per
-// thread (or guard it).
+// blocking and not thread-safe (except ReportProgress and SetDumpFile): use
+// one Client per thread (or guard it).
 // Every call has a deadline (ClientOptions::io_timeout_s) and returns a
 // Status; nothing here throws or aborts.
 //
@@ -167,6 +167,39 @@ class Client {
   //   run.mode = tensorspark::ConsistencyMode::kSync;
   //   TS_RETURN_IF_ERROR(driver->Configure(run));
   Status Configure(const RunConfig& config);
+
+  // ---- stack dumps for a hang watchdog (docs/consistency.md) ----
+  // Sends `text` (UTF-8, e.g. a Python stack dump) as this worker's latest
+  // report, replacing the previous one; a text over 64 KiB is cut to its
+  // last 64 KiB. The server keeps it while this worker is a live member
+  // (after Join) and ignores it from any other connection.
+  //
+  //   TS_RETURN_IF_ERROR(c->Report("Thread 0x7f3c (most recent call first): ..."));
+  Status Report(std::string_view text);
+  // Every live member's identity, clock, progress and latest report; any
+  // connection may ask (the driver's watchdog, a tool).
+  //
+  //   std::vector<tensorspark::WorkerReport> workers;
+  //   TS_RETURN_IF_ERROR(driver->Reports(&workers));
+  //   for (const auto& w : workers) {
+  //     if (w.progress_age_ms > 600'000) std::cerr << w.partition << ":\n" << w.text;
+  //   }
+  Status Reports(std::vector<WorkerReport>* out);
+  // Names a file for the heartbeat thread to ship, such as the one Python's
+  // faulthandler.dump_traceback_later(t, repeat=True, file=f) writes: at
+  // each beat the thread stats it and, when it is not empty and its size or
+  // mtime changed since it was last sent, sends its last 64 KiB as a REPORT
+  // on the heartbeat connection, so the dump reaches the server even while
+  // the thread using this Client is stuck. Needs heartbeat_interval_s > 0
+  // (without the thread nothing is shipped); "" stops. No I/O here and
+  // thread-safe, like ReportProgress. Errors reading the file are logged
+  // once (stderr) and otherwise ignored.
+  //
+  //   opt.heartbeat_interval_s = 5;
+  //   TS_RETURN_IF_ERROR(tensorspark::Client::Connect(opt, &c));
+  //   c->SetDumpFile("/tmp/stack-3.txt");  // faulthandler writes here
+  //   TS_RETURN_IF_ERROR(c->Join(nullptr));
+  void SetDumpFile(std::string path);
 
   // Counters of the server (see docs/protocol.md for their names).
   Status Stats(std::vector<StatEntry>* out);

@@ -153,4 +153,20 @@ struct RunConfig {
 // One named counter of the server's statistics.
 using StatEntry = std::pair<std::string, uint64_t>;
 
+// One live member as the server reports it (Client::Reports): its identity,
+// clock and progress, and the latest stack dump it sent (REPORT), for a
+// hang watchdog. Ages are milliseconds, measured by the server.
+struct WorkerReport {
+  // report_age_ms of a member that never sent a report.
+  static constexpr uint64_t kNoReport = UINT64_MAX;
+
+  int32_t partition = 0;
+  int32_t attempt = 0;
+  uint64_t clock = 0;
+  uint64_t steps = 0;            // of its latest progress report
+  uint64_t progress_age_ms = 0;  // since `steps` last increased, or its JOIN
+  uint64_t report_age_ms = kNoReport;
+  std::string text;  // UTF-8 as the worker sent it (not validated); empty if none
+};
+
 }  // namespace tensorspark

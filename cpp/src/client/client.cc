@@ -1,9 +1,13 @@
 // Client and ClientImpl: one authenticated connection, blocking calls.
 #include "tensorspark/client.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -182,6 +186,63 @@ Status ValidateSpec(std::string_view name, std::span<const int64_t> shape, size_
   return Status::OK();
 }
 
+// What identifies one version of the dump file's content, cheaply (stat).
+struct FileStamp {
+  off_t size = 0;
+  int64_t mtime_s = 0;
+  int64_t mtime_ns = 0;
+  ino_t ino = 0;
+  dev_t dev = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+
+FileStamp StampOf(const struct stat& st) {
+  return {st.st_size, static_cast<int64_t>(st.st_mtim.tv_sec),
+          static_cast<int64_t>(st.st_mtim.tv_nsec), st.st_ino, st.st_dev};
+}
+
+// Reads the last protocol::kMaxReportBytes of a regular file, starting at a
+// UTF-8 character boundary; `stamp` is of the bytes read. On failure
+// returns a description (errno text).
+std::string ReadFileTail(const std::string& path, std::string* text, FileStamp* stamp) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return std::string("cannot open: ") + std::strerror(errno);
+  std::string err;
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    err = std::string("cannot stat: ") + std::strerror(errno);
+  } else if (!S_ISREG(st.st_mode)) {
+    err = "not a regular file";
+  } else {
+    *stamp = StampOf(st);
+    const off_t want = std::min<off_t>(st.st_size, protocol::kMaxReportBytes);
+    const off_t offset = st.st_size - want;
+    text->resize(static_cast<size_t>(want));
+    size_t got = 0;
+    while (got < text->size()) {
+      const ssize_t n =
+          ::pread(fd, text->data() + got, text->size() - got, offset + static_cast<off_t>(got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        err = std::string("cannot read: ") + std::strerror(errno);
+        break;
+      }
+      if (n == 0) break;  // truncated meanwhile
+      got += static_cast<size_t>(n);
+    }
+    text->resize(got);
+    // A cut at `offset` may split a character: skip its continuation bytes.
+    size_t skip = 0;
+    while (offset > 0 && skip < 3 && skip < got &&
+           (static_cast<uint8_t>((*text)[skip]) & 0xC0) == 0x80) {
+      ++skip;
+    }
+    text->erase(0, skip);
+  }
+  ::close(fd);
+  return err;
+}
+
 }  // namespace
 
 class ClientImpl {
@@ -204,6 +265,13 @@ class ClientImpl {
   Status Leave();
   Status Heartbeat() { return SendHeartbeat(LatestProgress()); }
   Status Configure(const RunConfig& config);
+  Status Report(std::string_view text);
+  Status Reports(std::vector<WorkerReport>* out);
+  void SetDumpFile(std::string path) {
+    std::lock_guard lock(dump_mu_);
+    dump_path_ = std::move(path);
+    ++dump_generation_;
+  }
   void ReportProgress(const protocol::ProgressReport& report) {
     std::lock_guard lock(progress_mu_);
     progress_ = report;
@@ -257,6 +325,15 @@ class ClientImpl {
   void StartHeartbeat();
   void StopHeartbeat();
   void HeartbeatLoop();
+  // The heartbeat thread's view of the dump file (SetDumpFile).
+  struct DumpFile {
+    uint64_t generation = 0;  // of the SetDumpFile call `path` comes from
+    std::string path;
+    std::optional<FileStamp> sent;  // the content last shipped
+    bool logged = false;            // an error was logged for this path
+  };
+  // Sends the dump file on `hb` when it changed since it was last sent.
+  void ShipDumpFile(ClientImpl* hb, DumpFile* df);
 
   const ClientOptions options_;
   // Heartbeat thread (own connection); hb_mu_ guards hb_stop_.
@@ -267,6 +344,11 @@ class ClientImpl {
   // Latest ReportProgress values (any thread; read by the heartbeat thread).
   std::mutex progress_mu_;
   std::optional<protocol::ProgressReport> progress_;
+  // SetDumpFile's path (any thread; read by the heartbeat thread) and a
+  // count of its calls, so the thread notices every new setting.
+  std::mutex dump_mu_;
+  std::string dump_path_;
+  uint64_t dump_generation_ = 0;
   bool joined_ = false;  // between a successful Join and Leave/Close
   net::Socket sock_;
   bool connected_ = false;
@@ -795,6 +877,56 @@ Status ClientImpl::Configure(const RunConfig& config) {
   return protocol::DecodeVersion(response, &v);
 }
 
+Status ClientImpl::Report(std::string_view text) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> payload;
+  protocol::EncodeReport(protocol::kReportStackDump, protocol::ReportTail(text), &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kReport, &part, 1, &response));
+  uint64_t v;
+  return protocol::DecodeVersion(response, &v);
+}
+
+Status ClientImpl::Reports(std::vector<WorkerReport>* out) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kReports, nullptr, 0, &response));
+  return protocol::DecodeReportsResponse(response, out);
+}
+
+void ClientImpl::ShipDumpFile(ClientImpl* hb, DumpFile* df) {
+  {
+    std::lock_guard lock(dump_mu_);
+    if (df->generation != dump_generation_) {
+      *df = DumpFile{};
+      df->generation = dump_generation_;
+      df->path = dump_path_;
+    }
+  }
+  if (df->path.empty()) return;
+  auto log_once = [df](const std::string& what) {
+    if (df->logged) return;
+    df->logged = true;
+    std::fprintf(stderr, "[tensorspark] dump file %s: %s; not shipped (logged once)\n",
+                 df->path.c_str(), what.c_str());
+  };
+  struct stat st;
+  if (::stat(df->path.c_str(), &st) != 0) {
+    log_once(std::string("cannot stat: ") + std::strerror(errno));
+    return;
+  }
+  if (st.st_size == 0 || (df->sent && *df->sent == StampOf(st))) return;
+  std::string text;
+  FileStamp stamp;
+  if (std::string err = ReadFileTail(df->path, &text, &stamp); !err.empty()) {
+    log_once(err);
+    return;
+  }
+  // Recorded only once sent: a broken connection retries at the next beat.
+  if (!text.empty() && hb->Report(text).ok()) df->sent = stamp;
+}
+
 void ClientImpl::StartHeartbeat() {
   if (!(options_.heartbeat_interval_s > 0) || hb_thread_.joinable()) return;
   {
@@ -824,6 +956,7 @@ void ClientImpl::HeartbeatLoop() {
   // Bounded, so Leave/Close wait at most about one interval for this thread.
   o.connect_timeout_s = std::min(o.connect_timeout_s, options_.heartbeat_interval_s + 1.0);
   std::unique_ptr<ClientImpl> hb;
+  DumpFile dump;
   const auto interval = std::chrono::duration<double>(options_.heartbeat_interval_s);
   std::unique_lock lock(hb_mu_);
   while (!hb_cv_.wait_for(lock, interval, [this] { return hb_stop_; })) {
@@ -832,7 +965,10 @@ void ClientImpl::HeartbeatLoop() {
       hb = std::make_unique<ClientImpl>(o);
       if (!hb->Connect().ok()) hb.reset();  // retried at the next beat
     }
-    if (hb) (void)hb->SendHeartbeat(LatestProgress());
+    if (hb) {
+      (void)hb->SendHeartbeat(LatestProgress());
+      ShipDumpFile(hb.get(), &dump);
+    }
     lock.lock();
   }
 }
@@ -877,6 +1013,9 @@ void Client::ReportProgress(uint64_t steps, uint64_t samples, double loss) {
   impl_->ReportProgress({steps, samples, loss});
 }
 Status Client::Configure(const RunConfig& config) { return impl_->Configure(config); }
+Status Client::Report(std::string_view text) { return impl_->Report(text); }
+Status Client::Reports(std::vector<WorkerReport>* out) { return impl_->Reports(out); }
+void Client::SetDumpFile(std::string path) { impl_->SetDumpFile(std::move(path)); }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }
 void Client::Close() { impl_->Close(); }

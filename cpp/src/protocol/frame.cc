@@ -33,6 +33,10 @@ const char* OpcodeName(uint16_t opcode) {
       return "HEARTBEAT";
     case Opcode::kConfigure:
       return "CONFIGURE";
+    case Opcode::kReport:
+      return "REPORT";
+    case Opcode::kReports:
+      return "REPORTS";
   }
   return "UNKNOWN";
 }

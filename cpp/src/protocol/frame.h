@@ -27,6 +27,8 @@ enum class Opcode : uint16_t {
   kLeave = 11,
   kHeartbeat = 12,
   kConfigure = 13,
+  kReport = 14,
+  kReports = 15,
 };
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;

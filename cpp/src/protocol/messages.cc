@@ -630,6 +630,87 @@ Status ValidateRunConfig(const RunConfig& config) {
   return Status::OK();
 }
 
+// ---- REPORT / REPORTS ----------------------------------------------------------------------
+
+void EncodeReport(uint8_t kind, std::string_view text, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U8(kind);
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  w.LongStr(text);
+}
+
+Status DecodeReport(std::span<const uint8_t> payload, uint8_t* kind, std::string_view* text) {
+  Reader r(payload);
+  uint8_t pad[3];
+  TS_RETURN_IF_ERROR(r.ReadU8(kind));
+  for (uint8_t& b : pad) TS_RETURN_IF_ERROR(r.ReadU8(&b));
+  if (*kind != kReportStackDump) {
+    return Malformed("unknown REPORT kind " + std::to_string(*kind) + " (1 = stack dump)");
+  }
+  if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
+    return Malformed("reserved bytes after the report kind must be 0");
+  }
+  uint32_t len;
+  TS_RETURN_IF_ERROR(r.ReadU32(&len));
+  // Checked before the bytes, so an oversize report gets this message.
+  if (len > kMaxReportBytes) {
+    return Malformed("REPORT text of " + std::to_string(len) + " bytes exceeds the limit of " +
+                     std::to_string(kMaxReportBytes) + " bytes; send its last 64 KiB");
+  }
+  const uint8_t* p;
+  TS_RETURN_IF_ERROR(r.ReadBytes(len, &p));
+  *text = std::string_view(reinterpret_cast<const char*>(p), len);
+  return r.Finish();
+}
+
+std::string_view ReportTail(std::string_view text) {
+  if (text.size() <= kMaxReportBytes) return text;
+  size_t start = text.size() - kMaxReportBytes;
+  // Skip at most 3 continuation bytes (10xxxxxx) of a cut character.
+  for (int i = 0; i < 3 && start < text.size() && (text[start] & 0xC0) == 0x80; ++i) ++start;
+  return text.substr(start);
+}
+
+void EncodeReportsResponse(std::span<const WorkerReport> reports, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U32(static_cast<uint32_t>(reports.size()));
+  for (const WorkerReport& r : reports) {
+    w.I32(r.partition);
+    w.I32(r.attempt);
+    w.U64(r.clock);
+    w.U64(r.steps);
+    w.U64(r.progress_age_ms);
+    w.U64(r.report_age_ms);
+    w.LongStr(r.text);
+  }
+}
+
+Status DecodeReportsResponse(std::span<const uint8_t> payload, std::vector<WorkerReport>* reports) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(kMinReportsEntrySize, &count));
+  reports->clear();
+  reports->resize(count);
+  for (WorkerReport& e : *reports) {
+    TS_RETURN_IF_ERROR(r.ReadI32(&e.partition));
+    TS_RETURN_IF_ERROR(r.ReadI32(&e.attempt));
+    TS_RETURN_IF_ERROR(r.ReadU64(&e.clock));
+    TS_RETURN_IF_ERROR(r.ReadU64(&e.steps));
+    TS_RETURN_IF_ERROR(r.ReadU64(&e.progress_age_ms));
+    TS_RETURN_IF_ERROR(r.ReadU64(&e.report_age_ms));
+    std::string_view text;
+    TS_RETURN_IF_ERROR(r.ReadLongStr(&text));
+    if (text.size() > kMaxReportBytes) {
+      return Malformed("REPORTS entry with " + std::to_string(text.size()) +
+                       " bytes of text, over the limit of " + std::to_string(kMaxReportBytes));
+    }
+    e.text.assign(text);
+  }
+  return r.Finish();
+}
+
 // ---- STATS ---------------------------------------------------------------------------------
 
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out) {

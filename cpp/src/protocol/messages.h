@@ -213,6 +213,30 @@ void EncodeConfigure(const RunConfig& config, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeConfigure(std::span<const uint8_t> payload, RunConfig* config);
 [[nodiscard]] Status ValidateRunConfig(const RunConfig& config);
 
+// ---- REPORT / REPORTS (docs/consistency.md, "Stack dumps") -------------------------
+// REPORT request: u8 kind, u8[3] reserved (0), u32 length, `length` bytes of
+// UTF-8 text (not validated), length <= kMaxReportBytes. The response is a
+// version (EncodeVersion). Unknown kinds, reserved bytes, a longer text and
+// missing or trailing bytes are malformed.
+inline constexpr uint8_t kReportStackDump = 1;
+inline constexpr size_t kMaxReportBytes = 64 * 1024;
+inline constexpr size_t kReportHeadSize = 8;
+// Caller guarantees text.size() <= kMaxReportBytes (see ReportTail).
+void EncodeReport(uint8_t kind, std::string_view text, std::vector<uint8_t>* out);
+// `text` points into the payload.
+[[nodiscard]] Status DecodeReport(std::span<const uint8_t> payload, uint8_t* kind,
+                                  std::string_view* text);
+// The last kMaxReportBytes of `text` (all of it if shorter), starting at a
+// UTF-8 character boundary.
+std::string_view ReportTail(std::string_view text);
+// REPORTS request is empty; the response is u32 count, then per member
+// i32 partition, i32 attempt, u64 clock, u64 steps, u64 progress_age_ms,
+// u64 report_age_ms (UINT64_MAX: none), u32 length, text bytes.
+inline constexpr size_t kMinReportsEntrySize = 44;
+void EncodeReportsResponse(std::span<const WorkerReport> reports, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeReportsResponse(std::span<const uint8_t> payload,
+                                           std::vector<WorkerReport>* reports);
+
 // ---- STATS ------------------------------------------------------------------------
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeStatsResponse(std::span<const uint8_t> payload,

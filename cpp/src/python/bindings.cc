@@ -434,6 +434,45 @@ class PyClient {
     if (client_) client_->ReportProgress(steps, samples, loss);
   }
 
+  void Report(const std::string& text) {
+    Client* c = Live();
+    Released([&] { return c->Report(text); });
+  }
+
+  // Dicts with ages in seconds (report_age_s None without a report) and
+  // the text decoded leniently: a dump may hold invalid UTF-8.
+  std::vector<nb::dict> Reports() {
+    std::vector<WorkerReport> reports;
+    Client* c = Live();
+    Released([&] { return c->Reports(&reports); });
+    std::vector<nb::dict> out;
+    out.reserve(reports.size());
+    for (const WorkerReport& r : reports) {
+      PyObject* text =
+          PyUnicode_DecodeUTF8(r.text.data(), static_cast<Py_ssize_t>(r.text.size()), "replace");
+      if (text == nullptr) throw nb::python_error();
+      nb::dict d;
+      d["partition"] = r.partition;
+      d["attempt"] = r.attempt;
+      d["clock"] = r.clock;
+      d["steps"] = r.steps;
+      d["progress_age_s"] = static_cast<double>(r.progress_age_ms) / 1000.0;
+      if (r.report_age_ms == WorkerReport::kNoReport) {
+        d["report_age_s"] = nb::none();
+      } else {
+        d["report_age_s"] = static_cast<double>(r.report_age_ms) / 1000.0;
+      }
+      d["text"] = nb::steal<nb::str>(text);
+      out.push_back(std::move(d));
+    }
+    return out;
+  }
+
+  // No I/O: read by the heartbeat thread, so the GIL is kept.
+  void SetDumpFile(std::string path) {
+    if (client_) client_->SetDumpFile(std::move(path));
+  }
+
   void Configure(int mode, int64_t staleness, float heartbeat_timeout_s, float wait_timeout_s) {
     if (mode < 0 || mode > 2 || staleness < 0 || staleness > UINT32_MAX) {
       ThrowIfError(Status(StatusCode::kInvalidArgument,
@@ -609,6 +648,13 @@ NB_MODULE(_core, m) {
            "Tell the server this worker is alive, with the latest progress report if any.")
       .def("report_progress", &PyClient::ReportProgress, "steps"_a, "samples"_a, "loss"_a,
            "Store this worker's progress (no I/O); heartbeats carry it to the server's stats.")
+      .def("report", &PyClient::Report, "text"_a,
+           "Send a stack dump as this worker's latest report (the last 64 KiB of a longer one).")
+      .def("reports", &PyClient::Reports,
+           "Every live member's clock, steps, progress_age_s, report_age_s (None: none) and "
+           "latest report text, as a list of dicts.")
+      .def("set_dump_file", &PyClient::SetDumpFile, "path"_a,
+           "Name a file the heartbeat thread ships as a report whenever it changes; '' stops.")
       .def("configure", &PyClient::Configure, "mode"_a, "staleness"_a = 0,
            "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
            "Set the run's consistency mode (MODE_*), staleness and timeouts.")

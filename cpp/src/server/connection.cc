@@ -320,6 +320,10 @@ Status Connection::Dispatch(const FrameHeader& h) {
       case Opcode::kConfigure:
         result = HandleMembership(h);
         break;
+      case Opcode::kReport:
+      case Opcode::kReports:
+        result = HandleReport(h);
+        break;
       case Opcode::kShutdown: {
         if (payload_len_ != 0) {
           result = Err(StatusCode::kProtocolError, "SHUTDOWN takes an empty payload");
@@ -335,7 +339,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
       }
       default:
         result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
-                                                     " (this server speaks v1: 1..13)");
+                                                     " (this server speaks v1: 1..15)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -598,6 +602,26 @@ Status Connection::HandleMembership(const FrameHeader& h) {
       protocol::EncodeVersion(ctx_->store.version(), &out_);
       break;
     }
+  }
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleReport(const FrameHeader& h) {
+  out_.clear();
+  if (h.opcode == static_cast<uint16_t>(Opcode::kReport)) {
+    uint8_t kind = 0;
+    std::string_view text;
+    TS_RETURN_IF_ERROR(protocol::DecodeReport(payload_span(), &kind, &text));
+    TS_RETURN_IF_ERROR(ctx_->membership.StoreDump(session_, text));
+    protocol::EncodeVersion(ctx_->store.version(), &out_);
+  } else {
+    if (payload_len_ != 0) {
+      return Err(StatusCode::kProtocolError, "REPORTS takes an empty payload");
+    }
+    std::vector<WorkerReport> reports;
+    ctx_->membership.Reports(&reports);
+    protocol::EncodeReportsResponse(reports, &out_);
   }
   (void)SendResponse(h, 0, out_);
   return Status::OK();

@@ -106,6 +106,8 @@ class Connection {
   [[nodiscard]] Status HandleSetOptimizer(const protocol::FrameHeader& h);
   // JOIN, LEAVE, HEARTBEAT and CONFIGURE.
   [[nodiscard]] Status HandleMembership(const protocol::FrameHeader& h);
+  // REPORT (a member's stack dump) and REPORTS (every live member's).
+  [[nodiscard]] Status HandleReport(const protocol::FrameHeader& h);
 
   // Send failures are also recorded in io_status_ (the connection closes).
   [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,

@@ -5,8 +5,11 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <memory>
+#include <new>
 #include <shared_mutex>
 #include <system_error>
+#include <utility>
 
 #include "server/connection.h"
 
@@ -149,6 +152,54 @@ void Membership::Report(const Session& s, const protocol::ProgressReport& report
   // the age growing, so a watchdog sees a stuck worker.
   if (report.steps > m->progress.steps) m->progress_at = Clock::now();
   m->progress = report;
+}
+
+Status Membership::StoreDump(const Session& s, std::string_view text) {
+  if (s.partition < 0) return Status::OK();
+  // Copied before taking mu_; `old` is declared first so that the text it
+  // replaces is freed after mu_ is released.
+  std::shared_ptr<const std::string> old, fresh;
+  try {
+    fresh = std::make_shared<const std::string>(text);
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kLimitExceeded, "server has no memory to store this report");
+  }
+  std::lock_guard lock(mu_);
+  Member* m = LiveMember(s);
+  if (m == nullptr) return Status::OK();
+  old = std::exchange(m->dump, std::move(fresh));
+  m->dump_at = Clock::now();
+  return Status::OK();
+}
+
+void Membership::Reports(std::vector<WorkerReport>* out) const {
+  out->clear();
+  std::vector<std::shared_ptr<const std::string>> texts;
+  {
+    std::lock_guard lock(mu_);
+    // Read under mu_: no time stamp below is later than `now`.
+    const auto now = Clock::now();
+    auto ms_since = [&](Clock::time_point t) {
+      const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - t).count();
+      return static_cast<uint64_t>(std::max<decltype(ms)>(ms, 0));
+    };
+    for (const auto& [p, m] : members_) {
+      if (!m.live) continue;
+      WorkerReport r;
+      r.partition = p;
+      r.attempt = m.attempt;
+      r.clock = m.clock;
+      r.steps = m.progress.steps;
+      r.progress_age_ms = ms_since(m.progress_at);
+      if (m.dump) r.report_age_ms = ms_since(m.dump_at);
+      out->push_back(std::move(r));
+      texts.push_back(m.dump);
+    }
+  }
+  // The texts (up to 64 KiB each) are copied without holding mu_.
+  for (size_t i = 0; i < texts.size(); ++i) {
+    if (texts[i]) (*out)[i].text = *texts[i];
+  }
 }
 
 uint64_t Membership::MinLiveClock() const {

@@ -15,9 +15,11 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -80,6 +82,15 @@ class Membership {
   // show it, and JOIN starts a member's progress afresh).
   void Report(const Session& s, const protocol::ProgressReport& report);
 
+  // A REPORT's stack dump: stored, with its receive time, for the live
+  // member with this connection's identity, replacing the previous one;
+  // ignored from any other connection, like progress reports. Fails only
+  // when memory is short.
+  [[nodiscard]] Status StoreDump(const Session& s, std::string_view text);
+  // Every live member with its clock, progress and latest dump (REPORTS).
+  // Ages are clamped at 0.
+  void Reports(std::vector<WorkerReport>* out) const;
+
   [[nodiscard]] Status Join(Session* s, uint64_t* clock);
   [[nodiscard]] Status Leave(Session* s);
   [[nodiscard]] Status Configure(const RunConfig& config);
@@ -115,6 +126,10 @@ class Membership {
     // increased, or the JOIN.
     protocol::ProgressReport progress{0, 0, std::numeric_limits<double>::quiet_NaN()};
     Clock::time_point progress_at;
+    // Latest REPORT text and when it arrived. Shared and immutable, so
+    // REPORTS copies it after releasing mu_.
+    std::shared_ptr<const std::string> dump;
+    Clock::time_point dump_at;
   };
   struct Accum {  // one variable of the open sync round
     std::vector<int64_t> shape;

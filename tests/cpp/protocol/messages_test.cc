@@ -6,6 +6,8 @@
 #include <cstring>
 #include <limits>
 
+#include "protocol/frame.h"
+
 namespace tensorspark::protocol {
 namespace {
 
@@ -485,6 +487,115 @@ TEST(MessagesTest, HeartbeatIsEmptyOrAProgressReport) {
     EXPECT_NE(s.message().find("got " + std::to_string(len) + " bytes"), std::string::npos)
         << s.message();
   }
+}
+
+TEST(MessagesTest, ReportRoundTrip) {
+  const std::string text = "Thread 0x01 (most recent call first):\n  File \"x.py\", line 3 in f\n";
+  std::vector<uint8_t> p;
+  EncodeReport(kReportStackDump, text, &p);
+  ASSERT_EQ(p.size(), kReportHeadSize + text.size());
+  EXPECT_EQ(p[0], 1);
+  EXPECT_EQ(p[1] | p[2] | p[3], 0);
+  EXPECT_EQ(LoadLE32(p.data() + 4), text.size());
+  uint8_t kind = 0;
+  std::string_view got;
+  ASSERT_TRUE(DecodeReport(p, &kind, &got).ok());
+  EXPECT_EQ(kind, kReportStackDump);
+  EXPECT_EQ(got, text);
+  // An empty text, and one of exactly the limit, are fine.
+  for (size_t len : {size_t{0}, kMaxReportBytes}) {
+    const std::string t(len, 'x');
+    p.clear();
+    EncodeReport(kReportStackDump, t, &p);
+    ASSERT_TRUE(DecodeReport(p, &kind, &got).ok()) << len;
+    EXPECT_EQ(got.size(), len);
+  }
+}
+
+TEST(MessagesTest, MalformedReportIsAProtocolError) {
+  std::vector<uint8_t> p;
+  EncodeReport(kReportStackDump, "abc", &p);
+  uint8_t kind;
+  std::string_view text;
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeReport(cut, &kind, &text).code(), StatusCode::kProtocolError) << len;
+  }
+  std::vector<uint8_t> trailing = p;
+  trailing.push_back(0);
+  EXPECT_EQ(DecodeReport(trailing, &kind, &text).code(), StatusCode::kProtocolError);
+  for (uint8_t bad : {0, 2, 255}) {
+    std::vector<uint8_t> k = p;
+    k[0] = bad;
+    Status s = DecodeReport(k, &kind, &text);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError);
+    EXPECT_NE(s.message().find("unknown REPORT kind"), std::string::npos) << s.message();
+  }
+  for (size_t i = 1; i <= 3; ++i) {
+    std::vector<uint8_t> reserved = p;
+    reserved[i] = 1;
+    Status s = DecodeReport(reserved, &kind, &text);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError);
+    EXPECT_NE(s.message().find("reserved"), std::string::npos) << s.message();
+  }
+  // Over 64 KiB: refused by its length, whether or not the bytes follow.
+  std::vector<uint8_t> big;
+  EncodeReport(kReportStackDump, std::string(kMaxReportBytes + 1, 'x'), &big);
+  Status s = DecodeReport(big, &kind, &text);
+  EXPECT_EQ(s.code(), StatusCode::kProtocolError);
+  EXPECT_NE(s.message().find("exceeds the limit of 65536 bytes"), std::string::npos) << s.message();
+  big.resize(kReportHeadSize);
+  EXPECT_NE(DecodeReport(big, &kind, &text).message().find("exceeds"), std::string::npos);
+}
+
+TEST(MessagesTest, ReportTailKeepsTheLast64KiBAtACharacterBoundary) {
+  const std::string small = "short";
+  EXPECT_EQ(ReportTail(small), small);
+  std::string big = "HEAD" + std::string(kMaxReportBytes, 'a') + "TAIL";
+  std::string_view tail = ReportTail(big);
+  EXPECT_EQ(tail.size(), kMaxReportBytes);
+  EXPECT_TRUE(tail.ends_with("TAIL"));
+  EXPECT_EQ(tail.data(), big.data() + big.size() - kMaxReportBytes);
+  // A 3-byte character (U+20AC) cut by the limit is dropped whole.
+  std::string euro = "\xE2\x82\xAC" + std::string(kMaxReportBytes - 1, 'b');
+  tail = ReportTail(euro);
+  EXPECT_EQ(tail.size(), kMaxReportBytes - 1);
+  EXPECT_EQ(tail.front(), 'b');
+}
+
+TEST(MessagesTest, ReportsResponseRoundTrip) {
+  std::vector<WorkerReport> reports(2);
+  reports[0] = {0, 1, 7, 120, 35, 12, "File \"train.py\", line 9"};
+  reports[1] = {3, 0, 6, 0, 9000, WorkerReport::kNoReport, ""};
+  std::vector<uint8_t> p;
+  EncodeReportsResponse(reports, &p);
+  ASSERT_EQ(p.size(), 4 + 2 * kMinReportsEntrySize + reports[0].text.size());
+  std::vector<WorkerReport> got;
+  ASSERT_TRUE(DecodeReportsResponse(p, &got).ok());
+  ASSERT_EQ(got.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(got[i].partition, reports[i].partition);
+    EXPECT_EQ(got[i].attempt, reports[i].attempt);
+    EXPECT_EQ(got[i].clock, reports[i].clock);
+    EXPECT_EQ(got[i].steps, reports[i].steps);
+    EXPECT_EQ(got[i].progress_age_ms, reports[i].progress_age_ms);
+    EXPECT_EQ(got[i].report_age_ms, reports[i].report_age_ms);
+    EXPECT_EQ(got[i].text, reports[i].text);
+  }
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeReportsResponse(cut, &got).code(), StatusCode::kProtocolError) << len;
+  }
+  std::vector<uint8_t> trailing = p;
+  trailing.push_back(0);
+  EXPECT_EQ(DecodeReportsResponse(trailing, &got).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> huge = p;
+  std::fill_n(huge.begin(), 4, uint8_t{0xFF});  // count 2^32 - 1
+  EXPECT_EQ(DecodeReportsResponse(huge, &got).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> empty;
+  EncodeReportsResponse({}, &empty);
+  ASSERT_TRUE(DecodeReportsResponse(empty, &got).ok());
+  EXPECT_TRUE(got.empty());
 }
 
 }  // namespace

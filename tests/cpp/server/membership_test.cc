@@ -5,8 +5,10 @@
 #include <bit>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <future>
 #include <map>
+#include <string>
 #include <thread>
 
 #include "test_util.h"
@@ -590,6 +592,178 @@ TEST_F(ModesTest, LostWorkerJoinsAgainAtTheOpenRound) {
   float w = 0;
   ASSERT_TRUE(PullW(w0.get(), &w).ok());
   EXPECT_EQ(w, 4.0f);
+}
+
+// Reports() as a map by partition.
+std::map<int32_t, WorkerReport> ReportsOf(Client* c) {
+  std::vector<WorkerReport> list;
+  Status s = c->Reports(&list);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::map<int32_t, WorkerReport> m;
+  for (auto& r : list) m[r.partition] = std::move(r);
+  return m;
+}
+
+TEST_F(ModesTest, WorkerReportsShowInReportsWithAges) {
+  StartRun(ConsistencyMode::kAsync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  auto reports = ReportsOf(driver_.get());
+  ASSERT_EQ(reports.size(), 2u);
+  EXPECT_EQ(reports[1].report_age_ms, WorkerReport::kNoReport);
+  EXPECT_TRUE(reports[1].text.empty());
+
+  const std::string dump = "Thread 0x01 (most recent call first):\n  File \"t.py\", line 3 in f\n";
+  ASSERT_TRUE(w0->Report(dump).ok());
+  w0->ReportProgress(5, 160, 0.5);
+  ASSERT_TRUE(w0->Heartbeat().ok());
+  ASSERT_TRUE(PushDelta(w0.get(), 1).ok());  // clock 1
+  reports = ReportsOf(driver_.get());
+  ASSERT_EQ(reports.size(), 2u);
+  EXPECT_EQ(reports[0].attempt, 0);
+  EXPECT_EQ(reports[0].text, dump);
+  EXPECT_EQ(reports[0].clock, 1u);
+  EXPECT_EQ(reports[0].steps, 5u);
+  EXPECT_LT(reports[0].report_age_ms, 250u);
+  EXPECT_LT(reports[0].progress_age_ms, 250u);
+  EXPECT_EQ(reports[1].report_age_ms, WorkerReport::kNoReport);
+
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  reports = ReportsOf(w1.get());  // any connection may ask
+  EXPECT_GE(reports[0].report_age_ms, 300u);
+  EXPECT_GE(reports[1].progress_age_ms, 300u);  // since its JOIN
+
+  // A newer report replaces the old one; over 64 KiB keeps the last 64 KiB.
+  const std::string big = std::string(100, 'h') + std::string(protocol::kMaxReportBytes, 'x');
+  ASSERT_TRUE(w0->Report(big).ok());
+  reports = ReportsOf(driver_.get());
+  EXPECT_EQ(reports[0].text, big.substr(100));
+  EXPECT_LT(reports[0].report_age_ms, 250u);
+  ASSERT_TRUE(w0->Report("second").ok());
+  EXPECT_EQ(ReportsOf(driver_.get())[0].text, "second");
+}
+
+TEST_F(ModesTest, ReportsFromNonMembersAreIgnored) {
+  StartRun(ConsistencyMode::kAsync);
+  auto w0 = Worker(0);
+  auto idle = Worker(2, 0, /*join=*/false);
+  ASSERT_TRUE(driver_->Report("from the driver").ok());
+  ASSERT_TRUE(idle->Report("not joined").ok());
+  auto reports = ReportsOf(driver_.get());
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_EQ(reports.count(0), 1u);
+  EXPECT_EQ(reports[0].report_age_ms, WorkerReport::kNoReport);
+  // A worker that left is not listed; its reports are ignored, and joining
+  // again starts without one.
+  ASSERT_TRUE(w0->Report("before leaving").ok());
+  ASSERT_TRUE(w0->Leave().ok());
+  ASSERT_TRUE(w0->Report("after leaving").ok());
+  EXPECT_TRUE(ReportsOf(driver_.get()).empty());
+  ASSERT_TRUE(w0->Join(nullptr).ok());
+  reports = ReportsOf(driver_.get());
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_TRUE(reports[0].text.empty());
+  EXPECT_EQ(reports[0].report_age_ms, WorkerReport::kNoReport);
+}
+
+TEST_F(ModesTest, MalformedReportFramesAreProtocolErrors) {
+  StartRun(ConsistencyMode::kAsync);
+  RawConn raw;
+  ASSERT_TRUE(raw.Connect(server_->port()).ok());
+  ASSERT_TRUE(raw.Handshake().ok());  // partition 1, attempt 0
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kJoin, 3, {}).ok());
+  protocol::FrameHeader h;
+  std::vector<uint8_t> p;
+  ASSERT_TRUE(raw.Read(&h, &p).ok());
+  std::vector<uint8_t> report;
+  protocol::EncodeReport(protocol::kReportStackDump, "dump", &report);
+  std::vector<uint8_t> bad_kind = report;
+  bad_kind[0] = 2;
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kReport, 4, bad_kind).ok());
+  EXPECT_EQ(raw.ReadError(4).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> reserved = report;
+  reserved[3] = 1;
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kReport, 5, reserved).ok());
+  EXPECT_EQ(raw.ReadError(5).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> big;
+  protocol::EncodeReport(protocol::kReportStackDump,
+                         std::string(protocol::kMaxReportBytes + 1, 'x'), &big);
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kReport, 6, big).ok());
+  Status e = raw.ReadError(6);
+  EXPECT_EQ(e.code(), StatusCode::kProtocolError);
+  EXPECT_NE(e.message().find("exceeds the limit of 65536 bytes"), std::string::npos) << e.message();
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kReports, 7, {0}).ok());
+  EXPECT_EQ(raw.ReadError(7).code(), StatusCode::kProtocolError);
+  // The connection keeps serving: a well-formed REPORT answers a version.
+  ASSERT_TRUE(raw.Send(protocol::Opcode::kReport, 8, report).ok());
+  ASSERT_TRUE(raw.Read(&h, &p).ok());
+  EXPECT_EQ(h.flags, protocol::kFlagResponse);
+  uint64_t version = 9;
+  ASSERT_TRUE(protocol::DecodeVersion(p, &version).ok());
+  EXPECT_EQ(version, 0u);
+  auto reports = ReportsOf(driver_.get());
+  EXPECT_EQ(reports[1].text, "dump");
+}
+
+void WriteFile(const std::string& path, const std::string& content) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  ASSERT_NE(f, nullptr) << path;
+  ASSERT_EQ(std::fwrite(content.data(), 1, content.size(), f), content.size());
+  ASSERT_EQ(std::fclose(f), 0);
+}
+
+TEST_F(ModesTest, HeartbeatThreadShipsTheDumpFileWhenItChanges) {
+  StartRun(ConsistencyMode::kAsync);
+  TempDir dir;
+  const std::string path = dir.Sub("stack.txt");
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 4;
+  o.heartbeat_interval_s = 0.05;
+  std::unique_ptr<Client> c;
+  ASSERT_TRUE(Client::Connect(o, &c).ok());
+  c->SetDumpFile(path);  // does not exist yet: ignored (logged once)
+  ASSERT_TRUE(c->Join(nullptr).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  EXPECT_EQ(ReportsOf(driver_.get())[4].report_age_ms, WorkerReport::kNoReport);
+
+  // Waits (bounded) until the driver sees `want` from partition 4.
+  auto wait_for = [&](const std::string& want) {
+    auto t = steady_clock::now();
+    WorkerReport r;
+    while (Since(t) < 5.0) {
+      r = ReportsOf(driver_.get())[4];
+      if (r.text == want) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return r;
+  };
+  const std::string first = "Thread 0x01 (most recent call first):\n  File \"a.py\", line 1\n";
+  WriteFile(path, first);
+  WorkerReport r = wait_for(first);
+  ASSERT_EQ(r.text, first);
+  // Unchanged: not sent again, so the report ages.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_GE(ReportsOf(driver_.get())[4].report_age_ms, 250u);
+
+  const std::string second = first + "Thread 0x02:\n  File \"b.py\", line 2\n";
+  WriteFile(path, second);
+  r = wait_for(second);
+  ASSERT_EQ(r.text, second);
+  EXPECT_LT(r.report_age_ms, 1000u);
+
+  // Larger than 64 KiB: the last 64 KiB.
+  const std::string big =
+      std::string(5000, 'o') + std::string(protocol::kMaxReportBytes - 4, 'n') + "LAST";
+  WriteFile(path, big);
+  const std::string tail = big.substr(big.size() - protocol::kMaxReportBytes);
+  r = wait_for(tail);
+  EXPECT_EQ(r.text.size(), protocol::kMaxReportBytes);
+  EXPECT_TRUE(r.text == tail);
+
+  c->SetDumpFile("");  // stops shipping
+  WriteFile(path, "ignored");
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_TRUE(ReportsOf(driver_.get())[4].text == tail);
+  ASSERT_TRUE(c->Leave().ok());
 }
 
 }  // namespace
