@@ -42,6 +42,19 @@ def job_description(sc: Any, text: str) -> Iterator[None]:
         sc.setLocalProperty("spark.job.description", previous)
 
 
+@contextlib.contextmanager
+def job_group(sc: Any, group: str, text: str) -> Iterator[None]:
+    """Run the block's Spark jobs in a cancellable job group named ``text``."""
+    keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
+    previous = {k: sc.getLocalProperty(k) for k in keys}
+    sc.setJobGroup(group, text, interruptOnCancel=True)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            sc.setLocalProperty(k, v)
+
+
 def raise_task_error(exc: BaseException, description: str) -> NoReturn:
     """Re-raise a failed Spark job as the tensorspark error its task raised.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, _watchdog
 from ._graph import load_values
 from .errors import TensorSparkError, TensorSparkValueError
 
@@ -49,6 +49,7 @@ class TaskConfig:
     io_timeout: float
     join: bool  # join the run as a member (single server): sync/ssp wait for members
     heartbeat_interval: float
+    hang_timeout: float | None = None  # stack dumps after half of it without a sync
 
 
 def _batches(rows: Iterable[Any], cfg: TaskConfig, partition: int) -> Iterator[list[Any]]:
@@ -246,9 +247,12 @@ def train_partition(
     started = time.monotonic()
     model = _Model(graph_broadcast.value, cfg)
     client = _connect(cfg, partition, attempt)
+    dumps = None
     try:
         if cfg.join:
             client.join()  # fences older attempts of this partition
+            if cfg.hang_timeout:
+                dumps = _watchdog.StackDumps(client, cfg.hang_timeout / 2)
         sync = _Sync(client, cfg, model)
         sync.pull()
         steps = samples = 0
@@ -264,6 +268,8 @@ def train_partition(
                 since_sync = 0
                 if not cfg.servers:  # heartbeats carry it to the driver's stats
                     client.report_progress(steps, samples, float("nan"))
+                if dumps is not None:
+                    dumps.progress()
         if since_sync:
             sync.push_and_pull(steps, partition, since_sync)
         yield {
@@ -277,6 +283,8 @@ def train_partition(
             "last_fetch": _plain(last),
         }
     finally:
+        if dumps is not None:
+            dumps.close()
         if cfg.join and client.connected:
             with contextlib.suppress(TensorSparkError):
                 client.leave()  # the others stop waiting for this task at once

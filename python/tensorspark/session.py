@@ -8,6 +8,7 @@ driver's own ``tf.Session`` when the job completes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _graph, _spark
+from . import _graph, _spark, _watchdog
 from ._worker import TaskConfig, train_partition
 from .combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from .errors import TensorSparkValueError
@@ -217,6 +218,7 @@ class SparkSession:
         *,
         consistency: str = "async",
         staleness: int = 0,
+        hang_timeout: float | None = 600.0,
     ) -> RunSummary | Any:
         """Run ``fetches`` on every batch of ``feed_rdd`` across Spark tasks.
 
@@ -248,6 +250,11 @@ class SparkSession:
             ``c - staleness``. A task that dies is not waited for.
         staleness : int
             The ``"ssp"`` bound.
+        hang_timeout : float or None
+            When no task has made progress (a sync) for this many seconds,
+            print every task's clock and Python stack dump, cancel the job
+            and raise :class:`PSTimeoutError` naming the stuck tasks. None
+            turns it off (it needs a single parameter server).
 
         Returns
         -------
@@ -302,19 +309,26 @@ class SparkSession:
             connect_timeout=self.connect_timeout,
             io_timeout=self.io_timeout,
             join=not self.servers,
-            heartbeat_interval=self.heartbeat_timeout / 3,
+            heartbeat_interval=min(1.0, self.heartbeat_timeout / 3),
+            hang_timeout=None if self.servers else hang_timeout,
         )
         meta = _graph.export_graph(graph)
         self._write_tmp("graph.meta", meta)
         broadcast = self.sc.broadcast(meta)
         description = f"tensorspark {cfg.run_name or 'run'} #{self._runs} ({num_parts} tasks)"
+        group = f"tensorspark-{id(self):x}-{self._runs}"
+        watch: Any = contextlib.nullcontext()
+        if cfg.hang_timeout:
+            watch = _watchdog.HangWatchdog(self._connect, self.sc, cfg.hang_timeout, group)
         started = time.monotonic()
         try:
-            with _spark.job_description(self.sc, description):
+            with _spark.job_group(self.sc, group, description), watch:
                 results = feed_rdd.mapPartitionsWithIndex(
                     functools.partial(train_partition, cfg, broadcast)
                 ).collect()
         except Exception as e:  # noqa: BLE001 - translated below, original chained
+            if isinstance(watch, _watchdog.HangWatchdog):
+                watch.raise_if_fired(e)
             _spark.raise_task_error(e, description)
         finally:
             broadcast.unpersist()

@@ -9,6 +9,7 @@ validation data, runs the callbacks and draws the progress.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _feed, _progress, _spark
+from .. import _feed, _progress, _spark, _watchdog
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, generate_secret
 from . import _spec, _task
@@ -86,7 +87,7 @@ class _Data:
     features: tuple[str, ...]
     label: str | None
     integral_label: bool
-    rows: int
+    rows: int  # 0 when unknown (RDDs are not counted)
 
 
 def _prepare(
@@ -109,10 +110,10 @@ def _prepare(
         return _Data(frame, None, features, label_col, integral, rows)
     if hasattr(data, "mapPartitionsWithIndex"):
         rdd = data.repartition(int(workers)) if workers else data
-        rows = rdd.count()
-        if rows == 0:
+        # Not count(): that would compute the RDD's whole lineage an extra time.
+        if rdd.isEmpty():
             raise TensorSparkValueError(f"the {what} RDD is empty; there is nothing to train on")
-        return _Data(None, rdd, ("features",), "label", False, rows)
+        return _Data(None, rdd, ("features",), "label", False, 0)
     raise TensorSparkValueError(
         f"{what} must be a Spark DataFrame or an RDD of (features, label) tuples, got "
         f"{type(data).__name__}"
@@ -254,6 +255,7 @@ class _Run:
             io_timeout=o["io_timeout"],
             # Heartbeats also carry the progress reports the driver draws.
             heartbeat_interval=min(1.0, o["heartbeat_timeout"] / 3),
+            hang_timeout=o["hang_timeout"],
             join=train,
         )
 
@@ -261,8 +263,11 @@ class _Run:
         """Run ``fn`` on every partition of ``data``; the tasks' result dicts."""
         custom = self.opts["custom_objects"]
         description = f"tensorspark keras {self.name}: {what}"
+        group = f"tensorspark-{self.run_id}-{cfg.epoch}-{what}"
+        watchdog = _watchdog.HangWatchdog(self.connect, self.sc, self.opts["hang_timeout"], group)
+        watch = watchdog if self.opts["hang_timeout"] and cfg.join else contextlib.nullcontext()
         try:
-            with _spark.job_description(self.sc, description):
+            with _spark.job_group(self.sc, group, description), watch:
                 if data.frame is not None:
                     return self._run_arrow(fn, data, cfg, custom)
                 part = functools.partial(
@@ -270,6 +275,7 @@ class _Run:
                 )
                 return data.rdd.mapPartitionsWithIndex(part).collect()
         except Exception as e:  # noqa: BLE001 - translated, original chained
+            watchdog.raise_if_fired(e)
             _spark.raise_task_error(e, description)
 
     def _run_arrow(self, fn: Any, data: _Data, cfg: Any, custom: Any) -> list[dict]:
@@ -382,6 +388,7 @@ def fit(
     io_timeout: float = 300.0,
     heartbeat_timeout: float = 30.0,
     wait_timeout: float = 240.0,
+    hang_timeout: float | None = 600.0,
 ) -> FitResult:
     """Train a Keras 3 model on a Spark DataFrame or RDD across Spark tasks.
 
@@ -480,6 +487,12 @@ def fit(
         Seconds to reach the server, for one transfer, of worker silence
         before the server stops waiting for it, and of the longest wait for
         other workers (sync and ssp).
+    hang_timeout : float or None
+        When no worker has made progress for this many seconds, print every
+        worker's clock and Python stack dump (faulthandler), cancel the job
+        and raise :class:`PSTimeoutError` naming the stuck workers; the
+        driver's model keeps the weights trained so far. None turns it off.
+        Keep it well above the time of ``sync_interval`` steps.
 
     Returns
     -------
@@ -528,6 +541,9 @@ def _options(given: dict[str, Any]) -> dict[str, Any]:
         )
     if opts["save_path"] and not str(opts["save_path"]).endswith(".keras"):
         raise TensorSparkValueError(f"save_path must name a .keras file, got {opts['save_path']!r}")
+    ht = opts["hang_timeout"]
+    if ht is not None and (isinstance(ht, bool) or not isinstance(ht, int | float) or ht <= 0):
+        raise TensorSparkValueError(f"hang_timeout must be > 0 seconds or None, got {ht!r}")
     vd = opts["validation_data"]
     if isinstance(vd, tuple) and len(vd) != 2:
         raise TensorSparkValueError("validation_data as a tuple must be (x, y)")

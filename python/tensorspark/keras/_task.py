@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core, _feed
+from .. import _core, _feed, _watchdog
 from ..errors import TensorSparkError, TensorSparkValueError
 from . import _spec
 
@@ -50,6 +50,7 @@ class KerasTaskConfig:
     connect_timeout: float
     io_timeout: float
     heartbeat_interval: float
+    hang_timeout: float | None = None  # stack dumps after half of it without a sync
     join: bool = True
 
 
@@ -252,9 +253,12 @@ def train(
     replica.reset()
     rss_base = rss_peak = _rss_bytes()
     client = _connect(cfg, partition, attempt)
+    dumps = None
     try:
         if cfg.join:
             client.join()  # fences older attempts of this partition
+        if cfg.hang_timeout and cfg.join:
+            dumps = _watchdog.StackDumps(client, cfg.hang_timeout / 2)
         sync = _Sync(client, replica, cfg)
         sync.pull()
         stream = _feed.BatchStream(
@@ -279,6 +283,8 @@ def train(
                 sync.push_and_pull(steps, since_sync, partition)
                 _report(client, steps, samples, (now[0] - last[0]) / max(1.0, now[1] - last[1]))
                 last = now
+                if dumps is not None:
+                    dumps.progress()
                 since_sync = 0
                 rss_peak = max(rss_peak, _rss_bytes())
         if since_sync:
@@ -306,6 +312,8 @@ def train(
             "rows_buffered_max": stream.rows_held_max,
         }
     finally:
+        if dumps is not None:
+            dumps.close()
         if cfg.join and client.connected:
             with contextlib.suppress(TensorSparkError):
                 client.leave()  # the others stop waiting for this task at once

@@ -1,0 +1,152 @@
+"""Hang diagnosis: stack dumps in the tasks, a watchdog on the driver.
+
+Task side, :class:`StackDumps`: Python's ``faulthandler`` writes a dump of
+every thread to a file when the task has not synced for half the hang
+timeout (a C thread does it, without the GIL), and the C++ client's
+heartbeat thread ships the file to the parameter server.
+
+Driver side, :class:`HangWatchdog`: when no worker has made progress
+(reported steps) for ``timeout`` seconds, it prints every worker's clock,
+steps and latest stack dump from the server, cancels the Spark job and
+records a message naming the stuck workers, which the caller raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import sys
+import tempfile
+import threading
+from typing import Any, TextIO
+
+from .errors import PSTimeoutError, TensorSparkError
+
+log = logging.getLogger("tensorspark")
+
+
+class StackDumps:
+    """Dump this task's Python stacks when it stops syncing (task side).
+
+    Parameters
+    ----------
+    client : core client
+        Its heartbeat thread ships the dump file (``set_dump_file``).
+    after : float
+        Seconds without :meth:`progress` before a dump is written.
+    """
+
+    def __init__(self, client: Any, after: float) -> None:
+        self.after = after
+        fd, self.path = tempfile.mkstemp(prefix="tensorspark-stacks-", suffix=".txt")
+        self.file = os.fdopen(fd, "w")
+        client.set_dump_file(self.path)
+        self._client = client
+        self.progress()
+
+    def progress(self) -> None:
+        """Re-arm the timer (call at each sync); drops an outdated dump."""
+        if os.fstat(self.file.fileno()).st_size:
+            self.file.truncate(0)
+        faulthandler.dump_traceback_later(self.after, repeat=False, file=self.file)
+
+    def close(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        with contextlib.suppress(TensorSparkError, AttributeError):
+            self._client.set_dump_file("")
+        self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class HangWatchdog:
+    """Fail a Spark job in which no worker makes progress (driver side).
+
+    Parameters
+    ----------
+    connect : callable
+        Returns a new ``PSClient`` (the watchdog's own connection).
+    sc : pyspark.SparkContext
+        Its job group ``group`` is cancelled when the watchdog fires.
+    timeout : float
+        Seconds without progress from any live worker.
+    group : str
+        The Spark job group of the watched job.
+    """
+
+    def __init__(
+        self,
+        connect: Any,
+        sc: Any,
+        timeout: float,
+        group: str,
+        *,
+        stream: TextIO | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        self._connect, self._sc, self.timeout, self.group = connect, sc, timeout, group
+        self._stream = stream or sys.stderr
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.message: str | None = None  # set when the watchdog fired
+
+    def __enter__(self) -> HangWatchdog:
+        self._thread = threading.Thread(target=self._run, name="tensorspark-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+
+    def raise_if_fired(self, cause: BaseException | None = None) -> None:
+        """Raise :class:`PSTimeoutError` with the diagnosis if the watchdog fired."""
+        if self.message is not None:
+            raise PSTimeoutError(self.message) from cause
+
+    def _run(self) -> None:
+        try:
+            client = self._connect()
+        except TensorSparkError as e:
+            log.warning("tensorspark: the hang watchdog could not connect: %s", e)
+            return
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    reports = client.reports()
+                except TensorSparkError:
+                    continue
+                if reports and all(r["progress_age_s"] >= self.timeout for r in reports):
+                    self._fire(reports)
+                    return
+        finally:
+            client.close()
+
+    def _fire(self, reports: list[dict[str, Any]]) -> None:
+        names = ", ".join(
+            f"partition {r['partition']} (attempt {r['attempt']}, clock {r['clock']}, "
+            f"{r['steps']} steps, no progress for {r['progress_age_s']:.0f} s)"
+            for r in reports
+        )
+        self.message = (
+            f"training hung: no worker made progress for hang_timeout = {self.timeout:g} s; "
+            f"stuck workers: {names}. Their stack dumps are printed above (stderr); the Spark "
+            "job was cancelled and the parameter server keeps the model trained so far"
+        )
+        lines = ["", f"tensorspark: {self.message}", ""]
+        for r in reports:
+            head = (
+                f"--- partition {r['partition']} attempt {r['attempt']}: clock {r['clock']}, "
+                f"steps {r['steps']}, last progress {r['progress_age_s']:.1f} s ago"
+            )
+            if r["report_age_s"] is None:
+                lines += [head, "(no stack dump received)"]
+            else:
+                lines += [f"{head}, stack dump from {r['report_age_s']:.1f} s ago:", r["text"]]
+        self._stream.write("\n".join(lines) + "\n")
+        self._stream.flush()
+        self._sc.cancelJobGroup(self.group)
