@@ -32,17 +32,6 @@ def is_loopback(host: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def job_description(sc: Any, text: str) -> Iterator[None]:
-    """Name the Spark jobs started inside the block (shown in the Spark UI)."""
-    previous = sc.getLocalProperty("spark.job.description")
-    sc.setJobDescription(text)
-    try:
-        yield
-    finally:
-        sc.setLocalProperty("spark.job.description", previous)
-
-
-@contextlib.contextmanager
 def job_group(sc: Any, group: str, text: str) -> Iterator[None]:
     """Run the block's Spark jobs in a cancellable job group named ``text``."""
     keys = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
