@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from .errors import PSTimeoutError, TensorSparkError
@@ -59,6 +60,30 @@ class StackDumps:
         self.file.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def membership(client: Any, join: bool, hang_timeout: float | None) -> Iterator[StackDumps | None]:
+    """A task's time as a member of the run; closes ``client`` at the end.
+
+    Joins (fencing older attempts of the partition) when ``join``, arms the
+    stack dumps when ``hang_timeout`` is set (yielded, for re-arming at each
+    sync), and leaves at the end so the others stop waiting for this task.
+    """
+    dumps = None
+    try:
+        if join:
+            client.join()
+            if hang_timeout:
+                dumps = StackDumps(client, hang_timeout / 2)
+        yield dumps
+    finally:
+        if dumps is not None:
+            dumps.close()
+        if join and client.connected:
+            with contextlib.suppress(TensorSparkError):
+                client.leave()
+        client.close()
 
 
 class HangWatchdog:

@@ -8,7 +8,6 @@ end) pushes its update and pulls the merged model.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -19,7 +18,7 @@ import numpy as np
 
 from . import _core, _watchdog
 from ._graph import load_values
-from .errors import TensorSparkError, TensorSparkValueError
+from .errors import TensorSparkValueError
 
 
 @dataclass(frozen=True)
@@ -246,49 +245,39 @@ def train_partition(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.monotonic()
     model = _Model(graph_broadcast.value, cfg)
-    client = _connect(cfg, partition, attempt)
-    dumps = None
     try:
-        if cfg.join:
-            client.join()  # fences older attempts of this partition
-            if cfg.hang_timeout:
-                dumps = _watchdog.StackDumps(client, cfg.hang_timeout / 2)
-        sync = _Sync(client, cfg, model)
-        sync.pull()
-        steps = samples = 0
-        last: Any = None
-        since_sync = 0
-        for batch in _batches(rows, cfg, partition):
-            last = model.step(_stack(batch, cfg))
-            steps += 1
-            samples += len(batch)
-            since_sync += 1
-            if since_sync == cfg.sync_interval:
+        client = _connect(cfg, partition, attempt)
+        with _watchdog.membership(client, cfg.join, cfg.hang_timeout) as dumps:
+            sync = _Sync(client, cfg, model)
+            sync.pull()
+            steps = samples = 0
+            last: Any = None
+            since_sync = 0
+            for batch in _batches(rows, cfg, partition):
+                last = model.step(_stack(batch, cfg))
+                steps += 1
+                samples += len(batch)
+                since_sync += 1
+                if since_sync == cfg.sync_interval:
+                    sync.push_and_pull(steps, partition, since_sync)
+                    since_sync = 0
+                    if not cfg.servers:  # heartbeats carry it to the driver's stats
+                        client.report_progress(steps, samples, float("nan"))
+                    if dumps is not None:
+                        dumps.progress()
+            if since_sync:
                 sync.push_and_pull(steps, partition, since_sync)
-                since_sync = 0
-                if not cfg.servers:  # heartbeats carry it to the driver's stats
-                    client.report_progress(steps, samples, float("nan"))
-                if dumps is not None:
-                    dumps.progress()
-        if since_sync:
-            sync.push_and_pull(steps, partition, since_sync)
-        yield {
-            "partition": partition,
-            "attempt": attempt,
-            "steps": steps,
-            "samples": samples,
-            "pushes": sync.pushes,
-            "version": sync.version,
-            "seconds": time.monotonic() - started,
-            "last_fetch": _plain(last),
-        }
+            yield {
+                "partition": partition,
+                "attempt": attempt,
+                "steps": steps,
+                "samples": samples,
+                "pushes": sync.pushes,
+                "version": sync.version,
+                "seconds": time.monotonic() - started,
+                "last_fetch": _plain(last),
+            }
     finally:
-        if dumps is not None:
-            dumps.close()
-        if cfg.join and client.connected:
-            with contextlib.suppress(TensorSparkError):
-                client.leave()  # the others stop waiting for this task at once
-        client.close()
         model.close()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core, _feed, _watchdog
-from ..errors import TensorSparkError, TensorSparkValueError
+from ..errors import TensorSparkValueError
 from . import _spec
 
 
@@ -229,12 +229,6 @@ def _task_identity() -> tuple[int, int]:
     return ctx.partitionId(), ctx.attemptNumber()
 
 
-def _report(client: Any, steps: int, samples: int, loss: float) -> None:
-    report = getattr(client, "report_progress", None)
-    if report is not None:
-        report(steps, samples, loss)
-
-
 def train(
     cfg: KerasTaskConfig,
     model_blob: Any,
@@ -253,12 +247,7 @@ def train(
     replica.reset()
     rss_base = rss_peak = _rss_bytes()
     client = _connect(cfg, partition, attempt)
-    dumps = None
-    try:
-        if cfg.join:
-            client.join()  # fences older attempts of this partition
-        if cfg.hang_timeout and cfg.join:
-            dumps = _watchdog.StackDumps(client, cfg.hang_timeout / 2)
+    with _watchdog.membership(client, cfg.join, cfg.hang_timeout) as dumps:
         sync = _Sync(client, replica, cfg)
         sync.pull()
         stream = _feed.BatchStream(
@@ -281,7 +270,8 @@ def train(
             if since_sync == cfg.sync_interval:
                 now = _check_loss(replica, steps, partition, cfg, sync.version)
                 sync.push_and_pull(steps, since_sync, partition)
-                _report(client, steps, samples, (now[0] - last[0]) / max(1.0, now[1] - last[1]))
+                loss = (now[0] - last[0]) / max(1.0, now[1] - last[1])
+                client.report_progress(steps, samples, loss)
                 last = now
                 if dumps is not None:
                     dumps.progress()
@@ -311,13 +301,6 @@ def train(
             "rss_peak_bytes": rss_peak,
             "rows_buffered_max": stream.rows_held_max,
         }
-    finally:
-        if dumps is not None:
-            dumps.close()
-        if cfg.join and client.connected:
-            with contextlib.suppress(TensorSparkError):
-                client.leave()  # the others stop waiting for this task at once
-        client.close()
 
 
 def _check_loss(
