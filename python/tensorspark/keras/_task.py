@@ -326,7 +326,7 @@ def evaluate(
     chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
 ) -> dict[str, Any]:
     """Evaluate the server's current model on one partition's chunks."""
-    partition, attempt = _task_identity()
+    partition, _ = _task_identity()
     replica = _replica(cfg, model_blob, builder, custom_objects)
     replica.reset()
     client = _connect(cfg, -1, 0)
