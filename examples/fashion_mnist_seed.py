@@ -1,6 +1,6 @@
 """The original TensorSpark MNIST program, trained on Fashion-MNIST.
 
-Softmax regression with GradientDescentOptimizer(0.5), sync_interval=100 and
+Softmax regression with GradientDescentOptimizer(learning_rate), sync_interval=100 and
 batch_size=100, as in the seed. Only the import lines differ from the seed:
 TF1 code now comes from ``tensorflow.compat.v1`` and the module paths
 ``tensorspark.core.*`` are kept. The images are read from Debian's
@@ -8,19 +8,31 @@ TF1 code now comes from ``tensorflow.compat.v1`` and the module paths
 MNIST from HDFS.
 
     python examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2
+
+Options beyond the seed: ``--consistency`` and ``--combiner`` pick the
+training mode; ``--kill-worker LO,HI`` SIGKILLs one training worker at a
+random moment LO..HI seconds into training and ``--zombie-partition P``
+turns partition P's first attempt into a fenced zombie (both from
+``tensorspark.chaos``; use a master that retries tasks, e.g.
+``local[2,4]``); ``--json PATH`` writes the accuracy and the server's
+counters.
 """
 
 import argparse
 import gzip
+import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 import pyspark
 import tensorflow.compat.v1 as tf
 
+import tensorspark
 import tensorspark.core.spark_session as sps
+from tensorspark import chaos
 
 tf.disable_v2_behavior()
 
@@ -95,6 +107,12 @@ def train(
     batch_size=100,
     num_partition=1,
     num_epoch=1,
+    learning_rate=0.5,
+    weight_combiner=None,
+    consistency="async",
+    kill_worker=None,
+    zombie_partition=None,
+    report=None,
 ):
     is_new_sc = False
     if sc is None:
@@ -115,7 +133,7 @@ def train(
     y = tf.nn.softmax(tf.matmul(x, W) + b)
     y_ = tf.placeholder(tf.float32, [None, 10])
     cross_entropy = tf.reduce_mean(-tf.reduce_sum(y_ * tf.log(y), reduction_indices=[1]))
-    train_step = tf.train.GradientDescentOptimizer(0.5).minimize(cross_entropy)
+    train_step = tf.train.GradientDescentOptimizer(learning_rate).minimize(cross_entropy)
     init = tf.initialize_all_variables()
     sess = tf.Session()
     sess.run(init)
@@ -133,6 +151,8 @@ def train(
         sync_interval=sync_interval,
         batch_size=batch_size,
     )
+    image_label_rdd.count()  # cache the data before any fault is injected
+    faults = _start_faults(sc, spark_sess, kill_worker, zombie_partition)
     start_time = time.time()
     for i in range(num_epoch):
         summary = spark_sess.run(
@@ -141,6 +161,8 @@ def train(
             feed_name_list=feed_name_list,
             param_list=param_list,
             shuffle_within_partition=True,
+            weight_combiner=weight_combiner,
+            consistency=consistency,
         )
         print(
             "epoch %d: %d steps, %d samples, model version %d, %.1f s"
@@ -155,10 +177,53 @@ def train(
     test_accuracy = sess.run(accuracy, feed_dict={x: test_images, y_: test_labels})
     print("test accuracy: %.4f" % test_accuracy)
 
+    if report is not None:
+        report.update(_faults_report(faults))
+        report.update(
+            test_accuracy=float(test_accuracy),
+            training_seconds=end_time - start_time,
+            stats={k: v for k, v in spark_sess.stats().items() if not k.startswith("worker_")},
+        )
     spark_sess.close()
     if is_new_sc:
         sc.stop()
     return test_accuracy
+
+
+def _start_faults(sc, spark_sess, kill_worker, zombie_partition):
+    """Start the requested fault injections (tensorspark.chaos) in threads."""
+    faults = {}
+    if kill_worker is not None:
+        faults["killer"] = chaos.WorkerKiller(port=spark_sess.server_port, delay_s=kill_worker)
+        faults["killer"].start()
+    if zombie_partition is not None:
+        out = faults["zombie"] = {}
+
+        def zombie():
+            try:
+                out.update(
+                    chaos.make_zombie(
+                        sc, spark_sess.server_port, zombie_partition, spark_sess.stats
+                    )
+                )
+            except tensorspark.TensorSparkError as e:
+                out["error"] = str(e)
+
+        faults["zombie_thread"] = threading.Thread(target=zombie, daemon=True)
+        faults["zombie_thread"].start()
+    return faults
+
+
+def _faults_report(faults):
+    out = {}
+    if "killer" in faults:
+        faults["killer"].stop()
+        out["kills"] = [vars(k) for k in faults["killer"].killed]
+        out["kill_error"] = faults["killer"].error
+    if "zombie_thread" in faults:
+        faults["zombie_thread"].join(timeout=5)
+        out["zombie"] = faults["zombie"]
+    return out
 
 
 def main(argv=None):
@@ -177,6 +242,20 @@ def main(argv=None):
     parser.add_argument(
         "--min-accuracy", type=float, default=0.0, help="exit 1 below this test accuracy"
     )
+    parser.add_argument("--learning-rate", type=float, default=0.5)
+    parser.add_argument("--combiner", choices=["mean", "delta"], default="mean")
+    parser.add_argument("--consistency", choices=["async", "sync", "ssp"], default="async")
+    parser.add_argument(
+        "--kill-worker",
+        metavar="LO,HI",
+        help="SIGKILL one training worker LO..HI seconds (at random) after training starts",
+    )
+    parser.add_argument(
+        "--zombie-partition",
+        type=int,
+        help="freeze partition P's worker, have Spark retry the task, then let it push (fenced)",
+    )
+    parser.add_argument("--json", help="write accuracy, faults and server counters here")
     args = parser.parse_args(argv)
     for path in (mnist_image_file, mnist_label_file, mnist_test_image_file, mnist_test_label_file):
         if not os.path.exists(path):
@@ -188,8 +267,14 @@ def main(argv=None):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     conf = pyspark.SparkConf().setMaster(args.master).setAppName("tensorspark-fashion-mnist-seed")
     conf.set("spark.ui.showConsoleProgress", "false")
+    if args.zombie_partition is not None:
+        # The frozen worker must outlive its killed task until it is let go.
+        conf.set("spark.python.task.killTimeout", "120s")
     sc = pyspark.SparkContext(conf=conf)
     sc.setLogLevel("ERROR")
+    report = {"master": args.master, "combiner": args.combiner, "consistency": args.consistency}
+    kill = tuple(float(v) for v in args.kill_worker.split(",")) if args.kill_worker else None
+    combiner = tensorspark.DeltaCombiner() if args.combiner == "delta" else None
     try:
         acc = train(
             sc=sc,
@@ -201,9 +286,18 @@ def main(argv=None):
             batch_size=args.batch_size,
             num_partition=args.partitions,
             num_epoch=args.epochs,
+            learning_rate=args.learning_rate,
+            weight_combiner=combiner,
+            consistency=args.consistency,
+            kill_worker=kill,
+            zombie_partition=args.zombie_partition,
+            report=report,
         )
     finally:
         sc.stop()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     if acc < args.min_accuracy:
         print("test accuracy %.4f is below the bound %.2f" % (acc, args.min_accuracy))
         return 1

@@ -1,4 +1,5 @@
-"""Spark-facing helpers of the driver: addresses, job names, task errors."""
+"""Spark-facing helpers: addresses, job names, task errors (driver side);
+a task's identity (task side)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,21 @@ def raise_task_error(exc: BaseException, description: str) -> NoReturn:
         raise TensorSparkError(f"a Spark task of {description} failed: {cls_name}: {msg}") from exc
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     raise TensorSparkError(f"the Spark job of {description} failed: {first}") from exc
+
+
+def task_identity() -> tuple[int, int, int]:
+    """This task's partition, attempt number and fencing attempt id.
+
+    The parameter server fences a partition's older attempts by a number
+    that must grow with every launch of the partition. Spark's
+    ``attemptNumber`` starts again at 0 in every job and stage attempt, so
+    the server gets the task attempt id (Spark's TID, unique and growing
+    within the application), kept to the protocol's 31 bits. Outside a
+    task all three are 0.
+    """
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return 0, 0, 0
+    return ctx.partitionId(), ctx.attemptNumber(), ctx.taskAttemptId() & 0x7FFFFFFF

@@ -37,11 +37,16 @@ class StackDumps:
         Its heartbeat thread ships the dump file (``set_dump_file``).
     after : float
         Seconds without :meth:`progress` before a dump is written.
+    task : str
+        Names the task in the file's name (``p<partition>-a<attempt>``), so
+        that tools such as :mod:`tensorspark.chaos` can tell which process
+        runs which task.
     """
 
-    def __init__(self, client: Any, after: float) -> None:
+    def __init__(self, client: Any, after: float, task: str = "") -> None:
         self.after = after
-        fd, self.path = tempfile.mkstemp(prefix="tensorspark-stacks-", suffix=".txt")
+        prefix = f"tensorspark-stacks-{task}-" if task else "tensorspark-stacks-"
+        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".txt")
         self.file = os.fdopen(fd, "w")
         client.set_dump_file(self.path)
         self._client = client
@@ -63,7 +68,9 @@ class StackDumps:
 
 
 @contextlib.contextmanager
-def membership(client: Any, join: bool, hang_timeout: float | None) -> Iterator[StackDumps | None]:
+def membership(
+    client: Any, join: bool, hang_timeout: float | None, task: str = ""
+) -> Iterator[StackDumps | None]:
     """A task's time as a member of the run; closes ``client`` at the end.
 
     Joins (fencing older attempts of the partition) when ``join``, arms the
@@ -75,7 +82,7 @@ def membership(client: Any, join: bool, hang_timeout: float | None) -> Iterator[
         if join:
             client.join()
             if hang_timeout:
-                dumps = StackDumps(client, hang_timeout / 2)
+                dumps = StackDumps(client, hang_timeout / 2, task)
         yield dumps
     finally:
         if dumps is not None:
@@ -153,7 +160,7 @@ class HangWatchdog:
 
     def _fire(self, reports: list[dict[str, Any]]) -> None:
         names = ", ".join(
-            f"partition {r['partition']} (attempt {r['attempt']}, clock {r['clock']}, "
+            f"partition {r['partition']} (task {r['attempt']}, clock {r['clock']}, "
             f"{r['steps']} steps, no progress for {r['progress_age_s']:.0f} s)"
             for r in reports
         )
@@ -165,7 +172,7 @@ class HangWatchdog:
         lines = ["", f"tensorspark: {self.message}", ""]
         for r in reports:
             head = (
-                f"--- partition {r['partition']} attempt {r['attempt']}: clock {r['clock']}, "
+                f"--- partition {r['partition']} (task {r['attempt']}): clock {r['clock']}, "
                 f"steps {r['steps']}, last progress {r['progress_age_s']:.1f} s ago"
             )
             if r["report_age_s"] is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, _watchdog
+from . import _core, _spark, _watchdog
 from ._graph import load_values
 from .errors import TensorSparkValueError
 
@@ -238,16 +238,15 @@ def train_partition(
     cfg: TaskConfig, graph_broadcast: Any, partition: int, rows: Iterable[Any]
 ) -> Iterator[dict[str, Any]]:
     """Spark ``mapPartitionsWithIndex`` function: train on one partition."""
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    attempt = ctx.attemptNumber() if ctx is not None else 0
+    _, attempt, fence = _spark.task_identity()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.monotonic()
     model = _Model(graph_broadcast.value, cfg)
     try:
-        client = _connect(cfg, partition, attempt)
-        with _watchdog.membership(client, cfg.join, cfg.hang_timeout) as dumps:
+        client = _connect(cfg, partition, fence)
+        with _watchdog.membership(
+            client, cfg.join, cfg.hang_timeout, f"p{partition}-a{fence}"
+        ) as dumps:
             sync = _Sync(client, cfg, model)
             sync.pull()
             steps = samples = 0

@@ -94,6 +94,7 @@ void Membership::Drop(int32_t partition, Member* m, const std::string& why) {
   m->live = false;
   m->lost = true;
   if (!stopping_) {
+    ++workers_lost_;
     LogEvent("worker " + std::to_string(partition) + " (attempt " + std::to_string(m->attempt) +
              ") lost: " + why);
   }
@@ -102,7 +103,7 @@ void Membership::Drop(int32_t partition, Member* m, const std::string& why) {
 }
 
 Membership::Member* Membership::LiveMember(const Session& s) {
-  if (s.partition < 0) return nullptr;
+  if (s.partition < 0 || (s.joined && s.run != run_)) return nullptr;
   auto it = members_.find(s.partition);
   if (it == members_.end() || !it->second.live || it->second.attempt != s.attempt) return nullptr;
   return &it->second;
@@ -110,6 +111,11 @@ Membership::Member* Membership::LiveMember(const Session& s) {
 
 Status Membership::CheckFenced(const Session& s) const {
   if (s.partition < 0) return Status::OK();
+  if (s.joined && s.run != run_) {
+    return Status(StatusCode::kFenced, "partition " + std::to_string(s.partition) + " attempt " +
+                                           std::to_string(s.attempt) +
+                                           " joined an earlier run; its pushes are refused");
+  }
   auto it = max_attempt_.find(s.partition);
   if (it == max_attempt_.end() || s.attempt >= it->second) return Status::OK();
   return FencedError(s.partition, s.attempt, it->second, "pushes");
@@ -238,6 +244,12 @@ Status Membership::Join(Session* s, uint64_t* clock) {
   }
   std::lock_guard lock(mu_);
   if (stopping_) return Status(StatusCode::kShuttingDown, "the parameter server is shutting down");
+  if (s->joined && s->run != run_) {
+    CountRefused(RefuseReason::kFenced);
+    return Status(StatusCode::kFenced, "partition " + std::to_string(s->partition) + " attempt " +
+                                           std::to_string(s->attempt) +
+                                           " joined an earlier run; its JOINs are refused");
+  }
   auto [max, fresh] = max_attempt_.emplace(s->partition, s->attempt);
   if (!fresh && s->attempt < max->second) {
     CountRefused(RefuseReason::kFenced);
@@ -250,9 +262,11 @@ Status Membership::Join(Session* s, uint64_t* clock) {
     m.join_conn = s->conn_id;
     m.last_seen = Clock::now();
     s->joined = true;
+    s->run = run_;
     *clock = m.clock;
     return Status::OK();
   }
+  if (!fresh && s->attempt > m.attempt) ++workers_retried_;
   if (m.live) Drop(s->partition, &m, "replaced by attempt " + std::to_string(s->attempt));
   m = Member{};
   m.attempt = s->attempt;
@@ -267,6 +281,7 @@ Status Membership::Join(Session* s, uint64_t* clock) {
     m.clock = min_clock == std::numeric_limits<uint64_t>::max() ? 0 : min_clock;
   }
   s->joined = true;
+  s->run = run_;
   *clock = m.clock;
   LogEvent("worker " + std::to_string(s->partition) + " (attempt " + std::to_string(s->attempt) +
            ") joined at clock " + std::to_string(m.clock));
@@ -298,6 +313,11 @@ Status Membership::Configure(const RunConfig& config) {
                       "); configure before the workers join or after they leave");
   }
   config_ = config;
+  // A new run: attempts restart (a new Spark application numbers its task
+  // attempts from 0 again), and the members of the last one are gone.
+  ++run_;
+  max_attempt_.clear();
+  members_.clear();
   cv_.notify_all();
   return Status::OK();
 }
@@ -541,6 +561,8 @@ void Membership::AppendStats(std::vector<StatEntry>* out) const {
     out->emplace_back("worker_progress_age_ms" + labels, ms_since(m.progress_at));
   }
   out->emplace_back("members", live);
+  out->emplace_back("workers_lost", workers_lost_);
+  out->emplace_back("workers_retried", workers_retried_);
   out->emplace_back("mode", static_cast<uint64_t>(config_.mode));
   out->emplace_back("sync_round", round_);
   uint64_t cumulative = 0;

@@ -38,6 +38,7 @@ struct Session {
   int32_t attempt = 0;
   uint64_t conn_id = 0;       // unique per connection
   bool joined = false;        // this connection sent the member's JOIN
+  uint64_t run = 0;           // the run (Configure count) it joined in
   bool pulled = false;        // pull_version is set
   bool waited = false;        // the current request blocked in a wait (see Settle)
   uint64_t pull_version = 0;  // model version at this connection's last pull
@@ -178,6 +179,13 @@ class Membership {
   std::array<uint64_t, 8> staleness_buckets_{};
   uint64_t staleness_sum_ = 0;
   uint64_t staleness_count_ = 0;
+  // Failures seen: members dropped (connection closed, silent, or replaced)
+  // and joins by a newer attempt of a partition that had joined before.
+  // Bumped by Configure: a new run starts a new fencing epoch, and members
+  // of an earlier run are refused.
+  uint64_t run_ = 0;
+  uint64_t workers_lost_ = 0;
+  uint64_t workers_retried_ = 0;
 };
 
 }  // namespace tensorspark::server

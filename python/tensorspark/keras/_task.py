@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core, _feed, _watchdog
+from .. import _core, _feed, _spark, _watchdog
 from ..errors import TensorSparkValueError
 from . import _spec
 
@@ -220,15 +220,6 @@ def _connect(cfg: KerasTaskConfig, partition: int, attempt: int) -> Any:
     )
 
 
-def _task_identity() -> tuple[int, int]:
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    if ctx is None:
-        return 0, 0
-    return ctx.partitionId(), ctx.attemptNumber()
-
-
 def train(
     cfg: KerasTaskConfig,
     model_blob: Any,
@@ -237,7 +228,7 @@ def train(
     chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
 ) -> dict[str, Any]:
     """Train on one partition's chunks; returns the task's figures."""
-    partition, attempt = _task_identity()
+    partition, attempt, fence = _spark.task_identity()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.monotonic()
     replica = _replica(cfg, model_blob, builder, custom_objects)
@@ -246,8 +237,10 @@ def train(
             replica.model.optimizer.learning_rate.assign(cfg.learning_rate)
     replica.reset()
     rss_base = rss_peak = _rss_bytes()
-    client = _connect(cfg, partition, attempt)
-    with _watchdog.membership(client, cfg.join, cfg.hang_timeout) as dumps:
+    client = _connect(cfg, partition, fence)
+    with _watchdog.membership(
+        client, cfg.join, cfg.hang_timeout, f"p{partition}-a{fence}"
+    ) as dumps:
         sync = _Sync(client, replica, cfg)
         sync.pull()
         stream = _feed.BatchStream(
@@ -326,7 +319,7 @@ def evaluate(
     chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
 ) -> dict[str, Any]:
     """Evaluate the server's current model on one partition's chunks."""
-    partition, _ = _task_identity()
+    partition, _, _ = _spark.task_identity()
     replica = _replica(cfg, model_blob, builder, custom_objects)
     replica.reset()
     client = _connect(cfg, -1, 0)

@@ -184,7 +184,10 @@ TEST_F(ModesTest, SyncWorkerThatDiesIsNotWaitedFor) {
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(w, 1.5f);
   EXPECT_LT(Since(t), 2.0);
-  EXPECT_EQ(StatsMap()["members"], 2u);
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["members"], 2u);
+  EXPECT_EQ(stats["workers_lost"], 1u);
+  EXPECT_EQ(stats["workers_retried"], 0u);
 }
 
 TEST_F(ModesTest, SyncSilentWorkerIsDroppedAfterTheHeartbeatTimeout) {
@@ -312,6 +315,37 @@ TEST_F(ModesTest, NewerAttemptFencesTheOlderOne) {
   EXPECT_EQ(stats["members"], 1u);
   EXPECT_EQ(stats.count("worker_clock{partition=\"3\",attempt=\"0\"}"), 0u);
   EXPECT_EQ(stats["worker_clock{partition=\"3\",attempt=\"1\"}"], 1u);
+  EXPECT_EQ(stats["workers_retried"], 1u);
+  EXPECT_EQ(stats["workers_lost"], 1u);  // attempt 0, replaced
+}
+
+// Spark numbers task attempts per application, and a driver restarted
+// against the same server starts again from 0: each Configure starts a new
+// fencing epoch, and a member left over from the earlier run is refused.
+TEST_F(ModesTest, ConfigureStartsANewRunThatFencesTheOldMembers) {
+  StartRun(ConsistencyMode::kAsync, 0, /*heartbeat_timeout_s=*/0.3f);
+  auto zombie = Worker(1, 7);
+  ASSERT_TRUE(PushDelta(zombie.get(), 1).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));  // dropped as silent
+  RunConfig run;
+  run.mode = ConsistencyMode::kAsync;
+  Status s = driver_->Configure(run);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  auto fresh = Worker(1, 0);  // attempt numbers restart: not fenced by 7
+  ASSERT_TRUE(fresh);
+  s = PushDelta(zombie.get(), 1);
+  EXPECT_EQ(s.code(), StatusCode::kFenced) << s.ToString();
+  EXPECT_NE(s.message().find("earlier run"), std::string::npos) << s.message();
+  EXPECT_EQ(zombie->Join(nullptr).code(), StatusCode::kFenced);
+  zombie->Close();  // must not drop the new run's member
+  ASSERT_TRUE(PushDelta(fresh.get(), 2).ok());
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["members"], 1u);
+  EXPECT_EQ(stats["worker_clock{partition=\"1\",attempt=\"0\"}"], 1u);
+  EXPECT_EQ(stats["refused{reason=\"fenced\"}"], 2u);
+  float w = 0;
+  ASSERT_TRUE(PullW(fresh.get(), &w).ok());
+  EXPECT_EQ(w, 3.0f);  // 1 from the zombie's first run, 2 from the new member
 }
 
 TEST_F(ModesTest, WaitTimeoutNamesTheMissingPartitions) {
