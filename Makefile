@@ -6,6 +6,10 @@
 #   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png};
 #                the Keras CNN's accuracy, throughput and memory bound ->
 #                bench/results/keras_fashion_mnist.json
+#   make chaos   the seed program CHAOS_RUNS (10) times on local[2,4], each with a
+#                random worker fault (SIGKILL or a fenced zombie) ->
+#                bench/results/chaos.json; then SOAK_SECONDS (600) of 32 client
+#                threads against one tensorspark-ps -> bench/results/soak.json
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -30,7 +34,7 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard
 
-.PHONY: demo test test-cpp test-python bench lint fuzz system system-gtest venv install clean
+.PHONY: demo test test-cpp test-python bench chaos lint fuzz system system-gtest venv install clean
 
 demo: system install
 	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
@@ -57,6 +61,11 @@ bench: install
 	$(VPY) bench/python_overhead.py $(CPP_BUILD)/ps_roundtrip bench/results/ps_roundtrip.json
 	$(VPY) bench/plot_ps_roundtrip.py bench/results/ps_roundtrip.json
 	$(VPY) bench/keras_fashion_mnist.py --out bench/results/keras_fashion_mnist.json
+
+CHAOS_RUNS ?= 10
+SOAK_SECONDS ?= 600
+chaos: system install
+	$(VPY) bench/chaos.py --runs $(CHAOS_RUNS) --out bench/results/chaos.json
 
 lint: venv
 	@scripts/setup-system.sh --with-lint

@@ -112,6 +112,7 @@ def train(
     consistency="async",
     kill_worker=None,
     zombie_partition=None,
+    zombie_after=0.0,
     report=None,
 ):
     is_new_sc = False
@@ -152,7 +153,7 @@ def train(
         batch_size=batch_size,
     )
     image_label_rdd.count()  # cache the data before any fault is injected
-    faults = _start_faults(sc, spark_sess, kill_worker, zombie_partition)
+    faults = _start_faults(sc, spark_sess, kill_worker, zombie_partition, zombie_after)
     start_time = time.time()
     for i in range(num_epoch):
         summary = spark_sess.run(
@@ -190,7 +191,7 @@ def train(
     return test_accuracy
 
 
-def _start_faults(sc, spark_sess, kill_worker, zombie_partition):
+def _start_faults(sc, spark_sess, kill_worker, zombie_partition, zombie_after=0.0):
     """Start the requested fault injections (tensorspark.chaos) in threads."""
     faults = {}
     if kill_worker is not None:
@@ -255,6 +256,9 @@ def main(argv=None):
         type=int,
         help="freeze partition P's worker, have Spark retry the task, then let it push (fenced)",
     )
+    parser.add_argument(
+        "--zombie-after", type=float, default=0.0, help="seconds of training before the zombie"
+    )
     parser.add_argument("--json", help="write accuracy, faults and server counters here")
     args = parser.parse_args(argv)
     for path in (mnist_image_file, mnist_label_file, mnist_test_image_file, mnist_test_label_file):
@@ -291,6 +295,7 @@ def main(argv=None):
             consistency=args.consistency,
             kill_worker=kill,
             zombie_partition=args.zombie_partition,
+            zombie_after=args.zombie_after,
             report=report,
         )
     finally:

@@ -298,6 +298,7 @@ def make_zombie(
     port: int,
     partition: int,
     stats: Callable[[], dict[str, Any]],
+    after_s: float = 0.0,
     timeout_s: float = 120.0,
 ) -> dict[str, int]:
     """Turn the running attempt of ``partition`` into a zombie that is fenced.
@@ -320,6 +321,8 @@ def make_zombie(
         Which task to turn into a zombie.
     stats : callable
         Returns the server's counters (e.g. ``SparkSession.stats``).
+    after_s : float
+        Seconds to let the task train after its worker is seen.
     timeout_s : float
         Bound on each wait: for the task to run, for the new attempt.
 
@@ -340,6 +343,7 @@ def make_zombie(
                 f"within {timeout_s:.0f} s"
             )
         time.sleep(0.05)
+    time.sleep(after_s)
     os.kill(pid, signal.SIGSTOP)
     try:
         kill_task_attempt(sc, partition, timeout_s)

@@ -137,3 +137,51 @@ def test_corrupt_newest_snapshot_falls_back_to_the_one_before(spark, tmp_path, c
     assert f"skipping {snaps[-1]}: truncated" in err
     assert history.epoch == [1, 2]  # the older snapshot had one completed epoch
     assert np.isfinite(history.history["loss"]).all()
+
+
+def test_snapshots_through_a_hadoop_uri(spark, tmp_path):
+    """``file://`` URIs go through the driver JVM's Hadoop FileSystem, like
+    ``hdfs://``: snapshots are copied there, and a resume reads them back."""
+    from test_keras import _build, _data, _df
+
+    import tensorspark.keras
+
+    remote = tmp_path / "remote" / "ckpt"
+    uri = "file://" + str(remote)
+    x, y = _data(600)
+    df = _df(spark, x, y)
+    common = dict(
+        batch_size=50,
+        sync_interval=2,
+        progress=False,
+        checkpoint_dir=uri,
+        checkpoint_every_versions=10,
+        checkpoint_every_s=0,
+        checkpoint_keep=2,
+    )
+    tensorspark.keras.fit(_build(0.02), df, epochs=2, **common)
+    snaps = _snapshots(str(remote))
+    assert len(snaps) == 2, os.listdir(remote)  # keep=2 applies there too
+    assert not glob.glob(str(remote / ".*.tmp"))
+    _, history = tensorspark.keras.fit(_build(0.02), df, epochs=3, resume_from=uri, **common)
+    assert history.resumed_version == _version(snaps[-1])
+    assert history.epoch == [2]
+    assert len(_snapshots(str(remote))) == 2
+    assert _version(_snapshots(str(remote))[-1]) > _version(snaps[-1])
+
+
+def test_unusable_hadoop_uri_is_a_clear_error(spark):
+    from test_keras import _build, _data, _df
+
+    import tensorspark.keras
+    from tensorspark import TensorSparkValueError
+
+    x, y = _data(100)
+    with pytest.raises(TensorSparkValueError, match="nosuchscheme"):
+        tensorspark.keras.fit(
+            _build(0.02),
+            _df(spark, x, y),
+            epochs=1,
+            progress=False,
+            checkpoint_dir="nosuchscheme://bucket/ckpt",
+        )

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import json
 import logging
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _feed, _progress, _spark, _watchdog
+from .. import _feed, _hadoop, _progress, _spark, _watchdog
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, generate_secret
 from . import _spec, _task
@@ -153,16 +155,33 @@ class _Run:
         self.host = host
         self.secret = generate_secret()
         bind = "127.0.0.1" if _spark.is_loopback(host) else "0.0.0.0"
+        # Hadoop URIs: the server writes to a local staging directory that
+        # a mirror copies out; a resume reads a local copy.
+        ckpt, resume = opts["checkpoint_dir"], opts["resume_from"]
+        if _hadoop.is_hadoop_uri(resume):
+            resume = _hadoop.fetch_snapshots(self.sc, resume)
+        snapshot_dir = (
+            tempfile.mkdtemp(prefix="tensorspark-ckpt-") if _hadoop.is_hadoop_uri(ckpt) else ckpt
+        )
         self.server = ParameterServer(
             self.secret,
             host=bind,
             port=int(opts["server_port"]),
-            snapshot_dir=opts["checkpoint_dir"],
-            snapshot_every_s=opts["checkpoint_every_s"] if opts["checkpoint_dir"] else 0,
+            snapshot_dir=snapshot_dir,
+            snapshot_every_s=opts["checkpoint_every_s"] if ckpt else 0,
             snapshot_every_versions=opts["checkpoint_every_versions"],
             snapshot_keep=opts["checkpoint_keep"],
-            resume_from=opts["resume_from"],
+            resume_from=resume,
         )
+        self.mirror = None
+        if snapshot_dir != ckpt:
+            try:
+                self.mirror = _hadoop.SnapshotMirror(
+                    self.sc, ckpt, snapshot_dir, opts["checkpoint_keep"]
+                )
+            except BaseException:
+                self.server.stop()
+                raise
         self.resumed_version: int | None = None
         self.port = self.server.port
         self.client = self.connect()
@@ -306,7 +325,10 @@ class _Run:
 
     def close(self) -> None:
         self.client.close()
-        self.server.stop()
+        self.server.stop()  # writes the final snapshot
+        if self.mirror is not None:
+            self.mirror.close()
+            shutil.rmtree(self.mirror.local_dir, ignore_errors=True)
         if self.blob is not None:
             self.blob.unpersist()
 
@@ -465,7 +487,9 @@ def fit(
         Save the trained model here at the end (a ``.keras`` file, as
         ``model.save``).
     checkpoint_dir : str, optional
-        A local directory (or a mounted file system) where the parameter
+        A local directory (or a mounted file system), or a Hadoop URI
+        (``hdfs://``, ``s3a://``, ``file://``, ...; copied there through
+        the driver JVM's Hadoop ``FileSystem``), where the parameter
         server writes atomic snapshots of every weight, its optimizer state
         (``update="gradient"``) and the completed epochs: every
         ``checkpoint_every_s`` seconds and/or ``checkpoint_every_versions``
@@ -474,7 +498,8 @@ def fit(
         Snapshot intervals (0 turns one off) and how many files to keep.
     resume_from : str, optional
         Continue a run whose driver died: a snapshot file, or a
-        ``checkpoint_dir`` whose newest valid snapshot is used (a corrupt or
+        ``checkpoint_dir`` (a path or a Hadoop URI) whose newest valid
+        snapshot is used (a corrupt or
         truncated newer one is skipped with a message). The model takes
         the snapshot's weights and training resumes at the first epoch not
         completed; the updates since the snapshot are lost.

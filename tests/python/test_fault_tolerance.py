@@ -1,0 +1,88 @@
+"""Task failures mid-run: a killed worker's task is retried and the run
+finishes within 1 accuracy point of a run without failures.
+
+Each run is the seed program (examples/fashion_mnist_seed.py, softmax
+regression on Fashion-MNIST, 2 partitions, 2 epochs) in its own driver
+process on Spark ``local[2,4]`` (up to 3 retries per task). The fault comes
+from ``tensorspark.chaos`` inside that driver: SIGKILL of the Python worker
+of a training task at a random moment, or a frozen task that Spark kills
+and reschedules and that pushes after its retry joined (a zombie).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist_seed.py"
+MASTER = "local[2,4]"
+# The three ways the seed program trains: asynchronous SGD (delta pushes;
+# 0.5 overshoots when two workers' deltas add up), model averaging (the
+# default mean combiner) and synchronous rounds.
+MODES = {
+    "async": ["--combiner", "delta", "--learning-rate", "0.1"],
+    "averaging": ["--combiner", "mean"],
+    "sync": ["--combiner", "mean", "--consistency", "sync"],
+}
+TOLERANCE = 0.01  # one accuracy point
+
+_baselines: dict[str, dict] = {}
+
+
+def _run(tmp_path: Path, name: str, args: list[str]) -> dict:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(EXAMPLE), "--master", MASTER, "--json", str(out), *args]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    result = json.loads(out.read_text())
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def _baseline(tmp_path: Path, mode: str) -> dict:
+    if mode not in _baselines:
+        result = _run(tmp_path, f"{mode}-baseline", MODES[mode])
+        assert result["stats"]["workers_lost"] == 0
+        assert result["stats"]["workers_retried"] == 0
+        _baselines[mode] = result
+    return _baselines[mode]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_killed_worker_is_retried_and_the_run_finishes(tmp_path, mode):
+    base = _baseline(tmp_path, mode)
+    hit = _run(tmp_path, f"{mode}-kill", [*MODES[mode], "--kill-worker", "0.5,3"])
+    assert hit["kill_error"] is None
+    assert len(hit["kills"]) == 1, hit["kills"]
+    stats = hit["stats"]
+    # The dead attempt was dropped (connection closed) and a new attempt of
+    # its partition joined, pulled the current model and finished.
+    assert stats["workers_lost"] >= 1
+    assert stats["workers_retried"] >= 1
+    assert "lost: connection closed" in hit["log"]
+    assert abs(hit["test_accuracy"] - base["test_accuracy"]) <= TOLERANCE, (
+        f"{mode}: {hit['test_accuracy']:.4f} with a killed worker against "
+        f"{base['test_accuracy']:.4f} without"
+    )
+
+
+def test_zombie_attempts_late_pushes_are_refused(tmp_path):
+    """A frozen attempt that Spark retried pushes after its retry joined."""
+    base = _baseline(tmp_path, "async")
+    hit = _run(tmp_path, "async-zombie", [*MODES["async"], "--zombie-partition", "1"])
+    zombie = hit["zombie"]
+    assert "error" not in zombie, zombie
+    assert zombie["new_attempt"] > zombie["attempt"]
+    stats = hit["stats"]
+    assert stats['refused{reason="fenced"}'] >= 1
+    assert stats["workers_retried"] >= 1
+    assert f"worker 1 (attempt {zombie['attempt']}) lost: replaced by attempt" in hit["log"]
+    assert abs(hit["test_accuracy"] - base["test_accuracy"]) <= TOLERANCE
