@@ -58,13 +58,17 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
 #include "net/socket.h"
+#include "protocol/auth.h"
+#include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
 #include "tensorspark/client.h"
@@ -144,18 +148,52 @@ enum Op : int {
   kRawGarbage,
   kRawTruncated,
   kRawEmpty,
+  kRawMidPush,
+  kRawBadChecksum,
+  kRawBadOpcode,
+  kRawTooLarge,
   kDrain,
   kNumOps,
 };
 
 constexpr std::array<const char*, kNumOps> kOpNames = {
-    "connect",          "join",          "leave",        "close",         "pull",
-    "push_delta",       "push_params",   "push_grad",    "heartbeat",     "report",
-    "reports",          "stats",         "list",         "pull_all",      "set_optimizer",
-    "configure",        "register",      "zombie_push",  "zombie_join",   "zombie_pull",
-    "zombie_heartbeat", "zombie_report", "zombie_leave", "bad_pull_name", "bad_push_shape",
-    "bad_push_window",  "bad_push_rate", "bad_register", "wrong_secret",  "raw_garbage",
-    "raw_truncated",    "raw_empty",     "drain",
+    "connect",
+    "join",
+    "leave",
+    "close",
+    "pull",
+    "push_delta",
+    "push_params",
+    "push_grad",
+    "heartbeat",
+    "report",
+    "reports",
+    "stats",
+    "list",
+    "pull_all",
+    "set_optimizer",
+    "configure",
+    "register",
+    "zombie_push",
+    "zombie_join",
+    "zombie_pull",
+    "zombie_heartbeat",
+    "zombie_report",
+    "zombie_leave",
+    "bad_pull_name",
+    "bad_push_shape",
+    "bad_push_window",
+    "bad_push_rate",
+    "bad_register",
+    "wrong_secret",
+    "raw_garbage",
+    "raw_truncated",
+    "raw_empty",
+    "raw_mid_push",
+    "raw_bad_checksum",
+    "raw_bad_opcode",
+    "raw_too_large",
+    "drain",
 };
 
 enum SessionEnd : int { kEndLeave, kEndKilled, kEndZombie, kEndRejoin, kEndStall, kNumEnds };
@@ -297,6 +335,82 @@ tensorspark::ClientOptions BaseOptions(const Config& cfg) {
   return o;
 }
 
+// ---- hand-made frames ---------------------------------------------------------
+
+// A protocol connection written by hand, for frames the client never sends.
+class RawPeer {
+ public:
+  Status Connect(const Config& cfg) {
+    return tensorspark::net::ConnectWithTimeout(cfg.host, cfg.port,
+                                                tensorspark::net::Deadline::In(10), &sock_);
+  }
+
+  // Sends a frame; `len` and `crc` override the header's fields, and only
+  // the first `send` bytes of the payload go out (all by default).
+  Status Send(uint16_t opcode, uint64_t id, std::span<const uint8_t> payload,
+              std::optional<uint64_t> len = std::nullopt,
+              std::optional<uint32_t> crc = std::nullopt, size_t send = SIZE_MAX) {
+    tensorspark::protocol::FrameHeader h;
+    h.opcode = opcode;
+    h.request_id = id;
+    h.payload_len = len.value_or(payload.size());
+    h.checksum = crc.value_or(tensorspark::protocol::Crc32c(payload.data(), payload.size()));
+    std::vector<uint8_t> bytes(tensorspark::protocol::kHeaderSize);
+    tensorspark::protocol::EncodeHeader(h, bytes.data());
+    bytes.insert(bytes.end(), payload.begin(),
+                 payload.begin() + static_cast<ptrdiff_t>(std::min(send, payload.size())));
+    return tensorspark::net::WriteFull(sock_.fd(), bytes.data(), bytes.size(),
+                                       tensorspark::net::Deadline::In(30));
+  }
+
+  // Reads one frame; an error frame becomes its status.
+  Status Read(std::vector<uint8_t>* payload) {
+    const auto deadline = tensorspark::net::Deadline::In(60);
+    uint8_t raw[tensorspark::protocol::kHeaderSize];
+    TS_RETURN_IF_ERROR(tensorspark::net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline));
+    const tensorspark::protocol::FrameHeader h = tensorspark::protocol::DecodeHeader(raw);
+    if (h.magic != tensorspark::protocol::kMagic || h.payload_len > (1u << 20)) {
+      return Status(StatusCode::kInternal, "the server sent a malformed frame");
+    }
+    payload->resize(h.payload_len);
+    TS_RETURN_IF_ERROR(
+        tensorspark::net::ReadFull(sock_.fd(), payload->data(), payload->size(), deadline));
+    if ((h.flags & tensorspark::protocol::kFlagError) != 0) {
+      Status remote;
+      TS_RETURN_IF_ERROR(tensorspark::protocol::DecodeError(*payload, &remote));
+      return remote.ok() ? Status(StatusCode::kInternal, "error frame with status OK") : remote;
+    }
+    return Status::OK();
+  }
+
+  // True when the server closes the connection within 30 s.
+  bool Closed() {
+    uint8_t b;
+    Status s = tensorspark::net::ReadFull(sock_.fd(), &b, 1, tensorspark::net::Deadline::In(30));
+    return !s.ok() && s.code() == StatusCode::kConnectionError;
+  }
+
+  Status Handshake(const std::string& secret) {
+    using namespace tensorspark::protocol;
+    HelloRequest hello;
+    TS_RETURN_IF_ERROR(RandomNonce(&hello.client_nonce));
+    hello.client_name = "ps_soak-raw";  // partition -1: a tool
+    std::vector<uint8_t> p, resp;
+    EncodeHello(hello, &p);
+    TS_RETURN_IF_ERROR(Send(static_cast<uint16_t>(Opcode::kHello), 1, p));
+    TS_RETURN_IF_ERROR(Read(&resp));
+    Nonce server_nonce;
+    TS_RETURN_IF_ERROR(DecodeNonce(resp, &server_nonce));
+    const Digest proof =
+        ClientProof(secret, server_nonce, hello.client_nonce, hello.partition_id, hello.attempt);
+    TS_RETURN_IF_ERROR(Send(static_cast<uint16_t>(Opcode::kAuth), 2, proof));
+    return Read(&resp);
+  }
+
+ private:
+  tensorspark::net::Socket sock_;
+};
+
 // ---- the worker threads -----------------------------------------------------
 
 struct Worker {
@@ -323,6 +437,8 @@ struct Worker {
         WrongSecret();
       } else if (r < 0.02) {
         RawConnection();
+      } else if (r < 0.03) {
+        RawFrames();
       }
       Session();
     }
@@ -386,6 +502,75 @@ struct Worker {
       }
     }
     g_counters.ok[op].fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // An authenticated connection that sends what the client never does: a
+  // PUSH cut off halfway by a hang-up (a task killed mid-push), a bad
+  // checksum or an oversized frame (answered, then closed), an unknown
+  // opcode (answered; the connection keeps serving).
+  void RawFrames() {
+    RawPeer peer;
+    const int kind = static_cast<int>(Between(rng, 0, 3));
+    const Op op = kind == 0   ? kRawMidPush
+                  : kind == 1 ? kRawBadChecksum
+                  : kind == 2 ? kRawBadOpcode
+                              : kRawTooLarge;
+    Status s = peer.Connect(cfg);
+    if (s.ok()) s = peer.Handshake(cfg.secret);
+    if (!s.ok()) {
+      Unexpected(op, "handshake: " + s.ToString());
+      return;
+    }
+    using tensorspark::protocol::Opcode;
+    std::vector<uint8_t> resp;
+    const uint16_t stats = static_cast<uint16_t>(Opcode::kStats);
+    switch (kind) {
+      case 0: {
+        // A 1 MiB push announced, part of it sent, then the peer is gone.
+        const auto& v = Vars()[3];
+        std::vector<uint8_t> head;
+        tensorspark::protocol::EncodePushHead(
+            {static_cast<uint8_t>(tensorspark::UpdateKind::kDelta), 1, 0.0f}, &head);
+        tensorspark::protocol::Writer w(&head);
+        w.U32(1);
+        w.Meta(v.name, v.shape);
+        std::vector<uint8_t> payload(head);
+        payload.resize(head.size() + static_cast<size_t>(v.numel) * sizeof(float));
+        const size_t part =
+            static_cast<size_t>(Between(rng, 0, static_cast<int64_t>(payload.size()) - 1));
+        s = peer.Send(static_cast<uint16_t>(Opcode::kPush), 3, payload, std::nullopt, std::nullopt,
+                      part);
+        if (s.ok() || s.code() == StatusCode::kConnectionError) {
+          g_counters.ok[op].fetch_add(1, std::memory_order_relaxed);
+        } else {
+          Unexpected(op, "send: " + s.ToString());
+        }
+        return;
+      }
+      case 1:
+        s = peer.Send(stats, 3, {}, std::nullopt, 0x12345678u);
+        break;
+      case 2:
+        s = peer.Send(99, 3, {});
+        break;
+      default:
+        s = peer.Send(stats, 3, {}, uint64_t{1} << 40);
+        break;
+    }
+    if (!s.ok()) {
+      Unexpected(op, "send: " + s.ToString());
+      return;
+    }
+    const StatusCode want = kind == 3 ? StatusCode::kFrameTooLarge : StatusCode::kProtocolError;
+    if (!Refused(op, peer.Read(&resp), want)) return;
+    if (kind == 2) {
+      // Still serving: STATS on the same connection works.
+      s = peer.Send(stats, 4, {});
+      if (s.ok()) s = peer.Read(&resp);
+      if (!s.ok()) Unexpected(op, "STATS after the unknown opcode: " + s.ToString());
+    } else if (!peer.Closed()) {
+      Unexpected(op, "the server kept the connection open after the refused frame");
+    }
   }
 
   void WriteDumpFile() {
