@@ -326,7 +326,8 @@ class Sampler(threading.Thread):
     def stop(self) -> None:
         """Stop sampling and wait for the thread (bounded)."""
         self._stop_event.set()
-        self.join(timeout=30)
+        if self.ident is not None:  # started
+            self.join(timeout=30)
 
 
 def idle_samples(sampler: Sampler, phase: str, settle_s: float) -> list[Sample]:
@@ -381,7 +382,8 @@ def run_phase(
     Returns
     -------
     tuple
-        ``(exit status or None on timeout, parsed JSON or None, log path)``.
+        ``(exit status, or None when it was killed because it ran past
+        ``seconds`` + 180 s or the server died; parsed JSON or None; log path)``.
     """
     out = Path(args.log_dir) / f"soak-{name}.json"
     log = Path(args.log_dir) / f"soak-{name}.log"
@@ -406,15 +408,19 @@ def run_phase(
         str(out),
     ]
     print(f"soak: {name} phase, {seconds:.0f} s: {' '.join(cmd)}", flush=True)
-    rc: int | None
+    rc: int | None = None
+    # Setup (CONFIGURE retries up to 30 s), the run, the drain (10 s).
+    deadline = time.monotonic() + seconds + 180
     with open(log, "wb") as f:
-        try:
-            # Setup (CONFIGURE retries up to 30 s), the run, the drain (10 s).
-            rc = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, timeout=seconds + 180, check=False
-            ).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while (rc := proc.poll()) is None:
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                # The server died (no point going on) or the run hangs.
+                proc.kill()
+                proc.wait(timeout=30)
+                rc = None
+                break
+            time.sleep(0.5)
     result = json.loads(out.read_text()) if out.exists() else None
     return rc, result, log
 
@@ -505,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             phases[name] = {"exit_code": rc, "wall_s": round(time.monotonic() - t0, 1)}
             phases[name]["result"] = result
             if rc is None:
-                failures.append(f"ps_soak ({name}) did not finish in time; see {log}")
+                failures.append(f"ps_soak ({name}) was stopped (server died or timeout); see {log}")
             elif rc != 0:
                 failures.append(f"ps_soak ({name}) exited with {rc}; see {log}")
             if result is not None:
