@@ -64,8 +64,14 @@ bench: install
 
 CHAOS_RUNS ?= 10
 SOAK_SECONDS ?= 600
+# The soak tests the server built from this tree (--ps), not the venv's copy.
 chaos: system install
 	$(VPY) bench/chaos.py --runs $(CHAOS_RUNS) --out bench/results/chaos.json
+	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
+	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target tensorspark-ps ps_soak
+	$(VPY) bench/soak.py --seconds $(SOAK_SECONDS) --ps $(CPP_BUILD)/tensorspark-ps \
+	    --soak $(CPP_BUILD)/ps_soak --out bench/results/soak.json
 
 lint: venv
 	@scripts/setup-system.sh --with-lint

@@ -126,7 +126,9 @@ class Kill:
 class WorkerKiller:
     """A thread that SIGKILLs one training worker at a random moment.
 
-    Once at least ``min_workers`` processes are connected to the server,
+    Training workers are the members of the run found by
+    :func:`worker_tasks` (so the hang watchdog must be on, as it is by
+    default). Once at least ``min_workers`` of them are connected,
     it waits a random delay in ``delay_s`` and kills one of the workers
     connected at that moment, chosen at random; ``kills`` says how many
     times it does so.
@@ -186,10 +188,15 @@ class WorkerKiller:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _members(self) -> list[int]:
+        # Members only: a worker between its task's end and its next task
+        # may still hold a connection, and killing it would change nothing.
+        return sorted(worker_tasks(self.port))
+
     def _wait_for_workers(self) -> list[int] | None:
         deadline = time.monotonic() + self.timeout_s
         while not self._stop.is_set():
-            pids = worker_pids(self.port)
+            pids = self._members()
             if len(pids) >= self.min_workers and (self.ready is None or self.ready()):
                 return pids
             if time.monotonic() > deadline:
@@ -209,7 +216,7 @@ class WorkerKiller:
                 return
             if self._stop.wait(rng.uniform(*self.delay_s)):
                 return
-            pids = worker_pids(self.port)
+            pids = self._members()
             if not pids:
                 continue  # the tasks ended meanwhile: wait for the next ones
             pid = rng.choice(pids)
