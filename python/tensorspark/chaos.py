@@ -216,9 +216,11 @@ class WorkerKiller:
                 return
             if self._stop.wait(rng.uniform(*self.delay_s)):
                 return
-            pids = self._members()
-            if not pids:
-                continue  # the tasks ended meanwhile: wait for the next ones
+            # The tasks may have ended meanwhile (between two epochs' jobs):
+            # then the first member of the next job is the one.
+            pids = self._wait_for_workers()
+            if pids is None:
+                return
             pid = rng.choice(pids)
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -329,7 +331,7 @@ def make_zombie(
     stats : callable
         Returns the server's counters (e.g. ``SparkSession.stats``).
     after_s : float
-        Seconds to let the task train after its worker is seen.
+        Seconds to let the task train after its first push.
     timeout_s : float
         Bound on each wait: for the task to run, for the new attempt.
 
@@ -350,6 +352,17 @@ def make_zombie(
                 f"within {timeout_s:.0f} s"
             )
         time.sleep(0.05)
+    # After its first push: by then a task has read its input (the seed
+    # API holds a shuffled partition in memory), so once let go it trains
+    # on to its next push instead of failing on a killed task's stream.
+    clock = f'worker_clock{{partition="{partition}",attempt="{attempt}"}}'
+    while stats().get(clock, 0) < 1:
+        if time.monotonic() > deadline:
+            raise PSTimeoutError(
+                f"make_zombie: partition {partition} attempt {attempt} did not push within "
+                f"{timeout_s:.0f} s"
+            )
+        time.sleep(0.02)
     time.sleep(after_s)
     os.kill(pid, signal.SIGSTOP)
     try:
