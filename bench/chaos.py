@@ -87,13 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             lo = round(rng.uniform(0.2, 2.0), 2)
             extra = ["--kill-worker", f"{lo},{lo + 2.0}"]
         else:
-            extra = [
-                "--zombie-partition",
-                str(rng.randrange(2)),
-                "--zombie-after",
-                # Early, so that the zombie has pushes left to make.
-                str(round(rng.uniform(0.0, 0.5), 2)),
-            ]
+            # Frozen as soon as it joins, while it still reads its input
+            # (see tensorspark.chaos.make_zombie).
+            extra = ["--zombie-partition", str(rng.randrange(2))]
         result = run_once(common + extra, tmp, args.timeout)
         result.update(run=i + 1, fault=fault, fault_args=extra)
         if result["completed"]:

@@ -19,6 +19,7 @@ excepted, so this works on Linux only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -331,7 +332,12 @@ def make_zombie(
     stats : callable
         Returns the server's counters (e.g. ``SparkSession.stats``).
     after_s : float
-        Seconds to let the task train after its first push.
+        Seconds to let the task train after its worker is seen. Keep it
+        short: a task frozen after it has read all of its input holds its
+        Spark slot until ``spark.python.task.killTimeout`` ends the worker,
+        and only then is it retried (no zombie). Frozen while it still
+        reads, the killed task ends at once and the worker, let go, trains
+        on what it read and pushes (fenced).
     timeout_s : float
         Bound on each wait: for the task to run, for the new attempt.
 
@@ -352,17 +358,6 @@ def make_zombie(
                 f"within {timeout_s:.0f} s"
             )
         time.sleep(0.05)
-    # After its first push: by then a task has read its input (the seed
-    # API holds a shuffled partition in memory), so once let go it trains
-    # on to its next push instead of failing on a killed task's stream.
-    clock = f'worker_clock{{partition="{partition}",attempt="{attempt}"}}'
-    while stats().get(clock, 0) < 1:
-        if time.monotonic() > deadline:
-            raise PSTimeoutError(
-                f"make_zombie: partition {partition} attempt {attempt} did not push within "
-                f"{timeout_s:.0f} s"
-            )
-        time.sleep(0.02)
     time.sleep(after_s)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -380,7 +375,8 @@ def make_zombie(
                 )
             time.sleep(0.05)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # Spark ended it first
+            os.kill(pid, signal.SIGCONT)
     log.warning(
         "tensorspark.chaos: partition %d attempt %d (pid %d) is a zombie of attempt %d",
         partition,
