@@ -66,6 +66,7 @@ def wait_for(
     what: str,
     interval: float = 0.5,
     on_timeout: Callable[[], str] | None = None,
+    retry_on: tuple[type[BaseException], ...] = (OSError, ValueError),
 ) -> T:
     """Poll ``predicate`` until it returns something truthy.
 
@@ -73,7 +74,6 @@ def wait_for(
     ----------
     predicate : callable
         Returns the awaited value, or a falsy value to keep waiting.
-        Exceptions count as "not yet".
     timeout : float
         Seconds to wait in all.
     what : str
@@ -82,6 +82,9 @@ def wait_for(
         Seconds between polls.
     on_timeout : callable, optional
         Extra text for the error (log tails, state seen last).
+    retry_on : tuple of exception classes
+        Exceptions of ``predicate`` that mean "not yet" (a daemon whose
+        port is not open yet, a half-written JSON answer); others propagate.
 
     Returns
     -------
@@ -100,7 +103,7 @@ def wait_for(
             value = predicate()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - "not ready yet", reported on timeout
+        except retry_on as e:
             last_error = e
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
@@ -656,9 +659,7 @@ class StandaloneCluster:
 
     # -- spark-submit --------------------------------------------------------
 
-    def submit_args(
-        self, conf: dict[str, str] | None = None, ui_port: int | None = None
-    ) -> list[str]:
+    def submit_args(self, conf: dict[str, str] | None = None) -> list[str]:
         """``spark-submit`` options for a client-mode driver in the root namespace.
 
         The driver binds and advertises :attr:`driver_host`, so executors in
@@ -669,7 +670,6 @@ class StandaloneCluster:
         settings = {
             "spark.driver.host": self.driver_host,
             "spark.driver.bindAddress": self.driver_host,
-            "spark.ui.port": str(ui_port or free_port(self.driver_host)),
             "spark.ui.showConsoleProgress": "false",
             "spark.executor.memory": "1g",
             "spark.pyspark.python": self.python,
@@ -692,13 +692,27 @@ class StandaloneCluster:
         driver_memory: str = "2g",
         conf: dict[str, str] | None = None,
         log_name: str | None = None,
-        ui_port: int | None = None,
     ) -> Submission:
-        """Start ``spark-submit`` on ``script``; see :class:`Submission`."""
-        ui_port = ui_port or free_port(self.driver_host)
+        """Start ``spark-submit`` on ``script`` (client mode); see :class:`Submission`.
+
+        Parameters
+        ----------
+        script : path
+            The application's main Python file.
+        script_args : iterable of str
+            Its arguments.
+        timeout : float
+            Seconds :meth:`Submission.wait` allows.
+        driver_memory : str
+            ``--driver-memory`` (the driver JVM starts with it).
+        conf : dict, optional
+            Extra ``--conf`` settings.
+        log_name : str, optional
+            Name of the output file under ``<base_dir>/logs``.
+        """
         cmd = [
             str(self._spark_home / "bin" / "spark-submit"),
-            *self.submit_args(conf, ui_port),
+            *self.submit_args(conf),
             "--driver-memory", driver_memory,
             str(script),
             *script_args,
@@ -710,16 +724,18 @@ class StandaloneCluster:
             SPARK_LOCAL_IP=self.driver_host,
             PYSPARK_PYTHON=self.python,
             PYSPARK_DRIVER_PYTHON=self.python,
+            # Lines reach the log as printed, for tests that watch it.
+            PYTHONUNBUFFERED="1",
             TF_CPP_MIN_LOG_LEVEL=env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
             **{OWNER_ENV: str(os.getpid())},
         )
         (self.base_dir / "local" / "driver").mkdir(parents=True, exist_ok=True)
         log = self.base_dir / "logs" / (log_name or f"submit-{Path(script).stem}-{time.time():.0f}")
-        return Submission(cmd, env, log, timeout, f"http://{self.driver_host}:{ui_port}")
+        return Submission(cmd, env, log, timeout)
 
 
 class Submission:
-    """A running ``spark-submit``: its output log, its driver's REST API, its end.
+    """A running ``spark-submit``: its output log and its end.
 
     Parameters
     ----------
@@ -729,14 +745,10 @@ class Submission:
         File that receives stdout and stderr together.
     timeout : float
         Seconds :meth:`wait` allows from the start.
-    driver_ui : str
-        Base URL of the driver's web UI (its REST API is under /api/v1).
     """
 
-    def __init__(
-        self, cmd: list[str], env: dict[str, str], log: Path, timeout: float, driver_ui: str
-    ) -> None:
-        self.cmd, self.log, self.timeout, self.driver_ui = cmd, log, timeout, driver_ui
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
+        self.cmd, self.log, self.timeout = cmd, log, timeout
         self.started = time.monotonic()
         with open(log, "wb") as f:
             self.process = subprocess.Popen(
@@ -776,11 +788,6 @@ class Submission:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.started
-
-    def rest(self, path: str) -> Any:
-        """GET ``/api/v1/applications/<this app>/<path>`` from the driver."""
-        apps = http_json(f"{self.driver_ui}/api/v1/applications")
-        return http_json(f"{self.driver_ui}/api/v1/applications/{apps[0]['id']}/{path}")
 
 
 def main() -> int:
