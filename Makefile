@@ -2,7 +2,13 @@
 # a .venv with TensorFlow, PySpark and the build tools) and then runs.
 #
 #   make demo    train the seed program on Fashion-MNIST on local[2]
-#   make test    C++ tests (ctest) + Python tests (pytest on real Spark)
+#   make test    C++ tests (ctest) + Python tests (pytest on real Spark local[2])
+#                + the cluster tests (make test-cluster)
+#   make test-cluster
+#                a real Spark standalone cluster (Master + 2 Workers, each Worker
+#                in its own network namespace when root; else on loopback): the
+#                seed and Keras examples via spark-submit, and an executor JVM
+#                SIGKILLed mid-training; logs in build/test-cluster/
 #   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png};
 #                the Keras CNN's accuracy, throughput and memory bound ->
 #                bench/results/keras_fashion_mnist.json
@@ -34,13 +40,14 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard
 
-.PHONY: demo test test-cpp test-python bench chaos lint fuzz system system-gtest venv install clean
+.PHONY: demo test test-cpp test-python test-cluster bench chaos lint fuzz system system-gtest venv \
+        install clean
 
 demo: system install
 	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
 	    --min-accuracy 0.80
 
-test: system-gtest install test-cpp test-python
+test: system-gtest install test-cpp test-python test-cluster
 
 test-cpp: system-gtest venv
 	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_TESTS=ON \
@@ -50,6 +57,12 @@ test-cpp: system-gtest venv
 
 test-python: install
 	$(VPY) -m pytest tests/python -v
+
+# -s: the tests print the accuracy and time of each run, and whether the
+# Workers got network namespaces or fell back to loopback.
+test-cluster: install
+	@scripts/setup-system.sh --with-cluster
+	$(VPY) -m pytest tests/cluster -v -s
 
 # The Python binding's overhead (bench/python_overhead.py) needs the package
 # installed, hence `install`.

@@ -9,6 +9,10 @@ command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
 if [ "${1:-}" = "--with-gtest" ]; then
   [ -f /usr/include/gtest/gtest.h ] || want+=(libgtest-dev)
 fi
+if [ "${1:-}" = "--with-cluster" ]; then
+  # `ip` puts the cluster test's Workers in network namespaces (root only).
+  if [ "$(id -u)" -eq 0 ]; then command -v ip >/dev/null 2>&1 || want+=(iproute2); fi
+fi
 if [ "${1:-}" = "--with-lint" ]; then
   command -v clang-format >/dev/null 2>&1 || want+=(clang-format)
 fi

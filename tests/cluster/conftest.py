@@ -36,7 +36,9 @@ def cluster() -> Iterator[StandaloneCluster]:
     """
     missing = [p for p in ("train-images-idx3-ubyte.gz",) if not (FASHION_MNIST / p).exists()]
     if missing:
-        pytest.fail(f"{FASHION_MNIST}/{missing[0]} is missing: apt-get install dataset-fashion-mnist")
+        pytest.fail(
+            f"{FASHION_MNIST}/{missing[0]} is missing: apt-get install dataset-fashion-mnist"
+        )
     choice = os.environ.get("TENSORSPARK_CLUSTER_ISOLATE", "")
     isolate = {"1": True, "0": False}.get(choice)
     shutil.rmtree(BASE_DIR, ignore_errors=True)

@@ -214,7 +214,9 @@ def netns_supported() -> tuple[bool, str]:
         if r.returncode != 0:
             return False, f"`ip netns exec` failed: {r.stderr.strip()}"
         probe_veth = f"tsp{os.getpid()}"
-        r = _run(["ip", "link", "add", probe_veth, "type", "veth", "peer", "name", probe_veth + "p"])
+        r = _run(
+            ["ip", "link", "add", probe_veth, "type", "veth", "peer", "name", probe_veth + "p"]
+        )
         _run(["ip", "link", "del", probe_veth], check=False)
         return True, ""
     except (OSError, subprocess.SubprocessError) as e:
@@ -340,11 +342,22 @@ class NetnsNetwork:
         # Each namespace must reach the bridge's address before a Worker starts.
         for i, ns in enumerate(self.namespaces):
             wait_for(
-                lambda ns=ns: _run(
-                    ["ip", "netns", "exec", ns, sys.executable, "-c", _CONNECT_PROBE,
-                     self.host_address],
-                    check=False,
-                ).returncode == 0,
+                lambda ns=ns: (
+                    _run(
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns,
+                            sys.executable,
+                            "-c",
+                            _CONNECT_PROBE,
+                            self.host_address,
+                        ],
+                        check=False,
+                    ).returncode
+                    == 0
+                ),
                 20,
                 f"worker namespace {i} ({ns}) to route to {self.host_address}",
             )
@@ -535,9 +548,12 @@ class StandaloneCluster:
             "master",
             [
                 "org.apache.spark.deploy.master.Master",
-                "--host", self.host,
-                "--port", str(self.master_port),
-                "--webui-port", str(self.master_webui_port),
+                "--host",
+                self.host,
+                "--port",
+                str(self.master_port),
+                "--webui-port",
+                str(self.master_webui_port),
             ],
             prefix=[],
             local_ip=self.host,
@@ -560,11 +576,16 @@ class StandaloneCluster:
                 name,
                 [
                     "org.apache.spark.deploy.worker.Worker",
-                    "--host", host,
-                    "--cores", str(self.cores),
-                    "--memory", self.memory,
-                    "--work-dir", str(work_dir),
-                    "--webui-port", str(webui_port),
+                    "--host",
+                    host,
+                    "--cores",
+                    str(self.cores),
+                    "--memory",
+                    self.memory,
+                    "--work-dir",
+                    str(work_dir),
+                    "--webui-port",
+                    str(webui_port),
                     self.master_url,
                 ],
                 prefix=self.network.exec_prefix(i) if self.network else [],
@@ -577,7 +598,9 @@ class StandaloneCluster:
             self.start_timeout,
             f"{self.num_workers} ALIVE workers at {self.master_webui}/json",
             interval=1.0,
-            on_timeout=lambda: "".join(self._logs_hint(f"worker{i}") for i in range(len(self.workers))),
+            on_timeout=lambda: "".join(
+                self._logs_hint(f"worker{i}") for i in range(len(self.workers))
+            ),
         )
 
     def _spawn(
@@ -713,7 +736,8 @@ class StandaloneCluster:
         cmd = [
             str(self._spark_home / "bin" / "spark-submit"),
             *self.submit_args(conf),
-            "--driver-memory", driver_memory,
+            "--driver-memory",
+            driver_memory,
             str(script),
             *script_args,
         ]

@@ -38,22 +38,28 @@ def _finished(sub: Submission) -> str:
     return sub.output
 
 
-def _executor_logs(cluster: StandaloneCluster) -> dict[tuple[int, str], Path]:
-    """(worker index, executor id) -> the executor's stderr, for every app so far."""
+def _app_id(sub: Submission) -> str:
+    """The application id the standalone Master gave ``sub``'s driver."""
+    m = re.search(r"Connected to Spark cluster with app ID (\S+)", sub.output)
+    assert m, f"no app ID in the driver's output:\n{tail(sub.log)}"
+    return m.group(1)
+
+
+def _executor_logs(cluster: StandaloneCluster, app_id: str) -> dict[tuple[int, str], Path]:
+    """(worker index, executor id) -> stderr of each of the app's executors."""
     logs = {}
     for w in cluster.workers:
-        for log in (cluster.base_dir / "work" / f"worker{w.index}").glob("app-*/*/stderr"):
+        for log in (cluster.base_dir / "work" / f"worker{w.index}" / app_id).glob("*/stderr"):
             logs[(w.index, log.parent.name)] = log
     return logs
 
 
-def _tasks_per_worker(cluster: StandaloneCluster, since: float) -> dict[str, int]:
-    """Worker address -> tasks its executors finished, in logs written after ``since``."""
+def _tasks_per_worker(cluster: StandaloneCluster, sub: Submission) -> dict[str, int]:
+    """Worker address -> tasks of ``sub``'s app that its executors finished."""
     counts = {w.host: 0 for w in cluster.workers}
-    for (index, _), log in _executor_logs(cluster).items():
-        if log.stat().st_mtime >= since:
-            text = log.read_text(errors="replace")
-            counts[cluster.workers[index].host] += text.count("Finished task")
+    for (index, _), log in _executor_logs(cluster, _app_id(sub)).items():
+        text = log.read_text(errors="replace")
+        counts[cluster.workers[index].host] += text.count("Finished task")
     return counts
 
 
@@ -77,7 +83,6 @@ def test_workers_run_in_their_own_namespaces(cluster: StandaloneCluster) -> None
 
 def test_seed_example_on_the_cluster(cluster: StandaloneCluster, tmp_path: Path) -> None:
     result = tmp_path / "seed.json"
-    started = time.time()
     sub = cluster.submit(
         SEED,
         ["--master", cluster.master_url, "--partitions", "2", "--epochs", "2"]
@@ -89,7 +94,7 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster, tmp_path: Path)
     report = json.loads(result.read_text())
     acc = report["test_accuracy"]
     assert acc >= 0.80
-    tasks = _tasks_per_worker(cluster, started)
+    tasks = _tasks_per_worker(cluster, sub)
     assert all(n > 0 for n in tasks.values()), f"a Worker's executor ran no task: {tasks}"
     # 2 epochs x 2 partitions x 3 pushes (300 steps, one push per 100).
     assert report["stats"]["version"] >= 12, report["stats"]
@@ -99,7 +104,6 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster, tmp_path: Path)
 def test_keras_example_on_the_cluster(cluster: StandaloneCluster, tmp_path: Path) -> None:
     """The CNN for 2 of its 10 epochs (0.90 needs ~10; 2 give ~0.86), bound 0.80."""
     result = tmp_path / "keras.json"
-    started = time.time()
     sub = cluster.submit(
         KERAS,
         ["--master", cluster.master_url, "--partitions", "2", "--epochs", "2"]
@@ -111,20 +115,21 @@ def test_keras_example_on_the_cluster(cluster: StandaloneCluster, tmp_path: Path
     _finished(sub)
     acc = json.loads(result.read_text())["test_accuracy"]
     assert acc >= 0.80
-    tasks = _tasks_per_worker(cluster, started)
+    tasks = _tasks_per_worker(cluster, sub)
     assert all(n > 0 for n in tasks.values()), f"a Worker's executor ran no task: {tasks}"
     _report("Keras CNN example (2 epochs)", sub.seconds, acc, cluster)
 
 
-def _running(cluster: StandaloneCluster, tid: int) -> tuple[int, str] | None:
+def _running(cluster: StandaloneCluster, app_id: str, tid: int) -> tuple[int, str] | None:
     """(worker index, executor id) of the executor running task ``tid`` now.
 
     Read from the executors' own logs ("Running task 1.0 in stage 3.0
     (TID 7)"), which are written as it happens.
     """
-    for key, log in _executor_logs(cluster).items():
+    finished = re.compile(rf"Finished task \S+ in stage \S+ \(TID {tid}\)")
+    for key, log in _executor_logs(cluster, app_id).items():
         text = log.read_text(errors="replace")
-        if f"(TID {tid})" in text and not re.search(rf"Finished task \S+ in stage \S+ \(TID {tid}\)", text):
+        if f"(TID {tid})" in text and not finished.search(text):
             return key
     return None
 
@@ -168,7 +173,7 @@ def test_executor_loss_during_training(cluster: StandaloneCluster, tmp_path: Pat
         for partition, tid in map(lambda m: (int(m[0]), int(m[1])), _JOINED.findall(sub.output)):
             first_seen.setdefault(tid, time.monotonic())
             if time.monotonic() - first_seen[tid] >= 2.0:
-                where = _running(cluster, tid)
+                where = _running(cluster, _app_id(sub), tid)
                 if where is not None:
                     return partition, tid, *where
         return None
@@ -182,7 +187,9 @@ def test_executor_loss_during_training(cluster: StandaloneCluster, tmp_path: Pat
             on_timeout=lambda: f"\n{tail(sub.log)}",
         )
         pid = _executor_pid(cluster, worker, victim)
-        assert pid is not None, f"no {EXECUTOR_CLASS} with --executor-id {victim} on worker {worker}"
+        assert pid is not None, (
+            f"no {EXECUTOR_CLASS} with --executor-id {victim} on worker {worker}"
+        )
         os.kill(pid, signal.SIGKILL)
         killed_at = sub.seconds
         out = _finished(sub)
@@ -196,7 +203,9 @@ def test_executor_loss_during_training(cluster: StandaloneCluster, tmp_path: Pat
     lost = re.search(rf"worker {partition} \(attempt {tid}\) lost: ", out)
     assert lost, f"the PS never dropped partition {partition}'s TID {tid}:\n{out[-3000:]}"
     retries = [int(t) for p, t in _JOINED.findall(out, lost.start()) if int(p) == partition]
-    assert any(t > tid for t in retries), f"no retry of partition {partition} joined:\n{out[-3000:]}"
+    assert any(t > tid for t in retries), (
+        f"no retry of partition {partition} joined:\n{out[-3000:]}"
+    )
     _report(
         f"Keras example, executor {victim} (running TID {tid}) SIGKILLed {killed_at:.0f} s into "
         "the run, 2 epochs",
