@@ -51,6 +51,8 @@ _NETNS_PREFIX = "tscluster-"
 _NETNS_RE = re.compile(rf"^{_NETNS_PREFIX}(\d+)-w\d+$")
 _BRIDGE_RE = re.compile(r"^tsb(\d+)$")
 _SUBNET_BASE = "10.213"
+_TMP_PREFIX = "tensorspark-cluster-"
+_TMP_RE = re.compile(rf"^{_TMP_PREFIX}(\d+)-")
 # Set in the environment of every daemon and driver the cluster starts (and
 # so inherited by executors and Python workers): the owner's pid.
 OWNER_ENV = "TENSORSPARK_TEST_CLUSTER_OWNER"
@@ -139,13 +141,13 @@ def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess[str]
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def _children() -> dict[int, list[int]]:
@@ -243,8 +245,9 @@ def _owner(pid: int) -> int | None:
 def sweep_leftovers() -> None:
     """Kill processes and delete namespaces and bridges of dead earlier runs.
 
-    Only what carries an owner's pid (:data:`OWNER_ENV`, or the names) is
-    touched, and only when that owner is no longer alive.
+    Only what carries an owner's pid (:data:`OWNER_ENV`, or the names of
+    namespaces, bridges and temporary directories) is touched, and only when
+    that owner is no longer alive.
     """
     stale = []
     for entry in os.listdir("/proc"):
@@ -253,6 +256,11 @@ def sweep_leftovers() -> None:
             if owner is not None and owner != os.getpid() and not _pid_alive(owner):
                 stale.append(int(entry))
     kill_pids(stale)
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(f"{_TMP_PREFIX}*"):
+        m = _TMP_RE.match(d.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return
     names = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
@@ -472,7 +480,7 @@ class StandaloneCluster:
         self.num_workers, self.cores, self.memory = workers, cores, memory
         self.python, self.start_timeout = python, start_timeout
         self._own_dir = base_dir is None
-        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="tensorspark-cluster-"))
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
         self.isolate = isolate
         self.network: NetnsNetwork | None = None
         self.fallback_reason = ""
@@ -527,21 +535,20 @@ class StandaloneCluster:
         sweep_leftovers()
         for d in ("logs", "work", "local"):
             (self.base_dir / d).mkdir(parents=True, exist_ok=True)
-        if self.isolate is not False:
-            ok, why = netns_supported()
-            if ok:
-                self.network = NetnsNetwork(self.num_workers)
-                self.network.setup()
-                self.host = self.network.host_address
-            elif self.isolate:
-                raise ClusterError(f"network namespaces were required but {why}")
-            else:
-                self.fallback_reason = why
-                print(
-                    f"tensorspark cluster: network namespaces unavailable ({why}); "
-                    "falling back to loopback: Master, Workers and driver on 127.0.0.1",
-                    flush=True,
-                )
+        ok, why = netns_supported() if self.isolate is not False else (False, "turned off")
+        if ok:
+            self.network = NetnsNetwork(self.num_workers)
+            self.network.setup()
+            self.host = self.network.host_address
+        elif self.isolate:
+            raise ClusterError(f"network namespaces were required but {why}")
+        else:
+            self.fallback_reason = why
+            print(
+                f"tensorspark cluster: network namespaces unavailable ({why}); "
+                "falling back to loopback: Master, Workers and driver on 127.0.0.1",
+                flush=True,
+            )
         self.master_port = free_port(self.host)
         self.master_webui_port = free_port(self.host)
         self.master = self._spawn(
@@ -814,16 +821,23 @@ class Submission:
         return time.monotonic() - self.started
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
-    """Start a cluster and keep it until Ctrl-C (prints how to submit to it)."""
+    """Start a cluster and keep it until Ctrl-C or SIGTERM (prints how to submit to it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     cluster = StandaloneCluster()
     cluster.start()
     where = "in network namespaces" if cluster.isolated else "on loopback"
     print(f"master {cluster.master_url} (web UI {cluster.master_webui}); workers {where}:")
     for w in cluster.workers:
         print(f"  worker {w.index} at {w.host}, web UI {w.webui}")
+    # The example's own --master (default local[2]) would win over spark-submit's.
     print(
-        "spark-submit " + " ".join(cluster.submit_args()) + " examples/fashion_mnist_seed.py",
+        "spark-submit " + " ".join(cluster.submit_args()) + " examples/fashion_mnist_seed.py"
+        f" --master {cluster.master_url}",
         flush=True,
     )
     try:
