@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ EXECUTOR_CLASS = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
 # Names carry the creating process's id so that a later run can tell its own
 # live resources from the leftovers of a run that was SIGKILLed.
 _NETNS_PREFIX = "tscluster-"
-_NETNS_RE = re.compile(rf"^{_NETNS_PREFIX}(\d+)-w\d+$")
+_NETNS_RE = re.compile(rf"^{_NETNS_PREFIX}(\d+)-(?:w\d+|probe)$")
 _BRIDGE_RE = re.compile(r"^tsb(\d+)$")
 _SUBNET_BASE = "10.213"
 _TMP_PREFIX = "tensorspark-cluster-"
@@ -207,7 +206,7 @@ def netns_supported() -> tuple[bool, str]:
         return False, "not running as root"
     if shutil.which("ip") is None:
         return False, "the `ip` command (iproute2) is missing"
-    probe = f"{_NETNS_PREFIX}probe-{os.getpid()}"
+    probe = f"{_NETNS_PREFIX}{os.getpid()}-probe"
     try:
         r = _run(["ip", "netns", "add", probe], check=False)
         if r.returncode != 0:
@@ -216,9 +215,7 @@ def netns_supported() -> tuple[bool, str]:
         if r.returncode != 0:
             return False, f"`ip netns exec` failed: {r.stderr.strip()}"
         probe_veth = f"tsp{os.getpid()}"
-        r = _run(
-            ["ip", "link", "add", probe_veth, "type", "veth", "peer", "name", probe_veth + "p"]
-        )
+        _run(["ip", "link", "add", probe_veth, "type", "veth", "peer", "name", probe_veth + "p"])
         _run(["ip", "link", "del", probe_veth], check=False)
         return True, ""
     except (OSError, subprocess.SubprocessError) as e:
@@ -347,28 +344,28 @@ class NetnsNetwork:
             raise ClusterError(
                 f"network setup failed at `{' '.join(e.cmd)}`: {e.stderr.strip()}"
             ) from e
-        # Each namespace must reach the bridge's address before a Worker starts.
+        # Each namespace must reach the bridge's address (driver, Master) and
+        # the other namespaces (shuffle between executors) before a Worker
+        # starts; a firewall on bridged traffic (br_netfilter with a DROP
+        # FORWARD policy, as Docker hosts have) would stop the latter.
         for i, ns in enumerate(self.namespaces):
-            wait_for(
-                lambda ns=ns: (
-                    _run(
-                        [
-                            "ip",
-                            "netns",
-                            "exec",
-                            ns,
-                            sys.executable,
-                            "-c",
-                            _CONNECT_PROBE,
-                            self.host_address,
-                        ],
-                        check=False,
-                    ).returncode
-                    == 0
-                ),
-                20,
-                f"worker namespace {i} ({ns}) to route to {self.host_address}",
-            )
+            targets = [self.host_address]
+            targets += [self.worker_address(j) for j in range(self.workers) if j != i]
+            for target in targets:
+                try:
+                    wait_for(
+                        lambda ns=ns, target=target: self._reaches(ns, target),
+                        20,
+                        f"worker namespace {i} ({ns}) to reach {target}",
+                    )
+                except TimeoutError as e:
+                    self.teardown()
+                    raise ClusterError(str(e)) from e
+
+    @staticmethod
+    def _reaches(ns: str, address: str) -> bool:
+        probe = ["ip", "netns", "exec", ns, sys.executable, "-c", _CONNECT_PROBE, address]
+        return _run(probe, check=False).returncode == 0
 
     def exec_prefix(self, i: int) -> list[str]:
         """The command prefix that runs a program inside worker ``i``'s namespace."""
@@ -423,11 +420,12 @@ class Worker:
 
     def executor_pids(self) -> list[int]:
         """Executor JVMs (``CoarseGrainedExecutorBackend``) this Worker launched."""
-        return [
-            p
-            for p in descendants(self.process.pid)
-            if EXECUTOR_CLASS in cmdline(p) and "java" in os.path.basename(cmdline(p)[0])
-        ]
+        pids = []
+        for p in descendants(self.process.pid):
+            argv = cmdline(p)
+            if argv and EXECUTOR_CLASS in argv and os.path.basename(argv[0]) == "java":
+                pids.append(p)
+        return pids
 
 
 def spark_home() -> Path:
@@ -463,8 +461,11 @@ class StandaloneCluster:
 
     Examples
     --------
-    >>> with StandaloneCluster(workers=2) as cluster:            # doctest: +SKIP
-    ...     r = cluster.submit("examples/fashion_mnist_seed.py", ["--epochs", "1"])
+    >>> with StandaloneCluster(workers=2) as cluster:  # doctest: +SKIP
+    ...     sub = cluster.submit(
+    ...         "examples/fashion_mnist_seed.py", ["--master", cluster.master_url]
+    ...     )
+    ...     assert sub.wait() == 0, sub.output
     """
 
     def __init__(
@@ -537,12 +538,15 @@ class StandaloneCluster:
             (self.base_dir / d).mkdir(parents=True, exist_ok=True)
         ok, why = netns_supported() if self.isolate is not False else (False, "turned off")
         if ok:
-            self.network = NetnsNetwork(self.num_workers)
-            self.network.setup()
-            self.host = self.network.host_address
-        elif self.isolate:
-            raise ClusterError(f"network namespaces were required but {why}")
-        else:
+            network = NetnsNetwork(self.num_workers)
+            try:
+                network.setup()
+                self.network, self.host = network, network.host_address
+            except ClusterError as e:
+                why = str(e)
+        if self.network is None:
+            if self.isolate:
+                raise ClusterError(f"network namespaces were required but {why}")
             self.fallback_reason = why
             print(
                 f"tensorspark cluster: network namespaces unavailable ({why}); "
@@ -635,7 +639,8 @@ class StandaloneCluster:
         cmd = [*prefix, str(self._spark_home / "bin" / "spark-class"), *args]
         log = open(self.base_dir / "logs" / name, "wb")  # noqa: SIM115 - the child keeps it
         try:
-            # A session of its own, so the whole daemon can be signalled at stop.
+            # A session of its own: a Ctrl-C in the terminal reaches only the
+            # owner, which then stops everything in order.
             return subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
