@@ -54,7 +54,9 @@ def lr_schedule(epoch: int, lr: float, epochs: int = 10) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--master", default="local[2]")
+    p.add_argument(
+        "--master", help="Spark master URL (default: spark-submit's --master, else local[2])"
+    )
     p.add_argument("--partitions", type=int, default=2)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -68,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
+    builder = SparkSession.builder
+    if args.master or not SparkConf().contains("spark.master"):
+        builder = builder.master(args.master or "local[2]")
     spark = (
-        SparkSession.builder.master(args.master)
-        .appName("tensorspark fashion-mnist keras")
+        builder.appName("tensorspark fashion-mnist keras")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.memory", "4g")
         .getOrCreate()

@@ -231,7 +231,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--master", default="local[2]", help="Spark master URL")
+    parser.add_argument(
+        "--master", help="Spark master URL (default: spark-submit's --master, else local[2])"
+    )
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--sync-interval", type=int, default=100)
@@ -269,14 +271,20 @@ def main(argv=None):
             )
     # Spark's Python workers must use this interpreter (it has TensorFlow).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    conf = pyspark.SparkConf().setMaster(args.master).setAppName("tensorspark-fashion-mnist-seed")
+    conf = pyspark.SparkConf().setAppName("tensorspark-fashion-mnist-seed")
+    if args.master or not conf.contains("spark.master"):
+        conf.setMaster(args.master or "local[2]")
     conf.set("spark.ui.showConsoleProgress", "false")
     if args.zombie_partition is not None:
         # The frozen worker must outlive its killed task until it is let go.
         conf.set("spark.python.task.killTimeout", "120s")
     sc = pyspark.SparkContext(conf=conf)
     sc.setLogLevel("ERROR")
-    report = {"master": args.master, "combiner": args.combiner, "consistency": args.consistency}
+    report = {
+        "master": conf.get("spark.master"),
+        "combiner": args.combiner,
+        "consistency": args.consistency,
+    }
     kill = tuple(float(v) for v in args.kill_worker.split(",")) if args.kill_worker else None
     combiner = tensorspark.DeltaCombiner() if args.combiner == "delta" else None
     try:
