@@ -6,6 +6,10 @@
 #   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png};
 #                the Keras CNN's accuracy, throughput and memory bound ->
 #                bench/results/keras_fashion_mnist.json
+#   make bench-e2e  end to end on Fashion-MNIST against plain Keras and Elephas (in its
+#                own .venv-elephas): samples/s and time to accuracy ->
+#                bench/results/e2e.{json,png} and the table in docs/benchmarks.md
+#                (about 35 min on 2 cores; E2E_FLAGS adds flags, e.g. --models softmax)
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -20,6 +24,11 @@ CPP_BUILD := build/cpp
 FUZZ_BUILD := build/fuzz
 FUZZ_SECONDS ?= 600
 FUZZ_MAX_LEN ?= 65536
+# Elephas pins tensorflow<2.20, pyspark<=4.0.0 and numpy<2: its own venv.
+ELEPHAS_VENV := .venv-elephas
+ELEPHAS_PYTHON ?= $(PYTHON)
+ELEPHAS_DEPS := "elephas==7.3.0" "tensorflow==2.19.1" "pyspark==4.0.0" "numpy<2"
+E2E_FLAGS ?=
 # Spark's Python workers and tools must come from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(VPY)
@@ -30,7 +39,8 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard
 
-.PHONY: demo test test-cpp test-python bench lint fuzz system system-gtest venv install clean
+.PHONY: demo test test-cpp test-python bench bench-e2e elephas-venv lint fuzz system system-gtest \
+        venv install clean
 
 demo: system install
 	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
@@ -57,6 +67,19 @@ bench: install
 	$(VPY) bench/python_overhead.py $(CPP_BUILD)/ps_roundtrip bench/results/ps_roundtrip.json
 	$(VPY) bench/plot_ps_roundtrip.py bench/results/ps_roundtrip.json
 	$(VPY) bench/keras_fashion_mnist.py --out bench/results/keras_fashion_mnist.json
+
+# One subprocess per row (plain Keras, tensorspark 1 and 2 workers x async/sync/ssp,
+# Elephas sync/async), the same model, data, batch and thread budget (2) for all.
+# bench/e2e.py --help lists the flags (--workers, --threads-per-worker, --scale).
+bench-e2e: system install elephas-venv
+	$(VPY) bench/e2e.py --elephas-python $(ELEPHAS_VENV)/bin/python $(E2E_FLAGS)
+
+elephas-venv: $(ELEPHAS_VENV)/.deps-stamp
+$(ELEPHAS_VENV)/.deps-stamp: Makefile
+	test -x $(ELEPHAS_VENV)/bin/python || $(ELEPHAS_PYTHON) -m venv $(ELEPHAS_VENV)
+	$(ELEPHAS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ELEPHAS_VENV)/bin/python -m pip install -q $(ELEPHAS_DEPS)
+	touch $@
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
@@ -116,4 +139,4 @@ install: venv
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/py .
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(ELEPHAS_VENV)
