@@ -278,7 +278,7 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[
         cmd = [python, str(BENCH / "e2e_elephas.py")]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--row"]
-    spec = {**spec, "out": str(out), "t0": time.time()}
+    spec = {**spec, "out": str(out), "load_avg_start": _wait_quiet(args), "t0": time.time()}
     started = time.monotonic()
     with open(log, "w") as f:
         try:
@@ -306,14 +306,30 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[
     return result
 
 
+def _wait_quiet(args: argparse.Namespace) -> list[float]:
+    """Wait (up to ``--quiet-wait`` s) for the 1-min load to drop below ``--quiet-load``.
+
+    On a shared machine other jobs skew the figures; the load at each row's
+    start goes into the row either way.
+    """
+    deadline = time.monotonic() + args.quiet_wait
+    while args.quiet_load and os.getloadavg()[0] > args.quiet_load:
+        if time.monotonic() > deadline:
+            print(f"  (load {os.getloadavg()[0]:.1f} still above {args.quiet_load})", flush=True)
+            break
+        time.sleep(5)
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _line(r: dict[str, Any]) -> str:
     if r.get("error"):
         return f"{r['model']:8} {r['label']:28} ERROR {r['error'][:200]}"
     tta = r.get("time_to_bound_s")
+    to_bound = f"{tta:.1f} s" if tta is not None else "not reached"
     sps = r.get("samples_per_sec_steady") or r.get("samples_per_sec") or 0
     return (
         f"{r['model']:8} {r['label']:28} {sps:9,.0f} samples/s  "
-        f"to bound: {'%.1f s' % tta if tta is not None else 'not reached':12} "
+        f"to bound: {to_bound:12} "
         f"best {r.get('best_accuracy')}  startup {r.get('startup_s')} s  "
         f"epochs {r.get('epochs_run')}"
     )
@@ -334,8 +350,7 @@ def targets(rows: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         if keras_rows and one:
             base = keras_rows[0]["samples_per_sec_steady"] or keras_rows[0]["samples_per_sec"]
             ratios = {
-                r["mode"]: (r["samples_per_sec_steady"] or r["samples_per_sec"]) / base
-                for r in one
+                r["mode"]: (r["samples_per_sec_steady"] or r["samples_per_sec"]) / base for r in one
             }
             t["throughput"] = {
                 "what": "tensorspark 1 worker samples/s / plain Keras samples/s, same budget",
@@ -410,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="keras,tensorspark,elephas")
     p.add_argument("--thread-budget", type=int, default=2, help="TF threads in all, per row")
     p.add_argument("--workers", default="1,2", help="tensorspark worker counts")
-    p.add_argument(
-        "--threads-per-worker", type=int, default=None, help="default: budget / workers"
-    )
+    p.add_argument("--threads-per-worker", type=int, default=None, help="default: budget / workers")
     p.add_argument("--modes", default="async,sync,ssp", help="tensorspark consistency modes")
     p.add_argument("--staleness", type=int, default=2, help="the ssp bound, in syncs")
     p.add_argument("--sync-interval", type=int, default=10)
@@ -429,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-epochs", type=int, default=3, help="epochs run even past the bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--row-timeout", type=int, default=1200, help="seconds per row")
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.0,
+        help="before each row wait for the 1-min load average to fall below this (0: off)",
+    )
+    p.add_argument("--quiet-wait", type=int, default=300, help="longest such wait, s")
     p.add_argument("--scale", action="store_true", help="only tensorspark's scale sweep")
     p.add_argument("--out", default=None, help="default bench/results/e2e.json (scale.json)")
     p.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")

@@ -73,7 +73,10 @@ def plot(result: dict[str, Any], png: Path) -> None:
         if bound:
             ax.axhline(bound, color="gray", linewidth=0.8, linestyle="--")
             ax.text(ax.get_xlim()[1], bound, f" {bound}", va="center", fontsize=8)
+        # Zoom on the approach to the bound; lower points run off the bottom.
         low = max(0.1, min(lows, default=0.5) - 0.02)
+        if bound:
+            low = max(low, bound - 0.12)
         ax.set_ylim(low, (bound or 0.9) + 0.04)
         ax.set_xlim(left=0)
         desc = result["models"].get(model, {}).get("description", model)
