@@ -476,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": [],
     }
+    cores = os.cpu_count() or 1
+    for spec in rows_plan:
+        # More TF threads than cores measures contention, not scaling.
+        spec["oversubscribed"] = spec["workers"] * spec["threads_per_worker"] > cores
+    if any(s["oversubscribed"] for s in rows_plan):
+        print(f"note: some rows want more threads than the {cores} cores here", flush=True)
     print(f"{len(rows_plan)} rows; logs in {logs}", flush=True)
     started = time.monotonic()
     for spec in rows_plan:
