@@ -180,6 +180,11 @@ def _words(text: str, allowed: tuple[str, ...] | list[str], what: str) -> list[s
     return out
 
 
+def _per(workers: int, threads: int) -> str:
+    w = "worker" if workers == 1 else "workers"
+    return f"{workers} {w} x {threads} TF thread{'s' if threads > 1 else ''}"
+
+
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows to run, in order, per model."""
     systems = _words(args.systems, ("keras", "tensorspark", "elephas"), "system")
@@ -207,7 +212,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "workers": 1,
                         "threads_per_worker": t,
                         "threads": t,
-                        "budget": f"1 process x {t} TF threads",
+                        "budget": f"1 process x {t} TF thread{'s' if t > 1 else ''}",
                     }
                 )
         if "tensorspark" in systems:
@@ -224,7 +229,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "sync_interval": args.sync_interval,
                             "workers": n,
                             "threads_per_worker": t,
-                            "budget": f"local[{n * t}], {n} workers x {t} TF threads",
+                            "budget": f"local[{n * t}], {_per(n, t)}",
                         }
                     )
         if "elephas" in systems:
@@ -240,7 +245,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "poll_s": args.elephas_poll_s,
                         "workers": n,
                         "threads_per_worker": t,
-                        "budget": f"local[{n * t}], {n} workers x {t} TF threads",
+                        "budget": f"local[{n * t}], {_per(n, t)}",
                     }
                 )
     return rows
@@ -374,6 +379,11 @@ def targets(rows: list[dict[str, Any]], budget: int) -> dict[str, Any]:
                 exact = False
             if el_time:
                 ratio = el_time / best["time_to_bound_s"]
+                # The same ratio without startup (Spark, imports, data loading).
+                ts_train = min(r["train_time_to_bound_s"] for r in ts)
+                el_train = (
+                    el_best["train_time_to_bound_s"] if exact else el_time - el_best["startup_s"]
+                )
                 t["time_to_accuracy"] = {
                     "what": "Elephas's best time to bound / tensorspark's best",
                     "tensorspark_best": best["label"],
@@ -383,6 +393,7 @@ def targets(rows: list[dict[str, Any]], budget: int) -> dict[str, Any]:
                     "elephas_reached_bound": exact,
                     "ratio": ratio,
                     "ratio_is_lower_bound": not exact,
+                    "training_only_ratio": el_train / ts_train if ts_train else None,
                     "required": 3.0,
                     "met": ratio >= 3.0,
                 }
