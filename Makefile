@@ -16,6 +16,10 @@
 #                random worker fault (SIGKILL or a fenced zombie) ->
 #                bench/results/chaos.json; then SOAK_SECONDS (600) of 32 client
 #                threads against one tensorspark-ps -> bench/results/soak.json
+#   make bench-e2e  end to end on Fashion-MNIST against plain Keras and Elephas (in its
+#                own .venv-elephas): samples/s and time to accuracy ->
+#                bench/results/e2e.{json,png} and the table in docs/benchmarks.md
+#                (about 35 min on 2 cores; E2E_FLAGS adds flags, e.g. --models softmax)
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -30,6 +34,11 @@ CPP_BUILD := build/cpp
 FUZZ_BUILD := build/fuzz
 FUZZ_SECONDS ?= 600
 FUZZ_MAX_LEN ?= 65536
+# Elephas pins tensorflow<2.20, pyspark<=4.0.0 and numpy<2: its own venv.
+ELEPHAS_VENV := .venv-elephas
+ELEPHAS_PYTHON ?= $(PYTHON)
+ELEPHAS_DEPS := "elephas==7.3.0" "tensorflow==2.19.1" "pyspark==4.0.0" "numpy<2"
+E2E_FLAGS ?=
 # Spark's Python workers and tools must come from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(VPY)
@@ -40,8 +49,8 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard
 
-.PHONY: demo test test-cpp test-python test-cluster bench chaos lint fuzz system system-gtest venv \
-        install clean
+.PHONY: demo test test-cpp test-python test-cluster bench bench-e2e elephas-venv chaos lint \
+        fuzz system system-gtest venv install clean
 
 demo: system install
 	$(VPY) examples/fashion_mnist_seed.py --master "local[2]" --partitions 2 --epochs 2 \
@@ -85,6 +94,19 @@ chaos: system install
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target tensorspark-ps ps_soak
 	$(VPY) bench/soak.py --seconds $(SOAK_SECONDS) --ps $(CPP_BUILD)/tensorspark-ps \
 	    --soak $(CPP_BUILD)/ps_soak --out bench/results/soak.json
+
+# One subprocess per row (plain Keras, tensorspark 1 and 2 workers x async/sync/ssp,
+# Elephas sync/async), the same model, data, batch and thread budget (2) for all.
+# bench/e2e.py --help lists the flags (--workers, --threads-per-worker, --scale).
+bench-e2e: system install elephas-venv
+	$(VPY) bench/e2e.py --elephas-python $(ELEPHAS_VENV)/bin/python $(E2E_FLAGS)
+
+elephas-venv: $(ELEPHAS_VENV)/.deps-stamp
+$(ELEPHAS_VENV)/.deps-stamp: Makefile
+	test -x $(ELEPHAS_VENV)/bin/python || $(ELEPHAS_PYTHON) -m venv $(ELEPHAS_VENV)
+	$(ELEPHAS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ELEPHAS_VENV)/bin/python -m pip install -q $(ELEPHAS_DEPS)
+	touch $@
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
@@ -144,4 +166,4 @@ install: venv
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/py .
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(ELEPHAS_VENV)
