@@ -65,4 +65,19 @@ def fashion_mnist_dataframe(
     offsets = np.arange(0, flat.size + 1, 784, dtype=np.int32)
     features = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
     table = pa.table({"features": features, "label": pa.array(y.astype(np.int64))})
-    return spark.createDataFrame(table).repartition(partitions)
+    if partitions < 1:
+        raise TensorSparkValueError(f"partitions must be >= 1, got {partitions}")
+    # Spark makes one partition per Arrow batch of the table, so batches of
+    # ceil(n / partitions) rows give the partitions without a shuffle
+    # (repartition would write the whole dataset through the shuffle).
+    conf = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(conf, None)
+    spark.conf.set(conf, str(max(1, -(-len(y) // partitions))))
+    try:
+        df = spark.createDataFrame(table)
+    finally:
+        if previous is None:
+            spark.conf.unset(conf)
+        else:
+            spark.conf.set(conf, previous)
+    return df if df.rdd.getNumPartitions() == partitions else df.repartition(partitions)

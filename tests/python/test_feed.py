@@ -67,3 +67,44 @@ def test_wrong_feature_length_names_both_sizes():
 def test_rdd_rows_must_be_pairs():
     with pytest.raises(TensorSparkValueError, match="RDD row 1 of partition 3 has 3 items"):
         list(row_chunks([(1.0, 0), (1.0, 2.0, 3.0)], 10, 3))
+
+
+def _cfg(**over):
+    from tensorspark.keras._task import KerasTaskConfig
+
+    base = dict(
+        host="", port=0, secret=b"", run_id="", epoch=0, weight_names=(), weight_shapes=(),
+        synced=(), input_shape=(3,), features=("f",), label="y", integral_label=True,
+        batch_size=4, buffer_batches=8, shuffle=False, seed=0, sync_interval=7,
+        steps_per_call=3, update="delta", learning_rate=None, threads=1, connect_timeout=1.0,
+        io_timeout=1.0, heartbeat_interval=0.0,
+    )
+    return KerasTaskConfig(**{**base, **over})
+
+
+@pytest.mark.parametrize(
+    ("sync", "per_call", "buffer", "want"),
+    [(7, 3, 8, 3), (10, 32, 8, 5), (10, 1, 8, 1), (4, 32, 8, 4), (100, 32, 8, 8), (1, 32, 8, 1)],
+)
+def test_steps_per_call_divides_the_sync_interval(sync, per_call, buffer, want):
+    from tensorspark.keras._task import steps_per_call
+
+    cfg = _cfg(sync_interval=sync, steps_per_call=per_call, buffer_batches=buffer)
+    assert steps_per_call(cfg) == want
+
+
+def test_grouped_batches_keep_order_and_never_span_a_sync():
+    from tensorspark.keras._task import _grouped
+
+    cfg = _cfg()  # batch 4, sync every 7 steps, groups of at most 3
+    x = np.arange(75 * 3, dtype=np.float32).reshape(75, 3)
+    y = np.arange(75, dtype=np.int64)
+    stream = BatchStream([(x[:40], y[:40]), (x[40:], y[40:])], 4)
+    groups = list(_grouped(stream, cfg, "p0"))
+    # 18 full batches, then a short one of 3 rows, alone.
+    assert [n for n, _, _ in groups] == [3, 3, 1, 3, 3, 1, 3, 1, 1]
+    steps = np.cumsum([n for n, _, _ in groups])
+    assert 7 in steps and 14 in steps  # every sync boundary ends a group
+    assert groups[-1][1].shape == (1, 3, 3)
+    np.testing.assert_array_equal(np.concatenate([g.reshape(-1, 3) for _, g, _ in groups]), x)
+    np.testing.assert_array_equal(np.concatenate([g.ravel() for _, _, g in groups]), y)

@@ -104,6 +104,22 @@ def test_dataframe_and_rdd_give_the_same_model(spark, sc):
     np.testing.assert_allclose(h_df.history["loss"], h_rdd.history["loss"], rtol=1e-5)
 
 
+def test_steps_per_call_gives_the_same_model_as_one_step_per_call(sc):
+    from tensorspark.keras import fit
+
+    x, y = _data(620)  # 19 batches of 32 and a short one of 12
+    rdd = sc.parallelize([(x[i], y[i]) for i in range(len(x))], 1)
+    # Groups of 3, 3, 1 per sync of 7: in-graph loops, single steps and the short batch.
+    common = dict(epochs=2, batch_size=32, sync_interval=7, seed=5, progress=False)
+    m_one, h_one = fit(_build(0.1, optimizer="sgd", seed=3), rdd, steps_per_call=1, **common)
+    m_grp, h_grp = fit(_build(0.1, optimizer="sgd", seed=3), rdd, steps_per_call=3, **common)
+    for a, b in zip(m_one.get_weights(), m_grp.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(h_one.history["loss"], h_grp.history["loss"], rtol=1e-5)
+    assert [w["steps"] for w in h_grp.workers[-1]] == [20]
+    assert [w["pushes"] for w in h_grp.workers[-1]] == [3]
+
+
 def test_vector_column_builder_callbacks_and_tensorboard(spark, tmp_path):
     import keras
     from pyspark.ml.linalg import Vectors

@@ -267,6 +267,7 @@ class _Run:
             shuffle=o["shuffle"] and train,
             seed=o["seed"],
             sync_interval=o["sync_interval"],
+            steps_per_call=o["steps_per_call"],
             update=self.update,
             learning_rate=lr,
             threads=self.threads,
@@ -300,7 +301,10 @@ class _Run:
     def _run_arrow(self, fn: Any, data: _Data, cfg: Any, custom: Any) -> list[dict]:
         spark = data.frame.sparkSession
         previous = spark.conf.get(_ARROW_BATCH_CONF, None)
-        spark.conf.set(_ARROW_BATCH_CONF, str(min(cfg.batch_size, 10000)))
+        # Arrow batches of a shuffle buffer's rows: fewer, larger messages
+        # from the JVM for the same memory bound.
+        rows = cfg.batch_size * (cfg.buffer_batches if cfg.join else 1)
+        spark.conf.set(_ARROW_BATCH_CONF, str(max(1, min(rows, 10000))))
         try:
             part = functools.partial(
                 _task.arrow_partition, fn, cfg, self.blob, self.builder, custom
@@ -391,6 +395,7 @@ def fit(
     callbacks: list[Any] | None = None,
     shuffle: bool = True,
     buffer_batches: int = 8,
+    steps_per_call: int = 32,
     num_workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = True,
@@ -467,7 +472,16 @@ def fit(
         Shuffle rows within each task through a buffer of
         ``buffer_batches`` batches.
     buffer_batches : int
-        Most batches of rows a task holds at once (its memory bound).
+        Most batches of rows a task holds at once in its shuffle buffer; a
+        task holds about three times this many rows in all (the buffer, the
+        Arrow batch arriving, the group of steps being run).
+    steps_per_call : int
+        Most training steps run by one call of the compiled step function,
+        like Keras' ``steps_per_execution``: the batches are stacked and
+        looped in the graph, which saves the per-call Python overhead on
+        small models. The group is also capped by ``buffer_batches`` and
+        never spans a sync, so it does not change when tasks sync. 1 runs
+        one step per call.
     num_workers : int, optional
         Repartition the data into this many tasks; default its partitions.
     threads_per_worker : int, optional
@@ -552,7 +566,7 @@ def fit(
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:
     opts = {k: v for k, v in given.items() if k not in ("model", "data")}
-    for key in ("epochs", "batch_size", "sync_interval", "buffer_batches"):
+    for key in ("epochs", "batch_size", "sync_interval", "buffer_batches", "steps_per_call"):
         value = opts[key]
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise TensorSparkValueError(f"{key} must be an int >= 1, got {value!r}")

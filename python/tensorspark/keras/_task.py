@@ -44,6 +44,7 @@ class KerasTaskConfig:
     shuffle: bool
     seed: int
     sync_interval: int
+    steps_per_call: int
     update: str  # "delta" or "gradient"
     learning_rate: float | None  # the driver optimizer's rate this epoch (delta)
     threads: int
@@ -81,8 +82,7 @@ class _Replica:
             self.accumulators = []
             model.optimizer.build(trainable)
 
-        @tf.function(reduce_retracing=True)
-        def train_step(x: Any, y: Any) -> Any:
+        def one_step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
                 loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
@@ -99,6 +99,18 @@ class _Replica:
             return loss
 
         @tf.function(reduce_retracing=True)
+        def train_step(x: Any, y: Any) -> Any:
+            return one_step(x, y)
+
+        # Several steps in one call: batches stacked on a leading axis, looped
+        # in the graph (like Keras' steps_per_execution), so the Python call
+        # and the NumPy-to-tensor conversion are paid once per group.
+        @tf.function(reduce_retracing=True)
+        def train_steps(xs: Any, ys: Any) -> None:
+            for i in tf.range(tf.shape(xs)[0]):
+                one_step(xs[i], None if ys is None else ys[i])
+
+        @tf.function(reduce_retracing=True)
         def eval_step(x: Any, y: Any) -> Any:
             y_pred = model(x, training=False)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
@@ -108,7 +120,7 @@ class _Replica:
             self.loss_count.assign_add(n)
             return loss
 
-        self.train_step, self.eval_step = train_step, eval_step
+        self.train_step, self.train_steps, self.eval_step = train_step, train_steps, eval_step
 
     def reset(self) -> None:
         self.model.reset_metrics()
@@ -254,12 +266,14 @@ def train(
         last = (0.0, 0.0)  # loss totals at the last sync
         where = f"partition {partition}"
         train_started = time.monotonic()
-        for x, y in stream:
-            x = _feed.shape_features(x, cfg.input_shape, where)
-            replica.train_step(x, y)
-            steps += 1
-            samples += len(x)
-            since_sync += 1
+        for n, x, y in _grouped(stream, cfg, where):
+            if n == 1:
+                replica.train_step(x[0], None if y is None else y[0])
+            else:
+                replica.train_steps(x, y)
+            steps += n
+            samples += n * x.shape[1]
+            since_sync += n
             if since_sync == cfg.sync_interval:
                 now = _check_loss(replica, steps, partition, cfg, sync.version)
                 sync.push_and_pull(steps, since_sync, partition)
@@ -294,6 +308,60 @@ def train(
             "rss_peak_bytes": rss_peak,
             "rows_buffered_max": stream.rows_held_max,
         }
+
+
+def steps_per_call(cfg: KerasTaskConfig) -> int:
+    """Steps per compiled call: at most ``steps_per_call`` and ``buffer_batches``.
+
+    Groups divide each sync interval evenly (10 steps at a cap of 8 run as
+    two calls of 5), so one traced shape serves every full group and a call
+    never spans a sync.
+    """
+    cap = max(1, min(cfg.steps_per_call, cfg.buffer_batches, cfg.sync_interval))
+    calls = -(-cfg.sync_interval // cap)
+    return -(-cfg.sync_interval // calls)
+
+
+def _grouped(
+    stream: Iterable[tuple[np.ndarray, np.ndarray | None]], cfg: KerasTaskConfig, where: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """``(steps, xs, ys)``: batches stacked by ``steps_per_call``, never across a sync.
+
+    A short last batch (fewer than ``batch_size`` rows) goes alone, since a
+    stack needs equal batches.
+    """
+    group = steps_per_call(cfg)
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray | None] = []
+    since_sync = 0
+
+    def flush() -> tuple[int, np.ndarray, np.ndarray | None]:
+        n = len(xs)
+        x = np.stack(xs) if n > 1 else xs[0][np.newaxis]
+        y = None if ys[0] is None else (np.stack(ys) if n > 1 else ys[0][np.newaxis])
+        xs.clear()
+        ys.clear()
+        return n, x, y
+
+    for x, y in stream:
+        x = _feed.shape_features(x, cfg.input_shape, where)
+        if len(x) != cfg.batch_size:
+            if xs:
+                yield flush()
+            xs.append(x)
+            ys.append(y)
+            yield flush()
+            since_sync = (since_sync + 1) % cfg.sync_interval
+            continue
+        xs.append(x)
+        ys.append(y)
+        since_sync += 1
+        if len(xs) == group or since_sync == cfg.sync_interval:
+            yield flush()
+        if since_sync == cfg.sync_interval:
+            since_sync = 0
+    if xs:
+        yield flush()
 
 
 def _check_loss(
