@@ -73,11 +73,30 @@ def _cfg(**over):
     from tensorspark.keras._task import KerasTaskConfig
 
     base = dict(
-        host="", port=0, secret=b"", run_id="", epoch=0, weight_names=(), weight_shapes=(),
-        synced=(), input_shape=(3,), features=("f",), label="y", integral_label=True,
-        batch_size=4, buffer_batches=8, shuffle=False, seed=0, sync_interval=7,
-        steps_per_call=3, update="delta", learning_rate=None, threads=1, connect_timeout=1.0,
-        io_timeout=1.0, heartbeat_interval=0.0,
+        host="",
+        port=0,
+        secret=b"",
+        run_id="",
+        epoch=0,
+        weight_names=(),
+        weight_shapes=(),
+        synced=(),
+        input_shape=(3,),
+        features=("f",),
+        label="y",
+        integral_label=True,
+        batch_size=4,
+        buffer_batches=8,
+        shuffle=False,
+        seed=0,
+        sync_interval=7,
+        steps_per_call=3,
+        update="delta",
+        learning_rate=None,
+        threads=1,
+        connect_timeout=1.0,
+        io_timeout=1.0,
+        heartbeat_interval=0.0,
     )
     return KerasTaskConfig(**{**base, **over})
 
