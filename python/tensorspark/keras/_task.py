@@ -98,14 +98,9 @@ class _Replica:
             self.loss_count.assign_add(n)
             return loss
 
-        @tf.function(reduce_retracing=True)
-        def train_step(x: Any, y: Any) -> Any:
-            return one_step(x, y)
-
         # Several steps in one call: batches stacked on a leading axis, looped
         # in the graph (like Keras' steps_per_execution), so the Python call
         # and the NumPy-to-tensor conversion are paid once per group.
-        @tf.function(reduce_retracing=True)
         def train_steps(xs: Any, ys: Any) -> None:
             for i in tf.range(tf.shape(xs)[0]):
                 one_step(xs[i], None if ys is None else ys[i])
@@ -120,7 +115,33 @@ class _Replica:
             self.loss_count.assign_add(n)
             return loss
 
-        self.train_step, self.train_steps, self.eval_step = train_step, train_steps, eval_step
+        self._loop, self.eval_step = train_steps, eval_step
+        self._compiled: dict[tuple, Any] = {}
+
+    def train_steps(self, xs: np.ndarray, ys: np.ndarray | None) -> None:
+        """Run ``len(xs)`` steps on stacked batches ``xs[i]``, ``ys[i]``.
+
+        One trace serves every group size and batch length (the last batch
+        may be short): the signature leaves both leading dimensions open.
+        """
+        import tensorflow as tf
+
+        def spec(a: np.ndarray) -> Any:
+            return tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype))
+
+        key = (xs.dtype, xs.shape[2:], None if ys is None else (ys.dtype, ys.shape[2:]))
+        fn = self._compiled.get(key)
+        if fn is None:
+            loop = self._loop
+            if ys is None:
+                fn = tf.function(lambda a: loop(a, None), input_signature=[spec(xs)])
+            else:
+                fn = tf.function(loop, input_signature=[spec(xs), spec(ys)])
+            self._compiled[key] = fn
+        if ys is None:
+            fn(xs)
+        else:
+            fn(xs, ys)
 
     def reset(self) -> None:
         self.model.reset_metrics()
@@ -267,10 +288,7 @@ def train(
         where = f"partition {partition}"
         train_started = time.monotonic()
         for n, x, y in _grouped(stream, cfg, where):
-            if n == 1:
-                replica.train_step(x[0], None if y is None else y[0])
-            else:
-                replica.train_steps(x, y)
+            replica.train_steps(x, y)
             steps += n
             samples += n * x.shape[1]
             since_sync += n
