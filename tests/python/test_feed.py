@@ -103,9 +103,9 @@ def _cfg(**over):
 
 @pytest.mark.parametrize(
     ("sync", "per_call", "buffer", "want"),
-    [(7, 3, 8, 3), (10, 32, 8, 5), (10, 1, 8, 1), (4, 32, 8, 4), (100, 32, 8, 8), (1, 32, 8, 1)],
+    [(7, 3, 8, 3), (10, 32, 8, 8), (10, 1, 8, 1), (4, 32, 8, 4), (100, 32, 8, 8), (1, 32, 8, 1)],
 )
-def test_steps_per_call_divides_the_sync_interval(sync, per_call, buffer, want):
+def test_steps_per_call_is_capped_by_the_buffer_and_the_sync(sync, per_call, buffer, want):
     from tensorspark.keras._task import steps_per_call
 
     cfg = _cfg(sync_interval=sync, steps_per_call=per_call, buffer_batches=buffer)

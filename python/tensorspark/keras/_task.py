@@ -124,14 +124,14 @@ class _Replica:
         One trace serves every group size and batch length (the last batch
         may be short): the signature leaves both leading dimensions open.
         """
-        import tensorflow as tf
-
-        def spec(a: np.ndarray) -> Any:
-            return tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype))
-
         key = (xs.dtype, xs.shape[2:], None if ys is None else (ys.dtype, ys.shape[2:]))
         fn = self._compiled.get(key)
         if fn is None:
+            import tensorflow as tf
+
+            def spec(a: np.ndarray) -> Any:
+                return tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype))
+
             loop = self._loop
             if ys is None:
                 fn = tf.function(lambda a: loop(a, None), input_signature=[spec(xs)])
@@ -329,15 +329,8 @@ def train(
 
 
 def steps_per_call(cfg: KerasTaskConfig) -> int:
-    """Steps per compiled call: at most ``steps_per_call`` and ``buffer_batches``.
-
-    Groups divide each sync interval evenly (10 steps at a cap of 8 run as
-    two calls of 5), so one traced shape serves every full group and a call
-    never spans a sync.
-    """
-    cap = max(1, min(cfg.steps_per_call, cfg.buffer_batches, cfg.sync_interval))
-    calls = -(-cfg.sync_interval // cap)
-    return -(-cfg.sync_interval // calls)
+    """Most steps per compiled call: ``steps_per_call``, capped by the buffer and the sync."""
+    return max(1, min(cfg.steps_per_call, cfg.buffer_batches, cfg.sync_interval))
 
 
 def _grouped(
