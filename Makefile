@@ -19,7 +19,7 @@
 #   make bench-e2e  end to end on Fashion-MNIST against plain Keras and Elephas (in its
 #                own .venv-elephas): samples/s and time to accuracy ->
 #                bench/results/e2e.{json,png} and the table in docs/benchmarks.md
-#                (about 35 min on 2 cores; E2E_FLAGS adds flags, e.g. --models softmax)
+#                (about 20 min on 2 cores; E2E_FLAGS adds flags, e.g. --models softmax)
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`

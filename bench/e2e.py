@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs-softmax", type=int, default=8, help="epoch cap, softmax")
     p.add_argument("--epochs-cnn", type=int, default=10, help="epoch cap, CNN")
-    p.add_argument("--min-epochs", type=int, default=3, help="epochs run even past the bound")
+    p.add_argument("--min-epochs", type=int, default=5, help="epochs run even past the bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--row-timeout", type=int, default=1200, help="seconds per row")
     p.add_argument(
