@@ -155,7 +155,11 @@ def test_snapshots_through_a_hadoop_uri(spark, tmp_path):
         sync_interval=2,
         progress=False,
         checkpoint_dir=uri,
-        checkpoint_every_versions=10,
+        # The server checks every 100 ms: a snapshot at each check that sees
+        # a new version, so a run of seconds writes several and keep=2 has
+        # something to rotate (at 10 versions a fast run may finish between
+        # two checks and leave only the final snapshot).
+        checkpoint_every_versions=1,
         checkpoint_every_s=0,
         checkpoint_keep=2,
     )
