@@ -106,23 +106,30 @@ def test_driver_killed_then_resumed_from_the_snapshot(spark, tmp_path):
     assert history.history["val_accuracy"][-1] > 0.9
 
 
+def _small_run(spark, checkpoint_dir: str, every_versions: int, keep: int):
+    """A 600-row DataFrame and fit settings for the snapshot tests."""
+    from test_keras import _data, _df
+
+    x, y = _data(600)
+    settings = dict(
+        batch_size=50,
+        sync_interval=2,
+        progress=False,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_versions=every_versions,
+        checkpoint_every_s=0,
+        checkpoint_keep=keep,
+    )
+    return _df(spark, x, y), settings
+
+
 def test_corrupt_newest_snapshot_falls_back_to_the_one_before(spark, tmp_path, capfd):
-    from test_keras import _build, _data, _df
+    from test_keras import _build
 
     import tensorspark.keras
 
     ckpt = str(tmp_path / "ckpt")
-    x, y = _data(600)
-    df = _df(spark, x, y)
-    common = dict(
-        batch_size=50,
-        sync_interval=2,
-        progress=False,
-        checkpoint_dir=ckpt,
-        checkpoint_every_versions=0,
-        checkpoint_every_s=0,
-        checkpoint_keep=0,
-    )
+    df, common = _small_run(spark, ckpt, every_versions=0, keep=0)
     # Each fit ends with a final snapshot: after epoch 1, then after epoch 2.
     tensorspark.keras.fit(_build(0.02), df, epochs=1, **common)
     _, second = tensorspark.keras.fit(_build(0.02), df, epochs=2, resume_from=ckpt, **common)
@@ -142,27 +149,17 @@ def test_corrupt_newest_snapshot_falls_back_to_the_one_before(spark, tmp_path, c
 def test_snapshots_through_a_hadoop_uri(spark, tmp_path):
     """``file://`` URIs go through the driver JVM's Hadoop FileSystem, like
     ``hdfs://``: snapshots are copied there, and a resume reads them back."""
-    from test_keras import _build, _data, _df
+    from test_keras import _build
 
     import tensorspark.keras
 
     remote = tmp_path / "remote" / "ckpt"
     uri = "file://" + str(remote)
-    x, y = _data(600)
-    df = _df(spark, x, y)
-    common = dict(
-        batch_size=50,
-        sync_interval=2,
-        progress=False,
-        checkpoint_dir=uri,
-        # The server checks every 100 ms: a snapshot at each check that sees
-        # a new version, so a run of seconds writes several and keep=2 has
-        # something to rotate (at 10 versions a fast run may finish between
-        # two checks and leave only the final snapshot).
-        checkpoint_every_versions=1,
-        checkpoint_every_s=0,
-        checkpoint_keep=2,
-    )
+    # The server checks every 100 ms: a snapshot at each check that sees a
+    # new version, so a run of seconds writes several and keep=2 has
+    # something to rotate (at 10 versions a fast run may finish between two
+    # checks and leave only the final snapshot).
+    df, common = _small_run(spark, uri, every_versions=1, keep=2)
     tensorspark.keras.fit(_build(0.02), df, epochs=2, **common)
     snaps = _snapshots(str(remote))
     assert len(snaps) == 2, os.listdir(remote)  # keep=2 applies there too
