@@ -123,6 +123,16 @@ def _push(client, values: Mapping[str, np.ndarray], kind: str, lr: float, window
     return client.push(_KINDS[kind], names, arrays, learning_rate=lr, mean_window=window)
 
 
+def _heartbeat_interval(who: str, value) -> float:
+    """A ``heartbeat_interval`` checked to be finite and >= 0 seconds."""
+    interval = _as_number(f"{who}: heartbeat_interval", value)
+    if not (interval >= 0.0 and np.isfinite(interval)):
+        raise TensorSparkValueError(
+            f"{who}: heartbeat_interval must be >= 0 seconds, got {value!r}"
+        )
+    return interval
+
+
 def _path_or_empty(what: str, path: str | os.PathLike | None) -> str:
     if path is None:
         return ""
@@ -148,6 +158,16 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise TensorSparkValueError(f"server address {address!r}: port must be 1..65535")
     return host.strip("[]"), port
+
+
+# ShardedPSClient.stats(): keys that describe the run's members, the same on
+# every server (first server's value), and the one taken as the maximum.
+_PER_MEMBER_KEYS = frozenset({"members", "workers_lost", "workers_retried", "mode"})
+_MAX_OVER_SERVERS = frozenset({"sync_round"})
+
+
+def _per_member(key: str) -> bool:
+    return key in _PER_MEMBER_KEYS or key.startswith("worker_")
 
 
 # Wire encodings of PSClient(encoding=...) -> the core's WireEncoding.
@@ -345,7 +365,12 @@ class ParameterServer:
 class _TensorClient:
     """Calls shared by :class:`PSClient` and :class:`ShardedPSClient`.
 
-    Subclasses set ``self._client`` (a core client) and ``self._shapes``.
+    Subclasses set ``self._client`` (a core client: ``_core.Client`` or
+    ``_core.ShardedClient``, which take the same calls) and ``self._shapes``.
+    On a :class:`ShardedPSClient` the membership calls (:meth:`join`,
+    :meth:`leave`, :meth:`heartbeat`) and :meth:`configure` go to every
+    server: a worker is a member of each, so each server fences stale
+    attempts and runs its own sync rounds (docs/protocol.md, "Sharding").
     """
 
     _client: Any
@@ -391,128 +416,6 @@ class _TensorClient:
         """Push already float32, C-contiguous arrays without any checks or copies."""
         return self._client.push(kind, names, arrays, **kw)
 
-    def close(self) -> None:
-        """Close the connection(s)."""
-        self._client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class PSClient(_TensorClient):
-    """One authenticated connection to a parameter server.
-
-    Parameters
-    ----------
-    host, port : str, int
-        Address of the server; a host ``"unix:/path/to.sock"`` connects over
-        that Unix-domain socket (the server's ``unix_path``; port ignored).
-    secret : bytes
-        The run's shared secret.
-    partition_id, attempt : int
-        Identity of the worker (Spark partition id and attempt number); -1 for
-        the driver or a tool.
-    connect_timeout : float
-        Seconds allowed for connecting, retries with backoff included.
-    io_timeout : float
-        Limit for any single read or write once connected. After
-        :meth:`join`, a pull or push may also wait on the server for other
-        workers (sync and ssp modes), so each round trip then allows
-        ``io_timeout`` + 600 s (the default ``wait_timeout``).
-    encoding : str
-        How pushed and pulled values travel: ``"fp32"`` (default, exact),
-        ``"fp16"`` (half the bytes; relative error <= 2**-11 ~ 4.9e-4 for
-        ``|x|`` in [6.1e-5, 65504], larger values become inf and smaller
-        ones lose precision down to 0) or ``"bf16"`` (half the bytes, float32's
-        range, but relative error up to 2**-8 ~ 3.9e-3 per element, so it
-        does not meet 1e-3). The server stores float32 either way;
-        :meth:`register` always sends float32.
-    heartbeat_interval : float
-        After :meth:`join`, send a heartbeat from a background thread (with
-        its own connection) every this many seconds, so the worker stays a
-        live member during long local work; 0 (default) sends none.
-
-    Raises
-    ------
-    PSConnectionError, PSTimeoutError, AuthenticationError
-        The server cannot be reached in time or refuses the secret.
-    TensorSparkValueError
-        ``encoding`` is not one of ``"fp32"``, ``"fp16"``, ``"bf16"``.
-
-    Notes
-    -----
-    Not thread-safe: use one client per thread.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        secret: bytes,
-        *,
-        partition_id: int = -1,
-        attempt: int = 0,
-        connect_timeout: float = 10.0,
-        io_timeout: float = 120.0,
-        max_retries: int = 8,
-        encoding: str = "fp32",
-        heartbeat_interval: float = 0.0,
-    ) -> None:
-        if encoding not in _ENCODINGS:
-            raise TensorSparkValueError(
-                f"PSClient: encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
-            )
-        self.encoding = encoding
-        heartbeat_interval = _as_number("PSClient: heartbeat_interval", heartbeat_interval)
-        if not (heartbeat_interval >= 0.0 and np.isfinite(heartbeat_interval)):
-            raise TensorSparkValueError(
-                f"PSClient: heartbeat_interval must be >= 0 seconds, got {heartbeat_interval!r}"
-            )
-        self.host, self.port = host, int(port)
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._client = _core.Client(
-            host,
-            self.port,
-            secret,
-            partition_id=partition_id,
-            attempt=attempt,
-            connect_timeout_s=connect_timeout,
-            io_timeout_s=io_timeout,
-            max_retries=max_retries,
-            encoding=_ENCODINGS[encoding],
-            heartbeat_interval_s=heartbeat_interval,
-        )
-
-    def list_variables(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of every variable on the server."""
-        infos, _ = self._client.list_variables()
-        shapes = {name: tuple(shape) for name, shape in infos}
-        self._shapes.update(shapes)
-        return shapes
-
-    def pull(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Pull variables (all when ``names`` is None) into new float32 arrays."""
-        if names is None:
-            shapes = self.list_variables()
-            names = list(shapes)
-        else:
-            names = list(names)
-            if any(n not in self._shapes for n in names):
-                self.list_variables()
-            shapes = self._shapes
-        missing = [n for n in names if n not in shapes]
-        if missing:
-            raise TensorSparkValueError(
-                f"pull: the parameter server holds no variable named {missing[0]!r}; "
-                f"it has {sorted(shapes)[:10]}"
-            )
-        out = {n: np.empty(shapes[n], dtype=np.float32) for n in names}
-        self.pull_into(out)
-        return out
-
     def set_optimizer(
         self,
         name: str = "adam",
@@ -555,7 +458,9 @@ class PSClient(_TensorClient):
             for that push.
         variables : iterable of str, optional
             Variables to configure. None (default) means every variable on
-            the server, including ones registered later.
+            the server, including ones registered later. A
+            :class:`ShardedPSClient` configures every chunk of each, on the
+            servers that hold them (with None: every server).
         **hyperparameters : float
             Keras-named hyperparameters of the optimizer; missing ones take
             the Keras defaults: ``momentum=0.9`` (momentum, nesterov);
@@ -625,18 +530,21 @@ class PSClient(_TensorClient):
         """Join the run as a worker; the sync and ssp modes wait for members.
 
         The client must have been created with a ``partition_id`` >= 0. A
-        newer ``attempt`` of the same partition fences older ones.
+        newer ``attempt`` of the same partition fences older ones. A
+        :class:`ShardedPSClient` joins every server (and leaves them again
+        if any join fails).
 
         Returns
         -------
         int
             The worker's starting clock (0 for a fresh run; in sync mode the
-            round in progress).
+            round in progress). Sharded: the largest over the servers.
 
         Raises
         ------
         FencedError
-            A newer attempt of this partition has joined.
+            A newer attempt of this partition has joined (sharded: any
+            server; the message names it).
         TensorSparkValueError
             The client is not a worker (``partition_id`` < 0).
         """
@@ -735,7 +643,11 @@ class PSClient(_TensorClient):
     def reports(self) -> list[dict[str, Any]]:
         """Every live member's progress and latest report, for a watchdog.
 
-        Any connection may ask (typically the driver's).
+        Any connection may ask (typically the driver's). A
+        :class:`ShardedPSClient` merges the servers' lists by
+        ``(partition, attempt)``: the largest ``clock``, ``steps`` and
+        ``progress_age_s``, and the newest report (smallest
+        ``report_age_s``) with its ``text``.
 
         Returns
         -------
@@ -770,6 +682,9 @@ class PSClient(_TensorClient):
         :meth:`join`; without the heartbeat thread nothing is shipped.
         Stores the path without any I/O; safe to call from another thread.
         A file that cannot be read is skipped (logged once on stderr).
+        A :class:`ShardedPSClient` ships it (and :meth:`report`) to its
+        first server only: the text is the same for every server, and
+        :meth:`reports` keeps each member's newest report.
 
         Parameters
         ----------
@@ -810,6 +725,9 @@ class PSClient(_TensorClient):
         wait_timeout: float = 600.0,
     ) -> None:
         """Set the run's consistency mode (the driver, before workers join).
+
+        A :class:`ShardedPSClient` configures every server (a server with
+        live workers refuses, and the others may then have changed).
 
         Parameters
         ----------
@@ -854,6 +772,129 @@ class PSClient(_TensorClient):
             wait_timeout_s=float(wait_timeout),
         )
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection (sharded: every server's) is up."""
+        return self._client.connected
+
+    def close(self) -> None:
+        """Close the connection(s)."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PSClient(_TensorClient):
+    """One authenticated connection to a parameter server.
+
+    Parameters
+    ----------
+    host, port : str, int
+        Address of the server; a host ``"unix:/path/to.sock"`` connects over
+        that Unix-domain socket (the server's ``unix_path``; port ignored).
+    secret : bytes
+        The run's shared secret.
+    partition_id, attempt : int
+        Identity of the worker (Spark partition id and attempt number); -1 for
+        the driver or a tool.
+    connect_timeout : float
+        Seconds allowed for connecting, retries with backoff included.
+    io_timeout : float
+        Limit for any single read or write once connected. After
+        :meth:`join`, a pull or push may also wait on the server for other
+        workers (sync and ssp modes), so each round trip then allows
+        ``io_timeout`` + 600 s (the default ``wait_timeout``).
+    encoding : str
+        How pushed and pulled values travel: ``"fp32"`` (default, exact),
+        ``"fp16"`` (half the bytes; relative error <= 2**-11 ~ 4.9e-4 for
+        ``|x|`` in [6.1e-5, 65504], larger values become inf and smaller
+        ones lose precision down to 0) or ``"bf16"`` (half the bytes, float32's
+        range, but relative error up to 2**-8 ~ 3.9e-3 per element, so it
+        does not meet 1e-3). The server stores float32 either way;
+        :meth:`register` always sends float32.
+    heartbeat_interval : float
+        After :meth:`join`, send a heartbeat from a background thread (with
+        its own connection) every this many seconds, so the worker stays a
+        live member during long local work; 0 (default) sends none.
+
+    Raises
+    ------
+    PSConnectionError, PSTimeoutError, AuthenticationError
+        The server cannot be reached in time or refuses the secret.
+    TensorSparkValueError
+        ``encoding`` is not one of ``"fp32"``, ``"fp16"``, ``"bf16"``.
+
+    Notes
+    -----
+    Not thread-safe: use one client per thread.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes,
+        *,
+        partition_id: int = -1,
+        attempt: int = 0,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 120.0,
+        max_retries: int = 8,
+        encoding: str = "fp32",
+        heartbeat_interval: float = 0.0,
+    ) -> None:
+        if encoding not in _ENCODINGS:
+            raise TensorSparkValueError(
+                f"PSClient: encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
+            )
+        self.encoding = encoding
+        heartbeat_interval = _heartbeat_interval("PSClient", heartbeat_interval)
+        self.host, self.port = host, int(port)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._client = _core.Client(
+            host,
+            self.port,
+            secret,
+            partition_id=partition_id,
+            attempt=attempt,
+            connect_timeout_s=connect_timeout,
+            io_timeout_s=io_timeout,
+            max_retries=max_retries,
+            encoding=_ENCODINGS[encoding],
+            heartbeat_interval_s=heartbeat_interval,
+        )
+
+    def list_variables(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of every variable on the server."""
+        infos, _ = self._client.list_variables()
+        shapes = {name: tuple(shape) for name, shape in infos}
+        self._shapes.update(shapes)
+        return shapes
+
+    def pull(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Pull variables (all when ``names`` is None) into new float32 arrays."""
+        if names is None:
+            shapes = self.list_variables()
+            names = list(shapes)
+        else:
+            names = list(names)
+            if any(n not in self._shapes for n in names):
+                self.list_variables()
+            shapes = self._shapes
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise TensorSparkValueError(
+                f"pull: the parameter server holds no variable named {missing[0]!r}; "
+                f"it has {sorted(shapes)[:10]}"
+            )
+        out = {n: np.empty(shapes[n], dtype=np.float32) for n in names}
+        self.pull_into(out)
+        return out
+
     def stats(self) -> dict[str, int | float]:
         """The server's counters.
 
@@ -865,10 +906,6 @@ class PSClient(_TensorClient):
     def shutdown_server(self) -> None:
         """Ask the server to stop serving."""
         self._client.shutdown_server()
-
-    @property
-    def connected(self) -> bool:
-        return self._client.connected
 
 
 class ShardedPSClient(_TensorClient):
@@ -886,12 +923,25 @@ class ShardedPSClient(_TensorClient):
         in the same order.
     secret : bytes
         The run's shared secret (the same on every server).
+    partition_id, attempt : int
+        Identity of the worker, as for :class:`PSClient`; -1 for the driver
+        or a tool.
     chunk_bytes : int
         Chunk size; must be the same for every client of a run.
+    heartbeat_interval : float
+        After :meth:`join`, send heartbeats to every server, each from its
+        own background thread and connection, every this many seconds; 0
+        (default) sends none.
 
     Notes
     -----
-    Not thread-safe: use one client per thread.
+    Not thread-safe: use one client per thread (except
+    :meth:`report_progress` and :meth:`set_dump_file`).
+
+    A worker joins every server, so every server fences a stale attempt and
+    runs the sync rounds and ssp waits over its part of the model; a push
+    only goes to the servers holding a piece of it (docs/protocol.md,
+    "Sharding").
     """
 
     def __init__(
@@ -904,7 +954,9 @@ class ShardedPSClient(_TensorClient):
         connect_timeout: float = 10.0,
         io_timeout: float = 120.0,
         chunk_bytes: int = 4 << 20,
+        heartbeat_interval: float = 0.0,
     ) -> None:
+        heartbeat_interval = _heartbeat_interval("ShardedPSClient", heartbeat_interval)
         self.servers = [parse_address(a) for a in servers]
         if not self.servers:
             raise TensorSparkValueError("ShardedPSClient needs at least one server address")
@@ -917,6 +969,7 @@ class ShardedPSClient(_TensorClient):
             connect_timeout_s=connect_timeout,
             io_timeout_s=io_timeout,
             chunk_bytes=int(chunk_bytes),
+            heartbeat_interval_s=heartbeat_interval,
         )
 
     def pull(self, names: Iterable[str]) -> dict[str, np.ndarray]:
@@ -937,15 +990,26 @@ class ShardedPSClient(_TensorClient):
         return [dict(d) for d in self._client.stats()]
 
     def stats(self) -> dict[str, int | float]:
-        """Counters summed over the servers (``version`` is the summed version).
+        """The servers' counters as one dict.
 
-        Float keys (``_f64``, such as a worker's loss) are not summed: the
-        first server's value that has the key is kept.
+        Every worker is a member of every server, so what describes the
+        members and the run is taken from the first server, never summed:
+        ``members``, ``workers_lost``, ``workers_retried``, ``mode`` and the
+        per-member ``worker_*{partition=...,attempt=...}`` keys. Float keys
+        (``_f64``, such as a worker's loss) come from the first server that
+        has them. ``sync_round`` is the largest over the servers (a server
+        that holds no part of the model never closes a round). Everything
+        else counts work each server did and is summed: ``pushes``,
+        ``pulls``, ``bytes_in``, ``connections``, ``variables``,
+        ``refused{...}``, the staleness histogram and ``version`` (the
+        summed version the sharded calls report).
         """
         total: dict[str, int | float] = {}
         for d in self.stats_per_server():
             for k, v in d.items():
-                if isinstance(v, float):
+                if k in _MAX_OVER_SERVERS:
+                    total[k] = max(total.get(k, v), v)
+                elif isinstance(v, float) or _per_member(k):
                     total.setdefault(k, v)
                 else:
                     total[k] = total.get(k, 0) + v

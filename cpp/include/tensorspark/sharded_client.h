@@ -7,7 +7,13 @@
 // request to each server that holds a part of it, all in parallel, straight
 // from (or into) the caller's buffers.
 //
-// Like Client, a ShardedClient is not thread-safe: one per thread.
+// A worker is a member of every server (Join, Leave and Heartbeat go to all
+// of them), so each server fences stale attempts and runs its own sync
+// rounds and staleness waits over its part of the model (docs/protocol.md,
+// "Sharding").
+//
+// Like Client, a ShardedClient is not thread-safe: one per thread (except
+// ReportProgress and SetDumpFile, as for Client).
 //
 //   std::vector<tensorspark::Endpoint> servers = {{"10.0.0.5", 10080}, {"10.0.0.6", 10080}};
 //   std::unique_ptr<tensorspark::ShardedClient> c;
@@ -71,6 +77,90 @@ class ShardedClient {
   Status Push(UpdateKind kind, std::span<const TensorView> tensors, const PushOptions& options,
               uint64_t* version);
 
+  // Sets the server-side optimizer of the named variables on every server
+  // that holds a piece of them (a multi-chunk variable `name` is stored as
+  // "name#k/K": each server gets the chunk names it stores, found by listing
+  // its variables); with no names, of every variable on every server. An
+  // unknown name fails with kNotFound before any server is changed; a bad
+  // config fails on every server alike. Same threading rule as Push.
+  //
+  //   tensorspark::OptimizerConfig adam;
+  //   adam.kind = tensorspark::OptimizerKind::kAdam;
+  //   std::string_view only[] = {"dense/kernel"};  // all of its chunks
+  //   TS_RETURN_IF_ERROR(c->SetOptimizer(adam, only, nullptr));
+  Status SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
+                      uint64_t* version);
+
+  // ---- membership and consistency modes (docs/consistency.md) ----
+  // Joins the run on every server in parallel, so each one fences older
+  // attempts of this partition and waits for this worker in its sync rounds.
+  // A kFenced from any server wins over other failures and names that
+  // server; on any failure the servers already joined are left again (best
+  // effort), so none waits for a half-joined worker. `clock` (may be null)
+  // receives the largest starting clock over the servers (a server holding
+  // no part of the model never closes a round and stays at 0). Starts one
+  // heartbeat thread per server when ClientOptions::heartbeat_interval_s > 0.
+  // Not thread-safe, like Push.
+  //
+  //   opt.partition_id = 3; opt.attempt = task_attempt_id;
+  //   TS_RETURN_IF_ERROR(tensorspark::ShardedClient::Connect(opt, servers, &c));
+  //   uint64_t clock = 0;
+  //   TS_RETURN_IF_ERROR(c->Join(&clock));
+  Status Join(uint64_t* clock);
+  // Leaves the run on every server (each stops waiting for this worker) and
+  // stops the heartbeat threads. Not thread-safe.
+  //
+  //   TS_RETURN_IF_ERROR(c->Leave());  // at the end of the task
+  Status Leave();
+  // Tells every server this worker is alive, with the latest ReportProgress
+  // values. Not thread-safe (the heartbeat threads need no call).
+  //
+  //   TS_RETURN_IF_ERROR(c->Heartbeat());  // during long local work
+  Status Heartbeat();
+  // Stores this worker's progress for the next heartbeat of every server's
+  // Client (their threads or Heartbeat()). No I/O and thread-safe, like
+  // Client::ReportProgress: a training callback may call it while another
+  // thread pushes.
+  //
+  //   c->ReportProgress(step, step * batch_size, loss);
+  void ReportProgress(uint64_t steps, uint64_t samples, double loss);
+  // Sends `text` as this worker's latest report to the first server only
+  // (see SetDumpFile for why). Not thread-safe.
+  //
+  //   TS_RETURN_IF_ERROR(c->Report(dump));
+  Status Report(std::string_view text);
+  // Names a stack dump file for the first server's heartbeat thread to ship,
+  // as Client::SetDumpFile. Only the first server gets it: the text is the
+  // same for every server, so shipping it once saves S-1 copies of up to
+  // 64 KiB per change, and Reports() finds it there (it keeps the newest text
+  // of each member). No I/O and thread-safe; needs heartbeat_interval_s > 0.
+  //
+  //   opt.heartbeat_interval_s = 5;
+  //   c->SetDumpFile("/tmp/stack-3.txt");  // faulthandler writes here
+  //   TS_RETURN_IF_ERROR(c->Join(nullptr));
+  void SetDumpFile(std::string path);
+  // Sets the run's consistency mode and timeouts on every server (the
+  // driver, before the workers join). Fails with kInvalidArgument on bad
+  // values (then no server changes) or while workers are live on a server
+  // (then the others may have been configured; call it again once they
+  // left). Not thread-safe.
+  //
+  //   tensorspark::RunConfig run;
+  //   run.mode = tensorspark::ConsistencyMode::kSync;
+  //   TS_RETURN_IF_ERROR(driver->Configure(run));
+  Status Configure(const RunConfig& config);
+  // Every live member of any server, merged by (partition, attempt), in
+  // partition order: the largest clock, steps and progress_age_ms over the
+  // servers (a watchdog sees the stalest view), and the newest report (the
+  // smallest report_age_ms) with its text. Not thread-safe.
+  //
+  //   std::vector<tensorspark::WorkerReport> workers;
+  //   TS_RETURN_IF_ERROR(driver->Reports(&workers));
+  //   for (const auto& w : workers) {
+  //     if (w.progress_age_ms > 600'000) std::cerr << w.partition << ":\n" << w.text;
+  //   }
+  Status Reports(std::vector<WorkerReport>* out);
+
   // Counters of each server, in the order of `servers`.
   Status Stats(std::vector<std::vector<StatEntry>>* out);
 
@@ -78,6 +168,12 @@ class ShardedClient {
   Status ShutdownServers();
 
   void Close();
+
+  // True while every server's connection is up (a broken one is not
+  // reconnected: connect a new ShardedClient).
+  //
+  //   if (!c->connected()) TS_RETURN_IF_ERROR(ShardedClient::Connect(opt, servers, &c));
+  bool connected() const;
 
   // `version` outputs of the calls above are the sum of the servers' model
   // versions, which grows by the number of servers a push touched.

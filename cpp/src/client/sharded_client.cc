@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <thread>
 #include <utility>
@@ -83,8 +84,15 @@ struct ShardedClient::Impl {
     return Status::OK();
   }
 
+  std::vector<bool> All() const { return std::vector<bool>(clients.size(), true); }
+
+  std::string ServerName(size_t s) const {
+    return "server " + endpoints[s].host + ":" + std::to_string(endpoints[s].port);
+  }
+
   // Runs fn(server) for every server with work, in parallel; returns the
-  // first failure, naming its server.
+  // first failure, naming its server. A kFenced wins over other failures:
+  // it tells the caller to stop, where the others might be retried.
   Status ForEach(const std::vector<bool>& busy, const std::function<Status(size_t)>& fn) {
     std::vector<Status> results(clients.size());
     std::vector<std::thread> threads;
@@ -100,12 +108,43 @@ struct ShardedClient::Impl {
     if (inline_server < clients.size()) results[inline_server] = fn(inline_server);
     for (auto& t : threads) t.join();
     for (size_t s = 0; s < clients.size(); ++s) {
-      if (!results[s].ok()) {
-        return results[s].WithContext("server " + endpoints[s].host + ":" +
-                                      std::to_string(endpoints[s].port));
-      }
+      if (results[s].code() == StatusCode::kFenced) return results[s].WithContext(ServerName(s));
+    }
+    for (size_t s = 0; s < clients.size(); ++s) {
+      if (!results[s].ok()) return results[s].WithContext(ServerName(s));
     }
     return Status::OK();
+  }
+
+  // Files the names under which the servers store variable `name` (itself,
+  // or its chunks "name#k/K") into (*stored)[server]. K is read from chunk
+  // 0's stored name, so it does not depend on this client's chunk_bytes.
+  Status ChunksOf(std::string_view name, const std::vector<std::vector<VariableInfo>>& listed,
+                  std::vector<std::vector<std::string>>* stored) const {
+    const size_t first = ServerFor(name, 0, clients.size());
+    const std::string prefix = std::string(name) + "#0/";
+    for (const VariableInfo& info : listed[first]) {
+      if (info.name == name) {
+        (*stored)[first].emplace_back(name);
+        return Status::OK();
+      }
+      if (!info.name.starts_with(prefix)) continue;
+      const std::string_view count = std::string_view(info.name).substr(prefix.size());
+      uint64_t chunks = 0;
+      bool digits = !count.empty() && count.size() <= 19;
+      for (char ch : count) {
+        digits = digits && ch >= '0' && ch <= '9';
+        if (digits) chunks = chunks * 10 + static_cast<uint64_t>(ch - '0');
+      }
+      if (!digits || chunks < 2) continue;
+      for (uint64_t k = 0; k < chunks; ++k) {
+        (*stored)[ServerFor(name, k, clients.size())].push_back(ChunkName(name, k, chunks));
+      }
+      return Status::OK();
+    }
+    return Status(StatusCode::kNotFound, "no variable named '" + std::string(name) + "' (" +
+                                             ServerName(first) +
+                                             " holds neither it nor its first chunk)");
   }
 
   static std::vector<bool> Busy(const std::vector<std::vector<Piece>>& by_server) {
@@ -145,7 +184,7 @@ Status ShardedClient::Connect(const ClientOptions& base, std::span<const Endpoin
   impl->clients.resize(servers.size());
   impl->versions.assign(servers.size(), 0);
   impl->chunk_elems = ChunkElements(chunk_bytes);
-  Status s = impl->ForEach(std::vector<bool>(servers.size(), true), [&](size_t i) {
+  Status s = impl->ForEach(impl->All(), [&](size_t i) {
     ClientOptions opt = base;
     opt.host = servers[i].host;
     opt.port = servers[i].port;
@@ -230,17 +269,113 @@ Status ShardedClient::Push(UpdateKind kind, std::span<const TensorView> tensors,
   return Status::OK();
 }
 
+Status ShardedClient::SetOptimizer(const OptimizerConfig& config,
+                                   std::span<const std::string_view> names, uint64_t* version) {
+  Impl& m = *impl_;
+  std::vector<std::vector<std::string>> stored(m.clients.size());
+  std::vector<bool> busy = m.All();  // no names: every variable of every server
+  if (!names.empty()) {
+    std::vector<std::vector<VariableInfo>> listed(m.clients.size());
+    TS_RETURN_IF_ERROR(m.ForEach(m.All(), [&](size_t srv) {
+      return m.clients[srv]->ListVariables(&listed[srv], &m.versions[srv]);
+    }));
+    for (std::string_view name : names) {
+      TS_RETURN_IF_ERROR(m.ChunksOf(name, listed, &stored).WithContext("set_optimizer"));
+    }
+    for (size_t srv = 0; srv < stored.size(); ++srv) busy[srv] = !stored[srv].empty();
+  }
+  TS_RETURN_IF_ERROR(m.ForEach(busy, [&](size_t srv) {
+    std::vector<std::string_view> views(stored[srv].begin(), stored[srv].end());
+    return m.clients[srv]->SetOptimizer(config, views, &m.versions[srv]);
+  }));
+  if (version != nullptr) *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::Join(uint64_t* clock) {
+  Impl& m = *impl_;
+  std::vector<uint64_t> clocks(m.clients.size(), 0);
+  std::vector<char> joined(m.clients.size(), 0);  // not vector<bool>: written concurrently
+  Status s = m.ForEach(m.All(), [&](size_t srv) {
+    Status j = m.clients[srv]->Join(&clocks[srv]);
+    joined[srv] = j.ok();
+    return j;
+  });
+  if (!s.ok()) {
+    // A half-joined worker would hold up the sync rounds of the servers it
+    // joined until its connection closes; its Join failed, so leave them.
+    (void)m.ForEach(std::vector<bool>(joined.begin(), joined.end()),
+                    [&](size_t srv) { return m.clients[srv]->Leave(); });
+    return s;
+  }
+  if (clock != nullptr) *clock = *std::max_element(clocks.begin(), clocks.end());
+  return Status::OK();
+}
+
+Status ShardedClient::Leave() {
+  Impl& m = *impl_;
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Leave(); });
+}
+
+Status ShardedClient::Heartbeat() {
+  Impl& m = *impl_;
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Heartbeat(); });
+}
+
+void ShardedClient::ReportProgress(uint64_t steps, uint64_t samples, double loss) {
+  // Each Client's ReportProgress is thread-safe and `clients` never changes
+  // after Connect, so this is too.
+  for (auto& c : impl_->clients) c->ReportProgress(steps, samples, loss);
+}
+
+Status ShardedClient::Report(std::string_view text) {
+  return impl_->clients[0]->Report(text).WithContext(impl_->ServerName(0));
+}
+
+void ShardedClient::SetDumpFile(std::string path) {
+  impl_->clients[0]->SetDumpFile(std::move(path));
+}
+
+Status ShardedClient::Configure(const RunConfig& config) {
+  Impl& m = *impl_;
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Configure(config); });
+}
+
+Status ShardedClient::Reports(std::vector<WorkerReport>* out) {
+  Impl& m = *impl_;
+  std::vector<std::vector<WorkerReport>> per_server(m.clients.size());
+  TS_RETURN_IF_ERROR(
+      m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Reports(&per_server[srv]); }));
+  std::map<std::pair<int32_t, int32_t>, WorkerReport> merged;  // partition order
+  for (std::vector<WorkerReport>& reports : per_server) {
+    for (WorkerReport& r : reports) {
+      auto [it, fresh] = merged.try_emplace({r.partition, r.attempt}, r);
+      if (fresh) continue;
+      WorkerReport& w = it->second;
+      w.clock = std::max(w.clock, r.clock);
+      w.steps = std::max(w.steps, r.steps);
+      w.progress_age_ms = std::max(w.progress_age_ms, r.progress_age_ms);
+      if (r.report_age_ms < w.report_age_ms) {
+        w.report_age_ms = r.report_age_ms;
+        w.text = std::move(r.text);
+      }
+    }
+  }
+  out->clear();
+  out->reserve(merged.size());
+  for (auto& [key, w] : merged) out->push_back(std::move(w));
+  return Status::OK();
+}
+
 Status ShardedClient::Stats(std::vector<std::vector<StatEntry>>* out) {
   Impl& m = *impl_;
   out->assign(m.clients.size(), {});
-  return m.ForEach(std::vector<bool>(m.clients.size(), true),
-                   [&](size_t srv) { return m.clients[srv]->Stats(&(*out)[srv]); });
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Stats(&(*out)[srv]); });
 }
 
 Status ShardedClient::ShutdownServers() {
   Impl& m = *impl_;
-  return m.ForEach(std::vector<bool>(m.clients.size(), true),
-                   [&](size_t srv) { return m.clients[srv]->ShutdownServer(); });
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->ShutdownServer(); });
 }
 
 void ShardedClient::Close() {
@@ -248,6 +383,11 @@ void ShardedClient::Close() {
   for (auto& c : impl_->clients) {
     if (c) c->Close();
   }
+}
+
+bool ShardedClient::connected() const {
+  return std::all_of(impl_->clients.begin(), impl_->clients.end(),
+                     [](const std::unique_ptr<Client>& c) { return c && c->connected(); });
 }
 
 }  // namespace tensorspark

@@ -261,19 +261,109 @@ uint64_t PushArrays(C* c, int kind, const std::vector<std::string>& names,
   return version;
 }
 
-// A model sharded over several servers (ShardedClient); same calls as
-// PyClient for register, pull and push.
+// set_optimizer's arguments as an OptimizerConfig (the values themselves are
+// checked by the client, before any I/O).
+OptimizerConfig CheckedOptimizer(int kind, float learning_rate, float beta1, float beta2,
+                                 float epsilon, float weight_decay, float initial_accumulator) {
+  if (kind < 1 || kind > 7) {
+    ThrowIfError(
+        Status(StatusCode::kInvalidArgument,
+               "set_optimizer: kind must be 1 (sgd) .. 7 (rmsprop), got " + std::to_string(kind)));
+  }
+  OptimizerConfig config;
+  config.kind = static_cast<OptimizerKind>(kind);
+  config.learning_rate = learning_rate;
+  config.beta1 = beta1;
+  config.beta2 = beta2;
+  config.epsilon = epsilon;
+  config.weight_decay = weight_decay;
+  config.initial_accumulator = initial_accumulator;
+  return config;
+}
+
+// configure's arguments as a RunConfig.
+RunConfig CheckedRunConfig(int mode, int64_t staleness, float heartbeat_timeout_s,
+                           float wait_timeout_s) {
+  if (mode < 0 || mode > 2 || staleness < 0 || staleness > UINT32_MAX) {
+    ThrowIfError(Status(StatusCode::kInvalidArgument,
+                        "configure: mode must be 0 (async), 1 (sync) or 2 (bounded staleness) "
+                        "and staleness in [0, 2^32), got mode " +
+                            std::to_string(mode) + ", staleness " + std::to_string(staleness)));
+  }
+  RunConfig config;
+  config.mode = static_cast<ConsistencyMode>(mode);
+  config.staleness = static_cast<uint32_t>(staleness);
+  config.heartbeat_timeout_s = heartbeat_timeout_s;
+  config.wait_timeout_s = wait_timeout_s;
+  return config;
+}
+
+// Dicts with ages in seconds (report_age_s None without a report) and the
+// text decoded leniently: a dump may hold invalid UTF-8.
+std::vector<nb::dict> ReportDicts(const std::vector<WorkerReport>& reports) {
+  std::vector<nb::dict> out;
+  out.reserve(reports.size());
+  for (const WorkerReport& r : reports) {
+    PyObject* text =
+        PyUnicode_DecodeUTF8(r.text.data(), static_cast<Py_ssize_t>(r.text.size()), "replace");
+    if (text == nullptr) throw nb::python_error();
+    nb::dict d;
+    d["partition"] = r.partition;
+    d["attempt"] = r.attempt;
+    d["clock"] = r.clock;
+    d["steps"] = r.steps;
+    d["progress_age_s"] = static_cast<double>(r.progress_age_ms) / 1000.0;
+    if (r.report_age_ms == WorkerReport::kNoReport) {
+      d["report_age_s"] = nb::none();
+    } else {
+      d["report_age_s"] = static_cast<double>(r.report_age_ms) / 1000.0;
+    }
+    d["text"] = nb::steal<nb::str>(text);
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+// Membership, modes, optimizers and reports for either client type (Client
+// and ShardedClient share these signatures). `c` must be live.
+template <typename C>
+uint64_t SetOptimizerOn(C* c, const OptimizerConfig& config,
+                        const std::vector<std::string>& names) {
+  std::vector<std::string_view> views(names.begin(), names.end());
+  uint64_t version = 0;
+  Released([&] { return c->SetOptimizer(config, views, &version); });
+  return version;
+}
+
+template <typename C>
+uint64_t JoinOn(C* c) {
+  uint64_t clock = 0;
+  Released([&] { return c->Join(&clock); });
+  return clock;
+}
+
+template <typename C>
+std::vector<nb::dict> ReportsOf(C* c) {
+  std::vector<WorkerReport> reports;
+  Released([&] { return c->Reports(&reports); });
+  return ReportDicts(reports);
+}
+
+// A model sharded over several servers (ShardedClient); the same calls as
+// PyClient, each going to every server that takes part (membership, modes
+// and heartbeats to all of them).
 class PyShardedClient {
  public:
   PyShardedClient(const std::vector<std::pair<std::string, uint16_t>>& servers, nb::bytes secret,
                   int32_t partition_id, int32_t attempt, double connect_timeout_s,
-                  double io_timeout_s, uint64_t chunk_bytes) {
+                  double io_timeout_s, uint64_t chunk_bytes, double heartbeat_interval_s) {
     ClientOptions opt;
     opt.secret = std::string(secret.c_str(), secret.size());
     opt.partition_id = partition_id;
     opt.attempt = attempt;
     opt.connect_timeout_s = connect_timeout_s;
     opt.io_timeout_s = io_timeout_s;
+    opt.heartbeat_interval_s = heartbeat_interval_s;  // one heartbeat thread per server
     std::vector<Endpoint> endpoints;
     for (const auto& [host, port] : servers) endpoints.push_back({host, port});
     Released([&] { return ShardedClient::Connect(opt, endpoints, &client_, chunk_bytes); });
@@ -302,7 +392,53 @@ class PyShardedClient {
     return out;
   }
 
+  uint64_t SetOptimizer(int kind, float learning_rate, float beta1, float beta2, float epsilon,
+                        float weight_decay, float initial_accumulator,
+                        const std::vector<std::string>& names) {
+    return SetOptimizerOn(Live(),
+                          CheckedOptimizer(kind, learning_rate, beta1, beta2, epsilon, weight_decay,
+                                           initial_accumulator),
+                          names);
+  }
+
+  uint64_t Join() { return JoinOn(Live()); }
+
+  void Leave() {
+    ShardedClient* c = Live();
+    Released([&] { return c->Leave(); });
+  }
+
+  void Heartbeat() {
+    ShardedClient* c = Live();
+    Released([&] { return c->Heartbeat(); });
+  }
+
+  // No I/O: stored for the next heartbeats, so the GIL is kept.
+  void ReportProgress(uint64_t steps, uint64_t samples, double loss) {
+    if (client_) client_->ReportProgress(steps, samples, loss);
+  }
+
+  void Report(const std::string& text) {
+    ShardedClient* c = Live();
+    Released([&] { return c->Report(text); });
+  }
+
+  std::vector<nb::dict> Reports() { return ReportsOf(Live()); }
+
+  // No I/O: read by the first server's heartbeat thread, so the GIL is kept.
+  void SetDumpFile(std::string path) {
+    if (client_) client_->SetDumpFile(std::move(path));
+  }
+
+  void Configure(int mode, int64_t staleness, float heartbeat_timeout_s, float wait_timeout_s) {
+    const RunConfig config = CheckedRunConfig(mode, staleness, heartbeat_timeout_s, wait_timeout_s);
+    ShardedClient* c = Live();
+    Released([&] { return c->Configure(config); });
+  }
+
   size_t num_servers() { return Live()->num_servers(); }
+
+  bool connected() const { return client_ && client_->connected(); }
 
   void Close() {
     if (client_) client_->Close();
@@ -385,24 +521,10 @@ class PyClient {
   uint64_t SetOptimizer(int kind, float learning_rate, float beta1, float beta2, float epsilon,
                         float weight_decay, float initial_accumulator,
                         const std::vector<std::string>& names) {
-    if (kind < 1 || kind > 7) {
-      ThrowIfError(Status(
-          StatusCode::kInvalidArgument,
-          "set_optimizer: kind must be 1 (sgd) .. 7 (rmsprop), got " + std::to_string(kind)));
-    }
-    OptimizerConfig config;
-    config.kind = static_cast<OptimizerKind>(kind);
-    config.learning_rate = learning_rate;
-    config.beta1 = beta1;
-    config.beta2 = beta2;
-    config.epsilon = epsilon;
-    config.weight_decay = weight_decay;
-    config.initial_accumulator = initial_accumulator;
-    std::vector<std::string_view> views(names.begin(), names.end());
-    uint64_t version = 0;
-    Client* c = Live();
-    Released([&] { return c->SetOptimizer(config, views, &version); });
-    return version;
+    return SetOptimizerOn(Live(),
+                          CheckedOptimizer(kind, learning_rate, beta1, beta2, epsilon, weight_decay,
+                                           initial_accumulator),
+                          names);
   }
 
   nb::dict Stats() {
@@ -412,12 +534,7 @@ class PyClient {
     return StatsToDict(stats);
   }
 
-  uint64_t Join() {
-    uint64_t clock = 0;
-    Client* c = Live();
-    Released([&] { return c->Join(&clock); });
-    return clock;
-  }
+  uint64_t Join() { return JoinOn(Live()); }
 
   void Leave() {
     Client* c = Live();
@@ -439,34 +556,7 @@ class PyClient {
     Released([&] { return c->Report(text); });
   }
 
-  // Dicts with ages in seconds (report_age_s None without a report) and
-  // the text decoded leniently: a dump may hold invalid UTF-8.
-  std::vector<nb::dict> Reports() {
-    std::vector<WorkerReport> reports;
-    Client* c = Live();
-    Released([&] { return c->Reports(&reports); });
-    std::vector<nb::dict> out;
-    out.reserve(reports.size());
-    for (const WorkerReport& r : reports) {
-      PyObject* text =
-          PyUnicode_DecodeUTF8(r.text.data(), static_cast<Py_ssize_t>(r.text.size()), "replace");
-      if (text == nullptr) throw nb::python_error();
-      nb::dict d;
-      d["partition"] = r.partition;
-      d["attempt"] = r.attempt;
-      d["clock"] = r.clock;
-      d["steps"] = r.steps;
-      d["progress_age_s"] = static_cast<double>(r.progress_age_ms) / 1000.0;
-      if (r.report_age_ms == WorkerReport::kNoReport) {
-        d["report_age_s"] = nb::none();
-      } else {
-        d["report_age_s"] = static_cast<double>(r.report_age_ms) / 1000.0;
-      }
-      d["text"] = nb::steal<nb::str>(text);
-      out.push_back(std::move(d));
-    }
-    return out;
-  }
+  std::vector<nb::dict> Reports() { return ReportsOf(Live()); }
 
   // No I/O: read by the heartbeat thread, so the GIL is kept.
   void SetDumpFile(std::string path) {
@@ -474,17 +564,7 @@ class PyClient {
   }
 
   void Configure(int mode, int64_t staleness, float heartbeat_timeout_s, float wait_timeout_s) {
-    if (mode < 0 || mode > 2 || staleness < 0 || staleness > UINT32_MAX) {
-      ThrowIfError(Status(StatusCode::kInvalidArgument,
-                          "configure: mode must be 0 (async), 1 (sync) or 2 (bounded staleness) "
-                          "and staleness in [0, 2^32), got mode " +
-                              std::to_string(mode) + ", staleness " + std::to_string(staleness)));
-    }
-    RunConfig config;
-    config.mode = static_cast<ConsistencyMode>(mode);
-    config.staleness = static_cast<uint32_t>(staleness);
-    config.heartbeat_timeout_s = heartbeat_timeout_s;
-    config.wait_timeout_s = wait_timeout_s;
+    const RunConfig config = CheckedRunConfig(mode, staleness, heartbeat_timeout_s, wait_timeout_s);
     Client* c = Live();
     Released([&] { return c->Configure(config); });
   }
@@ -665,10 +745,11 @@ NB_MODULE(_core, m) {
   nb::class_<PyShardedClient>(m, "ShardedClient",
                               "One connection to each of several servers holding one model.")
       .def(nb::init<const std::vector<std::pair<std::string, uint16_t>>&, nb::bytes, int32_t,
-                    int32_t, double, double, uint64_t>(),
+                    int32_t, double, double, uint64_t, double>(),
            "servers"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0,
-           "chunk_bytes"_a = tensorspark::ShardedClient::kDefaultChunkBytes)
+           "chunk_bytes"_a = tensorspark::ShardedClient::kDefaultChunkBytes,
+           "heartbeat_interval_s"_a = 0.0)
       .def("register", &PyShardedClient::Register, "names"_a, "arrays"_a,
            "Register variables over the servers. Returns (created, version sum).")
       .def("pull_into", &PyShardedClient::PullInto, "names"_a, "outs"_a,
@@ -676,7 +757,30 @@ NB_MODULE(_core, m) {
       .def("push", &PyShardedClient::Push, "kind"_a, "names"_a, "arrays"_a,
            "learning_rate"_a = 0.0f, "mean_window"_a = 1u,
            "Push float32 arrays of the given kind. Returns the version sum.")
+      .def("set_optimizer", &PyShardedClient::SetOptimizer, "kind"_a, "learning_rate"_a,
+           "beta1"_a = 0.9, "beta2"_a = 0.999, "epsilon"_a = 1e-7, "weight_decay"_a = 0.0,
+           "initial_accumulator"_a = 0.0, "names"_a = std::vector<std::string>(),
+           "Set the server-side optimizer (OPTIMIZER_*) of the named variables (every chunk), "
+           "or of every variable on every server when `names` is empty. Returns the version sum.")
       .def("stats", &PyShardedClient::Stats, "Each server's counters, in server order.")
+      .def("join", &PyShardedClient::Join,
+           "Join the run on every server. Returns the largest starting clock.")
+      .def("leave", &PyShardedClient::Leave, "Leave the run on every server.")
+      .def("heartbeat", &PyShardedClient::Heartbeat,
+           "Tell every server this worker is alive, with the latest progress report if any.")
+      .def("report_progress", &PyShardedClient::ReportProgress, "steps"_a, "samples"_a, "loss"_a,
+           "Store this worker's progress (no I/O); every server's heartbeats carry it.")
+      .def("report", &PyShardedClient::Report, "text"_a,
+           "Send a stack dump as this worker's latest report (to the first server).")
+      .def("reports", &PyShardedClient::Reports,
+           "Every live member of any server, merged by (partition, attempt): the largest clock, "
+           "steps and progress_age_s, and the newest report, as a list of dicts.")
+      .def("set_dump_file", &PyShardedClient::SetDumpFile, "path"_a,
+           "Name a file the first server's heartbeat thread ships as a report; '' stops.")
+      .def("configure", &PyShardedClient::Configure, "mode"_a, "staleness"_a = 0,
+           "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
+           "Set the run's consistency mode (MODE_*), staleness and timeouts on every server.")
       .def_prop_ro("num_servers", &PyShardedClient::num_servers)
+      .def_prop_ro("connected", &PyShardedClient::connected, "Every server's connection is up.")
       .def("close", &PyShardedClient::Close, "Close every connection.");
 }
