@@ -26,7 +26,7 @@ from .errors import (
     VariableNotFoundError,
 )
 from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret
-from .session import RunSummary, SparkSession
+from .tf1.session import RunSummary, SparkSession
 
 __version__ = "0.1.0"
 

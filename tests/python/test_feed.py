@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from tensorspark import TensorSparkValueError
-from tensorspark._feed import BatchStream, arrow_chunks, row_chunks, shape_features
+from tensorspark.runtime.feed import (
+    BatchStream,
+    arrow_chunks,
+    grouped,
+    row_chunks,
+    shape_features,
+    steps_per_call,
+    tuple_chunks,
+)
 
 
 def _chunks(n: int, size: int):
@@ -69,61 +77,56 @@ def test_rdd_rows_must_be_pairs():
         list(row_chunks([(1.0, 0), (1.0, 2.0, 3.0)], 10, 3))
 
 
-def _cfg(**over):
-    from tensorspark.keras._task import KerasTaskConfig
-
-    base = dict(
-        host="",
-        port=0,
-        secret=b"",
-        run_id="",
-        epoch=0,
-        weight_names=(),
-        weight_shapes=(),
-        synced=(),
-        input_shape=(3,),
-        features=("f",),
-        label="y",
-        integral_label=True,
-        batch_size=4,
-        buffer_batches=8,
-        shuffle=False,
-        seed=0,
-        sync_interval=7,
-        steps_per_call=3,
-        update="delta",
-        learning_rate=None,
-        threads=1,
-        connect_timeout=1.0,
-        io_timeout=1.0,
-        heartbeat_interval=0.0,
-    )
-    return KerasTaskConfig(**{**base, **over})
-
-
 @pytest.mark.parametrize(
     ("sync", "per_call", "buffer", "want"),
     [(7, 3, 8, 3), (10, 32, 8, 8), (10, 1, 8, 1), (4, 32, 8, 4), (100, 32, 8, 8), (1, 32, 8, 1)],
 )
 def test_steps_per_call_is_capped_by_the_buffer_and_the_sync(sync, per_call, buffer, want):
-    from tensorspark.keras._task import steps_per_call
-
-    cfg = _cfg(sync_interval=sync, steps_per_call=per_call, buffer_batches=buffer)
-    assert steps_per_call(cfg) == want
+    assert steps_per_call(per_call, buffer, sync) == want
 
 
 def test_grouped_batches_keep_order_and_never_span_a_sync():
-    from tensorspark.keras._task import _grouped
-
-    cfg = _cfg()  # batch 4, sync every 7 steps, groups of at most 3
+    # batch 4, sync every 7 steps, groups of at most 3
     x = np.arange(75 * 3, dtype=np.float32).reshape(75, 3)
     y = np.arange(75, dtype=np.int64)
     stream = BatchStream([(x[:40], y[:40]), (x[40:], y[40:])], 4)
-    groups = list(_grouped(stream, cfg, "p0"))
+    groups = list(grouped(stream, 4, 3, 7))
     # 18 full batches, then a short one of 3 rows, alone.
-    assert [n for n, _, _ in groups] == [3, 3, 1, 3, 3, 1, 3, 1, 1]
-    steps = np.cumsum([n for n, _, _ in groups])
+    assert [len(g) for g in groups] == [3, 3, 1, 3, 3, 1, 3, 1, 1]
+    steps = np.cumsum([len(g) for g in groups])
     assert 7 in steps and 14 in steps  # every sync boundary ends a group
-    assert groups[-1][1].shape == (1, 3, 3)
-    np.testing.assert_array_equal(np.concatenate([g.reshape(-1, 3) for _, g, _ in groups]), x)
-    np.testing.assert_array_equal(np.concatenate([g.ravel() for _, _, g in groups]), y)
+    assert groups[-1][0][0].shape == (3, 3)
+    batches = [b for g in groups for b in g]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
+
+
+def test_tf1_rows_stream_through_the_same_shuffle_buffer():
+    """Rows with three feeds: chunks of columns, then the bounded shuffle."""
+    rows = [(np.full(2, i, np.float32), i, np.int64(i % 3)) for i in range(50)]
+    chunks = list(tuple_chunks(rows, 8, 0, ["a:0", "b:0", "c:0"]))
+    assert [len(c[0]) for c in chunks] == [8] * 6 + [2]
+    assert chunks[0][0].shape == (8, 2) and chunks[0][2].dtype == np.int64
+    stream = BatchStream(chunks, 5, buffer_batches=2, shuffle=True, seed=1)
+    out = list(stream)
+    assert stream.rows_held_max <= 10
+    seen = np.concatenate([b[1] for b in out])
+    assert sorted(seen.tolist()) == list(range(50)) and seen.tolist() != list(range(50))
+    for b in out:  # the columns of a row stay together
+        np.testing.assert_array_equal(b[0][:, 0], b[1])
+        np.testing.assert_array_equal(b[2], b[1] % 3)
+
+
+def test_full_shuffle_permutes_the_whole_partition():
+    rows = [(i,) for i in range(100)]
+    a = np.concatenate([c[0] for c in tuple_chunks(rows, 7, 0, ["x:0"], full_shuffle=[0, 0, 0])])
+    b = np.concatenate([c[0] for c in tuple_chunks(rows, 7, 0, ["x:0"], full_shuffle=[0, 0, 0])])
+    np.testing.assert_array_equal(a, b)  # seeded
+    assert sorted(a.tolist()) == list(range(100)) and a[:10].tolist() != list(range(10))
+    # Unlike the buffer, a full shuffle moves a row anywhere in the partition.
+    assert np.abs(a - np.arange(100)).max() > 20
+
+
+def test_tf1_row_with_wrong_arity_names_the_feeds():
+    with pytest.raises(TensorSparkValueError, match="has 2 items but feed_name_list has 1"):
+        list(tuple_chunks([(1,), (1, 2)], 8, 4, ["x:0"]))

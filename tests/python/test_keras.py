@@ -174,7 +174,7 @@ def _tensorboard_tags(log_dir) -> set[str]:
 
 
 def test_progress_bar_reads_worker_reports_from_the_server():
-    from tensorspark._progress import ProgressBar
+    from tensorspark.runtime.progress import ProgressBar
     from tensorspark.ps import ParameterServer, PSClient, generate_secret
 
     secret = generate_secret()
@@ -186,7 +186,7 @@ def test_progress_bar_reads_worker_reports_from_the_server():
         out = io.StringIO()
         connect = lambda: PSClient("127.0.0.1", server.port, secret)  # noqa: E731
         bar = ProgressBar(connect, 640, stream=out, interval=0.05, line_every=0.0)
-        bar.start_epoch(0, 3)
+        bar.start_epoch("epoch 1/3")
         time.sleep(0.5)
         worker.report_progress(20, 640, 0.25)
         worker.heartbeat()

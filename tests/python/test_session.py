@@ -186,7 +186,7 @@ class TestBadInput:
         assert time.monotonic() - started < 120
         # Nothing already trained is lost: the server and the session agree.
         assert ss.stats()["version"] == version
-        np.testing.assert_array_equal(ss._client.pull(["v"])["v"], trained)
+        np.testing.assert_array_equal(ss._run.client.pull(["v"])["v"], trained)
 
     def test_wrong_feature_length(self, setup):
         sc, _, ss, x, v, _, train = setup

@@ -1,5 +1,5 @@
 """Seed module path: ``import tensorspark.core.spark_session as sps``."""
 
-from ..session import RunSummary, SparkSession
+from ..tf1.session import RunSummary, SparkSession
 
 __all__ = ["RunSummary", "SparkSession"]

@@ -1,10 +1,11 @@
 """Driver side of :func:`tensorspark.keras.fit`: one Spark job per epoch.
 
-The driver starts a parameter server (threads in this process), registers
-the model's weights, and for each epoch runs ordinary (non-barrier) Spark
-tasks that stream their partition and train against the server. Between
-epochs it loads the server's model into the Keras model, evaluates the
-validation data, runs the callbacks and draws the progress.
+The shared driver-side run (``runtime.driver``) starts the parameter server
+or attaches to running ones and registers the model's weights; each epoch
+is one job of the shared task loop (``runtime.task``) over a Keras replica
+(``keras.replica``). Between epochs the driver loads the server's model
+into the Keras model, evaluates the validation data, runs the callbacks and
+draws the progress.
 """
 
 from __future__ import annotations
@@ -13,26 +14,16 @@ import contextlib
 import functools
 import json
 import logging
-import shutil
-import tempfile
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _feed, _hadoop, _progress, _spark, _watchdog
-from ..errors import TensorSparkError, TensorSparkValueError
-from ..ps import ParameterServer, PSClient, generate_secret
-from . import _spec, _task
+from ..errors import TensorSparkValueError
+from ..runtime import driver, feed, options, task
+from . import _spec, replica
 
 log = logging.getLogger("tensorspark")
-
-MODES = ("async", "sync", "ssp")
-
-# A one-element variable on the server counting completed epochs.
-_EPOCHS_DONE = "__tensorspark__/epochs_done"
 
 # Arrow batches reach a task at most this many rows at a time (the memory bound).
 _ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
@@ -90,6 +81,7 @@ class _Data:
     label: str | None
     integral_label: bool
     rows: int  # 0 when unknown (RDDs are not counted)
+    partitions: int  # the tasks of an epoch
 
 
 def _prepare(
@@ -99,7 +91,7 @@ def _prepare(
     if not features:
         raise TensorSparkValueError("features_col is empty; name at least one column")
     if hasattr(data, "mapInArrow"):
-        _, integral = _feed.check_columns(data.schema, features, label_col)
+        _, integral = feed.check_columns(data.schema, features, label_col)
         cols = [*features, label_col] if label_col is not None else list(features)
         frame = data.select(*cols)
         if workers:
@@ -109,13 +101,13 @@ def _prepare(
             raise TensorSparkValueError(
                 f"the {what} DataFrame is empty; there is nothing to train on"
             )
-        return _Data(frame, None, features, label_col, integral, rows)
+        return _Data(frame, None, features, label_col, integral, rows, frame.rdd.getNumPartitions())
     if hasattr(data, "mapPartitionsWithIndex"):
         rdd = data.repartition(int(workers)) if workers else data
         # Not count(): that would compute the RDD's whole lineage an extra time.
         if rdd.isEmpty():
             raise TensorSparkValueError(f"the {what} RDD is empty; there is nothing to train on")
-        return _Data(None, rdd, ("features",), "label", False, 0)
+        return _Data(None, rdd, ("features",), "label", False, 0, rdd.getNumPartitions())
     raise TensorSparkValueError(
         f"{what} must be a Spark DataFrame or an RDD of (features, label) tuples, got "
         f"{type(data).__name__}"
@@ -140,242 +132,155 @@ def _input_shape(model: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-class _Run:
-    """One fit: the server, the driver's connection and the Spark jobs."""
+class _Fit:
+    """One fit's model side: the weights on the server, the epoch jobs."""
 
     def __init__(self, model: Any, builder: Any, data: _Data, opts: dict[str, Any]) -> None:
         self.model, self.builder, self.data, self.opts = model, builder, data, opts
-        self.sc = self._spark_context()
-        self.run_id = uuid.uuid4().hex
+        self.sc = (
+            data.frame.sparkSession.sparkContext if data.frame is not None else data.rdd.context
+        )
         self.name = opts["name"] or model.name
-        conf = self.sc.getConf()
-        self.threads = int(opts["threads_per_worker"] or conf.get("spark.task.cpus", "1"))
-        local = self.sc.master.startswith("local")
-        host = opts["server_host"] or ("127.0.0.1" if local else conf.get("spark.driver.host"))
-        self.host = host
-        self.secret = generate_secret()
-        bind = "127.0.0.1" if _spark.is_loopback(host) else "0.0.0.0"
-        # Hadoop URIs: the server writes to a local staging directory that
-        # a mirror copies out; a resume reads a local copy.
-        ckpt, resume = opts["checkpoint_dir"], opts["resume_from"]
-        if _hadoop.is_hadoop_uri(resume):
-            resume = _hadoop.fetch_snapshots(self.sc, resume)
-        snapshot_dir = (
-            tempfile.mkdtemp(prefix="tensorspark-ckpt-") if _hadoop.is_hadoop_uri(ckpt) else ckpt
-        )
-        self.server = ParameterServer(
-            self.secret,
-            host=bind,
-            port=int(opts["server_port"]),
-            snapshot_dir=snapshot_dir,
-            snapshot_every_s=opts["checkpoint_every_s"] if ckpt else 0,
-            snapshot_every_versions=opts["checkpoint_every_versions"],
-            snapshot_keep=opts["checkpoint_keep"],
-            resume_from=resume,
-        )
-        self.mirror = None
-        if snapshot_dir != ckpt:
-            try:
-                self.mirror = _hadoop.SnapshotMirror(
-                    self.sc, ckpt, snapshot_dir, opts["checkpoint_keep"]
-                )
-            except BaseException:
-                self.server.stop()
-                raise
-        self.resumed_version: int | None = None
-        self.port = self.server.port
-        self.client = self.connect()
         self.update = opts["update"]
-        self.synced = _spec.synced(model, self.update)
         self.names = _spec.weight_names(model)
         self.input_shape = _input_shape(model)
-        self.blob = None if builder is not None else self.sc.broadcast(_spec.to_bytes(model))
+        gradient = options.rule(self.update, 1, api="keras").accumulates == "gradients"
+        self.synced = _spec.synced(model, "gradient" if gradient else "delta")
+        self.gradient = gradient
+        if gradient:
+            _spec.server_optimizer(model.optimizer)  # refuses an optimizer the server lacks
+        blob = None if builder is not None else _spec.to_bytes(model)
+        # Every check that can fail is above: nothing is started before it.
+        self.run = driver.DriverRun(self.sc, f"keras {self.name}", opts)
+        try:
+            self.blob = None if blob is None else self.run.broadcast(blob)
+        except BaseException:
+            self.run.close()
+            raise
 
-    def _spark_context(self) -> Any:
-        if self.data.frame is not None:
-            return self.data.frame.sparkSession.sparkContext
-        return self.data.rdd.context
-
-    def connect(self) -> PSClient:
-        return PSClient(
-            self.host,
-            self.port,
-            self.secret,
-            connect_timeout=self.opts["connect_timeout"],
-            io_timeout=self.opts["io_timeout"],
-        )
-
-    def setup_server(self) -> int:
-        """Register the model and configure the run; the epochs already done.
+    def setup(self) -> tuple[int, int | None]:
+        """Register the weights, configure the run; the epochs done and resumed version.
 
         A server resumed from a snapshot already holds the variables (the
         first registration wins), so the driver's model takes its values and
         training continues after the last completed epoch.
         """
         weights = self.model.get_weights()
-        values = {self.names[i]: weights[i] for i in self.synced}
-        values[_EPOCHS_DONE] = np.zeros(1, np.float32)
-        created = self.client.register(values)
-        self.client.configure(
-            self.opts["consistency"],
-            self.opts["staleness"],
-            heartbeat_timeout=self.opts["heartbeat_timeout"],
-            wait_timeout=self.opts["wait_timeout"],
-        )
-        if self.update == "gradient":
+        created = self.run.register({self.names[i]: weights[i] for i in self.synced})
+        self.run.configure(self.opts["consistency"], self.opts["staleness"])
+        if self.gradient:
             self.set_server_optimizer()
-        if created[_EPOCHS_DONE]:
-            return 0
+        done = self.run.start_epochs()
+        if all(created.values()):
+            return done, None
         version = self.load_model()
-        done = int(self.client.pull([_EPOCHS_DONE])[_EPOCHS_DONE][0])
         log.warning(
             "tensorspark: resumed %s from a snapshot at version %d after %d completed epochs",
             self.name,
             version,
             done,
         )
-        self.resumed_version = version
-        return done
-
-    def epoch_done(self, epoch: int) -> None:
-        """Record the completed epoch on the server (so snapshots carry it)."""
-        done = np.array([epoch + 1], np.float32)
-        self.client.push({_EPOCHS_DONE: done}, kind="parameters")
+        return done, version
 
     def set_server_optimizer(self) -> None:
         name, lr, hyper = _spec.server_optimizer(self.model.optimizer)
-        self.client.set_optimizer(name, learning_rate=lr, **hyper)
+        self.run.client.set_optimizer(name, learning_rate=lr, **hyper)
 
-    def task_config(self, data: _Data, epoch: int, *, train: bool) -> _task.KerasTaskConfig:
+    def task_config(self, epoch: int, *, train: bool) -> task.TaskConfig:
         o = self.opts
-        lr = _spec.learning_rate(self.model.optimizer) if self.update == "delta" else None
-        return _task.KerasTaskConfig(
-            host=self.host,
-            port=self.port,
-            secret=self.secret,
-            run_id=self.run_id,
+        parts = self.data.partitions
+        return task.TaskConfig(
+            **self.run.task_fields(),
             epoch=epoch,
-            weight_names=tuple(self.names),
+            names=tuple(self.names[i] for i in self.synced),
+            batch_size=o["batch_size"],
+            buffer_batches=o["buffer_batches"],
+            shuffle=o["shuffle"] if train else False,
+            seed=o["seed"],
+            sync_interval=o["sync_interval"],
+            steps_per_call=o["steps_per_call"],
+            rule=options.rule(self.update, parts, api="keras"),
+            join=train,
+        )
+
+    def model_spec(self, data: _Data) -> replica.ModelSpec:
+        lr = None if self.gradient else _spec.learning_rate(self.model.optimizer)
+        return replica.ModelSpec(
             weight_shapes=tuple(tuple(w.shape) for w in self.model.weights),
             synced=tuple(self.synced),
             input_shape=self.input_shape,
             features=data.features,
             label=data.label,
             integral_label=data.integral_label,
-            batch_size=o["batch_size"],
-            buffer_batches=o["buffer_batches"],
-            shuffle=o["shuffle"] and train,
-            seed=o["seed"],
-            sync_interval=o["sync_interval"],
-            steps_per_call=o["steps_per_call"],
-            update=self.update,
             learning_rate=lr,
-            threads=self.threads,
-            connect_timeout=o["connect_timeout"],
-            io_timeout=o["io_timeout"],
-            # Heartbeats also carry the progress reports the driver draws.
-            heartbeat_interval=min(1.0, o["heartbeat_timeout"] / 3),
-            hang_timeout=o["hang_timeout"],
-            join=train,
+            custom_objects=self.opts["custom_objects"],
         )
 
-    def run_job(self, fn: Any, data: _Data, cfg: _task.KerasTaskConfig, what: str) -> list[dict]:
-        """Run ``fn`` on every partition of ``data``; the tasks' result dicts."""
-        custom = self.opts["custom_objects"]
-        description = f"tensorspark keras {self.name}: {what}"
-        group = f"tensorspark-{self.run_id}-{cfg.epoch}-{what}"
-        watchdog = _watchdog.HangWatchdog(self.connect, self.sc, self.opts["hang_timeout"], group)
-        watch = watchdog if self.opts["hang_timeout"] and cfg.join else contextlib.nullcontext()
-        try:
-            with _spark.job_group(self.sc, group, description), watch:
-                if data.frame is not None:
-                    return self._run_arrow(fn, data, cfg, custom)
-                part = functools.partial(
-                    _task.rdd_partition, fn, cfg, self.blob, self.builder, custom
-                )
-                return data.rdd.mapPartitionsWithIndex(part).collect()
-        except Exception as e:  # noqa: BLE001 - translated, original chained
-            watchdog.raise_if_fired(e)
-            _spark.raise_task_error(e, description)
-
-    def _run_arrow(self, fn: Any, data: _Data, cfg: Any, custom: Any) -> list[dict]:
-        spark = data.frame.sparkSession
-        previous = spark.conf.get(_ARROW_BATCH_CONF, None)
+    def job(self, fn: Any, data: _Data, cfg: task.TaskConfig) -> Any:
+        """The Spark job running ``fn`` on every partition of ``data``."""
+        args = (fn, cfg, self.model_spec(data), self.blob, self.builder)
+        if data.frame is None:
+            return lambda: data.rdd.mapPartitionsWithIndex(
+                functools.partial(replica.rdd_partition, *args)
+            ).collect()
         # Arrow batches of a shuffle buffer's rows: fewer, larger messages
         # from the JVM for the same memory bound.
         rows = cfg.batch_size * (cfg.buffer_batches if cfg.join else 1)
-        spark.conf.set(_ARROW_BATCH_CONF, str(max(1, min(rows, 10000))))
-        try:
-            part = functools.partial(
-                _task.arrow_partition, fn, cfg, self.blob, self.builder, custom
-            )
-            rows = data.frame.mapInArrow(part, "result string").collect()
-        finally:
-            if previous is None:
-                spark.conf.unset(_ARROW_BATCH_CONF)
-            else:
-                spark.conf.set(_ARROW_BATCH_CONF, previous)
-        return [json.loads(r["result"]) for r in rows]
+        part = functools.partial(replica.arrow_partition, *args)
+
+        def run() -> list[dict[str, Any]]:
+            with _conf(data.frame.sparkSession, _ARROW_BATCH_CONF, str(max(1, min(rows, 10000)))):
+                out = data.frame.mapInArrow(part, "result string").collect()
+            return [json.loads(r["result"]) for r in out]
+
+        return run
 
     def load_model(self) -> int:
         """Copy the server's weights into the driver's model; the version."""
         names = [self.names[i] for i in self.synced]
-        pulled = self.client.pull(names)
+        pulled = self.run.pull(names)
         weights = self.model.get_weights()
         for i, n in zip(self.synced, names, strict=True):
             weights[i] = pulled[n]
         self.model.set_weights(weights)
-        return self.client.stats().get("version", 0)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.stop()  # writes the final snapshot
-        if self.mirror is not None:
-            self.mirror.close()
-            shutil.rmtree(self.mirror.local_dir, ignore_errors=True)
-        if self.blob is not None:
-            self.blob.unpersist()
+        return self.run.version()
 
 
-def _weighted(results: list[dict[str, Any]], key: str) -> float:
-    total = sum(r["samples"] for r in results)
-    if not total:
-        return float("nan")
-    return sum(r[key] * r["samples"] for r in results) / total
+@contextlib.contextmanager
+def _conf(spark: Any, key: str, value: str) -> Any:
+    """Set a Spark SQL conf for the block, then restore it (unset if it was)."""
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
 
 
-def _merge_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Sample-weighted means of the tasks' metrics."""
-    total = sum(r["samples"] for r in results)
-    keys = sorted({k for r in results for k in r["metrics"]})
-    return {
-        k: sum(r["metrics"].get(k, 0.0) * r["samples"] for r in results) / total
-        for k in keys
-        if total
-    }
-
-
-def _validate(
-    run: _Run, validation_data: Any, opts: dict[str, Any], epoch: int
-) -> dict[str, float]:
+def _validate(fit_: _Fit, validation_data: Any, epoch: int) -> dict[str, float]:
+    opts = fit_.opts
     if validation_data is None:
         return {}
     if isinstance(validation_data, tuple):
         x, y = validation_data
-        x = np.asarray(x, dtype=np.float32).reshape((len(x), *run.input_shape))
-        logs = run.model.evaluate(
+        x = np.asarray(x, dtype=np.float32).reshape((len(x), *fit_.input_shape))
+        logs = fit_.model.evaluate(
             x, np.asarray(y), batch_size=opts["batch_size"], verbose=0, return_dict=True
         )
         return {f"val_{k}": float(v) for k, v in logs.items()}
-    results = run.run_job(
-        _task.evaluate,
-        opts["_validation"],
-        run.task_config(opts["_validation"], epoch, train=False),
+    data = opts["_validation"]
+    results, _ = fit_.run.run_job(
         f"validation after epoch {epoch + 1}",
+        fit_.job(replica.evaluate, data, fit_.task_config(epoch, train=False)),
+        epoch=epoch,
+        members=False,
     )
     samples = sum(r["samples"] for r in results)
     logs = {"val_loss": sum(r["loss_sum"] for r in results) / max(1, samples)}
-    logs.update({f"val_{k}": v for k, v in _merge_metrics(results).items()})
+    logs.update({f"val_{k}": v for k, v in driver.merged_metrics(results).items()})
     return logs
 
 
@@ -390,7 +295,7 @@ def fit(
     sync_interval: int = 10,
     consistency: str = "async",
     staleness: int = 0,
-    update: str = "delta",
+    update: Any = "delta",
     validation_data: Any = None,
     callbacks: list[Any] | None = None,
     shuffle: bool = True,
@@ -410,6 +315,8 @@ def fit(
     resume_from: str | None = None,
     server_host: str | None = None,
     server_port: int = 0,
+    servers: list[str] | None = None,
+    secret: bytes | None = None,
     seed: int = 0,
     connect_timeout: float = 30.0,
     io_timeout: float = 300.0,
@@ -453,9 +360,15 @@ def fit(
         lost task is not waited for, and Spark retries it.
     staleness : int
         The ``"ssp"`` bound, in syncs.
-    update : {"delta", "gradient"}
-        ``"delta"`` (default): each task runs the model's own optimizer
+    update : {"delta", "gradient", "mean", "elastic"} or a combiner
+        The update rule, shared with ``SparkSession.run``'s
+        ``weight_combiner`` (``tensorspark.MeanCombiner(...)``,
+        ``DeltaCombiner()`` and ``ElasticCombiner(alpha)`` are accepted as
+        well). ``"delta"`` (default): each task runs the model's own optimizer
         locally and pushes the change of its weights since the last pull.
+        ``"mean"``: it pushes its weights averaged over the interval's steps
+        and the server keeps a moving mean over one push per task.
+        ``"elastic"``: elastic averaging (EASGD) towards the server's centre.
         ``"gradient"``: each task pushes the mean gradient of its last
         ``sync_interval`` batches and the server applies the model's
         optimizer (SGD, Adam, AdamW, RMSprop or Adagrad) with its state kept
@@ -520,6 +433,14 @@ def fit(
     server_host, server_port : str, int
         Address tasks use to reach the driver's parameter server; default
         the driver's address (loopback in local mode) and a free port.
+    servers : list of str, optional
+        Train against several running ``tensorspark-ps`` processes
+        (``"host:port"``) that hold the model together, as
+        ``SparkSession(servers=...)``; tasks join every server, so fencing,
+        the consistency modes and the hang watchdog work as with one.
+        Snapshots are then configured on each ``tensorspark-ps``.
+    secret : bytes, optional
+        The run's secret; required with ``servers``, generated otherwise.
     seed : int
         Seeds the shuffling.
     connect_timeout, io_timeout, heartbeat_timeout, wait_timeout : float
@@ -557,55 +478,32 @@ def fit(
     train = _prepare(data, features_col, label_col, "training", num_workers)
     if validation_data is not None and not isinstance(validation_data, tuple):
         opts["_validation"] = _prepare(validation_data, features_col, label_col, "validation", None)
-    run = _Run(model, builder, train, opts)
+    fit_ = _Fit(model, builder, train, opts)
     try:
-        return _train(run, opts)
+        return _train(fit_)
     finally:
-        run.close()
+        fit_.run.close()
 
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:
     opts = {k: v for k, v in given.items() if k not in ("model", "data")}
-    for key in ("epochs", "batch_size", "sync_interval", "buffer_batches", "steps_per_call"):
-        value = opts[key]
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise TensorSparkValueError(f"{key} must be an int >= 1, got {value!r}")
-    if opts["consistency"] not in MODES:
-        raise TensorSparkValueError(
-            f"consistency must be one of {list(MODES)}, got {opts['consistency']!r}"
-        )
-    if opts["update"] not in _spec.UPDATES:
-        raise TensorSparkValueError(
-            f"update must be one of {list(_spec.UPDATES)}, got {opts['update']!r}"
-        )
+    opts["threads"] = opts.pop("threads_per_worker")
+    opts = options.check(opts)
+    options.rule(opts["update"], 1, api="keras")  # refuses an unknown update early
     if opts["save_path"] and not str(opts["save_path"]).endswith(".keras"):
         raise TensorSparkValueError(f"save_path must name a .keras file, got {opts['save_path']!r}")
-    ht = opts["hang_timeout"]
-    if ht is not None and (isinstance(ht, bool) or not isinstance(ht, int | float) or ht <= 0):
-        raise TensorSparkValueError(f"hang_timeout must be > 0 seconds or None, got {ht!r}")
     vd = opts["validation_data"]
     if isinstance(vd, tuple) and len(vd) != 2:
         raise TensorSparkValueError("validation_data as a tuple must be (x, y)")
     return opts
 
 
-def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
+def _train(fit_: _Fit) -> FitResult:
     import keras
 
-    model = run.model
-    first_epoch = run.setup_server()
-    history = History(resumed_version=run.resumed_version)
-    tb = _progress.TensorBoardLog(opts["log_dir"]) if opts["log_dir"] else None
-    bar = _progress.ProgressBar(
-        run.connect,
-        run.data.rows,
-        enabled=opts["progress"],
-        on_sample=(
-            lambda s, r, loss: tb.scalars({"progress/samples_per_sec": r, "progress/loss": loss}, s)
-        )
-        if tb
-        else None,
-    )
+    model, run, opts = fit_.model, fit_.run, fit_.opts
+    first_epoch, resumed = fit_.setup()
+    history = History(resumed_version=resumed)
     callbacks = keras.callbacks.CallbackList(
         opts["callbacks"] or [],
         add_history=False,
@@ -620,67 +518,52 @@ def _train(run: _Run, opts: dict[str, Any]) -> FitResult:
     try:
         for epoch in range(first_epoch, opts["epochs"]):
             callbacks.on_epoch_begin(epoch)
-            if run.update == "gradient":
-                run.set_server_optimizer()  # a callback may have changed the rate
-            cfg = run.task_config(run.data, epoch, train=True)
-            bar.start_epoch(epoch, opts["epochs"])
-            started = time.monotonic()
-            try:
-                results = run.run_job(
-                    _task.train, run.data, cfg, f"epoch {epoch + 1}/{opts['epochs']}"
-                )
-            finally:
-                seconds = time.monotonic() - started
-            samples = sum(r["samples"] for r in results)
-            run.load_model()
-            logs = {"loss": _weighted(results, "loss"), **_merge_metrics(results)}
-            logs.update(_validate(run, opts.get("validation_data"), opts, epoch))
+            if fit_.gradient:
+                fit_.set_server_optimizer()  # a callback may have changed the rate
+            label = f"epoch {epoch + 1}/{opts['epochs']}"
+            results, seconds = run.run_job(
+                label,
+                fit_.job(replica.train, fit_.data, fit_.task_config(epoch, train=True)),
+                epoch=epoch,
+                total_rows=fit_.data.rows,
+                progress_label=label,
+            )
+            _report_learning_rate(results)
+            fit_.load_model()
+            logs = {"loss": driver.weighted(results, "loss"), **driver.merged_metrics(results)}
+            logs.update(_validate(fit_, opts.get("validation_data"), epoch))
             run.epoch_done(epoch)
-            _record(history, epoch, logs, results, samples, seconds)
-            bar.end_epoch(_summary(logs, samples, seconds), samples)
-            if tb:
-                tb.epoch(epoch, {**logs, "samples_per_sec": samples / seconds}, results)
+            _record(history, epoch, logs, results, seconds)
+            run.end_epoch(epoch, logs, results, seconds)
             callbacks.on_epoch_end(epoch, logs)
             if model.stop_training:
                 break
     except BaseException:
-        bar.end_epoch("stopped", 0)
-        _keep_trained(run)
+        run.keep_trained(fit_.load_model)
         raise
-    finally:
-        if tb:
-            tb.close()
     callbacks.on_train_end(logs)
     if opts["save_path"]:
         model.save(opts["save_path"])
     return FitResult(model, history)
 
 
-def _keep_trained(run: _Run) -> None:
-    """On failure, leave the server's last good model in the driver's model."""
-    try:
-        run.load_model()
-    except TensorSparkError as e:
-        log.warning("tensorspark: could not load the trained weights after the failure: %s", e)
+def _report_learning_rate(results: list[dict[str, Any]]) -> None:
+    errors = {r["learning_rate_error"] for r in results if r.get("learning_rate_error")}
+    for e in sorted(errors):
+        log.warning(
+            "tensorspark: a learning rate set on the driver's optimizer did not reach the "
+            "tasks (%s); they trained at the rate their model was built with",
+            e,
+        )
 
 
 def _record(
-    history: History,
-    epoch: int,
-    logs: dict[str, float],
-    results: list[dict],
-    samples: int,
-    seconds: float,
+    history: History, epoch: int, logs: dict[str, float], results: list[dict], seconds: float
 ) -> None:
+    samples = sum(r["samples"] for r in results)
     history.epoch.append(epoch)
     for k, v in logs.items():
         history.history.setdefault(k, []).append(float(v))
     history.workers.append(sorted(results, key=lambda r: r["partition"]))
     history.seconds.append(seconds)
     history.samples_per_sec.append(samples / seconds if seconds > 0 else 0.0)
-
-
-def _summary(logs: dict[str, float], samples: int, seconds: float) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in logs.items()]
-    rate = samples / seconds if seconds > 0 else 0.0
-    return " · ".join([*parts, f"{samples:,} samples in {seconds:.1f} s ({rate:,.0f}/s)"])

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _feed
 from ..errors import TensorSparkValueError
+from ..runtime import feed as _feed
 from . import _spec
 
 # Models loaded in this Python worker, by the driver's key (the newest few).

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from typing import Any
 
-from .errors import TensorSparkValueError
+from ..errors import TensorSparkValueError
 
 log = logging.getLogger("tensorspark")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import TensorSparkValueError
+from ..errors import TensorSparkValueError
 
 
 def _tf():
@@ -107,6 +107,27 @@ def resolve_params(graph: Any, param_list: Any) -> list[Any]:
         seen.add(var.op.name)
         params.append(var)
     return params
+
+
+def loss_name(graph: Any, loss: Any, fetch_names: list[str]) -> str | None:
+    """The scalar tensor reported as the loss: ``loss``, else the first scalar float fetch."""
+    if loss is not None:
+        name = loss if isinstance(loss, str) else getattr(loss, "name", None)
+        try:
+            tensor = graph.get_tensor_by_name(name)
+        except (KeyError, ValueError, TypeError) as e:
+            raise TensorSparkValueError(
+                f"run: loss {name!r} is not a tensor of the session's graph ({e})"
+            ) from None
+        if not tensor.dtype.is_floating:
+            raise TensorSparkValueError(f"run: loss {name!r} must be a floating-point tensor")
+        return tensor.name
+    for name in fetch_names:
+        element = graph.as_graph_element(name)
+        shape = getattr(element, "shape", None)
+        if shape is not None and shape.rank == 0 and element.dtype.is_floating:
+            return element.name
+    return None
 
 
 def param_name(var: Any) -> str:

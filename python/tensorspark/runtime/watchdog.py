@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from .errors import PSTimeoutError, TensorSparkError
+from ..errors import PSTimeoutError, TensorSparkError
 
 log = logging.getLogger("tensorspark")
 
@@ -160,7 +160,7 @@ class HangWatchdog:
 
     def _fire(self, reports: list[dict[str, Any]]) -> None:
         names = ", ".join(
-            f"partition {r['partition']} (task {r['attempt']}, clock {r['clock']}, "
+            f"partition {r['partition']} (attempt {r['attempt']}, clock {r['clock']}, "
             f"{r['steps']} steps, no progress for {r['progress_age_s']:.0f} s)"
             for r in reports
         )
@@ -172,7 +172,7 @@ class HangWatchdog:
         lines = ["", f"tensorspark: {self.message}", ""]
         for r in reports:
             head = (
-                f"--- partition {r['partition']} (task {r['attempt']}): clock {r['clock']}, "
+                f"--- partition {r['partition']} (attempt {r['attempt']}): clock {r['clock']}, "
                 f"steps {r['steps']}, last progress {r['progress_age_s']:.1f} s ago"
             )
             if r["report_age_s"] is None:

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-from .errors import TensorSparkError, by_name
+from ..errors import TensorSparkError, by_name
 
 # The last "Module.ClassName: message" line of a Python traceback that Spark
 # forwards from a failed task.

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .errors import TensorSparkError, TensorSparkValueError
+from ..errors import TensorSparkError, TensorSparkValueError
 
 log = logging.getLogger("tensorspark")
 
@@ -74,14 +74,15 @@ class ProgressBar:
         self._thread: threading.Thread | None = None
         self._done: dict[tuple[int, int], dict[str, float]] = {}
         self.samples_done = 0  # samples counted in earlier epochs (for on_sample)
+        self._label: str | None = None
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Start polling for one epoch (a Spark job)."""
+    def start_epoch(self, label: str) -> None:
+        """Start polling for one job (an epoch, a TF1 run), drawn as ``label``."""
+        self._label = label
         if not self.enabled and self._on_sample is None:
             return
         self._stop.clear()
         self._done = {}
-        self._label = f"epoch {epoch + 1}/{epochs}"
         self._thread = threading.Thread(target=self._run, name="tensorspark-progress", daemon=True)
         self._thread.start()
 
@@ -92,8 +93,9 @@ class ProgressBar:
             self._thread.join(timeout=10.0)
             self._thread = None
         self.samples_done += samples
-        if self.enabled:
+        if self.enabled and self._label is not None:
             self._write(f"{self._label}: {summary}", final=True)
+        self._label = None
 
     def _run(self) -> None:
         try:

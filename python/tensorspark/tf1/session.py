@@ -1,35 +1,34 @@
 """The seed-compatible ``SparkSession``: a TF1 session trained across Spark tasks.
 
-The driver owns the parameter server (C++ threads inside the driver process
-by default), ships the graph to the tasks in a broadcast, runs one Spark job
-per :meth:`SparkSession.run`, and loads the trained values back into the
-driver's own ``tf.Session`` when the job completes.
+The driver-side run (``runtime.driver``) owns the parameter server (C++
+threads inside the driver process by default, or running
+``tensorspark-ps`` processes), the graph travels to the tasks in a
+broadcast, each :meth:`SparkSession.run` is one Spark job of the shared
+task loop (``runtime.task``) over a TF1-graph replica, and the trained
+values are loaded back into the driver's own ``tf.Session`` when the job
+completes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
 import logging
 import os
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _graph, _spark, _watchdog
-from ._worker import TaskConfig, train_partition
-from .combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
-from .errors import TensorSparkValueError
-from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
+import numpy as np
+
+from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
+from ..errors import TensorSparkValueError
+from ..ps import ParameterServer
+from ..runtime import driver, options, task
+from . import graph as _graph
+from .replica import GraphSpec, train_partition
 
 log = logging.getLogger("tensorspark")
-
-
-def _shutdown(client: PSClient | ShardedPSClient, server: ParameterServer | None) -> None:
-    client.close()
-    if server is not None:
-        server.stop()
 
 
 @dataclass
@@ -44,9 +43,13 @@ class RunSummary:
         Training steps and rows processed by all tasks.
     seconds : float
         Wall time of the Spark job.
+    loss : float
+        Sample-weighted mean of ``run(loss=...)`` over the tasks (NaN without
+        one).
     partitions : list of dict
-        Per task: partition, attempt, steps, samples, pushes, seconds and the
-        last value of the fetches.
+        Per task, the result record of the task loop: partition, attempt
+        (Spark's task attempt id), steps, samples, pushes, seconds, loss,
+        staleness and the last value of the fetches.
     """
 
     version: int
@@ -54,6 +57,7 @@ class RunSummary:
     samples: int
     seconds: float
     partitions: list[dict[str, Any]] = field(default_factory=list)
+    loss: float = float("nan")
 
 
 class SparkSession:
@@ -80,15 +84,27 @@ class SparkSession:
         Rows per training step.
     secret : bytes, optional
         The run's shared secret; generated when None. Required with
-        ``start_server=False``.
+        ``start_server=False`` and ``servers``.
     start_server : bool
         False connects to an already running ``tensorspark-ps`` at
         ``server_host:server_port`` instead of starting one.
     servers : list of str, optional
         Several running ``tensorspark-ps`` processes (``"host:port"``) that
         hold the model together, each variable cut into chunks spread over
-        them (docs/protocol.md, "Sharding"). Implies ``start_server=False``;
-        needs ``secret``.
+        them (docs/protocol.md, "Sharding"). Tasks join every server, so
+        fencing, the consistency modes and the hang watchdog work as with
+        one. Implies ``start_server=False``; needs ``secret``.
+    checkpoint_dir, checkpoint_every_s, checkpoint_every_versions, checkpoint_keep, resume_from
+        Snapshots of the in-driver server and resuming from them, with the
+        names, defaults and meaning of :func:`tensorspark.keras.fit`'s
+        (docs/snapshots.md). After a resume the variables start from the
+        snapshot, and :attr:`runs_done` says how many runs it had
+        completed.
+    progress : bool
+        Draw a progress bar on stderr during each run.
+    log_dir : str, optional
+        Write TensorBoard scalars here (per run: loss, samples/s, and per
+        worker samples/s, loss and staleness).
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
     heartbeat_timeout : float
@@ -100,14 +116,18 @@ class SparkSession:
         below ``io_timeout``.
     threads_per_task : int, optional
         TensorFlow threads per task; default ``spark.task.cpus``.
+    seed : int
+        Seeds the shuffling.
 
     Raises
     ------
     AddressInUseError
         ``server_port`` is taken.
     PSConnectionError, AuthenticationError
-        With ``start_server=False``: the server is unreachable or refuses
-        the secret.
+        With ``start_server=False`` or ``servers``: a server is unreachable
+        or refuses the secret.
+    TensorSparkValueError
+        A bad option, named.
     """
 
     def __init__(
@@ -124,6 +144,13 @@ class SparkSession:
         secret: bytes | None = None,
         start_server: bool = True,
         servers: list[str] | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every_s: float = 30.0,
+        checkpoint_every_versions: int = 0,
+        checkpoint_keep: int = 3,
+        resume_from: str | None = None,
+        progress: bool = True,
+        log_dir: str | None = None,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
         heartbeat_timeout: float = 30.0,
@@ -131,80 +158,49 @@ class SparkSession:
         threads_per_task: int | None = None,
         seed: int = 0,
     ) -> None:
-        if int(sync_interval) < 1:
-            raise TensorSparkValueError(f"sync_interval must be >= 1, got {sync_interval}")
-        if int(batch_size) < 1:
-            raise TensorSparkValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not hasattr(sc, "getConf") or not hasattr(sc, "parallelize"):
+            raise TensorSparkValueError(
+                "SparkSession(sc, sess, ...) needs a classic pyspark.SparkContext as sc, got "
+                f"{type(sc).__name__}; the TF1 API does not run over Spark Connect"
+            )
+        opts = dict(locals())
+        opts["threads"] = opts.pop("threads_per_task")
+        for k in ("self", "sc", "sess", "user", "name"):
+            opts.pop(k)
+        opts = options.check(opts)
         self.sc, self.sess = sc, sess
         self.user, self.name = user, name
-        self.sync_interval, self.batch_size = int(sync_interval), int(batch_size)
-        self.connect_timeout, self.io_timeout = float(connect_timeout), float(io_timeout)
-        self.heartbeat_timeout, self.wait_timeout = float(heartbeat_timeout), float(wait_timeout)
-        self.seed = int(seed)
+        self.sync_interval, self.batch_size = sync_interval, batch_size
+        self.seed = seed
         conf = sc.getConf()
-        self.threads_per_task = int(threads_per_task or conf.get("spark.task.cpus", "1"))
         self._tmp_dir = conf.get("spark.tmp.dir", None)
         if conf.get("spark.hdfs.dir", None):
             log.info(
                 "spark.hdfs.dir is no longer needed: the graph travels to tasks in a Spark "
                 "broadcast; the setting is ignored"
             )
-        self._runs = 0
-        self._server: ParameterServer | None = None
-        self._registered: set[str] = set()
-
-        local = sc.master.startswith("local")
-        if server_host is None:
-            server_host = "127.0.0.1" if local else conf.get("spark.driver.host")
-        self.server_host = server_host
-        self.servers: tuple[tuple[str, int], ...] = ()
-        if servers:
-            self.servers = tuple(parse_address(a) for a in servers)
-            self.server_host, self.server_port = self.servers[0]
-            start_server = False
-        if start_server:
-            self.secret = secret or generate_secret()
-            bind = "127.0.0.1" if _spark.is_loopback(server_host) else "0.0.0.0"
-            self._server = ParameterServer(self.secret, host=bind, port=int(server_port))
-            self.server_port = self._server.port
-        else:
-            if not secret:
-                raise TensorSparkValueError(
-                    "an external parameter server needs the run's secret: pass secret=<bytes of "
-                    "the file given to tensorspark-ps --secret-file>"
-                )
-            self.secret = secret
-            if not self.servers:
-                self.server_port = int(server_port)
-        # The driver's own connection: registers variables, reads the result.
-        try:
-            self._client = self._connect()
-        except BaseException:
-            if self._server is not None:
-                self._server.stop()
-            raise
+        self._run = driver.DriverRun(sc, f"{user}/{name}" if user or name else "run", opts)
         # Stops the in-driver server when the session is dropped or at exit.
-        self._finalizer = weakref.finalize(self, _shutdown, self._client, self._server)
-        where = (
-            ", ".join(f"{h}:{p}" for h, p in self.servers)
-            or f"{self.server_host}:{self.server_port}"
-        )
-        log.info("tensorspark: parameter server at %s", where)
-
-    def _connect(self) -> PSClient | ShardedPSClient:
-        timeouts = {"connect_timeout": self.connect_timeout, "io_timeout": self.io_timeout}
-        if self.servers:
-            return ShardedPSClient(self.servers, self.secret, **timeouts)
-        return PSClient(self.server_host, self.server_port, self.secret, **timeouts)
+        self._finalizer = weakref.finalize(self, self._run.close)
+        try:
+            self.runs_done = self._run.start_epochs()
+        except BaseException:
+            self._finalizer()
+            raise
+        self._runs = self.runs_done
+        self._registered: set[str] = set()
+        self.server_host, self.server_port = self._run.host, self._run.port
+        self.servers = self._run.servers
+        self.secret = self._run.secret
 
     @property
     def server(self) -> ParameterServer | None:
-        """The in-driver parameter server, or None when using an external one."""
-        return self._server
+        """The in-driver parameter server, or None when using external ones."""
+        return self._run.server
 
     def stats(self) -> dict[str, int | float]:
         """The parameter server's counters (``_f64`` keys as floats)."""
-        return self._client.stats()
+        return self._run.client.stats()
 
     def run(
         self,
@@ -213,11 +209,13 @@ class SparkSession:
         feed_name_list: list[str] | None = None,
         param_list: list[Any] | None = None,
         feed_dict: dict[Any, Any] | None = None,
-        weight_combiner: MeanCombiner | DeltaCombiner | ElasticCombiner | None = None,
-        shuffle_within_partition: bool = False,
+        weight_combiner: MeanCombiner | DeltaCombiner | ElasticCombiner | str | None = None,
+        shuffle_within_partition: bool | str = False,
         *,
+        loss: Any = None,
         consistency: str = "async",
         staleness: int = 0,
+        buffer_batches: int = 8,
         hang_timeout: float | None = 600.0,
     ) -> RunSummary | Any:
         """Run ``fetches`` on every batch of ``feed_rdd`` across Spark tasks.
@@ -238,9 +236,20 @@ class SparkSession:
         feed_dict : dict, optional
             Extra constant feeds for every step (tensor or name -> value).
         weight_combiner : MeanCombiner, DeltaCombiner or ElasticCombiner, optional
-            How pushes merge on the server; default :class:`MeanCombiner`.
-        shuffle_within_partition : bool
-            Shuffle each partition's rows before batching.
+            The update rule (how pushes merge on the server); default
+            :class:`MeanCombiner`. The names ``"mean"``, ``"delta"`` and
+            ``"elastic"`` work too, as in ``keras.fit(update=...)``.
+        shuffle_within_partition : bool or "full"
+            True: shuffle rows through a buffer of ``buffer_batches``
+            batches as they stream in (bounded memory, the same feed as
+            ``keras.fit``). ``"full"``: hold the whole partition and permute
+            it, the original TensorSpark's exact shuffle (memory grows with
+            the partition). False: rows in order.
+        loss : tf.Tensor or str, optional
+            A scalar tensor of the graph whose value each step reports: the
+            progress bar, ``RunSummary.loss``, TensorBoard and the NaN check
+            (a NaN loss stops the run before it is pushed) use it. Default:
+            the first scalar floating-point tensor among ``fetches``, if any.
         consistency : {"async", "sync", "ssp"}
             ``"async"`` (default): each push is applied when it arrives.
             ``"sync"``: every sync is a round; the server applies the average
@@ -250,20 +259,31 @@ class SparkSession:
             ``c - staleness``. A task that dies is not waited for.
         staleness : int
             The ``"ssp"`` bound.
+        buffer_batches : int
+            Batches held by a task's shuffle buffer.
         hang_timeout : float or None
             When no task has made progress (a sync) for this many seconds,
             print every task's clock and Python stack dump, cancel the job
             and raise :class:`PSTimeoutError` naming the stuck tasks. None
-            turns it off (it needs a single parameter server).
+            turns it off.
 
         Returns
         -------
         RunSummary
-            Steps, samples, model version and per-task figures.
+            Steps, samples, model version, loss and per-task figures.
         """
         graph = self.sess.graph
         if feed_rdd is None:
             return self.sess.run(fetches, feed_dict=feed_dict)
+        opts = options.check(
+            {
+                "consistency": consistency,
+                "staleness": staleness,
+                "buffer_batches": buffer_batches,
+                "hang_timeout": hang_timeout,
+                "shuffle": shuffle_within_partition,
+            }
+        )
         fetch_names, _ = _graph.fetch_names(graph, fetches)
         if not feed_name_list:
             raise TensorSparkValueError(
@@ -271,76 +291,61 @@ class SparkSession:
             )
         feed_names = [n if isinstance(n, str) else getattr(n, "name", n) for n in feed_name_list]
         _graph.check_feed_names(graph, feed_names)
-        extra = self._extra_feeds(graph, feed_dict)
         params = _graph.resolve_params(graph, param_list)
-        combiner = weight_combiner or MeanCombiner()
-        if not isinstance(combiner, (DeltaCombiner, MeanCombiner, ElasticCombiner)):
-            raise TensorSparkValueError(
-                "weight_combiner must be tensorspark.MeanCombiner(), DeltaCombiner() or "
-                "ElasticCombiner(), got "
-                f"{type(combiner).__name__}"
-            )
         names = [_graph.param_name(v) for v in params]
-        self._configure(consistency, staleness)
-        self._register(names, params)
-
         num_parts = feed_rdd.getNumPartitions()
-        mean_window = getattr(combiner, "n", None) or max(1, num_parts)
-        cfg = TaskConfig(
-            host=self.server_host,
-            port=self.server_port,
-            servers=self.servers,
-            secret=self.secret,
-            run_name=f"{self.user}/{self.name}",
-            run_index=self._runs,
-            fetch_names=tuple(fetch_names),
-            feed_names=tuple(feed_names),
-            param_names=tuple(names),
-            extra_feeds=extra,
+        rule = options.rule(weight_combiner or MeanCombiner(), num_parts, api="tf1")
+        spec_fields = {
+            "fetch_names": tuple(fetch_names),
+            "feed_names": tuple(feed_names),
+            "extra_feeds": self._extra_feeds(graph, feed_dict),
+            "loss_name": _graph.loss_name(graph, loss, fetch_names),
+        }
+        self._run.opts["hang_timeout"] = opts["hang_timeout"]
+        self._run.configure(consistency, staleness)
+        self._register(names, params)
+        cfg = task.TaskConfig(
+            **self._run.task_fields(),
+            epoch=self._runs,
+            names=tuple(names),
             batch_size=self.batch_size,
-            sync_interval=self.sync_interval,
-            kind=combiner.kind,
-            mean_window=int(mean_window),
-            average_iterates=bool(getattr(combiner, "average_iterates", False)),
-            elastic_alpha=float(getattr(combiner, "alpha", 0.0)),
-            shuffle=bool(shuffle_within_partition),
+            buffer_batches=buffer_batches,
+            shuffle=opts["shuffle"],
             seed=self.seed,
-            threads=self.threads_per_task,
-            connect_timeout=self.connect_timeout,
-            io_timeout=self.io_timeout,
-            join=not self.servers,
-            heartbeat_interval=min(1.0, self.heartbeat_timeout / 3),
-            hang_timeout=None if self.servers else hang_timeout,
+            sync_interval=self.sync_interval,
+            steps_per_call=1,
+            rule=rule,
         )
         meta = _graph.export_graph(graph)
         self._write_tmp("graph.meta", meta)
+        spec = GraphSpec(key=hashlib.sha256(meta).hexdigest()[:16], **spec_fields)
         broadcast = self.sc.broadcast(meta)
-        description = f"tensorspark {cfg.run_name or 'run'} #{self._runs} ({num_parts} tasks)"
-        group = f"tensorspark-{id(self):x}-{self._runs}"
-        watch: Any = contextlib.nullcontext()
-        if cfg.hang_timeout:
-            watch = _watchdog.HangWatchdog(self._connect, self.sc, cfg.hang_timeout, group)
-        started = time.monotonic()
+        part = functools.partial(train_partition, cfg, spec, broadcast)
+        what = f"run #{self._runs} ({num_parts} tasks)"
         try:
-            with _spark.job_group(self.sc, group, description), watch:
-                results = feed_rdd.mapPartitionsWithIndex(
-                    functools.partial(train_partition, cfg, broadcast)
-                ).collect()
-        except Exception as e:  # noqa: BLE001 - translated below, original chained
-            if isinstance(watch, _watchdog.HangWatchdog):
-                watch.raise_if_fired(e)
-            _spark.raise_task_error(e, description)
+            results, seconds = self._run.run_job(
+                what,
+                lambda: feed_rdd.mapPartitionsWithIndex(part).collect(),
+                epoch=self._runs,
+                progress_label=f"run #{self._runs}",
+            )
+        except BaseException:
+            self._run.keep_trained(lambda: self._load_trained(names, params))
+            raise
         finally:
             broadcast.unpersist()
-        seconds = time.monotonic() - started
-        self._runs += 1
         version = self._load_trained(names, params)
+        self._run.epoch_done(self._runs)
+        logs = {"loss": driver.weighted(results, "loss")} if spec.loss_name else {}
+        self._run.end_epoch(self._runs, logs, results, seconds)
+        self._runs += 1
         return RunSummary(
             version=version,
             steps=sum(r["steps"] for r in results),
             samples=sum(r["samples"] for r in results),
             seconds=seconds,
-            partitions=results,
+            partitions=sorted(results, key=lambda r: r["partition"]),
+            loss=driver.weighted(results, "loss"),
         )
 
     def save_checkpoint(self, path: str, var_list: list[Any] | None = None) -> str:
@@ -398,7 +403,6 @@ class SparkSession:
     def close(self) -> None:
         """Close the driver's connection and stop the in-driver server."""
         self._finalizer()
-        self._server = None
 
     def __enter__(self) -> SparkSession:
         return self
@@ -411,27 +415,9 @@ class SparkSession:
     def _extra_feeds(self, graph: Any, feed_dict: dict | None) -> tuple[tuple[str, Any], ...]:
         if not feed_dict:
             return ()
-        import numpy as np
-
         names = [k if isinstance(k, str) else getattr(k, "name", k) for k in feed_dict]
         _graph.check_feed_names(graph, names, what="feed_dict")
         return tuple((n, np.asarray(v)) for n, v in zip(names, feed_dict.values(), strict=True))
-
-    def _configure(self, consistency: str, staleness: int) -> None:
-        """Set the run's consistency mode on the server before the tasks join."""
-        if self.servers:
-            if consistency != "async":
-                raise TensorSparkValueError(
-                    f"consistency={consistency!r} needs a single parameter server; with "
-                    "servers=[...] only 'async' is supported"
-                )
-            return
-        self._client.configure(
-            consistency,
-            staleness,
-            heartbeat_timeout=self.heartbeat_timeout,
-            wait_timeout=self.wait_timeout,
-        )
 
     def _register(self, names: list[str], params: list[Any]) -> None:
         """Register the variables with the driver's current values (first run)."""
@@ -439,18 +425,19 @@ class SparkSession:
         if not new:
             return
         values = self.sess.run([v for _, v in new])
-        self._client.register(dict(zip([n for n, _ in new], values, strict=True)))
+        created = self._run.register(dict(zip([n for n, _ in new], values, strict=True)))
         self._registered.update(n for n, _ in new)
+        kept = [n for n, c in created.items() if not c]
+        if kept:
+            log.info("tensorspark: %d variables take the server's values (resumed)", len(kept))
 
     def _load_trained(self, names: list[str], params: list[Any]) -> int:
-        pulled = self._client.pull(names)
+        pulled = self._run.pull(names)
         _graph.load_values(self.sess, params, [pulled[n] for n in names])
         if self._tmp_dir:
-            import numpy as np
-
             path = self._tmp_path("params.npz")
             np.savez(path, **{n.replace("/", "__"): pulled[n] for n in names})
-        return self._client.stats().get("version", 0)
+        return self._run.version()
 
     def _tmp_path(self, filename: str) -> str:
         d = os.path.join(self._tmp_dir, "tensorspark", self.user or "user", self.name or "run")

@@ -1,11 +1,13 @@
-"""Streaming a partition into training batches with bounded memory.
+"""The one feed: a partition streamed into training batches with bounded memory.
 
 Driver side: :func:`check_columns` validates a DataFrame's feature and label
 columns against the schema before any job starts. Task side: Arrow record
-batches (from ``mapInArrow``) or RDD rows become NumPy chunks, and
+batches (from ``mapInArrow``) or RDD rows become chunks, tuples of NumPy
+columns (``(x, y)`` for Keras, one column per feed name for a TF1 graph);
 :class:`BatchStream` turns chunks into fixed-size batches while holding at
 most ``buffer_batches`` batches of rows (the shuffle buffer), never the whole
-partition.
+partition; :func:`grouped` gathers batches into groups of steps that never
+span a sync.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TensorSparkValueError
+from ..errors import TensorSparkValueError
 
 # Spark SQL type names (``DataType.typeName()``) accepted as numbers.
 _NUMERIC = {"byte", "short", "integer", "long", "float", "double", "decimal", "boolean"}
@@ -210,6 +212,76 @@ def shape_features(x: np.ndarray, input_shape: tuple[int, ...], where: str) -> n
     return x.reshape((x.shape[0], *input_shape))
 
 
+Chunk = tuple[Any, ...]  # columns of equal length; a column may be None (no label)
+
+
+def tuple_chunks(
+    rows: Iterable[Any],
+    chunk_rows: int,
+    partition: int,
+    names: Sequence[str],
+    *,
+    full_shuffle: Any = None,
+) -> Iterator[Chunk]:
+    """Chunks of ``chunk_rows`` from RDD rows holding one value per name in ``names``.
+
+    Each column keeps the dtype NumPy gives its values (a TF1 feed converts
+    it). ``full_shuffle``, a seed, holds the whole partition and permutes
+    it first: the original TensorSpark's exact whole-partition shuffle.
+    """
+    if full_shuffle is not None:
+        held = list(rows)
+        order = np.random.default_rng(full_shuffle).permutation(len(held))
+        rows = (held[i] for i in order)
+    arity = len(names)
+    cols: list[list[Any]] = [[] for _ in names]
+    for k, row in enumerate(rows):
+        if not isinstance(row, (tuple, list)) or len(row) != arity:
+            got = f"{len(row)} items" if isinstance(row, (tuple, list)) else type(row).__name__
+            raise TensorSparkValueError(
+                f"feed_rdd row {k} of partition {partition} has {got} but feed_name_list has "
+                f"{arity} names {list(names)}; each row must be a tuple with one value per feed "
+                "name"
+            )
+        for c, v in zip(cols, row, strict=True):
+            c.append(v)
+        if len(cols[0]) == chunk_rows:
+            yield _stack_columns(cols, names)
+            cols = [[] for _ in names]
+    if cols[0]:
+        yield _stack_columns(cols, names)
+
+
+def _stack_columns(cols: list[list[Any]], names: Sequence[str]) -> Chunk:
+    out = []
+    for name, values in zip(names, cols, strict=True):
+        try:
+            out.append(np.asarray(values))
+        except ValueError as e:
+            raise TensorSparkValueError(
+                f"feed {name!r}: the rows have values of different shapes ({e}); every row must "
+                "give this feed a value of the same shape"
+            ) from None
+    return tuple(out)
+
+
+def _rows(chunk: Chunk) -> int:
+    return len(chunk[0])
+
+
+def _take(chunk: Chunk, index: Any) -> Chunk:
+    return tuple(None if c is None else c[index] for c in chunk)
+
+
+def _join(parts: list[Chunk]) -> Chunk:
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(
+        None if parts[0][j] is None else np.concatenate([p[j] for p in parts])
+        for j in range(len(parts[0]))
+    )
+
+
 class BatchStream:
     """Fixed-size batches from a stream of chunks, holding a bounded buffer.
 
@@ -218,12 +290,12 @@ class BatchStream:
     of ``buffer_batches * batch_size`` rows (like ``tf.data``'s): each batch
     draws random rows from the buffer, which refills from the stream. Chunks
     are consumed lazily, so at most one incoming chunk is held beside the
-    buffer.
+    buffer. Every batch has ``batch_size`` rows but the last.
     """
 
     def __init__(
         self,
-        chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+        chunks: Iterable[Chunk],
         batch_size: int,
         *,
         buffer_batches: int = 4,
@@ -239,76 +311,93 @@ class BatchStream:
         self._rng = np.random.default_rng(seed)
         self.rows_held_max = 0  # the most rows buffered at once (for the memory bound)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    def __iter__(self) -> Iterator[Chunk]:
         return self._shuffled() if self.shuffle else self._in_order()
 
-    def _in_order(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    def _in_order(self) -> Iterator[Chunk]:
         bs = self.batch_size
-        pending_x: list[np.ndarray] = []
-        pending_y: list[np.ndarray | None] = []
+        pending: list[Chunk] = []
         held = 0
-        for x, y in self._chunks:
-            pending_x.append(x)
-            pending_y.append(y)
-            held += len(x)
+        for chunk in self._chunks:
+            pending.append(chunk)
+            held += _rows(chunk)
             self.rows_held_max = max(self.rows_held_max, held)
             if held < bs:
                 continue
-            cx = np.concatenate(pending_x) if len(pending_x) > 1 else pending_x[0]
-            cy = _concat(pending_y)
-            n_full = len(cx) // bs * bs
+            joined = _join(pending)
+            n_full = held // bs * bs
             for start in range(0, n_full, bs):
-                yield cx[start : start + bs], _slice(cy, start, start + bs)
-            pending_x = [cx[n_full:]] if n_full < len(cx) else []
-            pending_y = [_slice(cy, n_full, len(cx))] if n_full < len(cx) else []
-            held = len(cx) - n_full
+                yield _take(joined, slice(start, start + bs))
+            pending = [_take(joined, slice(n_full, held))] if n_full < held else []
+            held -= n_full
         if held:
-            yield (
-                (np.concatenate(pending_x) if len(pending_x) > 1 else pending_x[0]),
-                _concat(pending_y),
-            )
+            yield _join(pending)
 
-    def _shuffled(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    def _shuffled(self) -> Iterator[Chunk]:
         bs, cap = self.batch_size, self.capacity
-        buf_x: np.ndarray | None = None
-        buf_y: np.ndarray | None = None
+        buf: list[np.ndarray | None] = []
         size = 0
-        for x, y in self._chunks:
-            if buf_x is None:
-                buf_x = np.empty((cap, *x.shape[1:]), dtype=x.dtype)
-                buf_y = None if y is None else np.empty((cap, *y.shape[1:]), dtype=y.dtype)
-            pos = 0
-            while pos < len(x):
-                take = min(cap - size, len(x) - pos)
-                buf_x[size : size + take] = x[pos : pos + take]
-                if buf_y is not None:
-                    buf_y[size : size + take] = y[pos : pos + take]
+        for chunk in self._chunks:
+            if not buf:
+                buf = [
+                    None if c is None else np.empty((cap, *c.shape[1:]), dtype=c.dtype)
+                    for c in chunk
+                ]
+            pos, n = 0, _rows(chunk)
+            while pos < n:
+                take = min(cap - size, n - pos)
+                for b, c in zip(buf, chunk, strict=True):
+                    if b is not None:
+                        b[size : size + take] = c[pos : pos + take]
                 size += take
                 pos += take
                 self.rows_held_max = max(self.rows_held_max, size)
                 if size == cap:
                     # Emit a random batch, then fill its holes from the buffer's tail.
                     pick = self._rng.choice(size, size=bs, replace=False)
-                    yield buf_x[pick], None if buf_y is None else buf_y[pick]
+                    yield _take(tuple(buf), pick)
                     tail = np.arange(size - bs, size)
                     holes = pick[pick < size - bs]
                     movers = tail[~np.isin(tail, pick)]
-                    buf_x[holes] = buf_x[movers]
-                    if buf_y is not None:
-                        buf_y[holes] = buf_y[movers]
+                    for b in buf:
+                        if b is not None:
+                            b[holes] = b[movers]
                     size -= bs
         if size:
             order = self._rng.permutation(size)
             for start in range(0, size, bs):
-                idx = order[start : start + bs]
-                yield buf_x[idx], None if buf_y is None else buf_y[idx]
+                yield _take(tuple(buf), order[start : start + bs])
 
 
-def _concat(parts: list[np.ndarray | None]) -> np.ndarray | None:
-    if not parts or parts[0] is None:
-        return None
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+def steps_per_call(steps_per_call: int, buffer_batches: int, sync_interval: int) -> int:
+    """Most steps per compiled call: ``steps_per_call``, capped by the buffer and the sync."""
+    return max(1, min(steps_per_call, buffer_batches, sync_interval))
 
 
-def _slice(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
-    return None if a is None else a[start:stop]
+def grouped(
+    batches: Iterable[Chunk], batch_size: int, group: int, sync_interval: int
+) -> Iterator[list[Chunk]]:
+    """Lists of at most ``group`` batches, never across a sync.
+
+    A short batch (fewer than ``batch_size`` rows, the last one) goes alone,
+    since a stack needs equal batches.
+    """
+    out: list[Chunk] = []
+    since_sync = 0
+    for batch in batches:
+        if _rows(batch) != batch_size:
+            if out:
+                yield out
+            yield [batch]
+            out = []
+            since_sync = (since_sync + 1) % sync_interval
+            continue
+        out.append(batch)
+        since_sync += 1
+        if len(out) == group or since_sync == sync_interval:
+            yield out
+            out = []
+        if since_sync == sync_interval:
+            since_sync = 0
+    if out:
+        yield out

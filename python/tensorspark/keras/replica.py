@@ -1,0 +1,268 @@
+"""The Keras replica: the driver's model rebuilt in a Spark task.
+
+A Python worker builds the model and its compiled step functions once per
+run (epochs reuse them). Training runs groups of steps in one call of a
+``tf.function`` that loops over the stacked batches in the graph (like
+Keras' ``steps_per_execution``). Everything else (connect, sync, feed,
+result) is ``runtime.task``; this module also has the Spark-facing task
+functions for DataFrames (``mapInArrow``) and RDDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..runtime import feed, task
+from . import _spec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a task needs to rebuild and feed the model (plain values)."""
+
+    weight_shapes: tuple[tuple[int, ...], ...]
+    synced: tuple[int, ...]  # indices into model.weights kept on the server
+    input_shape: tuple[int, ...]
+    features: tuple[str, ...]
+    label: str | None
+    integral_label: bool
+    learning_rate: float | None  # the driver optimizer's rate this epoch (local optimizer)
+    custom_objects: Any = None
+
+
+class KerasReplica:
+    """The task's copy of the model, its step functions and metric totals."""
+
+    def __init__(self, model: Any, spec: ModelSpec, cfg: task.TaskConfig) -> None:
+        import tensorflow as tf
+
+        _spec.check_compiled(model, "in a Spark task")
+        _spec.check_same_weights(model, list(spec.weight_shapes))
+        self.model, self.spec = model, spec
+        self.lr_error = ""
+        self.weights = [model.weights[i] for i in spec.synced]
+        trainable = model.trainable_variables
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.loss_count = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.gradients = []
+        self.iterates = []
+        if cfg.rule.accumulates == "gradients":
+            self.gradients = [tf.Variable(tf.zeros_like(v), trainable=False) for v in trainable]
+        else:
+            model.optimizer.build(trainable)
+        if cfg.rule.accumulates == "iterates":
+            self.iterates = [tf.Variable(tf.zeros_like(w), trainable=False) for w in self.weights]
+
+        def one_step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            grads = tape.gradient(loss, trainable)
+            if self.gradients:
+                for acc, g in zip(self.gradients, grads, strict=True):
+                    acc.assign_add(tf.convert_to_tensor(g))
+            else:
+                model.optimizer.apply_gradients(zip(grads, trainable, strict=True))
+            if self.iterates:
+                for s, w in zip(self.iterates, self.weights, strict=True):
+                    s.assign_add(w)
+            model.compute_metrics(x, y, y_pred)
+            n = tf.cast(tf.shape(x)[0], tf.float64)
+            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
+            self.loss_count.assign_add(n)
+            return loss
+
+        # Several steps in one call: batches stacked on a leading axis, looped
+        # in the graph, so the Python call and the NumPy-to-tensor conversion
+        # are paid once per group.
+        def train_steps(xs: Any, ys: Any) -> None:
+            for i in tf.range(tf.shape(xs)[0]):
+                one_step(xs[i], None if ys is None else ys[i])
+
+        @tf.function(reduce_retracing=True)
+        def eval_step(x: Any, y: Any) -> Any:
+            y_pred = model(x, training=False)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
+            model.compute_metrics(x, y, y_pred)
+            n = tf.cast(tf.shape(x)[0], tf.float64)
+            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
+            self.loss_count.assign_add(n)
+            return loss
+
+        self._loop, self.eval_step = train_steps, eval_step
+        self._compiled: dict[tuple, Any] = {}
+
+    # -- runtime.task.Replica ---------------------------------------------
+
+    def begin(self, cfg: task.TaskConfig) -> None:
+        self.model.reset_metrics()
+        self.loss_sum.assign(0.0)
+        self.loss_count.assign(0.0)
+        self.lr_error = ""
+        lr = self.spec.learning_rate
+        if lr is not None and not self.gradients:
+            try:
+                self.model.optimizer.learning_rate.assign(lr)
+            except (AttributeError, ValueError, TypeError) as e:
+                # Reported to the driver (the result record), not suppressed.
+                self.lr_error = f"{type(e).__name__}: {e}"
+
+    def train(self, batches: list[feed.Chunk]) -> None:
+        """Run ``len(batches)`` steps in one call of the compiled loop.
+
+        One trace serves every group size and batch length (the last batch
+        may be short): the signature leaves both leading dimensions open.
+        """
+        where = "a training batch"
+        xs = [feed.shape_features(b[0], self.spec.input_shape, where) for b in batches]
+        x = np.stack(xs) if len(xs) > 1 else xs[0][np.newaxis]
+        y = None
+        if batches[0][1] is not None:
+            y = np.stack([b[1] for b in batches]) if len(batches) > 1 else batches[0][1][np.newaxis]
+        key = (x.dtype, x.shape[2:], None if y is None else (y.dtype, y.shape[2:]))
+        fn = self._compiled.get(key)
+        if fn is None:
+            import tensorflow as tf
+
+            def sig(a: np.ndarray) -> Any:
+                return tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype))
+
+            loop = self._loop
+            if y is None:
+                fn = tf.function(lambda a: loop(a, None), input_signature=[sig(x)])
+            else:
+                fn = tf.function(loop, input_signature=[sig(x), sig(y)])
+            self._compiled[key] = fn
+        if y is None:
+            fn(x)
+        else:
+            fn(x, y)
+
+    def read(self) -> list[np.ndarray]:
+        return [np.asarray(w.numpy(), np.float32) for w in self.weights]
+
+    def load(self, values: list[np.ndarray]) -> None:
+        for w, a in zip(self.weights, values, strict=True):
+            w.assign(a)
+
+    def iterate_means(self, steps: int) -> list[np.ndarray]:
+        return _means_and_reset(self.iterates, steps)
+
+    def gradient_means(self, steps: int) -> list[np.ndarray]:
+        return _means_and_reset(self.gradients, steps)
+
+    def loss_totals(self) -> tuple[float, float]:
+        return float(self.loss_sum.numpy()), float(self.loss_count.numpy())
+
+    def metrics(self) -> dict[str, float]:
+        """The compiled metrics' values (the loss is tracked separately)."""
+        out = {}
+        for key, value in self.model.get_metrics_result().items():
+            if key != "loss":
+                with contextlib.suppress(TypeError, ValueError):
+                    out[key] = float(np.asarray(value))
+        return out
+
+    def extra_result(self) -> dict[str, Any]:
+        return {"learning_rate_error": self.lr_error} if self.lr_error else {}
+
+
+def _means_and_reset(sums: list[Any], steps: int) -> list[np.ndarray]:
+    scale = np.float32(1.0 / steps)
+    out = [np.ascontiguousarray(s.numpy() * scale, dtype=np.float32) for s in sums]
+    for s in sums:
+        s.assign(np.zeros(s.shape, np.float32))
+    return out
+
+
+def _replica(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any) -> KerasReplica:
+    def build() -> KerasReplica:
+        _set_threads(cfg.threads)
+        model = (
+            builder() if builder is not None else _spec.from_bytes(blob.value, spec.custom_objects)
+        )
+        return KerasReplica(model, spec, cfg)
+
+    replica = task.cached_replica(f"{cfg.run_id}/{cfg.rule.accumulates}", build)
+    replica.spec = spec  # this epoch's (its learning rate)
+    return replica
+
+
+def _set_threads(threads: int) -> None:
+    import tensorflow as tf
+
+    # Only possible before TF's runtime starts (the worker's first task).
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def train(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chunks: Any) -> dict:
+    """Train on one partition's chunks (the shared task loop)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return task.train(cfg, _replica(cfg, spec, blob, builder), chunks)
+
+
+def evaluate(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chunks: Any) -> dict:
+    """Evaluate the server's current model on one partition's chunks."""
+    from ..runtime import spark
+
+    partition, _, _ = spark.task_identity()
+    replica = _replica(cfg, spec, blob, builder)
+    replica.begin(cfg)
+    client = task.connect(cfg, -1, 0)
+    try:
+        pulled = [np.empty_like(v) for v in replica.read()]
+        client.pull_into(list(cfg.names), pulled)
+    finally:
+        client.close()
+    replica.load(pulled)
+    samples = 0
+    for x, y in feed.BatchStream(chunks, cfg.batch_size, buffer_batches=1):
+        x = feed.shape_features(x, spec.input_shape, f"validation partition {partition}")
+        replica.eval_step(x, y)
+        samples += len(x)
+    loss_sum, _ = replica.loss_totals()
+    return {
+        "partition": partition,
+        "samples": samples,
+        "loss_sum": loss_sum,
+        "metrics": replica.metrics(),
+    }
+
+
+def arrow_partition(
+    fn: Callable[..., dict[str, Any]],
+    cfg: task.TaskConfig,
+    spec: ModelSpec,
+    blob: Any,
+    builder: Any,
+    batches: Iterator[Any],
+) -> Iterator[Any]:
+    """``mapInArrow`` function: run ``fn`` on the batches, yield one JSON row."""
+    import pyarrow as pa
+
+    chunks = feed.arrow_chunks(batches, spec.features, spec.label, spec.integral_label)
+    result = fn(cfg, spec, blob, builder, chunks)
+    yield pa.RecordBatch.from_pydict({"result": [json.dumps(result)]})
+
+
+def rdd_partition(
+    fn: Callable[..., dict[str, Any]],
+    cfg: task.TaskConfig,
+    spec: ModelSpec,
+    blob: Any,
+    builder: Any,
+    index: int,
+    rows: Iterable[Any],
+) -> Iterator[dict[str, Any]]:
+    """``mapPartitionsWithIndex`` function over ``(features, label)`` rows."""
+    chunks = feed.row_chunks(rows, cfg.batch_size, index)
+    yield fn(cfg, spec, blob, builder, chunks)

@@ -1,0 +1,293 @@
+"""The driver-side run that both APIs use.
+
+:class:`DriverRun` starts the parameter server in this process (or attaches
+to one or several running ``tensorspark-ps``), resolves the address tasks
+use and the one the server binds, makes the run's secret, configures the
+consistency mode, registers the variables, runs each Spark job (job group,
+description, hang watchdog, driver-JVM guard, error translation, progress
+bar, TensorBoard) and reads the trained values back.
+
+Lifetime: everything it starts (server, snapshot mirror and staging
+directory, broadcasts, threads) is released by :meth:`close`, and also when
+its constructor fails part-way. Not thread-safe: one thread drives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorSparkError, TensorSparkValueError
+from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
+from . import hadoop, progress, spark, watchdog
+
+log = logging.getLogger("tensorspark")
+
+# A one-element variable on the server counting completed epochs (TF1: runs).
+EPOCHS_DONE = "__tensorspark__/epochs_done"
+
+
+class DriverRun:
+    """One training run's server side on the driver.
+
+    Parameters
+    ----------
+    sc : pyspark.SparkContext
+    name : str
+        Names the run in job descriptions and logs.
+    opts : dict
+        Options checked by :func:`runtime.options.check`: ``server_host``,
+        ``server_port``, ``servers``, ``secret``, ``start_server``,
+        ``checkpoint_dir``, ``checkpoint_every_s``,
+        ``checkpoint_every_versions``, ``checkpoint_keep``, ``resume_from``,
+        ``connect_timeout``, ``io_timeout``, ``heartbeat_timeout``,
+        ``wait_timeout``, ``threads``, ``hang_timeout``, ``progress``,
+        ``log_dir``.
+    """
+
+    def __init__(self, sc: Any, name: str, opts: dict[str, Any]) -> None:
+        self.sc, self.name, self.opts = sc, name, opts
+        self.run_id = uuid.uuid4().hex
+        self._cleanup = contextlib.ExitStack()
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup.close()
+            raise
+
+    def _start(self) -> None:
+        o, sc = self.opts, self.sc
+        conf = sc.getConf()
+        self.threads = int(o.get("threads") or conf.get("spark.task.cpus", "1"))
+        host = o.get("server_host")
+        if host is None:
+            host = "127.0.0.1" if sc.master.startswith("local") else conf.get("spark.driver.host")
+        self.host, self.port = host, int(o.get("server_port") or 0)
+        self.servers = tuple(parse_address(a) for a in o.get("servers") or ())
+        self.server: ParameterServer | None = None
+        if self.servers:
+            self.host, self.port = self.servers[0]
+            self.secret = o["secret"]
+        elif o.get("start_server", True):
+            self.secret = o.get("secret") or generate_secret()
+            self.server = self._start_server()
+            self.port = self.server.port
+        else:
+            if not o.get("secret"):
+                raise TensorSparkValueError(
+                    "an external parameter server needs the run's secret: pass secret=<bytes of "
+                    "the file given to tensorspark-ps --secret-file>"
+                )
+            self.secret = o["secret"]
+        self.client = self.connect()
+        self._cleanup.callback(self.client.close)
+        where = ", ".join(f"{h}:{p}" for h, p in self.servers) or f"{self.host}:{self.port}"
+        log.info("tensorspark: parameter server at %s", where)
+        self.tb = progress.TensorBoardLog(o["log_dir"]) if o.get("log_dir") else None
+        if self.tb is not None:
+            self._cleanup.callback(self.tb.close)
+        self.bar = progress.ProgressBar(
+            self.connect,
+            0,
+            enabled=bool(o.get("progress", True)),
+            on_sample=self._on_sample if self.tb else None,
+        )
+
+    def _start_server(self) -> ParameterServer:
+        """The in-driver server; Hadoop URIs are staged through a local directory."""
+        o = self.opts
+        bind = "127.0.0.1" if spark.is_loopback(self.host) else "0.0.0.0"
+        ckpt, resume = o.get("checkpoint_dir"), o.get("resume_from")
+        if hadoop.is_hadoop_uri(resume):
+            resume = hadoop.fetch_snapshots(self.sc, resume)
+        staging = None
+        if hadoop.is_hadoop_uri(ckpt):
+            staging = tempfile.mkdtemp(prefix="tensorspark-ckpt-")
+            self._cleanup.callback(shutil.rmtree, staging, ignore_errors=True)
+        server = ParameterServer(
+            self.secret,
+            host=bind,
+            port=self.port,
+            snapshot_dir=staging or ckpt,
+            snapshot_every_s=o.get("checkpoint_every_s", 30.0) if ckpt else 0,
+            snapshot_every_versions=o.get("checkpoint_every_versions", 0),
+            snapshot_keep=o.get("checkpoint_keep", 3),
+            resume_from=resume,
+        )
+        # Registered before the mirror's, so it runs after it (LIFO): the
+        # final snapshot is written, then mirrored, then the staging removed.
+        if staging is not None:
+            mirror = hadoop.SnapshotMirror(self.sc, ckpt, staging, o.get("checkpoint_keep", 3))
+            self._cleanup.callback(mirror.close)
+        self._cleanup.callback(server.stop)
+        return server
+
+    def connect(self) -> PSClient | ShardedPSClient:
+        """A new driver connection (for the watchdog, the progress bar, tools)."""
+        timeouts = {
+            "connect_timeout": self.opts.get("connect_timeout", 30.0),
+            "io_timeout": self.opts.get("io_timeout", 300.0),
+        }
+        if self.servers:
+            return ShardedPSClient(self.servers, self.secret, **timeouts)
+        return PSClient(self.host, self.port, self.secret, **timeouts)
+
+    def task_fields(self) -> dict[str, Any]:
+        """The :class:`runtime.task.TaskConfig` fields the run decides."""
+        o = self.opts
+        return {
+            "host": self.host,
+            "port": self.port,
+            "servers": self.servers,
+            "secret": self.secret,
+            "run_id": self.run_id,
+            "threads": self.threads,
+            "connect_timeout": o.get("connect_timeout", 30.0),
+            "io_timeout": o.get("io_timeout", 300.0),
+            # Heartbeats also carry the progress reports the driver draws.
+            "heartbeat_interval": min(1.0, o.get("heartbeat_timeout", 30.0) / 3),
+            "hang_timeout": o.get("hang_timeout"),
+        }
+
+    def configure(self, consistency: str, staleness: int) -> None:
+        """Set the consistency mode on every server before the tasks join."""
+        self.client.configure(
+            consistency,
+            staleness,
+            heartbeat_timeout=self.opts.get("heartbeat_timeout", 30.0),
+            wait_timeout=self.opts.get("wait_timeout", 240.0),
+        )
+
+    def register(self, values: dict[str, np.ndarray]) -> dict[str, bool]:
+        """Register variables; False for a name the server already held (resumed)."""
+        return self.client.register(values)
+
+    def start_epochs(self) -> int:
+        """Register the completed-epochs counter; the epochs a resumed server had done.
+
+        Only a run that snapshots or resumes keeps the counter (its pushes
+        count as model versions).
+        """
+        if not (self.opts.get("checkpoint_dir") or self.opts.get("resume_from")):
+            return 0
+        created = self.register({EPOCHS_DONE: np.zeros(1, np.float32)})
+        if created[EPOCHS_DONE]:
+            return 0
+        return int(self.pull([EPOCHS_DONE])[EPOCHS_DONE][0])
+
+    def epoch_done(self, epoch: int) -> None:
+        """Record a completed epoch (or TF1 run) on the server, so snapshots carry it."""
+        if self.opts.get("checkpoint_dir"):
+            self.client.push({EPOCHS_DONE: np.array([epoch + 1], np.float32)}, kind="parameters")
+
+    def pull(self, names: list[str]) -> dict[str, np.ndarray]:
+        return self.client.pull(names)
+
+    def version(self) -> int:
+        return int(self.client.stats().get("version", 0))
+
+    def broadcast(self, value: Any) -> Any:
+        """A Spark broadcast released with the run."""
+        b = self.sc.broadcast(value)
+        self._cleanup.callback(b.unpersist)
+        return b
+
+    def run_job(
+        self,
+        what: str,
+        job: Callable[[], list[dict[str, Any]]],
+        *,
+        epoch: int = 0,
+        members: bool = True,
+        total_rows: int = 0,
+        progress_label: str | None = None,
+    ) -> tuple[list[dict[str, Any]], float]:
+        """Run one Spark job; its task results and wall seconds.
+
+        ``members``: the tasks join the run, so the hang watchdog watches
+        them and the progress bar draws them. A failed job is raised as the
+        tensorspark error its task raised (``runtime.spark.raise_task_error``),
+        a hang as :class:`PSTimeoutError`.
+        """
+        description = f"tensorspark {self.name}: {what}"
+        group = f"tensorspark-{self.run_id}-{epoch}-{what.replace(' ', '_')}"
+        try:
+            from .. import _jvm
+
+            guard = _jvm.guard(self.sc, description)
+        except ImportError:  # TEMPORARY until _jvm lands
+            guard = contextlib.nullcontext()
+        hang = self.opts.get("hang_timeout")
+        dog = watchdog.HangWatchdog(self.connect, self.sc, hang or 0, group)
+        watch = dog if hang and members else contextlib.nullcontext()
+        if progress_label and members:
+            self.bar.total = total_rows
+            self.bar.start_epoch(progress_label)
+        started = time.monotonic()
+        try:
+            with (
+                spark.job_group(self.sc, group, description),
+                guard,
+                watch,
+            ):
+                results = job()
+        except Exception as e:  # noqa: BLE001 - translated, original chained
+            self.bar.end_epoch("stopped", 0)
+            dog.raise_if_fired(e)
+            if isinstance(e, TensorSparkError):
+                raise
+            spark.raise_task_error(e, description)
+        return results, time.monotonic() - started
+
+    def end_epoch(
+        self, epoch: int, logs: dict[str, float], results: list[dict[str, Any]], seconds: float
+    ) -> None:
+        """The epoch's summary line and TensorBoard scalars."""
+        samples = sum(r["samples"] for r in results)
+        rate = samples / seconds if seconds > 0 else 0.0
+        parts = [f"{k} {v:.4f}" for k, v in logs.items()]
+        line = " · ".join([*parts, f"{samples:,} samples in {seconds:.1f} s ({rate:,.0f}/s)"])
+        self.bar.end_epoch(line, samples)
+        if self.tb is not None:
+            self.tb.epoch(epoch, {**logs, "samples_per_sec": rate}, results)
+
+    def _on_sample(self, samples: int, rate: float, loss: float) -> None:
+        self.tb.scalars({"progress/samples_per_sec": rate, "progress/loss": loss}, samples)
+
+    def keep_trained(self, load: Callable[[], Any]) -> None:
+        """After a failure, try to leave the server's last good model on the driver."""
+        try:
+            load()
+        except TensorSparkError as e:
+            log.warning("tensorspark: could not load the trained weights after the failure: %s", e)
+
+    def close(self) -> None:
+        """Release everything the run started (the in-driver server writes its final snapshot)."""
+        self._cleanup.close()
+
+
+def weighted(results: list[dict[str, Any]], key: str) -> float:
+    """Sample-weighted mean of a per-task figure."""
+    total = sum(r["samples"] for r in results)
+    if not total:
+        return float("nan")
+    return sum(r[key] * r["samples"] for r in results) / total
+
+
+def merged_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Sample-weighted means of the tasks' metrics."""
+    total = sum(r["samples"] for r in results)
+    keys = sorted({k for r in results for k in r["metrics"]})
+    return {
+        k: sum(r["metrics"].get(k, 0.0) * r["samples"] for r in results) / total
+        for k in keys
+        if total
+    }

@@ -1,0 +1,122 @@
+"""The one place that validates the options both APIs share.
+
+``SparkSession`` and ``keras.fit`` call :func:`check` with their keyword
+arguments; each option is checked here once, with one message, so the two
+APIs accept and refuse the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
+from ..errors import TensorSparkValueError
+from . import updates
+
+MODES = ("async", "sync", "ssp")
+
+_POSITIVE_INTS = ("epochs", "batch_size", "sync_interval", "buffer_batches", "steps_per_call")
+_NON_NEGATIVE_INTS = ("staleness", "server_port", "checkpoint_every_versions", "seed")
+_POSITIVE_SECONDS = ("connect_timeout", "io_timeout", "heartbeat_timeout", "wait_timeout")
+
+
+def _is_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | np.integer)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
+def check(opts: dict[str, Any]) -> dict[str, Any]:
+    """Validate the shared options present in ``opts``; returns them normalized."""
+    out = dict(opts)
+    for key in _POSITIVE_INTS:
+        if key in out and (not _is_int(out[key]) or out[key] < 1):
+            raise TensorSparkValueError(f"{key} must be an int >= 1, got {out[key]!r}")
+    for key in _NON_NEGATIVE_INTS:
+        if key in out and (not _is_int(out[key]) or out[key] < 0):
+            raise TensorSparkValueError(f"{key} must be an int >= 0, got {out[key]!r}")
+    if "checkpoint_keep" in out and (
+        not _is_int(out["checkpoint_keep"]) or out["checkpoint_keep"] < 1
+    ):
+        raise TensorSparkValueError(
+            f"checkpoint_keep must be an int >= 1, got {out['checkpoint_keep']!r}"
+        )
+    for key in _POSITIVE_SECONDS:
+        if key in out and not (_is_number(out[key]) and math.isfinite(out[key]) and out[key] > 0):
+            raise TensorSparkValueError(f"{key} must be a number of seconds > 0, got {out[key]!r}")
+    if "checkpoint_every_s" in out:
+        v = out["checkpoint_every_s"]
+        if not (_is_number(v) and math.isfinite(v) and v >= 0):
+            raise TensorSparkValueError(f"checkpoint_every_s must be >= 0 seconds, got {v!r}")
+    if "hang_timeout" in out:
+        ht = out["hang_timeout"]
+        if ht is not None and not (_is_number(ht) and ht > 0):
+            raise TensorSparkValueError(f"hang_timeout must be > 0 seconds or None, got {ht!r}")
+    threads = out.get("threads")
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise TensorSparkValueError(
+            f"threads_per_worker must be an int >= 1 or None, got {threads!r}"
+        )
+    if "consistency" in out and out["consistency"] not in MODES:
+        raise TensorSparkValueError(
+            f"consistency (the mode) must be one of {list(MODES)}, got {out['consistency']!r}"
+        )
+    if "shuffle" in out and out["shuffle"] != "full" and not isinstance(out["shuffle"], bool):
+        raise TensorSparkValueError(
+            f"shuffle must be True (a shuffle buffer), False or 'full' (the whole partition), "
+            f"got {out['shuffle']!r}"
+        )
+    if out.get("servers"):
+        if not out.get("secret"):
+            raise TensorSparkValueError(
+                "servers=[...] needs the run's secret: pass secret=<bytes of the file given to "
+                "tensorspark-ps --secret-file>"
+            )
+        if out.get("checkpoint_dir") or out.get("resume_from"):
+            raise TensorSparkValueError(
+                "checkpoint_dir and resume_from configure the parameter server that tensorspark "
+                "starts; with servers=[...] give each tensorspark-ps --snapshot-dir and "
+                "--resume-from instead (docs/snapshots.md)"
+            )
+    return out
+
+
+def rule(update: Any, num_tasks: int, *, api: str) -> updates.Rule:
+    """The update rule for ``update`` (a combiner or a name) with ``num_tasks`` tasks.
+
+    Accepted everywhere: ``"delta"``, ``"mean"``, ``"elastic"`` and the
+    combiner objects (:class:`MeanCombiner`, :class:`DeltaCombiner`,
+    :class:`ElasticCombiner`); ``"gradient"`` needs the Keras API (its
+    gradients come from the model's loss).
+    """
+    if isinstance(update, str):
+        named = {"delta": DeltaCombiner(), "mean": MeanCombiner(), "elastic": ElasticCombiner()}
+        if update == "gradient":
+            if api != "keras":
+                raise TensorSparkValueError(
+                    "the gradient update needs the loss of a Keras model; a TF1 graph pushes "
+                    "'mean', 'delta' or 'elastic' updates (weight_combiner=MeanCombiner(), "
+                    "DeltaCombiner() or ElasticCombiner())"
+                )
+            return updates.Gradient()
+        if update not in named:
+            raise TensorSparkValueError(
+                "update must be 'delta', 'mean', 'elastic', 'gradient' (Keras) or a combiner "
+                f"(tensorspark.MeanCombiner(), DeltaCombiner(), ElasticCombiner()), got {update!r}"
+            )
+        update = named[update]
+    if isinstance(update, MeanCombiner):
+        return updates.ParameterMean(int(update.n or max(1, num_tasks)), update.average_iterates)
+    if isinstance(update, DeltaCombiner):
+        return updates.Delta()
+    if isinstance(update, ElasticCombiner):
+        return updates.Elastic(float(update.alpha))
+    raise TensorSparkValueError(
+        "weight_combiner must be tensorspark.MeanCombiner(), DeltaCombiner() or "
+        f"ElasticCombiner(), got {type(update).__name__}"
+    )

@@ -1,0 +1,251 @@
+"""The task loop that both APIs run in a Spark task.
+
+A task connects to the parameter server (or to every shard), joins the run
+(fencing its partition's older attempts), pulls, and streams its partition
+through the one feed (``runtime.feed``), running groups of steps on a
+replica. Every ``sync_interval`` steps it checks the loss, lets the update
+rule make the push, checks the push for NaN/Inf, pushes, pulls, reports
+progress and re-arms the stack dumps. It returns one result record.
+
+The replica is the only API-specific part: a TF1 graph (``tf1.replica``) or
+a Keras model (``keras.replica``). It implements :class:`Replica`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .. import _core
+from ..errors import TensorSparkValueError
+from . import feed, spark, watchdog
+from .updates import Rule
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What every task needs, shipped in the task closure (plain values)."""
+
+    host: str
+    port: int
+    servers: tuple[tuple[str, int], ...]  # several servers sharing the model, or ()
+    secret: bytes
+    run_id: str  # names the run; a Python worker keeps one replica per run id
+    epoch: int  # the job's index within the run (a Keras epoch, a TF1 run call)
+    names: tuple[str, ...]  # synced variables, in the replica's order
+    batch_size: int
+    buffer_batches: int
+    shuffle: bool | str  # False, True (buffered) or "full" (the whole partition)
+    seed: int
+    sync_interval: int
+    steps_per_call: int
+    rule: Rule
+    threads: int
+    connect_timeout: float
+    io_timeout: float
+    heartbeat_interval: float
+    hang_timeout: float | None  # stack dumps after half of it without a sync
+    join: bool = True  # False: a validation job (no membership, no push)
+
+    def where(self, partition: int) -> str:
+        return f"partition {partition} (epoch {self.epoch + 1})"
+
+
+class Replica(Protocol):
+    """A task's copy of the model (one per Python worker and run).
+
+    Besides :class:`runtime.updates.Replica`'s ``read``, ``iterate_means``
+    and ``gradient_means``:
+    """
+
+    def begin(self, cfg: TaskConfig) -> None:
+        """Start a job: reset the loss and metric totals, apply per-job settings."""
+
+    def load(self, values: list[np.ndarray]) -> None:
+        """Set the synced variables."""
+
+    def train(self, batches: list[feed.Chunk]) -> None:
+        """Run one step per batch (batches of equal size, or one short batch)."""
+
+    def loss_totals(self) -> tuple[float, float]:
+        """Sum of the loss times the rows, and the rows, since :meth:`begin`."""
+
+    def metrics(self) -> dict[str, float]:
+        """Metric values since :meth:`begin` (the loss excluded)."""
+
+    def extra_result(self) -> dict[str, Any]:
+        """API-specific fields of the result record."""
+
+
+# The latest run's replica in this Python worker (Spark reuses workers).
+_REPLICAS: dict[str, Any] = {}
+
+
+def cached_replica(key: str, build: Any) -> Any:
+    """The replica for ``key``, built by ``build()`` on the worker's first task.
+
+    One replica per worker: building a new one frees the previous run's.
+    """
+    replica = _REPLICAS.get(key)
+    if replica is None:
+        _REPLICAS.clear()
+        replica = _REPLICAS[key] = build()
+    return replica
+
+
+def connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:
+    """The task's connection: to the one server, or to every shard."""
+    common = {
+        "partition_id": partition,
+        "attempt": attempt,
+        "connect_timeout_s": cfg.connect_timeout,
+        "io_timeout_s": cfg.io_timeout,
+        "heartbeat_interval_s": cfg.heartbeat_interval if cfg.join else 0.0,
+    }
+    if cfg.servers:
+        return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
+    return _core.Client(cfg.host, cfg.port, cfg.secret, **common)
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class Sync:
+    """Pushes the task's update and pulls the merged model."""
+
+    def __init__(self, client: Any, replica: Any, cfg: TaskConfig) -> None:
+        self.client, self.replica, self.cfg = client, replica, cfg
+        self.names = list(cfg.names)
+        self.pulled: list[np.ndarray] | None = None
+        self.version = 0
+        self.pushes = 0
+        self.staleness: list[int] = []
+
+    def pull(self) -> None:
+        if self.pulled is None:
+            self.pulled = [np.empty_like(v, np.float32) for v in self.replica.read()]
+        self.version = self.client.pull_into(self.names, self.pulled)
+        self.replica.load(self.pulled)
+
+    def push_and_pull(self, steps: int, since_sync: int, where: str) -> None:
+        rule = self.cfg.rule
+        if rule.pulls_first:
+            self.version = self.client.pull_into(self.names, self.pulled)
+        push = rule.push(self.replica, self.pulled, since_sync)
+        for name, arr in zip(self.names, push.arrays, strict=True):
+            if not np.isfinite(arr).all():
+                raise TensorSparkValueError(
+                    f"the update of variable {name!r} is NaN or Inf at step {steps} of {where}; "
+                    "nothing from this interval was pushed, so the parameter server keeps the "
+                    f"last good model (version {self.version}). Lower the learning rate or "
+                    "check the data"
+                )
+        pulled_at = self.version
+        self.version = self.client.push(
+            push.kind, self.names, push.arrays, mean_window=push.mean_window
+        )
+        self.staleness.append(max(0, self.version - pulled_at - 1))
+        self.pushes += 1
+        if push.keep is None:
+            self.pull()
+        else:
+            self.replica.load(push.keep)
+
+
+def check_loss(replica: Any, steps: int, where: str, version: int) -> tuple[float, float]:
+    """Fail before pushing when the loss turned NaN; returns the loss totals."""
+    total, count = replica.loss_totals()
+    if not np.isfinite(total):
+        raise TensorSparkValueError(
+            f"the loss became NaN or Inf before step {steps} of {where}; nothing from this "
+            "interval was pushed, so the parameter server keeps the last good model (version "
+            f"{version}). Lower the learning rate or check the data for NaN/Inf"
+        )
+    return total, count
+
+
+def train(
+    cfg: TaskConfig,
+    replica: Any,
+    chunks: Iterable[feed.Chunk],
+    *,
+    identity: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
+    """Train ``replica`` on one partition's chunks; returns the result record.
+
+    ``identity`` (partition, attempt number, attempt id) defaults to the
+    Spark task's (``runtime.spark.task_identity``).
+    """
+    partition, attempt_number, attempt = identity or spark.task_identity()
+    started = time.monotonic()
+    replica.begin(cfg)
+    rss_base = rss_peak = rss_bytes()
+    where = cfg.where(partition)
+    client = connect(cfg, partition, attempt)
+    with watchdog.membership(
+        client, cfg.join, cfg.hang_timeout, f"p{partition}-a{attempt}"
+    ) as dumps:
+        sync = Sync(client, replica, cfg)
+        sync.pull()
+        stream = feed.BatchStream(
+            chunks,
+            cfg.batch_size,
+            buffer_batches=cfg.buffer_batches,
+            shuffle=cfg.shuffle is True,
+            seed=[cfg.seed, cfg.epoch, partition],
+        )
+        group = feed.steps_per_call(cfg.steps_per_call, cfg.buffer_batches, cfg.sync_interval)
+        steps = samples = since_sync = 0
+        last = (0.0, 0.0)  # loss totals at the last sync
+        train_started = time.monotonic()
+        for batches in feed.grouped(stream, cfg.batch_size, group, cfg.sync_interval):
+            replica.train(batches)
+            steps += len(batches)
+            samples += sum(len(b[0]) for b in batches)
+            since_sync += len(batches)
+            if since_sync == cfg.sync_interval:
+                now = check_loss(replica, steps, where, sync.version)
+                sync.push_and_pull(steps, since_sync, where)
+                loss = (now[0] - last[0]) / (now[1] - last[1]) if now[1] > last[1] else np.nan
+                client.report_progress(steps, samples, float(loss))
+                last = now
+                if dumps is not None:
+                    dumps.progress()
+                since_sync = 0
+                rss_peak = max(rss_peak, rss_bytes())
+        if since_sync:
+            check_loss(replica, steps, where, sync.version)
+            sync.push_and_pull(steps, since_sync, where)
+        rss_peak = max(rss_peak, rss_bytes())
+        train_seconds = time.monotonic() - train_started
+        loss_sum, loss_count = replica.loss_totals()
+        return {
+            "partition": partition,
+            "attempt": attempt,
+            "attempt_number": attempt_number,
+            "steps": steps,
+            "samples": samples,
+            "pushes": sync.pushes,
+            "version": sync.version,
+            "seconds": time.monotonic() - started,
+            "train_seconds": train_seconds,
+            "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
+            "loss": loss_sum / loss_count if loss_count else float("nan"),
+            "metrics": replica.metrics(),
+            "staleness_mean": float(np.mean(sync.staleness)) if sync.staleness else 0.0,
+            "staleness_max": int(max(sync.staleness, default=0)),
+            "rss_base_bytes": rss_base,
+            "rss_peak_bytes": rss_peak,
+            "rows_buffered_max": stream.rows_held_max,
+            **replica.extra_result(),
+        }

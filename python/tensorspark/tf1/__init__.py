@@ -1,0 +1,1 @@
+"""The TF1 API: the seed-compatible SparkSession, graph helpers and the TF1-graph replica."""

@@ -1,0 +1,164 @@
+"""The TF1-graph replica: the driver's graph rebuilt in a Spark task.
+
+The graph travels as a MetaGraphDef in a broadcast. A Python worker builds
+it once per run and graph (later ``SparkSession.run`` calls and tasks reuse
+it) and runs the fetches on each batch, feeding one column per feed name.
+Everything else (connect, sync, feed, result) is ``runtime.task``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorSparkValueError
+from ..runtime import feed, task
+from .graph import load_values
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a task needs to rebuild and run the graph (plain values)."""
+
+    key: str  # digest of the MetaGraphDef: a changed graph is rebuilt
+    fetch_names: tuple[str, ...]
+    feed_names: tuple[str, ...]
+    extra_feeds: tuple[tuple[str, Any], ...]
+    loss_name: str | None  # a scalar tensor whose mean the task reports
+
+
+class GraphReplica:
+    """The task's copy of the graph, its session and the synced variables."""
+
+    def __init__(self, meta_graph: bytes, spec: GraphSpec, cfg: task.TaskConfig) -> None:
+        import tensorflow.compat.v1 as tf
+
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.train.import_meta_graph(tf.MetaGraphDef.FromString(meta_graph), clear_devices=True)
+            by_name = {v.op.name: v for v in tf.global_variables()}
+            self.variables = [by_name[n] for n in cfg.names]
+            init = tf.global_variables_initializer()
+            self.fetches = [self.graph.as_graph_element(n) for n in spec.fetch_names]
+            self.feeds = [self.graph.get_tensor_by_name(n) for n in spec.feed_names]
+            self.extra = {self.graph.get_tensor_by_name(n): v for n, v in spec.extra_feeds}
+            self.loss = self.graph.get_tensor_by_name(spec.loss_name) if spec.loss_name else None
+            self.sums, self.accumulate, self.reset = self._iterate_sums(
+                tf, cfg.rule.accumulates == "iterates"
+            )
+        config = tf.ConfigProto(
+            intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads
+        )
+        self.sess = tf.Session(graph=self.graph, config=config)
+        self.sess.run(init)
+        if self.sums:
+            self.sess.run([s.initializer for s in self.sums])
+        self.last: Any = None
+        self.loss_sum = self.loss_count = 0.0
+
+    def _iterate_sums(self, tf: Any, enabled: bool) -> tuple[list[Any], Any, Any]:
+        """Task-local sums of each variable over the steps since the last sync.
+
+        The add runs in the same session call as the fetches, after them
+        (control dependency), so it sees each step's updated values.
+        """
+        if not enabled:
+            return [], None, None
+        sums = [
+            tf.Variable(
+                tf.zeros(v.shape, v.dtype.base_dtype),
+                trainable=False,
+                collections=[tf.GraphKeys.LOCAL_VARIABLES],
+                name=f"tensorspark_iterate_sum_{i}",
+            )
+            for i, v in enumerate(self.variables)
+        ]
+        after = [f if isinstance(f, tf.Operation) else f.op for f in self.fetches]
+        with tf.control_dependencies(after):
+            adds = [
+                tf.assign_add(s, v.read_value()) for s, v in zip(sums, self.variables, strict=True)
+            ]
+            accumulate = tf.group(*adds)
+        reset = tf.group(*[tf.assign(s, tf.zeros_like(s)) for s in sums])
+        return sums, accumulate, reset
+
+    # -- runtime.task.Replica ---------------------------------------------
+
+    def begin(self, cfg: task.TaskConfig) -> None:
+        self.last = None
+        self.loss_sum = self.loss_count = 0.0
+        if self.sums:
+            self.sess.run(self.reset)
+
+    def train(self, batches: list[feed.Chunk]) -> None:
+        run = [self.fetches]
+        if self.loss is not None:
+            run.append(self.loss)
+        if self.accumulate is not None:
+            run.append(self.accumulate)
+        for cols in batches:
+            feed_dict = dict(self.extra)
+            feed_dict.update(zip(self.feeds, cols, strict=True))
+            try:
+                out = self.sess.run(run, feed_dict=feed_dict)
+            except ValueError as e:
+                # TF's message names the tensor and both shapes.
+                raise TensorSparkValueError(f"cannot feed this batch: {e}") from None
+            self.last = out[0]
+            if self.loss is not None:
+                rows = len(cols[0])
+                self.loss_sum += float(np.mean(out[1])) * rows
+                self.loss_count += rows
+
+    def read(self) -> list[np.ndarray]:
+        return self.sess.run(self.variables)
+
+    def load(self, values: list[np.ndarray]) -> None:
+        load_values(self.sess, self.variables, values)
+
+    def iterate_means(self, steps: int) -> list[np.ndarray]:
+        sums = self.sess.run(self.sums)
+        self.sess.run(self.reset)
+        return [s / np.float32(steps) for s in sums]
+
+    def gradient_means(self, steps: int) -> list[np.ndarray]:
+        raise TensorSparkValueError("a TF1 graph does not push gradients")
+
+    def loss_totals(self) -> tuple[float, float]:
+        return self.loss_sum, self.loss_count
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def extra_result(self) -> dict[str, Any]:
+        return {"last_fetch": _plain(self.last)}
+
+
+def train_partition(
+    cfg: task.TaskConfig, spec: GraphSpec, graph: Any, partition: int, rows: Iterable[Any]
+) -> Iterator[dict[str, Any]]:
+    """Spark ``mapPartitionsWithIndex`` function: train on one partition."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    replica = task.cached_replica(
+        f"{cfg.run_id}/{spec.key}/{cfg.rule.accumulates}",
+        lambda: GraphReplica(graph.value, spec, cfg),
+    )
+    full = [cfg.seed, cfg.epoch, partition] if cfg.shuffle == "full" else None
+    chunk_rows = cfg.batch_size * cfg.buffer_batches
+    chunks = feed.tuple_chunks(rows, chunk_rows, partition, spec.feed_names, full_shuffle=full)
+    yield task.train(cfg, replica, chunks)
+
+
+def _plain(value: Any) -> Any:
+    """Fetch results as plain Python values (scalars) or None for ops."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
