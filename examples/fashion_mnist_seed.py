@@ -161,7 +161,12 @@ def train(
             feed_rdd=image_label_rdd,
             feed_name_list=feed_name_list,
             param_list=param_list,
-            shuffle_within_partition=True,
+            # The original TensorSpark's exact whole-partition shuffle. True
+            # streams rows through a bounded shuffle buffer instead; this
+            # program's log(softmax) at rate 0.5 is fragile enough that some
+            # row orders reach NaN (the task then fails, nothing is pushed,
+            # and Spark's retry trains on from the server's model).
+            shuffle_within_partition="full",
             weight_combiner=weight_combiner,
             consistency=consistency,
         )

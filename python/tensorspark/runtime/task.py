@@ -95,6 +95,8 @@ def cached_replica(key: str, build: Any) -> Any:
     if replica is None:
         _REPLICAS.clear()
         replica = _REPLICAS[key] = build()
+        replica.tasks_served = 0
+    replica.tasks_served += 1
     return replica
 
 
@@ -247,5 +249,6 @@ def train(
             "rss_base_bytes": rss_base,
             "rss_peak_bytes": rss_peak,
             "rows_buffered_max": stream.rows_held_max,
+            "replica_tasks": getattr(replica, "tasks_served", 1),  # 2+: built by an earlier task
             **replica.extra_result(),
         }

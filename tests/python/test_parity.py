@@ -1,0 +1,121 @@
+"""Feature parity of the two APIs on real Spark: API x mode x (one server | two tensorspark-ps).
+
+Both APIs run the same driver-side run and task loop; each cell of the
+matrix trains on real Spark ``local[2]`` and checks what the mode promises
+on every server: all pushes applied (async, ssp), one averaged update per
+round (sync), every task joined and left, nothing lost or fenced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import start_ps
+
+from tensorspark import DeltaCombiner, ShardedPSClient, SparkSession
+
+pytestmark = pytest.mark.slow
+
+MODES = {"async": 0, "sync": 1, "ssp": 2}
+ROWS, PARTS, BATCH, SYNC = 40, 2, 5, 2  # 4 steps per task, a push every 2
+
+
+@pytest.fixture(params=["one", "two"])
+def servers(request, tmp_path):
+    """None (the in-driver server) or two `tensorspark-ps` processes."""
+    if request.param == "one":
+        yield None
+        return
+    first, port0, secret = start_ps(tmp_path)
+    second, port1, _ = start_ps(tmp_path, secret=secret)
+    yield [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"], secret
+    for p in (first, second):
+        p.terminate()
+        assert p.wait(timeout=10) == 0
+
+
+def _server_kwargs(servers):
+    return {} if servers is None else {"servers": servers[0], "secret": servers[1]}
+
+
+def _check_servers(stats_per_server, mode):
+    for s in stats_per_server:
+        assert s["mode"] == MODES[mode]
+        assert s["members"] == 0  # every task left
+        assert s["workers_lost"] == 0 and s.get('refused{reason="fenced"}', 0) == 0
+
+
+def _stats(servers, fallback):
+    if servers is None:
+        return [fallback]
+    with ShardedPSClient(servers[0], servers[1]) as c:
+        return c.stats_per_server()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tf1_session(sc, tf1, servers, mode):
+    x = tf1.placeholder(tf1.float32, [None, 2], name="x")
+    v = tf1.Variable(tf1.zeros([2]), name="v")
+    train = tf1.assign_add(v, tf1.reduce_sum(x, axis=0))
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    rdd = sc.parallelize([(np.ones(2, np.float32),) for _ in range(ROWS)], PARTS)
+    with SparkSession(sc, sess, sync_interval=SYNC, batch_size=BATCH, **_server_kwargs(servers)) as ss:
+        summary = ss.run(
+            train,
+            feed_rdd=rdd,
+            feed_name_list=[x.name],
+            weight_combiner=DeltaCombiner(),
+            consistency=mode,
+            staleness=1,
+        )
+        stats = _stats(servers, ss.stats())
+    assert [p["pushes"] for p in summary.partitions] == [2, 2]
+    assert all(p["attempt"] >= 0 and "staleness_max" in p for p in summary.partitions)
+    final = sess.run(v)
+    if mode == "sync":  # each round adds the mean delta (+10), whatever the overlap
+        np.testing.assert_array_equal(final, [10.0 * (summary.version)] * 2)
+    else:  # every push applied
+        np.testing.assert_array_equal(final, [40.0, 40.0])
+    _check_servers(stats, mode)
+
+
+def build_model():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="relu"), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_keras_fit(sc, servers, mode):
+    from tensorspark.keras import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(ROWS, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    rdd = sc.parallelize([(x[i], y[i]) for i in range(ROWS)], PARTS)
+    before = build_model().get_weights()
+    model, history = fit(
+        build_model,
+        rdd,
+        batch_size=BATCH,
+        sync_interval=SYNC,
+        consistency=mode,
+        staleness=1,
+        progress=False,
+        **_server_kwargs(servers),
+    )
+    workers = history.workers[0]
+    assert [w["pushes"] for w in workers] == [2, 2]
+    assert np.isfinite(history.history["loss"][0])
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    if servers is not None:
+        _check_servers(_stats(servers, None), mode)
