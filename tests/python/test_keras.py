@@ -163,19 +163,18 @@ def test_vector_column_builder_callbacks_and_tensorboard(spark, tmp_path):
 
 
 def _tensorboard_tags(log_dir) -> set[str]:
-    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     tags = set()
     for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
+        for event in EventFileLoader(path).Load():
             tags.update(v.tag for v in event.summary.value)
     return tags
 
 
 def test_progress_bar_reads_worker_reports_from_the_server():
-    from tensorspark.runtime.progress import ProgressBar
     from tensorspark.ps import ParameterServer, PSClient, generate_secret
+    from tensorspark.runtime.progress import ProgressBar
 
     secret = generate_secret()
     with ParameterServer(secret, host="127.0.0.1") as server:

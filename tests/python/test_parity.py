@@ -60,7 +60,9 @@ def test_tf1_session(sc, tf1, servers, mode):
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())
     rdd = sc.parallelize([(np.ones(2, np.float32),) for _ in range(ROWS)], PARTS)
-    with SparkSession(sc, sess, sync_interval=SYNC, batch_size=BATCH, **_server_kwargs(servers)) as ss:
+    with SparkSession(
+        sc, sess, sync_interval=SYNC, batch_size=BATCH, **_server_kwargs(servers)
+    ) as ss:
         summary = ss.run(
             train,
             feed_rdd=rdd,
@@ -119,3 +121,69 @@ def test_keras_fit(sc, servers, mode):
     assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
     if servers is not None:
         _check_servers(_stats(servers, None), mode)
+
+
+def _counting(tf1):
+    """``v += column sums``; ``loss`` is the batch's mean value (1.0 for rows of ones)."""
+    x = tf1.placeholder(tf1.float32, [None, 2], name="x")
+    v = tf1.Variable(tf1.zeros([2]), name="v")
+    train = tf1.assign_add(v, tf1.reduce_sum(x, axis=0))
+    loss = tf1.reduce_mean(x * tf1.ones_like(x), name="loss")
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    return x, v, train, loss, sess
+
+
+def _ones(sc, rows=ROWS):
+    return sc.parallelize([(np.ones(2, np.float32),) for _ in range(rows)], PARTS)
+
+
+def test_tf1_snapshots_and_resume_like_fit(sc, tf1, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    x, v, train, _, sess = _counting(tf1)
+    kw = dict(sync_interval=SYNC, batch_size=BATCH, checkpoint_dir=ckpt, progress=False)
+    with SparkSession(sc, sess, **kw) as ss:
+        assert ss.runs_done == 0
+        for _ in range(2):
+            ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
+    np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])
+    # A new driver (a new graph at zeros) resumes from the newest snapshot: 2 runs done.
+    with tf1.Graph().as_default():
+        x, v, train, _, sess = _counting(tf1)
+        with SparkSession(sc, sess, resume_from=ckpt, **kw) as ss:
+            assert ss.runs_done == 2
+            ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
+        np.testing.assert_array_equal(sess.run(v), [120.0, 120.0])
+
+
+def test_tf1_progress_tensorboard_loss_and_graph_reuse(sc, tf1, tmp_path, capfd):
+    from test_keras import _tensorboard_tags
+
+    x, v, train, loss, sess = _counting(tf1)
+    with SparkSession(
+        sc, sess, sync_interval=SYNC, batch_size=BATCH, log_dir=str(tmp_path), name="feat"
+    ) as ss:
+        first = ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], loss=loss)
+        second = ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], loss=loss)
+    assert first.loss == 1.0 and [p["loss"] for p in first.partitions] == [1.0, 1.0]
+    # The graph is built once per Python worker: the second run's tasks reuse it.
+    assert sum(p["replica_tasks"] for p in second.partitions) > len(second.partitions)
+    err = capfd.readouterr().err
+    assert "run #0: loss 1.0000" in err and "run #1: loss 1.0000" in err
+    tags = _tensorboard_tags(tmp_path)
+    assert {"epoch/loss", "epoch/samples_per_sec", "worker_0/staleness_mean"} <= tags
+
+
+def test_nan_is_refused_the_same_way_in_both_apis(sc, tf1):
+    from tensorspark import TensorSparkValueError
+
+    x = tf1.placeholder(tf1.float32, [None, 2], name="x")
+    v = tf1.Variable(tf1.zeros([2]), name="v")
+    train = tf1.assign_add(v, tf1.reduce_sum(tf1.math.log(x - 1.0), axis=0))  # log(0): -inf
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    with SparkSession(sc, sess, sync_interval=SYNC, batch_size=BATCH, progress=False) as ss:
+        with pytest.raises(TensorSparkValueError, match="NaN or Inf .*keeps the last good model"):
+            ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
+        assert ss.stats()["version"] == 0
+    np.testing.assert_array_equal(sess.run(v), [0.0, 0.0])  # the last good model

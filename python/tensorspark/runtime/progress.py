@@ -164,25 +164,34 @@ def _finite(x: Any) -> bool:
 
 
 class TensorBoardLog:
-    """Scalars for TensorBoard under ``log_dir`` (written on the driver)."""
+    """Scalars for TensorBoard under ``log_dir`` (written on the driver).
+
+    Events are written with tensorboard's own writer, not ``tf.summary``, so
+    logging works in TF1 graph mode (``disable_v2_behavior``) as in eager.
+    Thread-safe: the writer serializes its events.
+    """
 
     def __init__(self, log_dir: str) -> None:
-        import tensorflow as tf
-
         try:
-            import tensorboard  # noqa: F401 - tf.summary needs it
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError:
             raise TensorSparkValueError(
                 "log_dir needs the tensorboard package: pip install tensorboard"
             ) from None
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(log_dir)
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+        self._writer = EventFileWriter(str(log_dir))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        with self._writer.as_default():
-            for name, value in values.items():
-                if value is not None and math.isfinite(value):
-                    self._tf.summary.scalar(name, value, step=step)
+        value = [
+            self._summary.Value(tag=name, simple_value=float(v))
+            for name, v in values.items()
+            if v is not None and math.isfinite(v)
+        ]
+        event = self._event(
+            wall_time=time.time(), step=int(step), summary=self._summary(value=value)
+        )
+        self._writer.add_event(event)
         self._writer.flush()
 
     def epoch(self, epoch: int, logs: dict[str, float], workers: list[dict[str, Any]]) -> None:

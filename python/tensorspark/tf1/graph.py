@@ -139,7 +139,8 @@ def export_graph(graph: Any) -> bytes:
     """Serialize ``graph`` (with its variable collections) as a MetaGraphDef."""
     tf = _tf()
     meta = tf.train.export_meta_graph(graph=graph, clear_devices=True)
-    return meta.SerializeToString()
+    # Deterministic: the bytes key the tasks' cached graph.
+    return meta.SerializeToString(deterministic=True)
 
 
 def load_values(sess: Any, variables: list[Any], values: list[Any]) -> None:
