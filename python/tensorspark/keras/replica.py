@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..runtime import feed, task
+from ..runtime import feed, spark, task
 from . import _spec
 
 
@@ -82,7 +81,7 @@ class KerasReplica:
         # Several steps in one call: batches stacked on a leading axis, looped
         # in the graph, so the Python call and the NumPy-to-tensor conversion
         # are paid once per group.
-        def train_steps(xs: Any, ys: Any) -> None:
+        def train_steps(xs: Any, ys: Any = None) -> None:
             for i in tf.range(tf.shape(xs)[0]):
                 one_step(xs[i], None if ys is None else ys[i])
 
@@ -120,30 +119,18 @@ class KerasReplica:
         One trace serves every group size and batch length (the last batch
         may be short): the signature leaves both leading dimensions open.
         """
-        where = "a training batch"
-        xs = [feed.shape_features(b[0], self.spec.input_shape, where) for b in batches]
-        x = np.stack(xs) if len(xs) > 1 else xs[0][np.newaxis]
-        y = None
+        shape = self.spec.input_shape
+        args = [np.stack([feed.shape_features(b[0], shape, "a training batch") for b in batches])]
         if batches[0][1] is not None:
-            y = np.stack([b[1] for b in batches]) if len(batches) > 1 else batches[0][1][np.newaxis]
-        key = (x.dtype, x.shape[2:], None if y is None else (y.dtype, y.shape[2:]))
+            args.append(np.stack([b[1] for b in batches]))
+        key = tuple((a.dtype, a.shape[2:]) for a in args)
         fn = self._compiled.get(key)
         if fn is None:
             import tensorflow as tf
 
-            def sig(a: np.ndarray) -> Any:
-                return tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype))
-
-            loop = self._loop
-            if y is None:
-                fn = tf.function(lambda a: loop(a, None), input_signature=[sig(x)])
-            else:
-                fn = tf.function(loop, input_signature=[sig(x), sig(y)])
-            self._compiled[key] = fn
-        if y is None:
-            fn(x)
-        else:
-            fn(x, y)
+            sig = [tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype)) for a in args]
+            fn = self._compiled[key] = tf.function(self._loop, input_signature=sig)
+        fn(*args)
 
     def read(self) -> list[np.ndarray]:
         return [np.asarray(w.numpy(), np.float32) for w in self.weights]
@@ -184,7 +171,12 @@ def _means_and_reset(sums: list[Any], steps: int) -> list[np.ndarray]:
 
 def _replica(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any) -> KerasReplica:
     def build() -> KerasReplica:
-        _set_threads(cfg.threads)
+        import tensorflow as tf
+
+        # Only possible before TF's runtime starts (the worker's first task).
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
         model = (
             builder() if builder is not None else _spec.from_bytes(blob.value, spec.custom_objects)
         )
@@ -195,15 +187,6 @@ def _replica(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any) -> 
     return replica
 
 
-def _set_threads(threads: int) -> None:
-    import tensorflow as tf
-
-    # Only possible before TF's runtime starts (the worker's first task).
-    with contextlib.suppress(RuntimeError):
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-
 def train(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chunks: Any) -> dict:
     """Train on one partition's chunks (the shared task loop)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -212,24 +195,17 @@ def train(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chunks
 
 def evaluate(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chunks: Any) -> dict:
     """Evaluate the server's current model on one partition's chunks."""
-    from ..runtime import spark
-
-    partition, _, _ = spark.task_identity()
+    partition = spark.task_identity()[0]
     replica = _replica(cfg, spec, blob, builder)
     replica.begin(cfg)
-    client = task.connect(cfg, -1, 0)
-    try:
-        pulled = [np.empty_like(v) for v in replica.read()]
-        client.pull_into(list(cfg.names), pulled)
-    finally:
-        client.close()
-    replica.load(pulled)
+    with contextlib.closing(task.connect(cfg, -1, 0)) as client:
+        task.Sync(client, replica, cfg).pull()
     samples = 0
     for x, y in feed.BatchStream(chunks, cfg.batch_size, buffer_batches=1):
         x = feed.shape_features(x, spec.input_shape, f"validation partition {partition}")
         replica.eval_step(x, y)
         samples += len(x)
-    loss_sum, _ = replica.loss_totals()
+    loss_sum = replica.loss_totals()[0]
     return {
         "partition": partition,
         "samples": samples,
@@ -238,14 +214,7 @@ def evaluate(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chu
     }
 
 
-def arrow_partition(
-    fn: Callable[..., dict[str, Any]],
-    cfg: task.TaskConfig,
-    spec: ModelSpec,
-    blob: Any,
-    builder: Any,
-    batches: Iterator[Any],
-) -> Iterator[Any]:
+def arrow_partition(fn: Any, cfg: Any, spec: ModelSpec, blob: Any, builder: Any, batches: Any):
     """``mapInArrow`` function: run ``fn`` on the batches, yield one JSON row."""
     import pyarrow as pa
 
@@ -254,15 +223,6 @@ def arrow_partition(
     yield pa.RecordBatch.from_pydict({"result": [json.dumps(result)]})
 
 
-def rdd_partition(
-    fn: Callable[..., dict[str, Any]],
-    cfg: task.TaskConfig,
-    spec: ModelSpec,
-    blob: Any,
-    builder: Any,
-    index: int,
-    rows: Iterable[Any],
-) -> Iterator[dict[str, Any]]:
+def rdd_partition(fn: Any, cfg: Any, spec: ModelSpec, blob: Any, builder: Any, index: int, rows):
     """``mapPartitionsWithIndex`` function over ``(features, label)`` rows."""
-    chunks = feed.row_chunks(rows, cfg.batch_size, index)
-    yield fn(cfg, spec, blob, builder, chunks)
+    yield fn(cfg, spec, blob, builder, feed.row_chunks(rows, cfg.batch_size, index))

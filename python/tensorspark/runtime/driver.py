@@ -107,7 +107,8 @@ class DriverRun:
         bind = "127.0.0.1" if spark.is_loopback(self.host) else "0.0.0.0"
         ckpt, resume = o.get("checkpoint_dir"), o.get("resume_from")
         if hadoop.is_hadoop_uri(resume):
-            resume = hadoop.fetch_snapshots(self.sc, resume)
+            resume = hadoop.fetch_snapshots(self.sc, resume)  # a local copy, read at start
+            self._cleanup.callback(shutil.rmtree, resume, ignore_errors=True)
         staging = None
         if hadoop.is_hadoop_uri(ckpt):
             staging = tempfile.mkdtemp(prefix="tensorspark-ckpt-")
@@ -122,12 +123,12 @@ class DriverRun:
             snapshot_keep=o.get("checkpoint_keep", 3),
             resume_from=resume,
         )
-        # Registered before the mirror's, so it runs after it (LIFO): the
-        # final snapshot is written, then mirrored, then the staging removed.
+        self._cleanup.callback(server.stop)
         if staging is not None:
             mirror = hadoop.SnapshotMirror(self.sc, ckpt, staging, o.get("checkpoint_keep", 3))
+            # Closed (LIFO) after the server's final snapshot; stop is idempotent.
             self._cleanup.callback(mirror.close)
-        self._cleanup.callback(server.stop)
+            self._cleanup.callback(server.stop)
         return server
 
     def connect(self) -> PSClient | ShardedPSClient:

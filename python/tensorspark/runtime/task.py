@@ -57,29 +57,21 @@ class TaskConfig:
 
 
 class Replica(Protocol):
-    """A task's copy of the model (one per Python worker and run).
+    """A task's copy of the model, one per Python worker and run: the only API-specific part.
 
-    Besides :class:`runtime.updates.Replica`'s ``read``, ``iterate_means``
-    and ``gradient_means``:
+    Values are lists of float32 arrays in ``TaskConfig.names`` order; the
+    loss totals and metrics count from the last :meth:`begin`.
     """
 
-    def begin(self, cfg: TaskConfig) -> None:
-        """Start a job: reset the loss and metric totals, apply per-job settings."""
-
-    def load(self, values: list[np.ndarray]) -> None:
-        """Set the synced variables."""
-
-    def train(self, batches: list[feed.Chunk]) -> None:
-        """Run one step per batch (batches of equal size, or one short batch)."""
-
-    def loss_totals(self) -> tuple[float, float]:
-        """Sum of the loss times the rows, and the rows, since :meth:`begin`."""
-
-    def metrics(self) -> dict[str, float]:
-        """Metric values since :meth:`begin` (the loss excluded)."""
-
-    def extra_result(self) -> dict[str, Any]:
-        """API-specific fields of the result record."""
+    def begin(self, cfg: TaskConfig) -> None: ...  # a job starts: reset totals
+    def train(self, batches: list[feed.Chunk]) -> None: ...  # a step per (equal) batch
+    def read(self) -> list[np.ndarray]: ...  # the synced variables' values
+    def load(self, values: list[np.ndarray]) -> None: ...  # set them
+    def iterate_means(self, steps: int) -> list[np.ndarray]: ...  # then reset
+    def gradient_means(self, steps: int) -> list[np.ndarray]: ...  # then reset
+    def loss_totals(self) -> tuple[float, float]: ...  # sum of loss x rows, rows
+    def metrics(self) -> dict[str, float]: ...  # the loss excluded
+    def extra_result(self) -> dict[str, Any]: ...  # API-specific result fields
 
 
 # The latest run's replica in this Python worker (Spark reuses workers).
@@ -115,7 +107,7 @@ def connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:
 
 
 def rss_bytes() -> int:
-    try:
+    try:  # resident set size, for the memory bound
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
@@ -129,8 +121,7 @@ class Sync:
         self.client, self.replica, self.cfg = client, replica, cfg
         self.names = list(cfg.names)
         self.pulled: list[np.ndarray] | None = None
-        self.version = 0
-        self.pushes = 0
+        self.version = self.pushes = 0
         self.staleness: list[int] = []
 
     def pull(self) -> None:
@@ -139,7 +130,15 @@ class Sync:
         self.version = self.client.pull_into(self.names, self.pulled)
         self.replica.load(self.pulled)
 
-    def push_and_pull(self, steps: int, since_sync: int, where: str) -> None:
+    def push_and_pull(self, steps: int, since_sync: int, where: str) -> tuple[float, float]:
+        """Check the loss and the update, push, pull; the loss totals."""
+        totals = self.replica.loss_totals()
+        if not np.isfinite(totals[0]):
+            raise TensorSparkValueError(
+                f"the loss became NaN or Inf before step {steps} of {where}; nothing from this "
+                "interval was pushed, so the parameter server keeps the last good model "
+                f"(version {self.version}). Lower the learning rate or check the data for NaN/Inf"
+            )
         rule = self.cfg.rule
         if rule.pulls_first:
             self.version = self.client.pull_into(self.names, self.pulled)
@@ -162,18 +161,7 @@ class Sync:
             self.pull()
         else:
             self.replica.load(push.keep)
-
-
-def check_loss(replica: Any, steps: int, where: str, version: int) -> tuple[float, float]:
-    """Fail before pushing when the loss turned NaN; returns the loss totals."""
-    total, count = replica.loss_totals()
-    if not np.isfinite(total):
-        raise TensorSparkValueError(
-            f"the loss became NaN or Inf before step {steps} of {where}; nothing from this "
-            "interval was pushed, so the parameter server keeps the last good model (version "
-            f"{version}). Lower the learning rate or check the data for NaN/Inf"
-        )
-    return total, count
+        return totals
 
 
 def train(
@@ -216,8 +204,7 @@ def train(
             samples += sum(len(b[0]) for b in batches)
             since_sync += len(batches)
             if since_sync == cfg.sync_interval:
-                now = check_loss(replica, steps, where, sync.version)
-                sync.push_and_pull(steps, since_sync, where)
+                now = sync.push_and_pull(steps, since_sync, where)
                 loss = (now[0] - last[0]) / (now[1] - last[1]) if now[1] > last[1] else np.nan
                 client.report_progress(steps, samples, float(loss))
                 last = now
@@ -226,7 +213,6 @@ def train(
                 since_sync = 0
                 rss_peak = max(rss_peak, rss_bytes())
         if since_sync:
-            check_loss(replica, steps, where, sync.version)
             sync.push_and_pull(steps, since_sync, where)
         rss_peak = max(rss_peak, rss_bytes())
         train_seconds = time.monotonic() - train_started

@@ -61,11 +61,7 @@ class GraphReplica:
         self.loss_sum = self.loss_count = 0.0
 
     def _iterate_sums(self, tf: Any, enabled: bool) -> tuple[list[Any], Any, Any]:
-        """Task-local sums of each variable over the steps since the last sync.
-
-        The add runs in the same session call as the fetches, after them
-        (control dependency), so it sees each step's updated values.
-        """
+        """Sums of each variable over the steps since the last sync, added after each step."""
         if not enabled:
             return [], None, None
         sums = [
@@ -154,11 +150,9 @@ def train_partition(
 
 
 def _plain(value: Any) -> Any:
-    """Fetch results as plain Python values (scalars) or None for ops."""
+    """Fetch results as plain Python values: scalars as numbers, ops as None."""
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return value.item()
-    if isinstance(value, (np.floating, np.integer)):
+    if isinstance(value, np.ndarray | np.generic) and np.size(value) == 1:
         return value.item()
     return value
