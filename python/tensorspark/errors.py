@@ -14,6 +14,9 @@ from the matching built-in exception, so ``except ConnectionError`` or
 - :class:`TensorSparkValueError` (``ValueError``): bad input, such as a feed
   name not in the graph; :class:`ShapeMismatchError` and
   :class:`VariableNotFoundError` are its special cases.
+- :class:`SparkDriverError`: the Spark driver JVM died, or ran out of
+  memory, while Python waited on it (raised by the driver-side guard of
+  :mod:`tensorspark._jvm`).
 """
 
 from ._core import (
@@ -29,6 +32,15 @@ from ._core import (
     VariableNotFoundError,
 )
 
+
+class SparkDriverError(TensorSparkError):
+    """The Spark driver JVM died, or ran out of memory, during a Spark call.
+
+    The SparkContext is unusable afterwards; the message says what was
+    running and how the JVM ended.
+    """
+
+
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
@@ -37,6 +49,7 @@ __all__ = [
     "PSConnectionError",
     "PSTimeoutError",
     "ShapeMismatchError",
+    "SparkDriverError",
     "TensorSparkError",
     "TensorSparkValueError",
     "VariableNotFoundError",
