@@ -6,6 +6,9 @@ server and its client are in :mod:`tensorspark.ps`; errors in
 used.
 """
 
+from importlib import metadata as _metadata
+
+from ._secret import read_secret_file
 from .combiners import (
     DeltaCombiner,
     DeltaWeightCombiner,
@@ -21,6 +24,7 @@ from .errors import (
     PSConnectionError,
     PSTimeoutError,
     ShapeMismatchError,
+    SparkDriverError,
     TensorSparkError,
     TensorSparkValueError,
     VariableNotFoundError,
@@ -28,7 +32,12 @@ from .errors import (
 from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret
 from .tf1.session import RunSummary, SparkSession
 
-__version__ = "0.1.0"
+# The version has one source, pyproject.toml, read back from the installed
+# package's metadata (CMake gets it from the same file).
+try:
+    __version__ = _metadata.version("tensorspark")
+except _metadata.PackageNotFoundError:  # imported from a tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AddressInUseError",
@@ -47,9 +56,11 @@ __all__ = [
     "RunSummary",
     "ShapeMismatchError",
     "ShardedPSClient",
+    "SparkDriverError",
     "SparkSession",
     "TensorSparkError",
     "TensorSparkValueError",
     "VariableNotFoundError",
     "generate_secret",
+    "read_secret_file",
 ]

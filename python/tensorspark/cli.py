@@ -7,23 +7,22 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import TensorSparkError
+
+
+class PSBinaryNotFoundError(TensorSparkError, FileNotFoundError):
+    """The package holds no ``tensorspark-ps`` executable (a broken install)."""
+
 
 def ps_binary() -> str:
     """Path of the ``tensorspark-ps`` executable shipped inside the package."""
     path = Path(__file__).parent / "bin" / "tensorspark-ps"
     if not path.exists():
-        raise FileNotFoundError(
+        raise PSBinaryNotFoundError(
             f"{path} is missing; reinstall tensorspark with `pip install .` so the C++ "
             "server is built"
         )
     return str(path)
-
-
-def _read_secret(path: str) -> bytes:
-    data = Path(path).read_bytes().rstrip(b"\r\n")
-    if len(data) < 16:
-        sys.exit(f"tensorspark: secret file {path} holds {len(data)} bytes; 16 or more needed")
-    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     p_secret = sub.add_parser("secret", help="write a new random run secret to FILE (mode 600)")
     p_secret.add_argument("file")
     p_stats = sub.add_parser("stats", help="print a parameter server's counters")
-    p_stats.add_argument("address", help="HOST:PORT")
-    p_stats.add_argument("--secret-file", required=True)
+    p_stats.add_argument(
+        "address",
+        help="HOST:PORT (:PORT means 127.0.0.1) or unix:PATH (tensorspark-ps --unix-socket)",
+    )
+    p_stats.add_argument(
+        "--secret-file",
+        required=True,
+        help="read as tensorspark-ps --secret-file reads it (one trailing newline ignored)",
+    )
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "ps":
@@ -53,12 +59,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote a new secret to {args.file}")
         return 0
     if args.command == "stats":
-        from .ps import PSClient
+        from ._secret import read_secret_file
+        from .ps import PSClient, parse_address
 
-        host, _, port = args.address.rpartition(":")
-        with PSClient(host or "127.0.0.1", int(port), _read_secret(args.secret_file)) as c:
-            for key, value in sorted(c.stats().items()):
-                print(f"{key:20s} {value}")
+        address = args.address
+        if address.startswith(":"):
+            address = "127.0.0.1" + address
+        try:
+            # A Unix-domain socket, "unix:PATH", has no port.
+            unix = address.startswith("unix:")
+            host, port = (address, 0) if unix else parse_address(address)
+            secret = read_secret_file(args.secret_file)
+            with PSClient(host, port, secret) as c:
+                stats = c.stats()
+        except TensorSparkError as e:
+            sys.exit(f"tensorspark stats: {e}")
+        for key, value in sorted(stats.items()):
+            print(f"{key:20s} {value}")
         return 0
     return 2
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _core
+from .errors import TensorSparkValueError
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class MeanCombiner:
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
-            raise ValueError(f"MeanCombiner: n must be >= 1, got {self.n}")
+            raise TensorSparkValueError(f"MeanCombiner: n must be >= 1, got {self.n}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class ElasticCombiner:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"ElasticCombiner: alpha must be in (0, 1], got {self.alpha}")
+            raise TensorSparkValueError(
+                f"ElasticCombiner: alpha must be in (0, 1], got {self.alpha}"
+            )
 
 
 # Names used by the original TensorSpark.

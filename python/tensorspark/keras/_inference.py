@@ -46,31 +46,66 @@ def _predict_batches(
     scalar: bool,
     batches: Iterator[Any],
 ) -> Iterator[Any]:
-    import pyarrow as pa
 
     model = None
-    for batch in batches:
+    for batch in _rebatch(batches, batch_size):
         if model is None:
             model = _model(key, blob, custom_objects, loads)
-        if batch.num_rows == 0:
-            continue
-        x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
-        x = _feed.shape_features(x, input_shape, "predict")
-        y = np.asarray(
-            model.predict_on_batch(x)
-            if len(x) <= batch_size
-            else model.predict(x, batch_size=batch_size, verbose=0),
-            dtype=np.float32,
-        )
-        y = y.reshape(len(x), -1)
-        if scalar:
-            column = pa.array(y[:, 0], type=pa.float32())
-        else:
-            offsets = pa.array(np.arange(0, y.size + 1, y.shape[1], dtype=np.int32))
-            column = pa.ListArray.from_arrays(offsets, pa.array(y.ravel(), type=pa.float32()))
-        yield pa.RecordBatch.from_arrays(
-            [*batch.columns, column], names=[*batch.schema.names, output_name]
-        )
+        yield _predict_batch(model, batch, features, input_shape, output_name, scalar)
+
+
+def _rebatch(batches: Iterator[Any], size: int) -> Iterator[Any]:
+    """Record batches of exactly ``size`` rows (the last one may be shorter).
+
+    The JVM's Arrow batches follow the session's maxRecordsPerBatch when the
+    action runs; cutting (zero-copy) and joining them gives the model the
+    same batch shape throughout, so it is traced once.
+    """
+    import pyarrow as pa
+
+    pending: list[Any] = []
+    rows = 0
+    for batch in batches:
+        start = 0
+        while start < batch.num_rows:
+            take = min(size - rows, batch.num_rows - start)
+            pending.append(batch.slice(start, take))
+            rows += take
+            start += take
+            if rows == size:
+                yield _join(pa, pending)
+                pending, rows = [], 0
+    if rows:
+        yield _join(pa, pending)
+
+
+def _join(pa: Any, parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+
+
+def _predict_batch(
+    model: Any,
+    batch: Any,
+    features: tuple[str, ...],
+    input_shape: tuple[int, ...],
+    output_name: str,
+    scalar: bool,
+) -> Any:
+    import pyarrow as pa
+
+    x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
+    x = _feed.shape_features(x, input_shape, "predict")
+    y = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(len(x), -1)
+    if scalar:
+        column = pa.array(y[:, 0], type=pa.float32())
+    else:
+        offsets = pa.array(np.arange(0, y.size + 1, y.shape[1], dtype=np.int32))
+        column = pa.ListArray.from_arrays(offsets, pa.array(y.ravel(), type=pa.float32()))
+    return pa.RecordBatch.from_arrays(
+        [*batch.columns, column], names=[*batch.schema.names, output_name]
+    )
 
 
 def predict(
@@ -100,7 +135,12 @@ def predict(
         The new column: ``float`` for a model with one output value per
         row, otherwise ``array<float>`` (e.g. class probabilities).
     batch_size : int
-        Rows per inference batch (also the Arrow batch size).
+        Rows per inference batch (the last of a partition may be shorter).
+        The Arrow batches from the JVM, of
+        ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows (10000 by
+        default, read when the result runs), are cut and joined to this
+        size in the task; lower that setting for very large rows. The
+        session's settings are left as they are.
     custom_objects : dict, optional
         Passed to ``keras.saving.load_model`` in the tasks.
     load_counter : pyspark.Accumulator, optional
@@ -146,6 +186,7 @@ def predict(
         prediction_col,
         scalar,
     )
-    # Arrow batches of batch_size rows: a session setting, read when the plan runs.
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    # No session setting for the batch size: Spark reads those when the
+    # (lazy) result runs, long after this returns, so one set here would
+    # either leak into the session or, restored, do nothing.
     return df.mapInArrow(fn, schema)
