@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import TensorSparkValueError
 from ..runtime import driver, feed, options, task
+from ..runtime import spark as runtime_spark
 from . import _spec, replica
 
 log = logging.getLogger("tensorspark")
@@ -254,10 +255,9 @@ def _conf(spark: Any, key: str, value: str) -> Any:
     try:
         yield
     finally:
-        if previous is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, previous)
+        runtime_spark.unless_jvm_gone(
+            lambda: spark.conf.unset(key) if previous is None else spark.conf.set(key, previous)
+        )
 
 
 def _validate(fit_: _Fit, validation_data: Any, epoch: int) -> dict[str, float]:

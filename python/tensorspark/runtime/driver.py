@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _jvm
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
 from . import hadoop, progress, spark, watchdog
@@ -198,7 +199,7 @@ class DriverRun:
     def broadcast(self, value: Any) -> Any:
         """A Spark broadcast released with the run."""
         b = self.sc.broadcast(value)
-        self._cleanup.callback(b.unpersist)
+        self._cleanup.callback(spark.unless_jvm_gone, b.unpersist)
         return b
 
     def run_job(
@@ -220,12 +221,8 @@ class DriverRun:
         """
         description = f"tensorspark {self.name}: {what}"
         group = f"tensorspark-{self.run_id}-{epoch}-{what.replace(' ', '_')}"
-        try:
-            from .. import _jvm
-
-            guard = _jvm.guard(self.sc, description)
-        except ImportError:  # TEMPORARY until _jvm lands
-            guard = contextlib.nullcontext()
+        keeps = "the parameter servers keep" if self.servers else "the parameter server keeps"
+        guard = _jvm.guard(self.sc, description, note=f"{keeps} the model trained so far")
         hang = self.opts.get("hang_timeout")
         dog = watchdog.HangWatchdog(self.connect, self.sc, hang or 0, group)
         watch = dog if hang and members else contextlib.nullcontext()
@@ -234,11 +231,7 @@ class DriverRun:
             self.bar.start_epoch(progress_label)
         started = time.monotonic()
         try:
-            with (
-                spark.job_group(self.sc, group, description),
-                guard,
-                watch,
-            ):
+            with guard, spark.job_group(self.sc, group, description), watch:
                 results = job()
         except Exception as e:  # noqa: BLE001 - translated, original chained
             self.bar.end_epoch("stopped", 0)

@@ -41,8 +41,22 @@ def job_group(sc: Any, group: str, text: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for k, v in previous.items():
-            sc.setLocalProperty(k, v)
+        unless_jvm_gone(lambda: [sc.setLocalProperty(k, v) for k, v in previous.items()])
+
+
+def unless_jvm_gone(fn: Any) -> None:
+    """Run a Spark clean-up call; skip it quietly when the driver JVM is gone.
+
+    After the JVM died, a clean-up's py4j error would replace the error
+    that says so.
+    """
+    from .. import _jvm
+
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the lost JVM
+        if _jvm.translate(e, "a clean-up") is None:
+            raise
 
 
 def raise_task_error(exc: BaseException, description: str) -> NoReturn:

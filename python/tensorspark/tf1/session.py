@@ -24,7 +24,7 @@ import numpy as np
 from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from ..errors import TensorSparkValueError
 from ..ps import ParameterServer
-from ..runtime import driver, options, task
+from ..runtime import driver, options, spark, task
 from . import graph as _graph
 from .replica import GraphSpec, train_partition
 
@@ -333,7 +333,7 @@ class SparkSession:
             self._run.keep_trained(lambda: self._load_trained(names, params))
             raise
         finally:
-            broadcast.unpersist()
+            spark.unless_jvm_gone(broadcast.unpersist)
         version = self._load_trained(names, params)
         self._run.epoch_done(self._runs)
         logs = {"loss": driver.weighted(results, "loss")} if spec.loss_name else {}

@@ -86,3 +86,61 @@ def test_both_apis_refuse_the_same_options_the_same_way(sc, spark, tf1, kwargs, 
     x, y = _data(50)
     with pytest.raises(TensorSparkValueError, match=match):
         tensorspark.keras.fit(_build(), _df(spark, x, y), progress=False, **kwargs)
+
+
+DEAD_JVM = r"""
+import os, signal, threading, time
+import numpy as np, pyspark
+import tensorflow.compat.v1 as tf
+tf.disable_v2_behavior()
+from tensorspark import SparkSession
+from tensorspark.errors import SparkDriverError
+
+conf = pyspark.SparkConf().setMaster("local[2]").set("spark.ui.enabled", "false")
+sc = pyspark.SparkContext(conf=conf)  # the default 1g of driver memory
+sc.setLogLevel("OFF")
+x = tf.placeholder(tf.float32, [None, 2])
+v = tf.Variable(tf.zeros([2]))
+train = tf.assign_add(v, tf.reduce_sum(x, 0))
+sess = tf.Session()
+sess.run(tf.global_variables_initializer())
+ss = SparkSession(sc, sess, sync_interval=1, batch_size=1, progress=False)
+
+def slow(row):
+    time.sleep(0.02)
+    return row
+
+rdd = sc.parallelize([(np.ones(2, np.float32),)] * 20000, 2).map(slow)
+killed = []
+def kill():
+    while ss.stats().get("version", 0) < 5:  # training is under way
+        time.sleep(0.1)
+    killed.append(time.monotonic())
+    os.kill(sc._gateway.proc.pid, signal.SIGKILL)
+threading.Thread(target=kill, daemon=True).start()
+try:
+    ss.run(train, feed_rdd=rdd, feed_name_list=[x.name])
+    print("RESULT no error")
+except SparkDriverError as e:
+    print(f"RESULT {time.monotonic() - killed[0]:.1f} {e}")
+    print("TRAINED", sess.run(v)[0] > 0)
+"""
+
+
+def test_a_dead_driver_jvm_fails_run_clearly_instead_of_hanging(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "dead_jvm.py"
+    script.write_text(DEAD_JVM)
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env
+    )
+    out = proc.stdout
+    assert "RESULT" in out, proc.stderr[-3000:]
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    seconds, message = line.split(" ", 2)[1:]
+    assert float(seconds) < 30
+    assert "driver JVM died" in message and "keeps the model trained so far" in message
+    assert "TRAINED True" in out  # the driver's session holds what was trained
