@@ -44,10 +44,13 @@ class History:
     epoch : list of int
         The epochs run (0-based).
     workers : list of list of dict
-        Per epoch, per task: ``partition``, ``attempt``, ``steps``,
-        ``samples``, ``pushes``, ``samples_per_sec``, ``loss``,
-        ``staleness_mean``/``staleness_max`` (versions applied by others
-        between a task's pull and its push), ``rss_peak_bytes`` and more.
+        Per epoch, per task, the shared task loop's result record (the same
+        as ``SparkSession.run``'s): ``partition``, ``attempt`` (Spark's task
+        attempt id, the TID, as in the server's logs and STATS),
+        ``attempt_number``, ``steps``, ``samples``, ``pushes``,
+        ``samples_per_sec``, ``loss``, ``staleness_mean``/``staleness_max``
+        (versions applied by others between a task's pull and its push),
+        ``rss_peak_bytes`` and more.
     samples_per_sec : list of float
         Per epoch: samples trained divided by the Spark job's wall time.
     seconds : list of float
