@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -208,6 +209,34 @@ void DecodeEverything(Span p) {
     }
   }
   {
+    uint64_t tag;
+    if (protocol::DecodeTagRequest(p, &tag).ok()) {
+      Bytes enc;
+      protocol::EncodeTagRequest(tag, &enc);
+      Expect(Same(enc, p), "SNAPSHOT/RESTORE request does not re-encode");
+    }
+  }
+  {
+    uint64_t version;
+    std::string name;
+    if (protocol::DecodeSnapshotResponse(p, &version, &name).ok()) {
+      Expect(!name.empty() && name.size() <= protocol::kMaxSnapshotNameLen,
+             "SNAPSHOT response name length accepted");
+      Bytes enc;
+      protocol::EncodeSnapshotResponse(version, name, &enc);
+      Expect(Same(enc, p), "SNAPSHOT response does not re-encode");
+    }
+  }
+  {
+    std::vector<SnapshotInfo> files;
+    if (protocol::DecodeSnapshotsResponse(p, &files).ok()) {
+      Expect(files.size() <= protocol::kMaxListedSnapshots, "SNAPSHOTS over the limit accepted");
+      Bytes enc;
+      protocol::EncodeSnapshotsResponse(files, &enc);
+      Expect(Same(enc, p), "SNAPSHOTS response does not re-encode");
+    }
+  }
+  {
     RunConfig config;
     if (protocol::DecodeConfigure(p, &config).ok()) {
       Bytes enc;
@@ -240,7 +269,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     uint8_t again[protocol::kHeaderSize];
     protocol::EncodeHeader(h, again);
     fuzz::Expect(std::memcmp(raw, again, sizeof(again)) == 0, "header does not re-encode");
-    (void)protocol::OpcodeName(h.opcode);
+    (void)protocol::OperationName(h.opcode);
     (void)protocol::CheckFlags(h);
     (void)protocol::ValidateHeader(h, uint64_t{1} << 31);
     (void)protocol::ValidateHeader(h, 64);

@@ -8,7 +8,10 @@
 //                its checksum recomputed;
 //   bit 1 clear: magic and version are set to the v1 values;
 //   bit 2 set:   (server target) the frames go to a connection that has not
-//                done the handshake.
+//                done the handshake;
+//   bit 3 set:   (server target) the server has a snapshot directory, so
+//                SNAPSHOT, SNAPSHOTS and RESTORE write, list and restore
+//                files (emptied after each input).
 #pragma once
 
 #include <algorithm>
@@ -25,6 +28,7 @@ namespace tensorspark::fuzz {
 inline constexpr uint8_t kKeepChecksum = 1u << 0;
 inline constexpr uint8_t kKeepMagic = 1u << 1;
 inline constexpr uint8_t kSkipHandshake = 1u << 2;
+inline constexpr uint8_t kSnapshotDir = 1u << 3;
 
 struct FrameSpan {
   size_t header;   // offset of the header in FuzzInput::stream

@@ -148,6 +148,35 @@ int main(int argc, char** argv) {
                               .Frame(Opcode::kLeave)
                               .Frame(Opcode::kReports));
   }
+  // Tagged snapshots (SNAPSHOT 16, SNAPSHOTS 17, RESTORE 18): with a
+  // snapshot directory (control bit 3) written, listed and restored, a
+  // RESTORE refused while a member is live; without one, refused.
+  {
+    Bytes tag0, tag1, tag2, short_tag(7);
+    protocol::EncodeTagRequest(0, &tag0);
+    protocol::EncodeTagRequest(1, &tag1);
+    protocol::EncodeTagRequest(2, &tag2);
+    add("snapshot_restore", Seed(kSnapshotDir)
+                                .Frame(protocol::kOpSnapshot, tag1)
+                                .Frame(Opcode::kPush, Push(2, 1, 0.0f, {w, b}))
+                                .Frame(kSetOptimizer, SetOptimizer(5, {}))
+                                .Frame(Opcode::kPush, Push(3, 1, 0.0f, {w}))
+                                .Frame(protocol::kOpSnapshot, tag2)
+                                .Frame(protocol::kOpSnapshots)
+                                .Frame(protocol::kOpRestore, tag1)
+                                .Frame(Opcode::kPull, Pull({}))
+                                .Frame(protocol::kOpRestore, tag2)
+                                .Frame(protocol::kOpSnapshot, tag0)
+                                .Frame(protocol::kOpRestore, short_tag)
+                                .Frame(Opcode::kJoin)
+                                .Frame(protocol::kOpRestore, tag1)
+                                .Frame(Opcode::kLeave)
+                                .Frame(protocol::kOpSnapshots));
+    add("snapshot_off", Seed()
+                            .Frame(protocol::kOpSnapshot, tag1)
+                            .Frame(protocol::kOpSnapshots)
+                            .Frame(protocol::kOpRestore, tag1));
+  }
   add("bad_flags_opcode", Seed()
                               .Frame(Opcode::kList, {}, protocol::kFlagResponse)
                               .Frame(static_cast<Opcode>(99))
@@ -166,7 +195,7 @@ int main(int argc, char** argv) {
   // Reply frames: decoder inputs (requests with bad flags for the server).
   {
     const uint32_t kReply = protocol::kFlagResponse;
-    Bytes err, reg, ver, list, pull, stats, reports;
+    Bytes err, reg, ver, list, pull, stats, reports, snapshot, snapshots;
     protocol::EncodeError(Status(StatusCode::kNotFound, "no such variable"), &err);
     protocol::EncodeRegisterResponse({3, {1, 0}}, &reg);
     protocol::EncodeVersion(42, &ver);
@@ -181,6 +210,12 @@ int main(int argc, char** argv) {
     const std::vector<WorkerReport> workers{{0, 0, 3, 12, 40, 15, "File \"t.py\""},
                                             {1, 2, 3, 0, 900, WorkerReport::kNoReport, ""}};
     protocol::EncodeReportsResponse(workers, &reports);
+    protocol::EncodeSnapshotResponse(
+        12, "snapshot-00000000000000000012-tag-00000000000000000003.tsnap", &snapshot);
+    const std::vector<SnapshotInfo> files{
+        {3, 12, "snapshot-00000000000000000012-tag-00000000000000000003.tsnap"},
+        {0, 10, "snapshot-00000000000000000010.tsnap"}};
+    protocol::EncodeSnapshotsResponse(files, &snapshots);
     add("replies", Seed()
                        .Frame(Opcode::kPull, err, kReply | protocol::kFlagError)
                        .Frame(Opcode::kRegister, reg, kReply)
@@ -188,7 +223,9 @@ int main(int argc, char** argv) {
                        .Frame(Opcode::kList, list, kReply)
                        .Frame(Opcode::kPull, pull, kReply)
                        .Frame(Opcode::kStats, stats, kReply)
-                       .Frame(Opcode::kReports, reports, kReply));
+                       .Frame(Opcode::kReports, reports, kReply)
+                       .Frame(protocol::kOpSnapshot, snapshot, kReply)
+                       .Frame(protocol::kOpSnapshots, snapshots, kReply));
   }
 
   const std::string dir = argv[1];

@@ -2,7 +2,9 @@
 // TCP by fuzzer-made frames (format: fuzz_input.h).
 //
 // Per input, a fresh tensorspark::Server (so every input starts from the
-// same state and a crash reproduces from its input alone): connect, do a
+// same state and a crash reproduces from its input alone; with the control
+// byte's kSnapshotDir it gets a snapshot directory, emptied after the
+// input): connect, do a
 // valid HELLO/AUTH handshake and register a few variables (unless the
 // control byte says to skip the handshake), send the input's frames and
 // then EOF while reading the replies, wait for the server to close, and
@@ -12,6 +14,7 @@
 // request at the same position, and the server logged no exception
 // ("internal error": handlers must return a Status, never throw).
 // TENSORSPARK_FUZZ_LOG=1 shows the server's log lines.
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -106,8 +109,42 @@ void CheckServerLog(const FuzzInput& in) {
 
 // ---- client side -------------------------------------------------------------------
 
-ServerOptions FuzzServerOptions() {
+// The snapshot directory of kSnapshotDir inputs, made once per process and
+// removed at exit (a plain array: atexit handlers may outlive a string).
+char g_snapshot_dir[4096] = "";
+
+const char* SnapshotDir() {
+  if (g_snapshot_dir[0] == '\0') {
+    const char* base = std::getenv("TMPDIR");
+    const std::string tmpl =
+        std::string(base != nullptr && *base ? base : "/tmp") + "/ts-fuzz-XXXXXX";
+    if (tmpl.size() >= sizeof(g_snapshot_dir)) Fail("TMPDIR is too long");
+    std::memcpy(g_snapshot_dir, tmpl.c_str(), tmpl.size() + 1);
+    if (::mkdtemp(g_snapshot_dir) == nullptr) Fail("mkdtemp failed");
+    std::atexit([] { (void)::rmdir(g_snapshot_dir); });
+  }
+  return g_snapshot_dir;
+}
+
+// Deletes what an input's server wrote, so the next input starts empty.
+void EmptySnapshotDir() {
+  DIR* d = ::opendir(SnapshotDir());
+  if (d == nullptr) Fail("cannot open the snapshot directory");
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") {
+      (void)::unlink((std::string(SnapshotDir()) + "/" + name).c_str());
+    }
+  }
+  ::closedir(d);
+}
+
+ServerOptions FuzzServerOptions(bool snapshots) {
   ServerOptions o;
+  if (snapshots) {
+    o.snapshot_dir = SnapshotDir();
+    o.snapshot_keep = 2;
+  }
   o.bind_address = "127.0.0.1";
   o.port = 0;
   o.secret = kSecret;
@@ -268,11 +305,25 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
       Fail("reply " + std::to_string(index) + " does not answer request " + std::to_string(index));
     }
     Status s;
+    const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot) ||
+                             h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots) ||
+                             h.opcode == static_cast<uint16_t>(protocol::kOpRestore);
     if (h.flags & protocol::kFlagError) {
       Status remote;
       s = protocol::DecodeError(payload, &remote);
       if (s.ok() && protocol::LoadLE32(payload.data()) == 0) {
         s = Status(StatusCode::kProtocolError, "error frame with code 0");
+      }
+    } else if (snapshot_op) {  // opcodes 16-18, outside the Opcode enum
+      uint64_t version;
+      std::string name;
+      std::vector<SnapshotInfo> files;
+      if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot)) {
+        s = protocol::DecodeSnapshotResponse(payload, &version, &name);
+      } else if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots)) {
+        s = protocol::DecodeSnapshotsResponse(payload, &files);
+      } else {
+        s = protocol::DecodeVersion(payload, &version);
       }
     } else {
       uint64_t version;
@@ -325,13 +376,14 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
           break;
         default:
           // An opcode added after this harness: only its framing is checked.
-          if (std::strcmp(protocol::OpcodeName(h.opcode), "UNKNOWN") == 0) {
+          if (std::strcmp(protocol::OperationName(h.opcode), "UNKNOWN") == 0) {
             s = Status(StatusCode::kProtocolError, "success reply to an unknown opcode");
           }
       }
     }
     if (!s.ok()) {
-      Fail(std::string("malformed ") + protocol::OpcodeName(h.opcode) + " reply: " + s.ToString());
+      Fail(std::string("malformed ") + protocol::OperationName(h.opcode) +
+           " reply: " + s.ToString());
     }
   }
 }
@@ -346,7 +398,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const fuzz::FuzzInput in = fuzz::ParseFuzzInput(data, size);
 
   std::unique_ptr<Server> server;
-  if (Status s = Server::Start(fuzz::FuzzServerOptions(), &server); !s.ok()) {
+  const bool snapshots = (in.control & fuzz::kSnapshotDir) != 0;
+  if (Status s = Server::Start(fuzz::FuzzServerOptions(snapshots), &server); !s.ok()) {
     fuzz::Fail("cannot start the server: " + s.ToString());
   }
   const net::Deadline deadline = net::Deadline::In(fuzz::kInputTimeoutS);
@@ -366,6 +419,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   sock.Close();
   server->Stop();  // joins the connection thread: its work is all done
   server.reset();
+  if (snapshots) fuzz::EmptySnapshotDir();
   fuzz::CheckServerLog(in);
   if (ex.clean_eof && ex.complete) fuzz::CheckReplies(in, ex);
   return 0;

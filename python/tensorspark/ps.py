@@ -133,6 +133,17 @@ def _heartbeat_interval(who: str, value) -> float:
     return interval
 
 
+def _snapshot_tag(what: str, tag) -> int:
+    """A snapshot ``tag`` checked to be an int in [1, 2**64)."""
+    if isinstance(tag, bool) or not isinstance(tag, int | np.integer):
+        raise TensorSparkValueError(f"{what}: tag must be an int, got {tag!r}")
+    if not 1 <= tag < 2**64:
+        raise TensorSparkValueError(
+            f"{what}: tag must be in [1, 2**64) (0 marks untagged snapshots), got {tag}"
+        )
+    return int(tag)
+
+
 def _path_or_empty(what: str, path: str | os.PathLike | None) -> str:
     if path is None:
         return ""
@@ -772,6 +783,45 @@ class _TensorClient:
             wait_timeout_s=float(wait_timeout),
         )
 
+    def restore(self, tag: int) -> int:
+        """Bring the server (sharded: every server) back to its snapshot tagged ``tag``.
+
+        Replaces the server's whole state (variables, optimizer state and
+        slots, default optimizer, version) by the newest valid snapshot
+        carrying ``tag`` in its snapshot directory (docs/snapshots.md,
+        "Tagged snapshots"). The file is read and checked in full before
+        anything changes. Snapshot files newer than the restored one are
+        deleted: they belong to the history left behind. Call it at a
+        quiescent point: it is refused while workers are live. A
+        :class:`ShardedPSClient` first checks that every server lists the
+        tag, so a missing tag changes no server.
+
+        Parameters
+        ----------
+        tag : int
+            The tag given to :meth:`snapshot` (>= 1).
+
+        Returns
+        -------
+        int
+            The restored model version (sharded: the sum over the servers).
+
+        Raises
+        ------
+        VariableNotFoundError
+            No snapshot with this tag (sharded: on some server; none changed).
+        TensorSparkValueError
+            A bad tag, workers are live, the server has no snapshot
+            directory, or none of its files with this tag is valid.
+
+        Examples
+        --------
+        >>> tag = driver.newest_common_tag()  # doctest: +SKIP
+        >>> if tag is not None:
+        ...     driver.restore(tag)  # doctest: +SKIP
+        """
+        return self._client.restore(_snapshot_tag("restore", tag))
+
     @property
     def connected(self) -> bool:
         """True while the connection (sharded: every server's) is up."""
@@ -903,6 +953,57 @@ class PSClient(_TensorClient):
         """
         return dict(self._client.stats())
 
+    def snapshot(self, tag: int) -> str:
+        """Have the server write a snapshot tagged ``tag`` now; returns its file name.
+
+        Tagged snapshots mark points that are consistent across the servers
+        of a sharded model (see :meth:`ShardedPSClient.snapshot`); take
+        them at quiescent points, between Spark jobs. The file (in the
+        server's ``--snapshot-dir``) is named
+        ``snapshot-<version>-tag-<tag>.tsnap``. The server writes the whole
+        model before it answers, so the call lasts about as long as that.
+
+        Parameters
+        ----------
+        tag : int
+            Chosen by the driver, >= 1; use increasing numbers (the job
+            number, the epoch), since :meth:`ShardedPSClient.newest_common_tag`
+            takes the largest.
+
+        Raises
+        ------
+        TensorSparkValueError
+            A bad tag, the server has no snapshot directory, or the write
+            failed (the message names the file).
+
+        Examples
+        --------
+        >>> client.snapshot(tag=3)  # doctest: +SKIP
+        'snapshot-00000000000000001200-tag-00000000000000000003.tsnap'
+        """
+        return self._client.snapshot(_snapshot_tag("snapshot", tag))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The valid snapshot files in the server's snapshot directory, newest first.
+
+        Newest means the highest version, then the highest tag. Only each
+        file's header and trailer are checked (cheap for big models);
+        :meth:`restore` reads and checks the whole file.
+
+        Returns
+        -------
+        list of dict
+            ``{"tag": int, "version": int, "name": str}`` per file; ``tag``
+            is 0 for untagged snapshots (timed, final, or written before
+            tags existed).
+
+        Raises
+        ------
+        TensorSparkValueError
+            The server has no snapshot directory.
+        """
+        return [dict(d) for d in self._client.snapshots()]
+
     def shutdown_server(self) -> None:
         """Ask the server to stop serving."""
         self._client.shutdown_server()
@@ -984,6 +1085,60 @@ class ShardedPSClient(_TensorClient):
         out = {n: np.empty(self._shapes[n], np.float32) for n in names}
         self.pull_into(out)
         return out
+
+    def snapshot(self, tag: int) -> list[str]:
+        """Have every server write a snapshot tagged ``tag``; returns their file names.
+
+        Each server also snapshots on its own timer, so after a crash their
+        newest files come from different moments. Tagged snapshots, taken
+        by the driver at quiescent points (between Spark jobs, when no
+        worker is live), are the points all servers share: after a restart
+        :meth:`newest_common_tag` finds the newest one every server holds
+        and :meth:`restore` brings them all back to it.
+
+        Parameters
+        ----------
+        tag : int
+            >= 1; use increasing numbers (the job number), since
+            :meth:`newest_common_tag` takes the largest.
+
+        Returns
+        -------
+        list of str
+            Each server's file name, in server order.
+
+        Raises
+        ------
+        TensorSparkValueError
+            A bad tag, or a server without a snapshot directory or whose
+            write failed (named in the message; the others wrote theirs).
+
+        Examples
+        --------
+        >>> for job, rdd in enumerate(jobs, start=1):  # doctest: +SKIP
+        ...     run_job(rdd)
+        ...     driver.snapshot(tag=job)
+        """
+        return list(self._client.snapshot(_snapshot_tag("snapshot", tag)))
+
+    def snapshots(self) -> list[list[dict[str, Any]]]:
+        """Each server's valid snapshot files, newest first, in server order.
+
+        Per server as :meth:`PSClient.snapshots`: dicts with ``tag``,
+        ``version`` and ``name``.
+        """
+        return [[dict(d) for d in files] for files in self._client.snapshots()]
+
+    def newest_common_tag(self) -> int | None:
+        """The largest tag that every server holds a valid snapshot of, or None.
+
+        Examples
+        --------
+        >>> tag = driver.newest_common_tag()  # doctest: +SKIP
+        >>> if tag is not None:
+        ...     driver.restore(tag)  # doctest: +SKIP
+        """
+        return self._client.newest_common_tag()
 
     def stats_per_server(self) -> list[dict[str, int | float]]:
         """Each server's counters, in server order (``_f64`` keys as floats)."""

@@ -201,6 +201,45 @@ class Client {
   //   TS_RETURN_IF_ERROR(c->Join(nullptr));
   void SetDumpFile(std::string path);
 
+  // ---- tagged snapshots (docs/snapshots.md, "Tagged snapshots") ----
+  // Makes the server write a snapshot now, recording `tag` (>= 1, chosen
+  // by the driver, e.g. the number of the Spark job just finished) in the
+  // file. Call it at a quiescent point (no worker pushing), so that the
+  // snapshot is a point every server of a sharded model shares. `name`
+  // receives the file name in the server's snapshot_dir and `version` the
+  // model version it holds (both may be null). Fails with kInvalidArgument
+  // when the server has no snapshot_dir or the tag is 0, and with the write
+  // error (disk full: kLimitExceeded) otherwise. The server writes it on
+  // this connection's thread, so the round trip lasts as long as writing
+  // the model (keep io_timeout_s above that). Not thread-safe, like Push.
+  //
+  //   std::string name;
+  //   TS_RETURN_IF_ERROR(driver->Snapshot(/*tag=*/job, &name, nullptr));
+  Status Snapshot(uint64_t tag, std::string* name, uint64_t* version);
+  // The valid snapshot files of the server's snapshot_dir, newest first
+  // (by version, then tag), with their tag (0: untagged, e.g. timed ones)
+  // and version. Only each file's header and trailer are checked, not its
+  // contents (Restore reads and checks the whole file). kInvalidArgument
+  // when the server has no snapshot_dir. Not thread-safe.
+  //
+  //   std::vector<tensorspark::SnapshotInfo> files;
+  //   TS_RETURN_IF_ERROR(driver->Snapshots(&files));
+  //   for (const auto& f : files) std::cout << f.tag << " " << f.name << "\n";
+  Status Snapshots(std::vector<SnapshotInfo>* out);
+  // Replaces the server's whole state (variables, optimizer state, default
+  // optimizer, version) by the newest valid snapshot tagged `tag` in its
+  // snapshot_dir; the file is read and checked in full before anything
+  // changes, and the snapshot files newer than it are deleted (they belong
+  // to the history left behind). `version` (may be null) receives the
+  // restored version. Fails with kNotFound when no file has the tag, and
+  // with kInvalidArgument while workers are live, when none of those files
+  // is valid, or without a snapshot_dir; then nothing changes. Not
+  // thread-safe.
+  //
+  //   uint64_t version = 0;
+  //   TS_RETURN_IF_ERROR(driver->Restore(/*tag=*/3, &version));
+  Status Restore(uint64_t tag, uint64_t* version);
+
   // Counters of the server (see docs/protocol.md for their names).
   Status Stats(std::vector<StatEntry>* out);
 

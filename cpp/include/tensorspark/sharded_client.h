@@ -161,6 +161,50 @@ class ShardedClient {
   //   }
   Status Reports(std::vector<WorkerReport>* out);
 
+  // ---- tagged snapshots (docs/snapshots.md, "A consistent set over several servers") ----
+  // Each server snapshots on its own timer, so after a crash their newest
+  // snapshots come from different moments. The driver therefore tags
+  // snapshots at quiescent points (between Spark jobs, no worker live):
+  // Snapshot writes one tagged `tag` on every server, NewestCommonTag finds
+  // the newest tag that all of them hold, and Restore brings every server
+  // back to it, giving one consistent model.
+  //
+  // Snapshot: every server in parallel writes a snapshot tagged `tag`
+  // (>= 1; use increasing tags, e.g. the job number). `names` (may be null)
+  // receives each server's file name, in server order; `version` (may be
+  // null) the version sum. A failure names its server; the servers that
+  // succeeded keep their file, which NewestCommonTag then ignores as long
+  // as another server lacks the tag. Not thread-safe, like Push.
+  //
+  //   TS_RETURN_IF_ERROR(driver->Snapshot(/*tag=*/job));
+  Status Snapshot(uint64_t tag, std::vector<std::string>* names = nullptr,
+                  uint64_t* version = nullptr);
+  // Each server's valid snapshot files, newest first (Client::Snapshots),
+  // in server order. Not thread-safe.
+  //
+  //   std::vector<std::vector<tensorspark::SnapshotInfo>> per_server;
+  //   TS_RETURN_IF_ERROR(driver->Snapshots(&per_server));
+  Status Snapshots(std::vector<std::vector<SnapshotInfo>>* out);
+  // The largest tag (>= 1) that every server lists a valid snapshot of;
+  // `found` is false (and `tag` 0) when there is none. Not thread-safe.
+  //
+  //   uint64_t tag = 0;
+  //   bool found = false;
+  //   TS_RETURN_IF_ERROR(driver->NewestCommonTag(&tag, &found));
+  //   if (found) TS_RETURN_IF_ERROR(driver->Restore(tag));
+  Status NewestCommonTag(uint64_t* tag, bool* found);
+  // Restores every server, in parallel, from its newest valid snapshot
+  // tagged `tag` (Client::Restore: the whole state is replaced and newer
+  // snapshot files are deleted). First checks that every server lists the
+  // tag: if one does not, fails with kNotFound naming it, and no server is
+  // changed. A server that then fails (its file fails the full check,
+  // workers joined meanwhile) is named in the error while the others were
+  // restored: fix it and call Restore again, or restore an older common
+  // tag. `version` (may be null) receives the version sum. Not thread-safe.
+  //
+  //   TS_RETURN_IF_ERROR(driver->Restore(tag, nullptr));
+  Status Restore(uint64_t tag, uint64_t* version = nullptr);
+
   // Counters of each server, in the order of `servers`.
   Status Stats(std::vector<std::vector<StatEntry>>* out);
 

@@ -169,4 +169,12 @@ struct WorkerReport {
   std::string text;  // UTF-8 as the worker sent it (not validated); empty if none
 };
 
+// One snapshot file in a server's snapshot_dir (Client::Snapshots;
+// docs/snapshots.md).
+struct SnapshotInfo {
+  uint64_t tag = 0;      // the driver's tag (Client::Snapshot); 0: untagged (timed, final, old)
+  uint64_t version = 0;  // the model version it holds
+  std::string name;      // file name in the server's snapshot_dir
+};
+
 }  // namespace tensorspark

@@ -267,6 +267,9 @@ class ClientImpl {
   Status Configure(const RunConfig& config);
   Status Report(std::string_view text);
   Status Reports(std::vector<WorkerReport>* out);
+  Status Snapshot(uint64_t tag, std::string* name, uint64_t* version);
+  Status Snapshots(std::vector<SnapshotInfo>* out);
+  Status Restore(uint64_t tag, uint64_t* version);
   void SetDumpFile(std::string path) {
     std::lock_guard lock(dump_mu_);
     dump_path_ = std::move(path);
@@ -316,6 +319,8 @@ class ClientImpl {
 
   // Empty-payload request answered by a version.
   Status CallForVersion(Opcode op, uint64_t* version);
+  // SNAPSHOT or RESTORE: the u64 tag request, its response in `response`.
+  Status CallWithTag(Opcode op, uint64_t tag, std::vector<uint8_t>* response);
   // HEARTBEAT, with a progress report if `report` is set.
   Status SendHeartbeat(const std::optional<protocol::ProgressReport>& report);
   std::optional<protocol::ProgressReport> LatestProgress() {
@@ -489,7 +494,7 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
         return Broken(answer);
       }
     }
-    return Broken(s.WithContext(std::string("sending ") + protocol::OpcodeName(h.opcode)));
+    return Broken(s.WithContext(std::string("sending ") + protocol::OperationName(h.opcode)));
   }
   *request_id = h.request_id;
   return Status::OK();
@@ -504,7 +509,7 @@ Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadl
   if (io.ok()) io = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline);
   if (!io.ok()) {
     return Broken(io.WithContext(std::string("waiting for the ") +
-                                 protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
+                                 protocol::OperationName(static_cast<uint16_t>(op)) + " response"));
   }
   *h = protocol::DecodeHeader(raw);
   if (Status s = protocol::ValidateHeader(*h, options_.max_frame_bytes); !s.ok()) {
@@ -573,7 +578,7 @@ Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
   if ((h.flags & protocol::kEncodingFlags) != 0) {
     return Broken(
         Status(StatusCode::kProtocolError, std::string("server set an encoding flag on a ") +
-                                               protocol::OpcodeName(h.opcode) + " response"));
+                                               protocol::OperationName(h.opcode) + " response"));
   }
   return ReadPayload(h, read_deadline, response);
 }
@@ -895,6 +900,46 @@ Status ClientImpl::Reports(std::vector<WorkerReport>* out) {
   return protocol::DecodeReportsResponse(response, out);
 }
 
+Status ClientImpl::CallWithTag(Opcode op, uint64_t tag, std::vector<uint8_t>* response) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  if (tag == 0) {  // same message as the server's, without a round trip
+    return Status(StatusCode::kInvalidArgument,
+                  std::string(op == protocol::kOpSnapshot ? "snapshot" : "restore") +
+                      ": the tag must be >= 1 (0 marks untagged snapshots)");
+  }
+  std::vector<uint8_t> payload;
+  protocol::EncodeTagRequest(tag, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  return Call(op, &part, 1, response);
+}
+
+Status ClientImpl::Snapshot(uint64_t tag, std::string* name, uint64_t* version) {
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(CallWithTag(protocol::kOpSnapshot, tag, &response));
+  uint64_t v;
+  std::string n;
+  TS_RETURN_IF_ERROR(protocol::DecodeSnapshotResponse(response, &v, &n));
+  if (name != nullptr) *name = std::move(n);
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::Snapshots(std::vector<SnapshotInfo>* out) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(protocol::kOpSnapshots, nullptr, 0, &response));
+  return protocol::DecodeSnapshotsResponse(response, out);
+}
+
+Status ClientImpl::Restore(uint64_t tag, uint64_t* version) {
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(CallWithTag(protocol::kOpRestore, tag, &response));
+  uint64_t v;
+  TS_RETURN_IF_ERROR(protocol::DecodeVersion(response, &v));
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
 void ClientImpl::ShipDumpFile(ClientImpl* hb, DumpFile* df) {
   {
     std::lock_guard lock(dump_mu_);
@@ -1016,6 +1061,11 @@ Status Client::Configure(const RunConfig& config) { return impl_->Configure(conf
 Status Client::Report(std::string_view text) { return impl_->Report(text); }
 Status Client::Reports(std::vector<WorkerReport>* out) { return impl_->Reports(out); }
 void Client::SetDumpFile(std::string path) { impl_->SetDumpFile(std::move(path)); }
+Status Client::Snapshot(uint64_t tag, std::string* name, uint64_t* version) {
+  return impl_->Snapshot(tag, name, version);
+}
+Status Client::Snapshots(std::vector<SnapshotInfo>* out) { return impl_->Snapshots(out); }
+Status Client::Restore(uint64_t tag, uint64_t* version) { return impl_->Restore(tag, version); }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }
 void Client::Close() { impl_->Close(); }

@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <numeric>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -371,6 +372,66 @@ Status ShardedClient::Stats(std::vector<std::vector<StatEntry>>* out) {
   Impl& m = *impl_;
   out->assign(m.clients.size(), {});
   return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Stats(&(*out)[srv]); });
+}
+
+Status ShardedClient::Snapshot(uint64_t tag, std::vector<std::string>* names, uint64_t* version) {
+  Impl& m = *impl_;
+  std::vector<std::string> written(m.clients.size());
+  TS_RETURN_IF_ERROR(m.ForEach(m.All(), [&](size_t srv) {
+    return m.clients[srv]->Snapshot(tag, &written[srv], &m.versions[srv]);
+  }));
+  if (names != nullptr) *names = std::move(written);
+  if (version != nullptr) *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::Snapshots(std::vector<std::vector<SnapshotInfo>>* out) {
+  Impl& m = *impl_;
+  out->assign(m.clients.size(), {});
+  return m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->Snapshots(&(*out)[srv]); });
+}
+
+Status ShardedClient::NewestCommonTag(uint64_t* tag, bool* found) {
+  std::vector<std::vector<SnapshotInfo>> listed;
+  TS_RETURN_IF_ERROR(Snapshots(&listed));
+  // Tags of the first server, narrowed to those every other one has too.
+  std::set<uint64_t> common;
+  for (const SnapshotInfo& f : listed[0]) {
+    if (f.tag != 0) common.insert(f.tag);
+  }
+  for (size_t srv = 1; srv < listed.size(); ++srv) {
+    std::set<uint64_t> here;
+    for (const SnapshotInfo& f : listed[srv]) {
+      if (common.count(f.tag) != 0) here.insert(f.tag);
+    }
+    common.swap(here);
+  }
+  *found = !common.empty();
+  *tag = common.empty() ? 0 : *common.rbegin();
+  return Status::OK();
+}
+
+Status ShardedClient::Restore(uint64_t tag, uint64_t* version) {
+  Impl& m = *impl_;
+  // Every server must list the tag before any is changed: a restore that
+  // only some servers could do would leave the model inconsistent.
+  std::vector<std::vector<SnapshotInfo>> listed;
+  TS_RETURN_IF_ERROR(Snapshots(&listed));
+  std::string lacking;
+  for (size_t srv = 0; srv < listed.size(); ++srv) {
+    const bool has = std::any_of(listed[srv].begin(), listed[srv].end(),
+                                 [tag](const SnapshotInfo& f) { return f.tag == tag; });
+    if (!has) lacking += (lacking.empty() ? "" : ", ") + m.ServerName(srv);
+  }
+  if (!lacking.empty()) {
+    return Status(StatusCode::kNotFound, "restore: no valid snapshot with tag " +
+                                             std::to_string(tag) + " on " + lacking +
+                                             "; no server was changed (see NewestCommonTag)");
+  }
+  TS_RETURN_IF_ERROR(m.ForEach(
+      m.All(), [&](size_t srv) { return m.clients[srv]->Restore(tag, &m.versions[srv]); }));
+  if (version != nullptr) *version = m.VersionSum();
+  return Status::OK();
 }
 
 Status ShardedClient::ShutdownServers() {

@@ -711,6 +711,91 @@ Status DecodeReportsResponse(std::span<const uint8_t> payload, std::vector<Worke
   return r.Finish();
 }
 
+// ---- SNAPSHOT / SNAPSHOTS / RESTORE ----------------------------------------------------------
+
+const char* OperationName(uint16_t opcode) {
+  switch (opcode) {
+    case static_cast<uint16_t>(kOpSnapshot):
+      return "SNAPSHOT";
+    case static_cast<uint16_t>(kOpSnapshots):
+      return "SNAPSHOTS";
+    case static_cast<uint16_t>(kOpRestore):
+      return "RESTORE";
+    default:
+      return OpcodeName(opcode);
+  }
+}
+
+void EncodeTagRequest(uint64_t tag, std::vector<uint8_t>* out) { Writer(out).U64(tag); }
+
+Status DecodeTagRequest(std::span<const uint8_t> payload, uint64_t* tag) {
+  if (payload.size() != kTagRequestSize) {
+    return Malformed("SNAPSHOT and RESTORE take exactly a u64 tag (8 bytes), got " +
+                     std::to_string(payload.size()) + " bytes");
+  }
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadU64(tag));
+  return r.Finish();
+}
+
+namespace {
+Status ReadSnapshotName(Reader* r, std::string_view* name) {
+  TS_RETURN_IF_ERROR(r->ReadStr(name));
+  if (name->empty() || name->size() > kMaxSnapshotNameLen) {
+    return Malformed("snapshot file name of " + std::to_string(name->size()) + " bytes (1.." +
+                     std::to_string(kMaxSnapshotNameLen) + " allowed)");
+  }
+  return Status::OK();
+}
+}  // namespace
+
+void EncodeSnapshotResponse(uint64_t version, std::string_view name, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U64(version);
+  w.Str(name);
+}
+
+Status DecodeSnapshotResponse(std::span<const uint8_t> payload, uint64_t* version,
+                              std::string* name) {
+  Reader r(payload);
+  std::string_view n;
+  TS_RETURN_IF_ERROR(r.ReadU64(version));
+  TS_RETURN_IF_ERROR(ReadSnapshotName(&r, &n));
+  TS_RETURN_IF_ERROR(r.Finish());
+  name->assign(n);
+  return Status::OK();
+}
+
+void EncodeSnapshotsResponse(std::span<const SnapshotInfo> files, std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.U32(static_cast<uint32_t>(files.size()));
+  for (const SnapshotInfo& f : files) {
+    w.U64(f.tag);
+    w.U64(f.version);
+    w.Str(f.name);
+  }
+}
+
+Status DecodeSnapshotsResponse(std::span<const uint8_t> payload, std::vector<SnapshotInfo>* files) {
+  Reader r(payload);
+  uint32_t count;
+  TS_RETURN_IF_ERROR(r.ReadCount(kMinSnapshotsEntrySize, &count));
+  if (count > kMaxListedSnapshots) {
+    return Malformed("SNAPSHOTS lists " + std::to_string(count) + " files, over the limit of " +
+                     std::to_string(kMaxListedSnapshots));
+  }
+  files->clear();
+  files->resize(count);
+  for (SnapshotInfo& f : *files) {
+    std::string_view name;
+    TS_RETURN_IF_ERROR(r.ReadU64(&f.tag));
+    TS_RETURN_IF_ERROR(r.ReadU64(&f.version));
+    TS_RETURN_IF_ERROR(ReadSnapshotName(&r, &name));
+    f.name.assign(name);
+  }
+  return r.Finish();
+}
+
 // ---- STATS ---------------------------------------------------------------------------------
 
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out) {

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "protocol/frame.h"
 #include "tensorspark/status.h"
 #include "tensorspark/types.h"
 
@@ -236,6 +237,36 @@ inline constexpr size_t kMinReportsEntrySize = 44;
 void EncodeReportsResponse(std::span<const WorkerReport> reports, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeReportsResponse(std::span<const uint8_t> payload,
                                            std::vector<WorkerReport>* reports);
+
+// ---- SNAPSHOT / SNAPSHOTS / RESTORE (docs/protocol.md, "Tagged snapshots") ------------
+// Opcodes 16-18. They live here rather than in frame.h's Opcode enum (which
+// predates them), so OperationName below names them for messages.
+inline constexpr auto kOpSnapshot = static_cast<Opcode>(16);
+inline constexpr auto kOpSnapshots = static_cast<Opcode>(17);
+inline constexpr auto kOpRestore = static_cast<Opcode>(18);
+// OpcodeName, knowing opcodes 16-18 too.
+const char* OperationName(uint16_t opcode);
+
+// SNAPSHOT and RESTORE requests: exactly u64 tag (any value here; the
+// server refuses tag 0).
+inline constexpr size_t kTagRequestSize = 8;
+void EncodeTagRequest(uint64_t tag, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeTagRequest(std::span<const uint8_t> payload, uint64_t* tag);
+// Snapshot file names are 1..kMaxSnapshotNameLen bytes (NAME_MAX), not
+// validated as UTF-8 (the server's are ASCII).
+inline constexpr size_t kMaxSnapshotNameLen = 255;
+// SNAPSHOT response: u64 version, str name (the file written).
+void EncodeSnapshotResponse(uint64_t version, std::string_view name, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeSnapshotResponse(std::span<const uint8_t> payload, uint64_t* version,
+                                            std::string* name);
+// SNAPSHOTS request is empty; the response is u32 count, then per file
+// u64 tag, u64 version, str name, newest first (at most kMaxListedSnapshots).
+inline constexpr size_t kMinSnapshotsEntrySize = 19;
+inline constexpr size_t kMaxListedSnapshots = 10000;
+void EncodeSnapshotsResponse(std::span<const SnapshotInfo> files, std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeSnapshotsResponse(std::span<const uint8_t> payload,
+                                             std::vector<SnapshotInfo>* files);
+// RESTORE response: the restored version (EncodeVersion).
 
 // ---- STATS ------------------------------------------------------------------------
 void EncodeStatsResponse(std::span<const StatEntry> stats, std::vector<uint8_t>* out);

@@ -5,6 +5,7 @@
 // buffers are passed to the client as spans over their memory, never copied.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -14,6 +15,7 @@
 #include <bit>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -349,6 +351,27 @@ std::vector<nb::dict> ReportsOf(C* c) {
   return ReportDicts(reports);
 }
 
+// Snapshot files as dicts: tag, version, name.
+std::vector<nb::dict> SnapshotDicts(const std::vector<SnapshotInfo>& files) {
+  std::vector<nb::dict> out;
+  out.reserve(files.size());
+  for (const SnapshotInfo& f : files) {
+    nb::dict d;
+    d["tag"] = f.tag;
+    d["version"] = f.version;
+    d["name"] = f.name;
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+template <typename C>
+uint64_t RestoreOn(C* c, uint64_t tag) {
+  uint64_t version = 0;
+  Released([&] { return c->Restore(tag, &version); });
+  return version;
+}
+
 // A model sharded over several servers (ShardedClient); the same calls as
 // PyClient, each going to every server that takes part (membership, modes
 // and heartbeats to all of them).
@@ -435,6 +458,32 @@ class PyShardedClient {
     ShardedClient* c = Live();
     Released([&] { return c->Configure(config); });
   }
+
+  std::vector<std::string> Snapshot(uint64_t tag) {
+    std::vector<std::string> names;
+    ShardedClient* c = Live();
+    Released([&] { return c->Snapshot(tag, &names, nullptr); });
+    return names;
+  }
+
+  std::vector<std::vector<nb::dict>> Snapshots() {
+    std::vector<std::vector<SnapshotInfo>> per_server;
+    ShardedClient* c = Live();
+    Released([&] { return c->Snapshots(&per_server); });
+    std::vector<std::vector<nb::dict>> out;
+    for (const auto& files : per_server) out.push_back(SnapshotDicts(files));
+    return out;
+  }
+
+  std::optional<uint64_t> NewestCommonTag() {
+    uint64_t tag = 0;
+    bool found = false;
+    ShardedClient* c = Live();
+    Released([&] { return c->NewestCommonTag(&tag, &found); });
+    return found ? std::optional<uint64_t>(tag) : std::nullopt;
+  }
+
+  uint64_t Restore(uint64_t tag) { return RestoreOn(Live(), tag); }
 
   size_t num_servers() { return Live()->num_servers(); }
 
@@ -568,6 +617,22 @@ class PyClient {
     Client* c = Live();
     Released([&] { return c->Configure(config); });
   }
+
+  std::string Snapshot(uint64_t tag) {
+    std::string name;
+    Client* c = Live();
+    Released([&] { return c->Snapshot(tag, &name, nullptr); });
+    return name;
+  }
+
+  std::vector<nb::dict> Snapshots() {
+    std::vector<SnapshotInfo> files;
+    Client* c = Live();
+    Released([&] { return c->Snapshots(&files); });
+    return SnapshotDicts(files);
+  }
+
+  uint64_t Restore(uint64_t tag) { return RestoreOn(Live(), tag); }
 
   void ShutdownServer() {
     Client* c = Live();
@@ -738,6 +803,14 @@ NB_MODULE(_core, m) {
       .def("configure", &PyClient::Configure, "mode"_a, "staleness"_a = 0,
            "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
            "Set the run's consistency mode (MODE_*), staleness and timeouts.")
+      .def("snapshot", &PyClient::Snapshot, "tag"_a,
+           "Have the server write a snapshot tagged `tag` (>= 1) now. Returns its file name.")
+      .def("snapshots", &PyClient::Snapshots,
+           "The valid snapshot files of the server's snapshot_dir, newest first, as dicts "
+           "(tag, version, name).")
+      .def("restore", &PyClient::Restore, "tag"_a,
+           "Replace the server's whole state by its newest valid snapshot tagged `tag`. Returns "
+           "the restored version.")
       .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
       .def("close", &PyClient::Close, "Close the connection.")
       .def_prop_ro("connected", &PyClient::connected);
@@ -780,6 +853,16 @@ NB_MODULE(_core, m) {
       .def("configure", &PyShardedClient::Configure, "mode"_a, "staleness"_a = 0,
            "heartbeat_timeout_s"_a = 30.0f, "wait_timeout_s"_a = 600.0f,
            "Set the run's consistency mode (MODE_*), staleness and timeouts on every server.")
+      .def("snapshot", &PyShardedClient::Snapshot, "tag"_a,
+           "Have every server write a snapshot tagged `tag` (>= 1). Returns the file names, in "
+           "server order.")
+      .def("snapshots", &PyShardedClient::Snapshots,
+           "Each server's valid snapshot files (dicts: tag, version, name), newest first.")
+      .def("newest_common_tag", &PyShardedClient::NewestCommonTag,
+           "The largest tag every server holds a valid snapshot of, or None.")
+      .def("restore", &PyShardedClient::Restore, "tag"_a,
+           "Restore every server from its newest valid snapshot tagged `tag` (none changes when "
+           "one lacks it). Returns the version sum.")
       .def_prop_ro("num_servers", &PyShardedClient::num_servers)
       .def_prop_ro("connected", &PyShardedClient::connected, "Every server's connection is up.")
       .def("close", &PyShardedClient::Close, "Close every connection.");

@@ -59,6 +59,7 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
       {"snapshot_errors", get(counters.snapshot_errors)},
       {"snapshot_version", get(counters.snapshot_version)},
       {"resumed_version", get(counters.resumed_version)},
+      {"restores", get(counters.restores)},
   };
   membership.AppendStats(&out);
   return out;
@@ -167,7 +168,7 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
   if (crc != h->checksum) {
     Status e =
         Err(StatusCode::kProtocolError,
-            std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
+            std::string("payload checksum mismatch on a ") + protocol::OperationName(h->opcode) +
                 " frame (CRC-32C " + std::to_string(crc) + ", header says " +
                 std::to_string(h->checksum) + "): data corrupted in transit");
     ctx_->membership.CountRefused(RefuseReason::kBadChecksum);
@@ -230,7 +231,7 @@ Status Connection::Handshake() {
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
   if (h.opcode != static_cast<uint16_t>(Opcode::kHello) || h.flags != 0) {
     return auth_failed(h, std::string("expected HELLO to start the handshake but got ") +
-                              protocol::OpcodeName(h.opcode) +
+                              protocol::OperationName(h.opcode) +
                               "; authenticate before sending requests");
   }
   protocol::HelloRequest hello;
@@ -255,7 +256,7 @@ Status Connection::Handshake() {
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
   if (h.opcode != static_cast<uint16_t>(Opcode::kAuth) || h.flags != 0) {
     return auth_failed(
-        h, std::string("expected AUTH after HELLO but got ") + protocol::OpcodeName(h.opcode));
+        h, std::string("expected AUTH after HELLO but got ") + protocol::OperationName(h.opcode));
   }
   protocol::Nonce proof;
   if (Status s = protocol::DecodeNonce(payload_span(), &proof); !s.ok()) {
@@ -280,6 +281,10 @@ Status Connection::Dispatch(const FrameHeader& h) {
   const bool encodable = h.opcode == static_cast<uint16_t>(Opcode::kRegister) ||
                          h.opcode == static_cast<uint16_t>(Opcode::kPush) ||
                          h.opcode == static_cast<uint16_t>(Opcode::kPull);
+  // Opcodes 16-18, outside the Opcode enum (protocol/messages.h).
+  const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot) ||
+                           h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots) ||
+                           h.opcode == static_cast<uint16_t>(protocol::kOpRestore);
   if (Status f = protocol::CheckFlags(h); !f.ok()) {
     result = f;
   } else if ((h.flags & (protocol::kFlagResponse | protocol::kFlagError)) != 0) {
@@ -288,8 +293,13 @@ Status Connection::Dispatch(const FrameHeader& h) {
     result = Err(StatusCode::kProtocolError,
                  std::string("the fp16/bf16 encoding flags are valid on REGISTER, PUSH and PULL "
                              "only, not on ") +
-                     protocol::OpcodeName(h.opcode));
+                     protocol::OperationName(h.opcode));
+  } else if (snapshot_op) {
+    result = HandleSnapshot(h);  // serialized with RESTORE by the server, not store_mu
   } else {
+    // Shared for the whole request, so RESTORE never replaces variables a
+    // request holds pointers to (see ServerContext::store_mu).
+    std::shared_lock store_lock(ctx_->store_mu);
     switch (static_cast<Opcode>(h.opcode)) {
       case Opcode::kHello:
       case Opcode::kAuth:
@@ -339,7 +349,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
       }
       default:
         result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
-                                                     " (this server speaks v1: 1..15)");
+                                                     " (this server speaks v1: 1..18)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -622,6 +632,36 @@ Status Connection::HandleReport(const FrameHeader& h) {
     std::vector<WorkerReport> reports;
     ctx_->membership.Reports(&reports);
     protocol::EncodeReportsResponse(reports, &out_);
+  }
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleSnapshot(const FrameHeader& h) {
+  const SnapshotService& svc = ctx_->snapshots;
+  out_.clear();
+  if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots)) {
+    if (payload_len_ != 0) {
+      return Err(StatusCode::kProtocolError, "SNAPSHOTS takes an empty payload");
+    }
+    std::vector<SnapshotInfo> files;
+    if (!svc.list) return Err(StatusCode::kInternal, "snapshots are not served");
+    TS_RETURN_IF_ERROR(svc.list(&files));
+    protocol::EncodeSnapshotsResponse(files, &out_);
+  } else {
+    uint64_t tag = 0, version = 0;
+    TS_RETURN_IF_ERROR(protocol::DecodeTagRequest(payload_span(), &tag));
+    if (!svc.snapshot || !svc.restore)
+      return Err(StatusCode::kInternal, "snapshots are not served");
+    if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot)) {
+      std::string name;
+      TS_RETURN_IF_ERROR(svc.snapshot(tag, &name, &version));
+      protocol::EncodeSnapshotResponse(version, name, &out_);
+    } else {
+      LogEvent("restore of tag " + std::to_string(tag) + " requested by " + who_);
+      TS_RETURN_IF_ERROR(svc.restore(tag, &version));
+      protocol::EncodeVersion(version, &out_);
+    }
   }
   (void)SendResponse(h, 0, out_);
   return Status::OK();

@@ -44,6 +44,20 @@ struct ServerCounters {
   std::atomic<uint64_t> snapshot_errors{0};
   std::atomic<uint64_t> snapshot_version{0};
   std::atomic<uint64_t> resumed_version{0};
+  std::atomic<uint64_t> restores{0};  // RESTOREs applied
+};
+
+// The server's side of SNAPSHOT, SNAPSHOTS and RESTORE (ServerImpl), which
+// serializes them with its own snapshot writes. Each returns the error to
+// answer with.
+struct SnapshotService {
+  // Writes a snapshot tagged `tag` (>= 1); `name` is its file name.
+  std::function<Status(uint64_t tag, std::string* name, uint64_t* version)> snapshot;
+  // The valid snapshot files, newest first.
+  std::function<Status(std::vector<SnapshotInfo>* files)> list;
+  // Replaces the store's state by the newest valid snapshot tagged `tag`.
+  // Takes ServerContext::store_mu exclusively: the caller must not hold it.
+  std::function<Status(uint64_t tag, uint64_t* version)> restore;
 };
 
 // State shared by the server and all its connections; outlives them.
@@ -63,6 +77,13 @@ struct ServerContext {
   std::atomic<bool> stopping{false};
   // Called by a connection after it answered SHUTDOWN; must not block.
   std::function<void()> request_shutdown;
+  // Set by the server before any connection starts.
+  SnapshotService snapshots;
+  // RESTORE destroys the store's variables: every request that may use a
+  // Variable pointer runs holding this shared (Dispatch), and RESTORE
+  // swaps the state holding it exclusively. (SNAPSHOT and SNAPSHOTS
+  // serialize with RESTORE on the server's snapshot lock instead.)
+  std::shared_mutex store_mu;
 
   std::vector<StatEntry> Snapshot() const;
 };
@@ -108,6 +129,8 @@ class Connection {
   [[nodiscard]] Status HandleMembership(const protocol::FrameHeader& h);
   // REPORT (a member's stack dump) and REPORTS (every live member's).
   [[nodiscard]] Status HandleReport(const protocol::FrameHeader& h);
+  // SNAPSHOT, SNAPSHOTS and RESTORE (through ServerContext::snapshots).
+  [[nodiscard]] Status HandleSnapshot(const protocol::FrameHeader& h);
 
   // Send failures are also recorded in io_status_ (the connection closes).
   [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,

@@ -301,13 +301,33 @@ Status Membership::Leave(Session* s) {
   return Status::OK();
 }
 
-Status Membership::Configure(const RunConfig& config) {
-  std::lock_guard lock(mu_);
+std::string Membership::LivePartitions() const {
   std::string live;
   for (const auto& [p, m] : members_) {
     if (m.live) live += (live.empty() ? "" : ", ") + std::to_string(p);
   }
-  if (!live.empty()) {
+  return live;
+}
+
+Status Membership::CheckIdle(const std::string& what, bool discard_round) {
+  std::lock_guard lock(mu_);
+  if (const std::string live = LivePartitions(); !live.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "cannot " + what + " while workers are live (partitions " + live +
+                      "); do it between Spark jobs, when no worker has joined");
+  }
+  if (discard_round) {
+    // The last member to leave closed the open round; should pushes remain
+    // anyway, they were made against the state being replaced.
+    accum_.clear();
+    round_pushes_ = 0;
+  }
+  return Status::OK();
+}
+
+Status Membership::Configure(const RunConfig& config) {
+  std::lock_guard lock(mu_);
+  if (const std::string live = LivePartitions(); !live.empty()) {
     return Status(StatusCode::kInvalidArgument,
                   "cannot change the run configuration while workers are live (partitions " + live +
                       "); configure before the workers join or after they leave");

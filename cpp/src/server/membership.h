@@ -95,6 +95,13 @@ class Membership {
   [[nodiscard]] Status Join(Session* s, uint64_t* clock);
   [[nodiscard]] Status Leave(Session* s);
   [[nodiscard]] Status Configure(const RunConfig& config);
+  // OK when no member is live, else kInvalidArgument naming the live
+  // partitions ("cannot <what> while workers are live ..."). When OK and
+  // `discard_round`, an open sync round is discarded (RESTORE replaces the
+  // state it was made against). Members can join right after it returns
+  // unless the caller prevents that (RESTORE holds ServerContext::store_mu,
+  // which JOIN needs).
+  [[nodiscard]] Status CheckIdle(const std::string& what, bool discard_round);
 
   // Called before a pull is served: waits as the mode requires (members
   // only), then remembers the version the member pulled at.
@@ -139,6 +146,8 @@ class Membership {
   };
 
   // All below: caller holds mu_.
+  // "0, 3": the live members' partitions, "" when none.
+  std::string LivePartitions() const;
   Member* LiveMember(const Session& s);
   Status CheckFenced(const Session& s) const;
   void Drop(int32_t partition, Member* m, const std::string& why);

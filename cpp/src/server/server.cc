@@ -14,6 +14,8 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <new>
+#include <shared_mutex>
 #include <system_error>
 #include <thread>
 
@@ -37,6 +39,15 @@ constexpr auto kSnapshotCheck = std::chrono::milliseconds(100);
 // After a failed background write the next try waits this long, so a full
 // disk does not make the thread spin and flood the log.
 constexpr auto kSnapshotRetry = std::chrono::seconds(5);
+// How long RESTORE waits for the requests in flight to finish before it
+// gives up (it is meant for quiescent points, where there are none).
+constexpr auto kRestoreWait = std::chrono::seconds(10);
+
+// The last path component.
+std::string BaseName(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
 
 // mkdir -p: creates `dir` and missing parents (mode 0755).
 Status MakeDirs(const std::string& dir) {
@@ -94,9 +105,16 @@ class ServerImpl {
   Status StartSnapshots();
   // Writes snapshots when due until Stop().
   void SnapshotLoop();
-  // Writes one snapshot, logs and counts the outcome, prunes old files.
-  // Caller holds snapshot_mu_.
-  Status WriteSnapshotLocked(const char* why, std::string* path);
+  // Writes one snapshot tagged `tag` (0: untagged), logs and counts the
+  // outcome, prunes old files. Caller holds snapshot_mu_.
+  Status WriteSnapshotLocked(const std::string& why, uint64_t tag,
+                             storage::WrittenSnapshot* written);
+  // SNAPSHOT, SNAPSHOTS and RESTORE (ServerContext::snapshots); called on
+  // connection threads, never throw.
+  Status CheckTagged(const char* what, uint64_t tag) const;
+  Status SnapshotTagged(uint64_t tag, std::string* name, uint64_t* version);
+  Status ListSnapshots(std::vector<SnapshotInfo>* out);
+  Status RestoreTagged(uint64_t tag, uint64_t* version);
 
   server::ServerContext ctx_;
   net::Socket listener_;
@@ -117,7 +135,9 @@ class ServerImpl {
   bool started_ = false;  // Start() succeeded (so Stop() writes the final snapshot)
 
   std::thread snapshot_thread_;
-  std::mutex snapshot_mu_;  // one snapshot write at a time; guards last_snap_*
+  // One snapshot write (or restore) at a time; guards last_snap_* and the
+  // files of snapshot_dir.
+  std::mutex snapshot_mu_;
   uint64_t last_snap_version_ = 0;
   uint64_t last_snap_generation_ = 0;  // store generation the last snapshot covers
   std::chrono::steady_clock::time_point last_snap_time_;
@@ -162,15 +182,16 @@ Status ServerImpl::StartSnapshots() {
   return Status::OK();
 }
 
-Status ServerImpl::WriteSnapshotLocked(const char* why, std::string* path) {
+Status ServerImpl::WriteSnapshotLocked(const std::string& why, uint64_t tag,
+                                       storage::WrittenSnapshot* written) {
   const ServerOptions& o = ctx_.options;
   const auto start = std::chrono::steady_clock::now();
   last_snap_time_ = start;
-  storage::SnapshotInfo info;
-  Status s = storage::WriteSnapshot(ctx_.store, o.snapshot_dir, &info);
+  storage::WrittenSnapshot info;
+  Status s = storage::WriteSnapshot(ctx_.store, o.snapshot_dir, &info, tag);
   if (!s.ok()) {
     ctx_.counters.snapshot_errors.fetch_add(1, std::memory_order_relaxed);
-    LogEvent(std::string("snapshot (") + why + ") failed: " + s.ToString());
+    LogEvent("snapshot (" + why + ") failed: " + s.ToString());
     return s;
   }
   ctx_.counters.snapshots_written.fetch_add(1, std::memory_order_relaxed);
@@ -181,7 +202,7 @@ Status ServerImpl::WriteSnapshotLocked(const char* why, std::string* path) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char took[32];
   std::snprintf(took, sizeof(took), "%.3f", secs);
-  LogEvent(std::string("snapshot (") + why + ") written: " + info.path + " (version " +
+  LogEvent("snapshot (" + why + ") written: " + info.path + " (version " +
            std::to_string(info.version) + ", " + std::to_string(info.variables) + " variables, " +
            std::to_string(info.bytes) + " bytes, " + took + " s)");
   std::vector<std::string> removed;
@@ -189,7 +210,7 @@ Status ServerImpl::WriteSnapshotLocked(const char* why, std::string* path) {
       !p.ok()) {
     LogEvent("removing old snapshots failed: " + p.ToString());
   }
-  if (path != nullptr) *path = info.path;
+  if (written != nullptr) *written = std::move(info);
   return Status::OK();
 }
 
@@ -199,7 +220,126 @@ Status ServerImpl::Snapshot(std::string* path) {
                   "snapshots are off: start the server with a snapshot_dir");
   }
   std::lock_guard lock(snapshot_mu_);
-  return WriteSnapshotLocked("requested", path);
+  storage::WrittenSnapshot info;
+  TS_RETURN_IF_ERROR(WriteSnapshotLocked("requested", 0, &info));
+  if (path != nullptr) *path = info.path;
+  return Status::OK();
+}
+
+Status ServerImpl::CheckTagged(const char* what, uint64_t tag) const {
+  if (ctx_.options.snapshot_dir.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  std::string(what) +
+                      ": this server has no snapshot directory; start it with --snapshot-dir "
+                      "(ServerOptions::snapshot_dir)");
+  }
+  if (tag == 0) {
+    return Status(StatusCode::kInvalidArgument,
+                  std::string(what) + ": the tag must be >= 1 (0 marks untagged snapshots)");
+  }
+  return Status::OK();
+}
+
+Status ServerImpl::SnapshotTagged(uint64_t tag, std::string* name, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckTagged("snapshot", tag));
+  std::lock_guard lock(snapshot_mu_);
+  storage::WrittenSnapshot info;
+  try {
+    TS_RETURN_IF_ERROR(WriteSnapshotLocked("tag " + std::to_string(tag), tag, &info));
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kLimitExceeded, "snapshot: the server is out of memory");
+  }
+  *name = BaseName(info.path);
+  *version = info.version;
+  return Status::OK();
+}
+
+Status ServerImpl::ListSnapshots(std::vector<SnapshotInfo>* out) {
+  const std::string& dir = ctx_.options.snapshot_dir;
+  if (dir.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshots: this server has no snapshot directory; start it with "
+                  "--snapshot-dir (ServerOptions::snapshot_dir)");
+  }
+  std::vector<storage::SnapshotFile> files;
+  std::vector<std::string> skipped;
+  {
+    std::lock_guard lock(snapshot_mu_);  // no file is written or pruned meanwhile
+    TS_RETURN_IF_ERROR(storage::ListValidSnapshots(dir, &files, &skipped));
+  }
+  for (const std::string& why : skipped) LogEvent("snapshots: not listing " + why);
+  out->clear();
+  const size_t n = std::min(files.size(), protocol::kMaxListedSnapshots);
+  out->reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out->push_back({files[i].tag, files[i].version, BaseName(files[i].path)});
+  }
+  return Status::OK();
+}
+
+Status ServerImpl::RestoreTagged(uint64_t tag, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckTagged("restore", tag));
+  const std::string& dir = ctx_.options.snapshot_dir;
+  const std::string what = "restore snapshot tag " + std::to_string(tag);
+  // No snapshot is written, and no file pruned, until the restore is done.
+  std::lock_guard snap_lock(snapshot_mu_);
+  // Refused early, before the file is read, and checked again below.
+  TS_RETURN_IF_ERROR(ctx_.membership.CheckIdle(what, /*discard_round=*/false));
+  storage::SnapshotData data;
+  std::string chosen;
+  std::vector<std::string> skipped;
+  Status s;
+  try {
+    s = storage::LoadTaggedSnapshot(dir, tag, &data, &chosen, &skipped);
+  } catch (const std::bad_alloc&) {
+    s = Status(StatusCode::kLimitExceeded,
+               "restore: the server has no memory to read the snapshot (it needs the model's "
+               "size again while the current state is kept)");
+  }
+  for (const std::string& why : skipped) {
+    LogEvent("restore: skipping " + why + (s.ok() ? "; falling back to an older snapshot" : ""));
+  }
+  TS_RETURN_IF_ERROR(s);
+  // Wait for the requests in flight; none starts until the state is swapped.
+  // Polled: try_lock_for's pthread_rwlock_clockwrlock is invisible to
+  // ThreadSanitizer, which then reports the swap as a race.
+  std::unique_lock store_lock(ctx_.store_mu, std::defer_lock);
+  const auto give_up = std::chrono::steady_clock::now() + kRestoreWait;
+  while (!store_lock.try_lock() && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!store_lock.owns_lock()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "restore: requests kept using the model for " +
+                      std::to_string(kRestoreWait.count()) +
+                      " s; restore at a quiescent point (between Spark jobs)");
+  }
+  // JOIN needs store_mu: from here on no member can join until the swap is done.
+  TS_RETURN_IF_ERROR(ctx_.membership.CheckIdle(what, /*discard_round=*/true));
+  const uint64_t restored = data.version;
+  const size_t variables = data.variables.size();
+  try {
+    s = ctx_.store.Replace(restored, data.default_optimizer, std::move(data.variables));
+  } catch (const std::bad_alloc&) {
+    s = Status(StatusCode::kLimitExceeded, "restore: the server ran out of memory");
+  }
+  TS_RETURN_IF_ERROR(s.WithContext("restore from " + chosen));
+  // The state is on disk: no snapshot until it changes (read before any
+  // request can change it).
+  last_snap_version_ = restored;
+  last_snap_generation_ = ctx_.store.generation();
+  store_lock.unlock();
+  ctx_.counters.restores.fetch_add(1, std::memory_order_relaxed);
+  LogEvent("restored from " + chosen + ": version " + std::to_string(restored) + ", " +
+           std::to_string(variables) + " variables (tag " + std::to_string(tag) + ")");
+  // Newer files hold the history just left; kept, they would be "newest"
+  // for resume_from, pruning and the next restore of a reused tag.
+  std::vector<std::string> removed;
+  Status r = storage::RemoveSnapshotsNewerThan(dir, restored, tag, &removed);
+  for (const std::string& path : removed) LogEvent("restore: removed the newer " + path);
+  if (!r.ok()) LogEvent("restore: removing newer snapshots failed: " + r.ToString());
+  *version = restored;
+  return Status::OK();
 }
 
 void ServerImpl::SnapshotLoop() {
@@ -218,7 +358,7 @@ void ServerImpl::SnapshotLoop() {
           ctx_.store.version() - last_snap_version_ >= o.snapshot_every_versions;
       const bool by_time = o.snapshot_every_s > 0 && now - last_snap_time_ >= every;
       if (changed && (by_versions || by_time) && now >= snap_retry_after_) {
-        Status st = WriteSnapshotLocked(by_versions ? "every_versions" : "every_s", nullptr);
+        Status st = WriteSnapshotLocked(by_versions ? "every_versions" : "every_s", 0, nullptr);
         if (!st.ok()) snap_retry_after_ = now + kSnapshotRetry;
       }
     }
@@ -265,6 +405,13 @@ Status ServerImpl::Start() {
   }
   TS_RETURN_IF_ERROR(ctx_.membership.Start());
   ctx_.request_shutdown = [this] { RequestShutdown(); };
+  ctx_.snapshots.snapshot = [this](uint64_t tag, std::string* name, uint64_t* version) {
+    return SnapshotTagged(tag, name, version);
+  };
+  ctx_.snapshots.list = [this](std::vector<SnapshotInfo>* out) { return ListSnapshots(out); };
+  ctx_.snapshots.restore = [this](uint64_t tag, uint64_t* version) {
+    return RestoreTagged(tag, version);
+  };
   try {
     acceptor_ = std::thread([this] { AcceptLoop(&listener_); });
     if (unix_listener_.valid()) {
@@ -418,7 +565,7 @@ void ServerImpl::Stop() {
   if (started_ && !ctx_.options.snapshot_dir.empty()) {
     std::lock_guard lock(snapshot_mu_);
     if (ctx_.store.generation() != last_snap_generation_)
-      (void)WriteSnapshotLocked("final", nullptr);
+      (void)WriteSnapshotLocked("final", 0, nullptr);
   }
   {
     std::lock_guard lock(state_mu_);

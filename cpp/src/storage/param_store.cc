@@ -326,13 +326,18 @@ std::optional<OptimizerConfig> ParamStore::default_optimizer() const {
 
 Status ParamStore::Restore(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
                            std::vector<VariableState>&& vars) {
+  return Install(version, default_opt, std::move(vars), /*replace=*/false);
+}
+
+Status ParamStore::Replace(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                           std::vector<VariableState>&& vars) {
+  return Install(version, default_opt, std::move(vars), /*replace=*/true);
+}
+
+Status ParamStore::Install(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                           std::vector<VariableState>&& vars, bool replace) {
   auto bad = [](std::string msg) { return Status(StatusCode::kInvalidArgument, std::move(msg)); };
   if (default_opt) TS_RETURN_IF_ERROR(optimizers::ValidateConfig(*default_opt));
-  std::unique_lock lock(map_mu_);
-  if (!ordered_.empty()) {
-    return bad("cannot restore a snapshot into a server that already holds " +
-               std::to_string(ordered_.size()) + " variables");
-  }
   if (vars.size() > max_variables_) {
     return Status(StatusCode::kLimitExceeded, "the snapshot holds " + std::to_string(vars.size()) +
                                                   " variables, more than the server's limit of " +
@@ -365,17 +370,31 @@ Status ParamStore::Restore(uint64_t version, const std::optional<OptimizerConfig
       }
     }
   }
+  // Built (and checksummed) before the lock: only the swap below holds it.
+  decltype(by_name_) by_name;
+  std::vector<Variable*> ordered;
+  ordered.reserve(vars.size());
   uint64_t added = 0;
   for (VariableState& v : vars) {
-    auto var = std::make_unique<Variable>(ordered_.size(), std::move(v));
+    auto var = std::make_unique<Variable>(ordered.size(), std::move(v));
     added += var->numel();
-    ordered_.push_back(var.get());
-    by_name_.emplace(var->name(), std::move(var));
+    ordered.push_back(var.get());
+    by_name.emplace(var->name(), std::move(var));
   }
-  default_optimizer_ = default_opt;
-  num_parameters_.fetch_add(added, std::memory_order_relaxed);
-  version_.store(version, std::memory_order_release);
-  generation_.fetch_add(1, std::memory_order_acq_rel);
+  {
+    std::unique_lock lock(map_mu_);
+    if (!replace && !ordered_.empty()) {
+      return bad("cannot restore a snapshot into a server that already holds " +
+                 std::to_string(ordered_.size()) + " variables");
+    }
+    by_name_.swap(by_name);
+    ordered_.swap(ordered);
+    default_optimizer_ = default_opt;
+    num_parameters_.store(added, std::memory_order_relaxed);
+    version_.store(version, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  // `by_name` now holds the replaced variables: freed here, after the lock.
   return Status::OK();
 }
 

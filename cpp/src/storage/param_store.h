@@ -5,8 +5,9 @@
 // Each Variable's `mu` guards its values and optimizer state (config,
 // slots, step): pulls share it, pushes and SetOptimizer take it
 // exclusively, one variable at a time, never while holding map_mu_.
-// Variables are never removed, so Variable pointers stay valid for the
-// store's lifetime and may be used after map_mu_ is released. Code holding
+// Variables are never removed (except all at once by Replace, which the
+// server runs only while no request uses the store), so Variable pointers
+// stay valid and may be used after map_mu_ is released. Code holding
 // several variable locks at once must take them in increasing id() order.
 // A snapshot (storage/snapshot.h) copies one variable at a time under its
 // shared lock (CopyState) and writes the copy without any lock.
@@ -162,6 +163,14 @@ class ParamStore {
   // and changes nothing on failure.
   [[nodiscard]] Status Restore(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
                                std::vector<VariableState>&& vars);
+  // As Restore, but into a store that may hold variables: every variable,
+  // the default optimizer and the version are replaced by `vars` (the old
+  // variables are destroyed, which is why the caller must guarantee that no
+  // other thread holds or takes a Variable pointer of this store during the
+  // call: the server runs it while no request touches the store). Changes
+  // nothing on failure.
+  [[nodiscard]] Status Replace(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                               std::vector<VariableState>&& vars);
 
   // Optimizer given to variables registered from now on, if any.
   std::optional<OptimizerConfig> default_optimizer() const;
@@ -180,6 +189,9 @@ class ParamStore {
     size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
   };
   Variable* FindLocked(std::string_view name) const;
+  // Restore (replace false: the store must be empty) and Replace.
+  [[nodiscard]] Status Install(uint64_t version, const std::optional<OptimizerConfig>& default_opt,
+                               std::vector<VariableState>&& vars, bool replace);
 
   const uint64_t max_variables_;
   ThreadPool* const pool_;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <unordered_set>
 
 #include "optimizers/optimizers.h"
@@ -35,7 +36,12 @@ constexpr char kPrefix[] = "snapshot-";
 constexpr char kSuffix[] = ".tsnap";
 constexpr char kTmpPrefix[] = ".snapshot-";
 constexpr char kTmpSuffix[] = ".tmp";
+// Between version and tag in the name of a tagged snapshot.
+constexpr std::string_view kTagInfix = "-tag-";
 constexpr size_t kVersionDigits = 20;
+// Format 1 (68-byte header, no tag) is still read.
+constexpr uint16_t kFormatUntagged = 1;
+constexpr size_t kHeaderSizeV1 = 68;
 constexpr uint8_t kRecordTensor = 1;
 constexpr uint8_t kRecordSlot = 2;
 constexpr uint8_t kFlagDefaultOptimizer = 1;  // header flags
@@ -67,8 +73,15 @@ std::string VersionDigits(uint64_t v) {
   return std::string(kVersionDigits - digits.size(), '0') + digits;
 }
 
-std::string TmpFileName(uint64_t version) {
-  return kTmpPrefix + VersionDigits(version) + kTmpSuffix;
+// "<version>" or "<version>-tag-<tag>": what sits between prefix and suffix.
+std::string VersionAndTag(uint64_t version, uint64_t tag) {
+  std::string s = VersionDigits(version);
+  if (tag != 0) s += std::string(kTagInfix) + VersionDigits(tag);
+  return s;
+}
+
+std::string TmpFileName(uint64_t version, uint64_t tag) {
+  return kTmpPrefix + VersionAndTag(version, tag) + kTmpSuffix;
 }
 
 bool ParseDigits(std::string_view s, uint64_t* out) {
@@ -84,12 +97,23 @@ bool ParseDigits(std::string_view s, uint64_t* out) {
   return true;
 }
 
+// Only canonical names: 20 digits each, and a tag only when it is not 0.
 bool ParseWrapped(std::string_view name, std::string_view prefix, std::string_view suffix,
-                  uint64_t* version) {
+                  uint64_t* version, uint64_t* tag) {
   if (!name.starts_with(prefix) || !name.ends_with(suffix)) return false;
   name.remove_prefix(prefix.size());
   name.remove_suffix(suffix.size());
-  return ParseDigits(name, version);
+  uint64_t t = 0;
+  if (name.size() == 2 * kVersionDigits + kTagInfix.size()) {
+    if (name.substr(kVersionDigits, kTagInfix.size()) != kTagInfix ||
+        !ParseDigits(name.substr(kVersionDigits + kTagInfix.size()), &t) || t == 0) {
+      return false;
+    }
+    name = name.substr(0, kVersionDigits);
+  }
+  if (!ParseDigits(name, version)) return false;
+  if (tag != nullptr) *tag = t;
+  return true;
 }
 
 void EncodeConfig(const std::optional<OptimizerConfig>& c, uint8_t out[kOptimizerConfigSize]) {
@@ -234,8 +258,9 @@ class FileWriter {
   uint64_t bytes_ = 0;
 };
 
-// Writes header, records and trailer; info->version is set by the caller.
-Status WriteBody(const ParamStore& store, FileWriter* w, SnapshotInfo* info) {
+// Writes header, records and trailer; info->version and tag are set by the
+// caller.
+Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info) {
   const std::optional<OptimizerConfig> default_opt = store.default_optimizer();
   std::vector<Variable*> vars;
   store.All(&vars);
@@ -251,7 +276,8 @@ Status WriteBody(const ParamStore& store, FileWriter* w, SnapshotInfo* info) {
   StoreLE64(header + 24, vars.size());
   header[32] = default_opt ? kFlagDefaultOptimizer : 0;
   EncodeConfig(default_opt, header + 36);
-  StoreLE32(header + 64, protocol::Crc32c(header, 64));
+  StoreLE64(header + 64, info->tag);
+  StoreLE32(header + 72, protocol::Crc32c(header, 72));
   TS_RETURN_IF_ERROR(w->Append(header, sizeof(header)));
 
   VariableState state;  // reused: one variable's copy at a time
@@ -333,6 +359,23 @@ class FileReader {
     }
     crc_.Add(dst, n);
     pos_ += n;
+    return Status::OK();
+  }
+
+  // Reads n bytes at `offset` without moving pos() or counting them in the
+  // CRC (the cheap header and trailer check of ReadSnapshotHeader).
+  Status ReadAt(uint64_t offset, void* dst, size_t n) {
+    auto* out = static_cast<uint8_t*>(dst);
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t r = ::pread(fd_, out + done, n - done, static_cast<off_t>(offset + done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        return Fail("read error at byte " + std::to_string(offset + done) + ": " + Errno(errno));
+      }
+      if (r == 0) return Truncated(offset + done, "the file shrank while being read");
+      done += static_cast<size_t>(r);
+    }
     return Status::OK();
   }
 
@@ -474,50 +517,71 @@ Status ParseTensorMeta(const FileReader& f, const RawRecord& rec, uint64_t index
   return Status::OK();
 }
 
-Status ReadAll(FileReader* f, SnapshotData* out) {
-  // Header.
-  uint8_t header[kSnapshotHeaderSize];
+// Reads and checks the header (format 1 or 2) and that the file can hold
+// the tensors it announces (at least a record header and CRC each, and the
+// trailer). Leaves the reader at the first record.
+Status ReadHeader(FileReader* f, SnapshotHeader* h, std::optional<OptimizerConfig>* default_opt) {
+  uint8_t header[kSnapshotHeaderSize];  // format 2's, the larger
   const size_t magic_have = static_cast<size_t>(std::min<uint64_t>(f->size(), sizeof(kMagic)));
-  const size_t head_have = static_cast<size_t>(std::min<uint64_t>(f->size(), sizeof(header)));
-  TS_RETURN_IF_ERROR(f->Read(header, head_have));
+  const size_t fixed_have = static_cast<size_t>(std::min<uint64_t>(f->size(), 8));
+  TS_RETURN_IF_ERROR(f->Read(header, fixed_have));
   if (std::memcmp(header, kMagic, magic_have) != 0) {
     return f->Fail("not a tensorspark snapshot (the file does not start with \"TSSNAP\")");
   }
-  if (head_have < sizeof(header)) {
-    return f->Truncated(f->size(), "the header needs " + std::to_string(sizeof(header)) + " bytes");
+  if (fixed_have < 8) {
+    return f->Truncated(f->size(),
+                        "the header needs at least " + std::to_string(kHeaderSizeV1) + " bytes");
   }
   const uint16_t format = LoadLE16(header + 6);
-  if (format != kSnapshotFormatVersion) {
+  if (format != kFormatUntagged && format != kSnapshotFormatVersion) {
     return f->Fail("snapshot format version " + std::to_string(format) +
-                   " is not supported (this build reads version " +
+                   " is not supported (this build reads versions 1 and " +
                    std::to_string(kSnapshotFormatVersion) + ")");
   }
-  if (LoadLE32(header + 64) != protocol::Crc32c(header, 64)) {
+  const size_t size = format == kFormatUntagged ? kHeaderSizeV1 : kSnapshotHeaderSize;
+  if (f->size() < size) {
+    return f->Truncated(f->size(), "the header needs " + std::to_string(size) + " bytes");
+  }
+  TS_RETURN_IF_ERROR(f->Read(header + 8, size - 8));
+  if (LoadLE32(header + size - 4) != protocol::Crc32c(header, size - 4)) {
     return f->Fail("header checksum mismatch");
   }
-  out->version = LoadLE64(header + 8);
-  out->created_unix_ms = LoadLE64(header + 16);
-  const uint64_t count = LoadLE64(header + 24);
+  h->format = format;
+  h->version = LoadLE64(header + 8);
+  h->created_unix_ms = LoadLE64(header + 16);
+  h->tensors = LoadLE64(header + 24);
+  h->tag = format == kFormatUntagged ? 0 : LoadLE64(header + 64);
   const uint8_t header_flags = header[32];
   if ((header_flags & ~kFlagDefaultOptimizer) != 0 || header[33] || header[34] || header[35]) {
     return f->Fail("unknown header flags or reserved bits set");
   }
-  out->default_optimizer.reset();
+  default_opt->reset();
   if (header_flags & kFlagDefaultOptimizer) {
-    out->default_optimizer = DecodeConfig(header + 36);
-    if (Status c = optimizers::ValidateConfig(*out->default_optimizer); !c.ok()) {
+    *default_opt = DecodeConfig(header + 36);
+    if (Status c = optimizers::ValidateConfig(**default_opt); !c.ok()) {
       return f->Fail("default " + c.message());
     }
   }
   // Each tensor takes at least a record header and CRC: the header is
   // intact (its CRC matched), so a file too short for them was cut. The
   // check also keeps a huge count from sizing an allocation.
+  const uint64_t count = h->tensors;
   const uint64_t min_record = kSnapshotRecordHeaderSize + 4;
   const uint64_t left = f->size() - f->pos();
   if (count > left / min_record || left < count * min_record + kSnapshotTrailerSize) {
     return f->Truncated(f->size(), "the header announces " + std::to_string(count) +
                                        " tensors, which need more bytes");
   }
+  return Status::OK();
+}
+
+Status ReadAll(FileReader* f, SnapshotData* out) {
+  SnapshotHeader h;
+  TS_RETURN_IF_ERROR(ReadHeader(f, &h, &out->default_optimizer));
+  out->version = h.version;
+  out->tag = h.tag;
+  out->created_unix_ms = h.created_unix_ms;
+  const uint64_t count = h.tensors;
 
   // Records.
   out->variables.clear();
@@ -579,22 +643,38 @@ Status ReadAll(FileReader* f, SnapshotData* out) {
   return Status::OK();
 }
 
+// Deletes `paths` (already gone counts as deleted); the first failure is
+// returned after trying every file.
+Status RemoveFiles(const std::vector<std::string>& paths, std::vector<std::string>* removed) {
+  Status first;
+  for (const std::string& path : paths) {
+    if (::unlink(path.c_str()) == 0) {
+      removed->push_back(path);
+    } else if (errno != ENOENT && first.ok()) {
+      first = IoError(path, "delete", errno);
+    }
+  }
+  return first;
+}
+
 }  // namespace
 
-std::string SnapshotFileName(uint64_t version) {
-  return kPrefix + VersionDigits(version) + kSuffix;
+std::string SnapshotFileName(uint64_t version, uint64_t tag) {
+  return kPrefix + VersionAndTag(version, tag) + kSuffix;
 }
 
-bool ParseSnapshotFileName(std::string_view name, uint64_t* version) {
-  return ParseWrapped(name, kPrefix, kSuffix, version);
+bool ParseSnapshotFileName(std::string_view name, uint64_t* version, uint64_t* tag) {
+  return ParseWrapped(name, kPrefix, kSuffix, version, tag);
 }
 
-Status WriteSnapshot(const ParamStore& store, const std::string& dir, SnapshotInfo* info) {
+Status WriteSnapshot(const ParamStore& store, const std::string& dir, WrittenSnapshot* info,
+                     uint64_t tag) {
   // Read before anything is copied: the snapshot holds at least every
   // change counted in them (pushes may overlap the copy; see the header).
   info->version = store.version();
   info->generation = store.generation();
-  const std::string tmp = JoinPath(dir, TmpFileName(info->version));
+  info->tag = tag;
+  const std::string tmp = JoinPath(dir, TmpFileName(info->version, tag));
   Status s;
   {
     FileWriter w(tmp);
@@ -602,7 +682,7 @@ Status WriteSnapshot(const ParamStore& store, const std::string& dir, SnapshotIn
     if (s.ok()) s = WriteBody(store, &w, info);
   }
   if (s.ok()) {
-    info->path = JoinPath(dir, SnapshotFileName(info->version));
+    info->path = JoinPath(dir, SnapshotFileName(info->version, tag));
     if (::rename(tmp.c_str(), info->path.c_str()) != 0) s = IoError(info->path, "rename", errno);
   }
   if (!s.ok()) {
@@ -612,36 +692,55 @@ Status WriteSnapshot(const ParamStore& store, const std::string& dir, SnapshotIn
   return SyncDir(dir);
 }
 
-Status ListSnapshots(const std::string& dir, std::vector<std::pair<uint64_t, std::string>>* out) {
+Status ListSnapshotFiles(const std::string& dir, std::vector<SnapshotFile>* out) {
   out->clear();
   DIR* d = ::opendir(dir.c_str());
   if (d == nullptr) return IoError(dir, "opening the directory", errno);
   while (const dirent* e = ::readdir(d)) {
-    uint64_t v;
-    if (ParseSnapshotFileName(e->d_name, &v)) out->emplace_back(v, JoinPath(dir, e->d_name));
+    SnapshotFile f;
+    if (ParseSnapshotFileName(e->d_name, &f.version, &f.tag)) {
+      f.path = JoinPath(dir, e->d_name);
+      out->push_back(std::move(f));
+    }
   }
   ::closedir(d);
-  std::sort(out->begin(), out->end(), [](const auto& a, const auto& b) { return a > b; });
+  std::sort(out->begin(), out->end(), [](const SnapshotFile& a, const SnapshotFile& b) {
+    return std::tie(a.version, a.tag) > std::tie(b.version, b.tag);
+  });
+  return Status::OK();
+}
+
+Status ListSnapshots(const std::string& dir, std::vector<std::pair<uint64_t, std::string>>* out) {
+  out->clear();
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
+  for (SnapshotFile& f : files) out->emplace_back(f.version, std::move(f.path));
   return Status::OK();
 }
 
 Status PruneSnapshots(const std::string& dir, uint64_t keep, std::vector<std::string>* removed,
                       const std::string& written) {
   removed->clear();
-  std::vector<std::pair<uint64_t, std::string>> files;
-  TS_RETURN_IF_ERROR(ListSnapshots(dir, &files));
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
   std::vector<std::string> doomed;
   if (keep > 0) {
-    // `written` counts among the kept ones wherever it sorts.
-    uint64_t kept = 0;
-    const bool protect =
-        std::any_of(files.begin(), files.end(), [&](const auto& f) { return f.second == written; });
-    for (const auto& [version, path] : files) {
-      if (path == written) continue;
-      if (kept + (protect ? 1 : 0) < keep) {
-        ++kept;
-      } else {
-        doomed.push_back(path);
+    // Tagged and untagged snapshots are kept apart: frequent timed
+    // snapshots must not push out the tagged ones a restore needs.
+    for (const bool tagged : {false, true}) {
+      const auto in_group = [tagged](const SnapshotFile& f) { return (f.tag != 0) == tagged; };
+      // `written` counts among the kept ones wherever it sorts.
+      const bool protect = std::any_of(files.begin(), files.end(), [&](const SnapshotFile& f) {
+        return in_group(f) && f.path == written;
+      });
+      uint64_t kept = 0;
+      for (const SnapshotFile& f : files) {
+        if (!in_group(f) || f.path == written) continue;
+        if (kept + (protect ? 1 : 0) < keep) {
+          ++kept;
+        } else {
+          doomed.push_back(f.path);
+        }
       }
     }
   }
@@ -651,22 +750,67 @@ Status PruneSnapshots(const std::string& dir, uint64_t keep, std::vector<std::st
     if (DIR* d = ::opendir(dir.c_str())) {
       while (const dirent* e = ::readdir(d)) {
         uint64_t v;
-        if (ParseWrapped(e->d_name, kTmpPrefix, kTmpSuffix, &v) && v < files[0].first) {
+        if (ParseWrapped(e->d_name, kTmpPrefix, kTmpSuffix, &v, nullptr) && v < files[0].version) {
           doomed.push_back(JoinPath(dir, e->d_name));
         }
       }
       ::closedir(d);
     }
   }
-  Status first;
-  for (const std::string& path : doomed) {
-    if (::unlink(path.c_str()) == 0) {
-      removed->push_back(path);
-    } else if (errno != ENOENT && first.ok()) {
-      first = IoError(path, "delete", errno);
+  return RemoveFiles(doomed, removed);
+}
+
+Status RemoveSnapshotsNewerThan(const std::string& dir, uint64_t version, uint64_t tag,
+                                std::vector<std::string>* removed) {
+  removed->clear();
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
+  std::vector<std::string> doomed;
+  for (const SnapshotFile& f : files) {
+    if (std::tie(f.version, f.tag) > std::tie(version, tag)) doomed.push_back(f.path);
+  }
+  return RemoveFiles(doomed, removed);
+}
+
+Status ReadSnapshotHeader(const std::string& path, SnapshotHeader* out) {
+  FileReader f(path);
+  TS_RETURN_IF_ERROR(f.Open());
+  std::optional<OptimizerConfig> default_opt;
+  TS_RETURN_IF_ERROR(ReadHeader(&f, out, &default_opt));
+  // The trailer's magic and record count, not the file CRC (that needs
+  // every byte): a cut file almost never ends with them.
+  uint8_t trailer[kSnapshotTrailerSize];
+  TS_RETURN_IF_ERROR(f.ReadAt(f.size() - sizeof(trailer), trailer, sizeof(trailer)));
+  if (std::memcmp(trailer, kTrailerMagic, sizeof(kTrailerMagic)) != 0) {
+    return f.Fail("no trailer at the end of the file (it was cut or is corrupt)");
+  }
+  if (LoadLE64(trailer + 8) < out->tensors) {
+    return f.Fail("the trailer counts " + std::to_string(LoadLE64(trailer + 8)) + " records for " +
+                  std::to_string(out->tensors) + " tensors");
+  }
+  return Status::OK();
+}
+
+Status ListValidSnapshots(const std::string& dir, std::vector<SnapshotFile>* out,
+                          std::vector<std::string>* skipped) {
+  out->clear();
+  skipped->clear();
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
+  for (SnapshotFile& f : files) {
+    SnapshotHeader h;
+    if (Status s = ReadSnapshotHeader(f.path, &h); !s.ok()) {
+      skipped->push_back(s.message());
+    } else if (h.version != f.version || h.tag != f.tag) {
+      // Renamed by hand: its name would misplace it in every ordering.
+      skipped->push_back(f.path + ": the header says version " + std::to_string(h.version) +
+                         ", tag " + std::to_string(h.tag) + "; the name says version " +
+                         std::to_string(f.version) + ", tag " + std::to_string(f.tag));
+    } else {
+      out->push_back(std::move(f));
     }
   }
-  return first;
+  return Status::OK();
 }
 
 Status ReadSnapshot(const std::string& path, SnapshotData* out) {
@@ -707,6 +851,51 @@ Status LoadSnapshot(const std::string& path, SnapshotData* out, std::string* cho
                     std::to_string(files.size()) + " tried):";
   for (const std::string& why : *skipped) msg += "\n  " + why;
   out->variables.clear();
+  return Status(StatusCode::kInvalidArgument, std::move(msg));
+}
+
+Status LoadTaggedSnapshot(const std::string& dir, uint64_t tag, SnapshotData* out,
+                          std::string* chosen, std::vector<std::string>* skipped) {
+  skipped->clear();
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
+  std::vector<uint64_t> tags;  // for the message when the tag is missing
+  size_t tried = 0;
+  for (const SnapshotFile& f : files) {
+    if (f.tag != tag) {
+      if (f.tag != 0 && std::find(tags.begin(), tags.end(), f.tag) == tags.end()) {
+        tags.push_back(f.tag);
+      }
+      continue;
+    }
+    ++tried;
+    Status s = ReadSnapshot(f.path, out);
+    if (s.ok() && out->tag != tag) {
+      s = Status(StatusCode::kInvalidArgument,
+                 f.path + ": the header says tag " + std::to_string(out->tag));
+    }
+    if (s.ok()) {
+      *chosen = f.path;
+      return Status::OK();
+    }
+    skipped->push_back(s.message());
+  }
+  out->variables.clear();
+  if (tried == 0) {
+    std::sort(tags.rbegin(), tags.rend());
+    std::string have;
+    for (size_t i = 0; i < tags.size() && i < 10; ++i) {
+      have += (i == 0 ? "" : ", ") + std::to_string(tags[i]);
+    }
+    if (tags.size() > 10) have += ", ...";
+    return Status(
+        StatusCode::kNotFound,
+        "snapshot_dir '" + dir + "' holds no snapshot with tag " + std::to_string(tag) +
+            (tags.empty() ? " (it holds no tagged snapshot)" : " (its tags: " + have + ")"));
+  }
+  std::string msg = "snapshot_dir '" + dir + "' holds no valid snapshot with tag " +
+                    std::to_string(tag) + " (" + std::to_string(tried) + " tried):";
+  for (const std::string& why : *skipped) msg += "\n  " + why;
   return Status(StatusCode::kInvalidArgument, std::move(msg));
 }
 

@@ -598,5 +598,69 @@ TEST(MessagesTest, ReportsResponseRoundTrip) {
   EXPECT_TRUE(got.empty());
 }
 
+TEST(MessagesTest, TagRequestIsExactlyAU64) {
+  std::vector<uint8_t> p;
+  EncodeTagRequest(0x0102030405060708u, &p);
+  ASSERT_EQ(p.size(), kTagRequestSize);
+  EXPECT_EQ(p[0], 0x08);  // little-endian
+  uint64_t tag = 0;
+  ASSERT_TRUE(DecodeTagRequest(p, &tag).ok());
+  EXPECT_EQ(tag, 0x0102030405060708u);
+  for (size_t len : {0, 7, 9}) {
+    std::vector<uint8_t> other(len);
+    Status s = DecodeTagRequest(other, &tag);
+    EXPECT_EQ(s.code(), StatusCode::kProtocolError) << len;
+    EXPECT_NE(s.message().find("exactly a u64 tag"), std::string::npos) << s.message();
+  }
+}
+
+TEST(MessagesTest, SnapshotResponsesRoundTrip) {
+  const std::string name = "snapshot-00000000000000000042-tag-00000000000000000007.tsnap";
+  std::vector<uint8_t> p;
+  EncodeSnapshotResponse(42, name, &p);
+  ASSERT_EQ(p.size(), 8 + 2 + name.size());
+  uint64_t version = 0;
+  std::string got_name;
+  ASSERT_TRUE(DecodeSnapshotResponse(p, &version, &got_name).ok());
+  EXPECT_EQ(version, 42u);
+  EXPECT_EQ(got_name, name);
+  for (size_t len = 0; len < p.size(); ++len) {
+    std::vector<uint8_t> cut(p.begin(), p.begin() + len);
+    EXPECT_EQ(DecodeSnapshotResponse(cut, &version, &got_name).code(), StatusCode::kProtocolError);
+  }
+  std::vector<uint8_t> empty_name;
+  EncodeSnapshotResponse(1, "", &empty_name);
+  EXPECT_EQ(DecodeSnapshotResponse(empty_name, &version, &got_name).code(),
+            StatusCode::kProtocolError);
+
+  const std::vector<SnapshotInfo> files = {{7, 42, name}, {0, 40, "snapshot-40.tsnap"}};
+  std::vector<uint8_t> list;
+  EncodeSnapshotsResponse(files, &list);
+  std::vector<SnapshotInfo> got;
+  ASSERT_TRUE(DecodeSnapshotsResponse(list, &got).ok());
+  ASSERT_EQ(got.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(got[i].tag, files[i].tag);
+    EXPECT_EQ(got[i].version, files[i].version);
+    EXPECT_EQ(got[i].name, files[i].name);
+  }
+  for (size_t len = 0; len < list.size(); ++len) {
+    std::vector<uint8_t> cut(list.begin(), list.begin() + len);
+    EXPECT_EQ(DecodeSnapshotsResponse(cut, &got).code(), StatusCode::kProtocolError) << len;
+  }
+  std::vector<uint8_t> trailing = list;
+  trailing.push_back(0);
+  EXPECT_EQ(DecodeSnapshotsResponse(trailing, &got).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> huge = list;
+  std::fill_n(huge.begin(), 4, uint8_t{0xFF});
+  EXPECT_EQ(DecodeSnapshotsResponse(huge, &got).code(), StatusCode::kProtocolError);
+  std::vector<uint8_t> none;
+  EncodeSnapshotsResponse({}, &none);
+  ASSERT_TRUE(DecodeSnapshotsResponse(none, &got).ok());
+  EXPECT_TRUE(got.empty());
+  EXPECT_STREQ(OperationName(static_cast<uint16_t>(kOpRestore)), "RESTORE");
+  EXPECT_STREQ(OperationName(static_cast<uint16_t>(Opcode::kPull)), "PULL");
+}
+
 }  // namespace
 }  // namespace tensorspark::protocol

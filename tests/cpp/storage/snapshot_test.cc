@@ -171,7 +171,7 @@ TEST(SnapshotTest, RoundTripRestoresEveryBitAndTheNextStepMatches) {
   TempDir dir;
   ParamStore a(100);
   FillStore(&a);
-  SnapshotInfo info;
+  WrittenSnapshot info;
   Status s = WriteSnapshot(a, dir.path(), &info);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(info.path, dir.Sub(SnapshotFileName(a.version())));
@@ -214,7 +214,7 @@ TEST(SnapshotTest, RoundTripWithoutOptimizers) {
   ParamStore a(10);
   Register(&a, "plain", {2, 3});
   PushGradients(&a, 1);  // delta pushes
-  SnapshotInfo info;
+  WrittenSnapshot info;
   ASSERT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
   SnapshotData data;
   ASSERT_TRUE(ReadSnapshot(info.path, &data).ok());
@@ -230,7 +230,7 @@ TEST(SnapshotTest, RoundTripWithoutOptimizers) {
 TEST(SnapshotTest, EmptyStoreRoundTrips) {
   TempDir dir;
   ParamStore a(10);
-  SnapshotInfo info;
+  WrittenSnapshot info;
   ASSERT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
   EXPECT_EQ(info.bytes, kSnapshotHeaderSize + kSnapshotTrailerSize);
   SnapshotData data;
@@ -243,7 +243,7 @@ TEST(SnapshotTest, RestoreNeedsAnEmptyStoreAndRespectsMaxVariables) {
   ParamStore a(10);
   Register(&a, "x", {2});
   Register(&a, "y", {2});
-  SnapshotInfo info;
+  WrittenSnapshot info;
   ASSERT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
   SnapshotData data;
   ASSERT_TRUE(ReadSnapshot(info.path, &data).ok());
@@ -267,7 +267,7 @@ TEST(SnapshotTest, PruneKeepsTheNewest) {
   Register(&a, "x", {4});
   for (int i = 0; i < 5; ++i) {
     PushGradients(&a, i);
-    SnapshotInfo info;
+    WrittenSnapshot info;
     ASSERT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
   }
   // A write cut short by a crash, and a file that is not ours.
@@ -309,7 +309,7 @@ std::vector<uint8_t> SmallSnapshot(const TempDir& dir, std::string* path) {
   Register(&a, "w", {2, 3});
   Register(&a, "b", {3});
   PushGradients(&a, 1);
-  SnapshotInfo info;
+  WrittenSnapshot info;
   EXPECT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
   *path = info.path;
   return ReadBytes(info.path);
@@ -379,9 +379,10 @@ TEST(SnapshotTest, OtherCorruptFiles) {
   EXPECT_TRUE(Contains(ReadSnapshot(bad, &data).message(), "not a tensorspark snapshot"));
 
   std::vector<uint8_t> future = bytes;
-  future[6] = 2;  // format version 2
+  future[6] = 3;  // format version 3
   WriteBytes(bad, future);
-  EXPECT_TRUE(Contains(ReadSnapshot(bad, &data).message(), "format version 2 is not supported"));
+  EXPECT_TRUE(Contains(ReadSnapshot(bad, &data).message(),
+                       "format version 3 is not supported (this build reads versions 1 and 2)"));
 
   Status s = ReadSnapshot(dir.Sub("missing.tsnap"), &data);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
@@ -395,7 +396,7 @@ TEST(SnapshotTest, LoadFallsBackPastCorruptAndTruncatedSnapshots) {
   std::vector<std::string> paths;
   for (int i = 0; i < 3; ++i) {
     PushGradients(&a, i);
-    SnapshotInfo info;
+    WrittenSnapshot info;
     ASSERT_TRUE(WriteSnapshot(a, dir.path(), &info).ok());
     paths.push_back(info.path);
   }
@@ -413,7 +414,7 @@ TEST(SnapshotTest, LoadFallsBackPastCorruptAndTruncatedSnapshots) {
   EXPECT_EQ(chosen, paths[0]);
   EXPECT_EQ(data.version, 1u);
   ASSERT_EQ(skipped.size(), 2u);
-  EXPECT_EQ(skipped[0], paths[2] + ": tensor 'w' checksum mismatch (record 0 at byte 68)");
+  EXPECT_EQ(skipped[0], paths[2] + ": tensor 'w' checksum mismatch (record 0 at byte 76)");
   EXPECT_TRUE(
       skipped[1].starts_with(paths[1] + ": truncated at byte " + std::to_string(middle.size() - 7)))
       << skipped[1];
@@ -448,7 +449,7 @@ TEST(SnapshotTest, LoadWithoutAValidSnapshotFails) {
 TEST(SnapshotTest, WriteIntoAMissingDirectoryFailsCleanly) {
   TempDir dir;
   ParamStore a(10);
-  SnapshotInfo info;
+  WrittenSnapshot info;
   Status s = WriteSnapshot(a, dir.Sub("gone"), &info);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(s.message(), "gone/.snapshot-00000000000000000000.tmp: create failed"))
@@ -478,7 +479,7 @@ TEST(SnapshotTest, SnapshotsWhilePushesRunAreConsistentPerVariable) {
     });
   }
   for (int i = 0; i < 15; ++i) {
-    SnapshotInfo info;
+    WrittenSnapshot info;
     ASSERT_TRUE(WriteSnapshot(store, dir.path(), &info).ok());
     const uint64_t after = store.version();
     SnapshotData data;
