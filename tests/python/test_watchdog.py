@@ -27,7 +27,7 @@ def _expect_hang(capfd, run, timeout: float) -> None:
         run()
     assert time.monotonic() - started < timeout + 90
     err = capfd.readouterr().err
-    assert re.search(r"--- partition 0 \(task \d+\): clock", err)
+    assert re.search(r"--- partition 0 \(attempt \d+\): clock", err)
     assert "in stall_partition_zero" in err  # the stuck frame, from faulthandler
 
 

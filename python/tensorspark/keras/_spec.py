@@ -83,8 +83,13 @@ def from_bytes(data: bytes, custom_objects: dict[str, Any] | None = None) -> Any
 
 
 def weight_names(model: Any) -> list[str]:
-    """Parameter-server names of ``model.weights``: position and Keras path."""
-    return [f"{i:04d}/{getattr(w, 'path', w.name)}" for i, w in enumerate(model.weights)]
+    """Parameter-server names of ``model.weights``: position and the weight's own name.
+
+    Not the Keras path: it holds layer names that Keras numbers per process
+    (``dense_3``), so a model rebuilt elsewhere (a resumed driver, a task)
+    would not find its weights.
+    """
+    return [f"{i:04d}/{w.name}" for i, w in enumerate(model.weights)]
 
 
 def synced(model: Any, update: str) -> list[int]:

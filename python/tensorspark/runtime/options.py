@@ -19,7 +19,14 @@ from . import updates
 MODES = ("async", "sync", "ssp")
 
 _POSITIVE_INTS = ("epochs", "batch_size", "sync_interval", "buffer_batches", "steps_per_call")
-_NON_NEGATIVE_INTS = ("staleness", "server_port", "checkpoint_every_versions", "seed")
+# checkpoint_keep 0 keeps every snapshot.
+_NON_NEGATIVE_INTS = (
+    "staleness",
+    "server_port",
+    "checkpoint_every_versions",
+    "checkpoint_keep",
+    "seed",
+)
 _POSITIVE_SECONDS = ("connect_timeout", "io_timeout", "heartbeat_timeout", "wait_timeout")
 
 
@@ -40,12 +47,6 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
     for key in _NON_NEGATIVE_INTS:
         if key in out and (not _is_int(out[key]) or out[key] < 0):
             raise TensorSparkValueError(f"{key} must be an int >= 0, got {out[key]!r}")
-    if "checkpoint_keep" in out and (
-        not _is_int(out["checkpoint_keep"]) or out["checkpoint_keep"] < 1
-    ):
-        raise TensorSparkValueError(
-            f"checkpoint_keep must be an int >= 1, got {out['checkpoint_keep']!r}"
-        )
     for key in _POSITIVE_SECONDS:
         if key in out and not (_is_number(out[key]) and math.isfinite(out[key]) and out[key] > 0):
             raise TensorSparkValueError(f"{key} must be a number of seconds > 0, got {out[key]!r}")
