@@ -8,6 +8,8 @@ round (sync), every task joined and left, nothing lost or fenced.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from helpers import start_ps
@@ -187,3 +189,38 @@ def test_nan_is_refused_the_same_way_in_both_apis(sc, tf1):
             ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
         assert ss.stats()["version"] == 0
     np.testing.assert_array_equal(sess.run(v), [0.0, 0.0])  # the last good model
+
+
+def test_several_servers_snapshot_each_run_and_resume_from_a_common_set(sc, tf1, tmp_path):
+    import glob
+
+    from test_sharded_snapshots import Servers
+
+    servers = Servers(tmp_path)
+    kw = dict(sync_interval=SYNC, batch_size=BATCH, progress=False, name="shards")
+    x, v, train, _, sess = _counting(tf1)
+    addresses = servers.start()
+    try:
+        with SparkSession(sc, sess, servers=addresses, secret=servers.secret, **kw) as ss:
+            for _ in range(2):  # each run ends with a tagged snapshot on both servers
+                ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
+        np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])
+    finally:
+        servers.crash()
+    # One server lost its newest tagged snapshot: the newest common set is run 1's.
+    second = sorted(glob.glob(str(servers.dirs[1] / "snapshot-*-tag-*.tsnap")))
+    assert len(second) == 2
+    for path in second[-1:]:
+        os.remove(path)
+    addresses = servers.start(resume=True)
+    try:
+        with tf1.Graph().as_default():
+            x, v, train, _, sess = _counting(tf1)
+            with SparkSession(
+                sc, sess, servers=addresses, secret=servers.secret, resume_from="servers", **kw
+            ) as ss:
+                assert ss.runs_done == 1
+                ss.run(train, feed_rdd=_ones(sc), feed_name_list=[x.name], weight_combiner="delta")
+            np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])  # 40 at run 1, + 40
+    finally:
+        servers.crash()

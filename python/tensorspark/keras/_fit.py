@@ -169,12 +169,12 @@ class _Fit:
         first registration wins), so the driver's model takes its values and
         training continues after the last completed epoch.
         """
+        done = self.run.start_epochs()  # several servers: restored to a common snapshot
         weights = self.model.get_weights()
         created = self.run.register({self.names[i]: weights[i] for i in self.synced})
         self.run.configure(self.opts["consistency"], self.opts["staleness"])
         if self.gradient:
             self.set_server_optimizer()
-        done = self.run.start_epochs()
         if all(created.values()):
             return done, None
         version = self.load_model()
@@ -441,7 +441,11 @@ def fit(
         (``"host:port"``) that hold the model together, as
         ``SparkSession(servers=...)``; tasks join every server, so fencing,
         the consistency modes and the hang watchdog work as with one.
-        Snapshots are then configured on each ``tensorspark-ps``.
+        Each ``tensorspark-ps`` started with ``--snapshot-dir`` then writes a
+        snapshot tagged with the run and the epoch after every epoch, and
+        ``resume_from="servers"`` returns every server to the newest set
+        they all hold (``checkpoint_dir`` is refused: it configures the
+        server tensorspark starts).
     secret : bytes, optional
         The run's secret; required with ``servers``, generated otherwise.
     seed : int

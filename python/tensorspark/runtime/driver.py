@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +75,7 @@ class DriverRun:
         self.host, self.port = host, int(o.get("server_port") or 0)
         self.servers = tuple(parse_address(a) for a in o.get("servers") or ())
         self.server: ParameterServer | None = None
+        self._shard_snapshots = True
         if self.servers:
             self.host, self.port = self.servers[0]
             self.secret = o["secret"]
@@ -173,11 +175,15 @@ class DriverRun:
         return self.client.register(values)
 
     def start_epochs(self) -> int:
-        """Register the completed-epochs counter; the epochs a resumed server had done.
+        """Register the completed-epochs counter; the epochs a resumed run had done.
 
         Only a run that snapshots or resumes keeps the counter (its pushes
-        count as model versions).
+        count as model versions). With ``servers=[...]`` and
+        ``resume_from="servers"`` every server first returns to the newest
+        snapshot set that all of them hold (:meth:`_restore_servers`).
         """
+        if self.servers and self.opts.get("resume_from"):
+            return self._restore_servers()
         if not (self.opts.get("checkpoint_dir") or self.opts.get("resume_from")):
             return 0
         created = self.register({EPOCHS_DONE: np.zeros(1, np.float32)})
@@ -186,9 +192,53 @@ class DriverRun:
         return int(self.pull([EPOCHS_DONE])[EPOCHS_DONE][0])
 
     def epoch_done(self, epoch: int) -> None:
-        """Record a completed epoch (or TF1 run) on the server, so snapshots carry it."""
+        """Record a completed epoch (or TF1 run) so that snapshots carry it.
+
+        The in-driver server gets the count as a variable. Several servers
+        each write a snapshot tagged with the run and the count, at this
+        quiescent point (no task is live), so the set is consistent.
+        """
         if self.opts.get("checkpoint_dir"):
             self.client.push({EPOCHS_DONE: np.array([epoch + 1], np.float32)}, kind="parameters")
+        if self.servers and self._shard_snapshots:
+            try:
+                self.client.snapshot(self._tag(epoch + 1))
+            except TensorSparkValueError as e:
+                if "snapshot dir" not in str(e):
+                    raise
+                self._shard_snapshots = False  # a server has no --snapshot-dir
+                log.warning("tensorspark: no consistent snapshots across the servers: %s", e)
+
+    def _tag(self, epochs: int) -> int:
+        """A snapshot tag: this run's name (CRC-32) above, the epochs done below."""
+        return (zlib.crc32(self.name.encode()) << 32) | epochs
+
+    def _restore_servers(self) -> int:
+        """Return every server to this run's newest common snapshot; its epochs done."""
+        prefix = self._tag(0)
+        per_server = [
+            {d["tag"] for d in snaps if d["tag"] & ~0xFFFFFFFF == prefix}
+            for snaps in self.client.snapshots()
+        ]
+        common = set.intersection(*per_server)
+        if not common:
+            held = "; ".join(
+                f"{h}:{p}: {sorted(t & 0xFFFFFFFF for t in tags) or 'none'}"
+                for (h, p), tags in zip(self.servers, per_server, strict=True)
+            )
+            raise TensorSparkValueError(
+                f"resume_from='servers': the servers hold no snapshot of run {self.name!r} that "
+                f"they all have (epochs per server: {held}); start each tensorspark-ps with "
+                "--snapshot-dir and train at least one epoch first"
+            )
+        tag = max(common, key=lambda t: t & 0xFFFFFFFF)
+        self.client.restore(tag)
+        log.warning(
+            "tensorspark: every server restored to the snapshot of %s after %d epochs",
+            self.name,
+            tag & 0xFFFFFFFF,
+        )
+        return tag & 0xFFFFFFFF
 
     def pull(self, names: list[str]) -> dict[str, np.ndarray]:
         return self.client.pull(names)

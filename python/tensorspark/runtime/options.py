@@ -78,11 +78,16 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
                 "servers=[...] needs the run's secret: pass secret=<bytes of the file given to "
                 "tensorspark-ps --secret-file>"
             )
-        if out.get("checkpoint_dir") or out.get("resume_from"):
+        if out.get("checkpoint_dir"):
             raise TensorSparkValueError(
-                "checkpoint_dir and resume_from configure the parameter server that tensorspark "
-                "starts; with servers=[...] give each tensorspark-ps --snapshot-dir and "
-                "--resume-from instead (docs/snapshots.md)"
+                "checkpoint_dir configures the parameter server that tensorspark starts; with "
+                "servers=[...] give each tensorspark-ps --snapshot-dir instead (each then writes "
+                "a consistent snapshot after every epoch; docs/snapshots.md)"
+            )
+        if out.get("resume_from") not in (None, "servers"):
+            raise TensorSparkValueError(
+                "with servers=[...], resume_from='servers' returns every server to the newest "
+                f"snapshot they all hold; got resume_from={out['resume_from']!r}"
             )
     return out
 

@@ -99,7 +99,10 @@ class SparkSession:
         names, defaults and meaning of :func:`tensorspark.keras.fit`'s
         (docs/snapshots.md). After a resume the variables start from the
         snapshot, and :attr:`runs_done` says how many runs it had
-        completed.
+        completed. With ``servers``, each ``tensorspark-ps`` snapshots into
+        its own ``--snapshot-dir``, tagged after every run, and
+        ``resume_from="servers"`` returns all of them to the newest set
+        they all hold.
     progress : bool
         Draw a progress bar on stderr during each run.
     log_dir : str, optional
