@@ -224,3 +224,33 @@ def test_several_servers_snapshot_each_run_and_resume_from_a_common_set(sc, tf1,
             np.testing.assert_array_equal(sess.run(v), [80.0, 80.0])  # 40 at run 1, + 40
     finally:
         servers.crash()
+
+
+def test_keras_fit_resumes_several_servers_from_a_common_set(sc, tmp_path):
+    import glob
+
+    from test_sharded_snapshots import Servers
+
+    from tensorspark.keras import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(ROWS, 4)).astype(np.float32)
+    rdd = sc.parallelize([(x[i], np.int64(x[i, 0] > 0)) for i in range(ROWS)], PARTS)
+    servers = Servers(tmp_path)
+    kw = dict(batch_size=BATCH, sync_interval=SYNC, progress=False, name="kshards", epochs=3)
+    try:
+        model, history = fit(build_model, rdd, servers=servers.start(), secret=servers.secret, **kw)
+        assert history.epoch == [0, 1, 2]
+    finally:
+        servers.crash()
+    for d in servers.dirs[:1]:  # the first server lost epoch 3's snapshot
+        os.remove(sorted(glob.glob(str(d / "snapshot-*-tag-*.tsnap")))[-1])
+    addresses = servers.start(resume=True)
+    try:
+        model, history = fit(
+            build_model, rdd, servers=addresses, secret=servers.secret, resume_from="servers", **kw
+        )
+    finally:
+        servers.crash()
+    assert history.epoch == [2]  # epochs 1 and 2 were in the common set
+    assert history.resumed_version is not None
