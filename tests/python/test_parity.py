@@ -254,3 +254,22 @@ def test_keras_fit_resumes_several_servers_from_a_common_set(sc, tmp_path):
         servers.crash()
     assert history.epoch == [2]  # epochs 1 and 2 were in the common set
     assert history.resumed_version is not None
+
+
+def test_tf1_reports_the_loss_a_train_op_minimizes(sc, tf1):
+    """As in the seed program: only the train op is fetched, the loss is found."""
+    x = tf1.placeholder(tf1.float32, [None, 2], name="x")
+    y_ = tf1.placeholder(tf1.float32, [None, 2], name="y")
+    w = tf1.Variable(tf1.zeros([2, 2]), name="w")
+    loss = tf1.reduce_mean(
+        tf1.nn.softmax_cross_entropy_with_logits(labels=y_, logits=tf1.matmul(x, w)), name="xent"
+    )
+    train = tf1.train.GradientDescentOptimizer(0.5).minimize(loss)
+    sess = tf1.Session()
+    sess.run(tf1.global_variables_initializer())
+    rows = [(np.array([1.0, 0.0], np.float32), np.array([1.0, 0.0], np.float32))] * ROWS
+    with SparkSession(sc, sess, sync_interval=SYNC, batch_size=BATCH, progress=False) as ss:
+        summary = ss.run(train, feed_rdd=sc.parallelize(rows, PARTS), feed_name_list=["x:0", "y:0"])
+    # ln 2 at the start, falling as w learns the one class.
+    assert 0.0 < summary.loss < np.log(2.0)
+    assert all(0.0 < p["loss"] < np.log(2.0) + 1e-6 for p in summary.partitions)

@@ -127,6 +127,37 @@ def loss_name(graph: Any, loss: Any, fetch_names: list[str]) -> str | None:
         shape = getattr(element, "shape", None)
         if shape is not None and shape.rank == 0 and element.dtype.is_floating:
             return element.name
+    return _minimized_loss(graph, fetch_names)
+
+
+def _minimized_loss(graph: Any, fetch_names: list[str], limit: int = 20000) -> str | None:
+    """The scalar loss that a fetched train op minimizes, or None.
+
+    ``tf.gradients(loss)`` (and so ``optimizer.minimize``) seeds the
+    backward pass with ``<scope>/grad_ys_0``, and the first gradient op that
+    reads it is named after the loss's op: ``<scope>/<loss op>_grad/...``.
+    The search walks the fetches' inputs (at most ``limit`` ops) for it.
+    """
+    todo = [graph.as_graph_element(n) for n in fetch_names]
+    todo = [getattr(t, "op", t) for t in todo]
+    seen: set[str] = set()
+    while todo and len(seen) < limit:
+        op = todo.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        scope, _, last = op.name.rpartition("/")
+        if op.type == "Fill" and last == "grad_ys_0":
+            for consumer in op.outputs[0].consumers():
+                forward = consumer.name[len(scope) + 1 :].rpartition("_grad/")[0]
+                try:
+                    loss = graph.get_operation_by_name(forward).outputs[0]
+                except (KeyError, ValueError, IndexError):
+                    continue
+                if loss.shape.rank == 0 and loss.dtype.is_floating:
+                    return loss.name
+        todo.extend(t.op for t in op.inputs)
+        todo.extend(op.control_inputs)
     return None
 
 

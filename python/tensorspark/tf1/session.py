@@ -252,7 +252,9 @@ class SparkSession:
             A scalar tensor of the graph whose value each step reports: the
             progress bar, ``RunSummary.loss``, TensorBoard and the NaN check
             (a NaN loss stops the run before it is pushed) use it. Default:
-            the first scalar floating-point tensor among ``fetches``, if any.
+            the first scalar floating-point tensor among ``fetches``, else
+            the loss a fetched ``optimizer.minimize(...)`` op minimizes
+            (found through its gradients), else none (NaN).
         consistency : {"async", "sync", "ssp"}
             ``"async"`` (default): each push is applied when it arrives.
             ``"sync"``: every sync is a round; the server applies the average
