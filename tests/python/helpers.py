@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import subprocess
+import time
 
 
 def free_port() -> int:
@@ -47,4 +48,11 @@ def start_ps(tmp_path, *args, secret: bytes | None = None):
             stderr=log,
         )
     proc.log_path = log_path
+    # It prints "listening" after blocking SIGTERM for its clean shutdown; a
+    # SIGTERM before that would kill it (exit -15). A start that fails exits.
+    deadline = time.monotonic() + 20.0
+    while proc.poll() is None and time.monotonic() < deadline:
+        if "listening on" in log_path.read_text():
+            break
+        time.sleep(0.01)
     return proc, port, secret
