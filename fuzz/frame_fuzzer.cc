@@ -269,7 +269,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     uint8_t again[protocol::kHeaderSize];
     protocol::EncodeHeader(h, again);
     fuzz::Expect(std::memcmp(raw, again, sizeof(again)) == 0, "header does not re-encode");
-    (void)protocol::OperationName(h.opcode);
+    (void)protocol::OpcodeName(h.opcode);
     (void)protocol::CheckFlags(h);
     (void)protocol::ValidateHeader(h, uint64_t{1} << 31);
     (void)protocol::ValidateHeader(h, 64);

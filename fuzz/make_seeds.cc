@@ -157,25 +157,25 @@ int main(int argc, char** argv) {
     protocol::EncodeTagRequest(1, &tag1);
     protocol::EncodeTagRequest(2, &tag2);
     add("snapshot_restore", Seed(kSnapshotDir)
-                                .Frame(protocol::kOpSnapshot, tag1)
+                                .Frame(protocol::Opcode::kSnapshot, tag1)
                                 .Frame(Opcode::kPush, Push(2, 1, 0.0f, {w, b}))
                                 .Frame(kSetOptimizer, SetOptimizer(5, {}))
                                 .Frame(Opcode::kPush, Push(3, 1, 0.0f, {w}))
-                                .Frame(protocol::kOpSnapshot, tag2)
-                                .Frame(protocol::kOpSnapshots)
-                                .Frame(protocol::kOpRestore, tag1)
+                                .Frame(protocol::Opcode::kSnapshot, tag2)
+                                .Frame(protocol::Opcode::kSnapshots)
+                                .Frame(protocol::Opcode::kRestore, tag1)
                                 .Frame(Opcode::kPull, Pull({}))
-                                .Frame(protocol::kOpRestore, tag2)
-                                .Frame(protocol::kOpSnapshot, tag0)
-                                .Frame(protocol::kOpRestore, short_tag)
+                                .Frame(protocol::Opcode::kRestore, tag2)
+                                .Frame(protocol::Opcode::kSnapshot, tag0)
+                                .Frame(protocol::Opcode::kRestore, short_tag)
                                 .Frame(Opcode::kJoin)
-                                .Frame(protocol::kOpRestore, tag1)
+                                .Frame(protocol::Opcode::kRestore, tag1)
                                 .Frame(Opcode::kLeave)
-                                .Frame(protocol::kOpSnapshots));
+                                .Frame(protocol::Opcode::kSnapshots));
     add("snapshot_off", Seed()
-                            .Frame(protocol::kOpSnapshot, tag1)
-                            .Frame(protocol::kOpSnapshots)
-                            .Frame(protocol::kOpRestore, tag1));
+                            .Frame(protocol::Opcode::kSnapshot, tag1)
+                            .Frame(protocol::Opcode::kSnapshots)
+                            .Frame(protocol::Opcode::kRestore, tag1));
   }
   add("bad_flags_opcode", Seed()
                               .Frame(Opcode::kList, {}, protocol::kFlagResponse)
@@ -224,8 +224,8 @@ int main(int argc, char** argv) {
                        .Frame(Opcode::kPull, pull, kReply)
                        .Frame(Opcode::kStats, stats, kReply)
                        .Frame(Opcode::kReports, reports, kReply)
-                       .Frame(protocol::kOpSnapshot, snapshot, kReply)
-                       .Frame(protocol::kOpSnapshots, snapshots, kReply));
+                       .Frame(protocol::Opcode::kSnapshot, snapshot, kReply)
+                       .Frame(protocol::Opcode::kSnapshots, snapshots, kReply));
   }
 
   const std::string dir = argv[1];

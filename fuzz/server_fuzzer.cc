@@ -305,9 +305,9 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
       Fail("reply " + std::to_string(index) + " does not answer request " + std::to_string(index));
     }
     Status s;
-    const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot) ||
-                             h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots) ||
-                             h.opcode == static_cast<uint16_t>(protocol::kOpRestore);
+    const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshot) ||
+                             h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshots) ||
+                             h.opcode == static_cast<uint16_t>(protocol::Opcode::kRestore);
     if (h.flags & protocol::kFlagError) {
       Status remote;
       s = protocol::DecodeError(payload, &remote);
@@ -318,9 +318,9 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
       uint64_t version;
       std::string name;
       std::vector<SnapshotInfo> files;
-      if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot)) {
+      if (h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshot)) {
         s = protocol::DecodeSnapshotResponse(payload, &version, &name);
-      } else if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots)) {
+      } else if (h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshots)) {
         s = protocol::DecodeSnapshotsResponse(payload, &files);
       } else {
         s = protocol::DecodeVersion(payload, &version);
@@ -376,14 +376,13 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
           break;
         default:
           // An opcode added after this harness: only its framing is checked.
-          if (std::strcmp(protocol::OperationName(h.opcode), "UNKNOWN") == 0) {
+          if (std::strcmp(protocol::OpcodeName(h.opcode), "UNKNOWN") == 0) {
             s = Status(StatusCode::kProtocolError, "success reply to an unknown opcode");
           }
       }
     }
     if (!s.ok()) {
-      Fail(std::string("malformed ") + protocol::OperationName(h.opcode) +
-           " reply: " + s.ToString());
+      Fail(std::string("malformed ") + protocol::OpcodeName(h.opcode) + " reply: " + s.ToString());
     }
   }
 }

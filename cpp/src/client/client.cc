@@ -494,7 +494,7 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
         return Broken(answer);
       }
     }
-    return Broken(s.WithContext(std::string("sending ") + protocol::OperationName(h.opcode)));
+    return Broken(s.WithContext(std::string("sending ") + protocol::OpcodeName(h.opcode)));
   }
   *request_id = h.request_id;
   return Status::OK();
@@ -509,7 +509,7 @@ Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadl
   if (io.ok()) io = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline);
   if (!io.ok()) {
     return Broken(io.WithContext(std::string("waiting for the ") +
-                                 protocol::OperationName(static_cast<uint16_t>(op)) + " response"));
+                                 protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
   }
   *h = protocol::DecodeHeader(raw);
   if (Status s = protocol::ValidateHeader(*h, options_.max_frame_bytes); !s.ok()) {
@@ -578,7 +578,7 @@ Status ClientImpl::Call(Opcode op, struct iovec* parts, size_t nparts,
   if ((h.flags & protocol::kEncodingFlags) != 0) {
     return Broken(
         Status(StatusCode::kProtocolError, std::string("server set an encoding flag on a ") +
-                                               protocol::OperationName(h.opcode) + " response"));
+                                               protocol::OpcodeName(h.opcode) + " response"));
   }
   return ReadPayload(h, read_deadline, response);
 }
@@ -904,7 +904,7 @@ Status ClientImpl::CallWithTag(Opcode op, uint64_t tag, std::vector<uint8_t>* re
   TS_RETURN_IF_ERROR(CheckConnected());
   if (tag == 0) {  // same message as the server's, without a round trip
     return Status(StatusCode::kInvalidArgument,
-                  std::string(op == protocol::kOpSnapshot ? "snapshot" : "restore") +
+                  std::string(op == protocol::Opcode::kSnapshot ? "snapshot" : "restore") +
                       ": the tag must be >= 1 (0 marks untagged snapshots)");
   }
   std::vector<uint8_t> payload;
@@ -915,7 +915,7 @@ Status ClientImpl::CallWithTag(Opcode op, uint64_t tag, std::vector<uint8_t>* re
 
 Status ClientImpl::Snapshot(uint64_t tag, std::string* name, uint64_t* version) {
   std::vector<uint8_t> response;
-  TS_RETURN_IF_ERROR(CallWithTag(protocol::kOpSnapshot, tag, &response));
+  TS_RETURN_IF_ERROR(CallWithTag(protocol::Opcode::kSnapshot, tag, &response));
   uint64_t v;
   std::string n;
   TS_RETURN_IF_ERROR(protocol::DecodeSnapshotResponse(response, &v, &n));
@@ -927,13 +927,13 @@ Status ClientImpl::Snapshot(uint64_t tag, std::string* name, uint64_t* version) 
 Status ClientImpl::Snapshots(std::vector<SnapshotInfo>* out) {
   TS_RETURN_IF_ERROR(CheckConnected());
   std::vector<uint8_t> response;
-  TS_RETURN_IF_ERROR(Call(protocol::kOpSnapshots, nullptr, 0, &response));
+  TS_RETURN_IF_ERROR(Call(protocol::Opcode::kSnapshots, nullptr, 0, &response));
   return protocol::DecodeSnapshotsResponse(response, out);
 }
 
 Status ClientImpl::Restore(uint64_t tag, uint64_t* version) {
   std::vector<uint8_t> response;
-  TS_RETURN_IF_ERROR(CallWithTag(protocol::kOpRestore, tag, &response));
+  TS_RETURN_IF_ERROR(CallWithTag(protocol::Opcode::kRestore, tag, &response));
   uint64_t v;
   TS_RETURN_IF_ERROR(protocol::DecodeVersion(response, &v));
   if (version != nullptr) *version = v;

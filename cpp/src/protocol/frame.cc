@@ -37,6 +37,12 @@ const char* OpcodeName(uint16_t opcode) {
       return "REPORT";
     case Opcode::kReports:
       return "REPORTS";
+    case Opcode::kSnapshot:
+      return "SNAPSHOT";
+    case Opcode::kSnapshots:
+      return "SNAPSHOTS";
+    case Opcode::kRestore:
+      return "RESTORE";
   }
   return "UNKNOWN";
 }

@@ -29,6 +29,9 @@ enum class Opcode : uint16_t {
   kConfigure = 13,
   kReport = 14,
   kReports = 15,
+  kSnapshot = 16,
+  kSnapshots = 17,
+  kRestore = 18,
 };
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;

@@ -713,19 +713,6 @@ Status DecodeReportsResponse(std::span<const uint8_t> payload, std::vector<Worke
 
 // ---- SNAPSHOT / SNAPSHOTS / RESTORE ----------------------------------------------------------
 
-const char* OperationName(uint16_t opcode) {
-  switch (opcode) {
-    case static_cast<uint16_t>(kOpSnapshot):
-      return "SNAPSHOT";
-    case static_cast<uint16_t>(kOpSnapshots):
-      return "SNAPSHOTS";
-    case static_cast<uint16_t>(kOpRestore):
-      return "RESTORE";
-    default:
-      return OpcodeName(opcode);
-  }
-}
-
 void EncodeTagRequest(uint64_t tag, std::vector<uint8_t>* out) { Writer(out).U64(tag); }
 
 Status DecodeTagRequest(std::span<const uint8_t> payload, uint64_t* tag) {

@@ -239,13 +239,6 @@ void EncodeReportsResponse(std::span<const WorkerReport> reports, std::vector<ui
                                            std::vector<WorkerReport>* reports);
 
 // ---- SNAPSHOT / SNAPSHOTS / RESTORE (docs/protocol.md, "Tagged snapshots") ------------
-// Opcodes 16-18. They live here rather than in frame.h's Opcode enum (which
-// predates them), so OperationName below names them for messages.
-inline constexpr auto kOpSnapshot = static_cast<Opcode>(16);
-inline constexpr auto kOpSnapshots = static_cast<Opcode>(17);
-inline constexpr auto kOpRestore = static_cast<Opcode>(18);
-// OpcodeName, knowing opcodes 16-18 too.
-const char* OperationName(uint16_t opcode);
 
 // SNAPSHOT and RESTORE requests: exactly u64 tag (any value here; the
 // server refuses tag 0).

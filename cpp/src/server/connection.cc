@@ -168,7 +168,7 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
   if (crc != h->checksum) {
     Status e =
         Err(StatusCode::kProtocolError,
-            std::string("payload checksum mismatch on a ") + protocol::OperationName(h->opcode) +
+            std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
                 " frame (CRC-32C " + std::to_string(crc) + ", header says " +
                 std::to_string(h->checksum) + "): data corrupted in transit");
     ctx_->membership.CountRefused(RefuseReason::kBadChecksum);
@@ -231,7 +231,7 @@ Status Connection::Handshake() {
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
   if (h.opcode != static_cast<uint16_t>(Opcode::kHello) || h.flags != 0) {
     return auth_failed(h, std::string("expected HELLO to start the handshake but got ") +
-                              protocol::OperationName(h.opcode) +
+                              protocol::OpcodeName(h.opcode) +
                               "; authenticate before sending requests");
   }
   protocol::HelloRequest hello;
@@ -256,7 +256,7 @@ Status Connection::Handshake() {
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
   if (h.opcode != static_cast<uint16_t>(Opcode::kAuth) || h.flags != 0) {
     return auth_failed(
-        h, std::string("expected AUTH after HELLO but got ") + protocol::OperationName(h.opcode));
+        h, std::string("expected AUTH after HELLO but got ") + protocol::OpcodeName(h.opcode));
   }
   protocol::Nonce proof;
   if (Status s = protocol::DecodeNonce(payload_span(), &proof); !s.ok()) {
@@ -282,9 +282,9 @@ Status Connection::Dispatch(const FrameHeader& h) {
                          h.opcode == static_cast<uint16_t>(Opcode::kPush) ||
                          h.opcode == static_cast<uint16_t>(Opcode::kPull);
   // Opcodes 16-18, outside the Opcode enum (protocol/messages.h).
-  const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot) ||
-                           h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots) ||
-                           h.opcode == static_cast<uint16_t>(protocol::kOpRestore);
+  const bool snapshot_op = h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshot) ||
+                           h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshots) ||
+                           h.opcode == static_cast<uint16_t>(protocol::Opcode::kRestore);
   if (Status f = protocol::CheckFlags(h); !f.ok()) {
     result = f;
   } else if ((h.flags & (protocol::kFlagResponse | protocol::kFlagError)) != 0) {
@@ -293,7 +293,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
     result = Err(StatusCode::kProtocolError,
                  std::string("the fp16/bf16 encoding flags are valid on REGISTER, PUSH and PULL "
                              "only, not on ") +
-                     protocol::OperationName(h.opcode));
+                     protocol::OpcodeName(h.opcode));
   } else if (snapshot_op) {
     result = HandleSnapshot(h);  // serialized with RESTORE by the server, not store_mu
   } else {
@@ -640,7 +640,7 @@ Status Connection::HandleReport(const FrameHeader& h) {
 Status Connection::HandleSnapshot(const FrameHeader& h) {
   const SnapshotService& svc = ctx_->snapshots;
   out_.clear();
-  if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshots)) {
+  if (h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshots)) {
     if (payload_len_ != 0) {
       return Err(StatusCode::kProtocolError, "SNAPSHOTS takes an empty payload");
     }
@@ -653,7 +653,7 @@ Status Connection::HandleSnapshot(const FrameHeader& h) {
     TS_RETURN_IF_ERROR(protocol::DecodeTagRequest(payload_span(), &tag));
     if (!svc.snapshot || !svc.restore)
       return Err(StatusCode::kInternal, "snapshots are not served");
-    if (h.opcode == static_cast<uint16_t>(protocol::kOpSnapshot)) {
+    if (h.opcode == static_cast<uint16_t>(protocol::Opcode::kSnapshot)) {
       std::string name;
       TS_RETURN_IF_ERROR(svc.snapshot(tag, &name, &version));
       protocol::EncodeSnapshotResponse(version, name, &out_);

@@ -658,8 +658,8 @@ TEST(MessagesTest, SnapshotResponsesRoundTrip) {
   EncodeSnapshotsResponse({}, &none);
   ASSERT_TRUE(DecodeSnapshotsResponse(none, &got).ok());
   EXPECT_TRUE(got.empty());
-  EXPECT_STREQ(OperationName(static_cast<uint16_t>(kOpRestore)), "RESTORE");
-  EXPECT_STREQ(OperationName(static_cast<uint16_t>(Opcode::kPull)), "PULL");
+  EXPECT_STREQ(OpcodeName(static_cast<uint16_t>(Opcode::kRestore)), "RESTORE");
+  EXPECT_STREQ(OpcodeName(static_cast<uint16_t>(Opcode::kPull)), "PULL");
 }
 
 }  // namespace

@@ -143,9 +143,9 @@ TEST(TaggedSnapshotServerTest, RefusalsAndMalformedRequests) {
   ASSERT_TRUE(raw.Handshake().ok());
   std::vector<uint8_t> tag0;
   protocol::EncodeTagRequest(0, &tag0);
-  const uint16_t kSnapshot = static_cast<uint16_t>(protocol::kOpSnapshot);
-  const uint16_t kRestore = static_cast<uint16_t>(protocol::kOpRestore);
-  const uint16_t kSnapshots = static_cast<uint16_t>(protocol::kOpSnapshots);
+  const uint16_t kSnapshot = static_cast<uint16_t>(protocol::Opcode::kSnapshot);
+  const uint16_t kRestore = static_cast<uint16_t>(protocol::Opcode::kRestore);
+  const uint16_t kSnapshots = static_cast<uint16_t>(protocol::Opcode::kSnapshots);
   ASSERT_TRUE(raw.Send(kSnapshot, 10, tag0, {}).ok());
   s = raw.ReadError(10);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
