@@ -273,3 +273,21 @@ def test_tf1_reports_the_loss_a_train_op_minimizes(sc, tf1):
     # ln 2 at the start, falling as w learns the one class.
     assert 0.0 < summary.loss < np.log(2.0)
     assert all(0.0 < p["loss"] < np.log(2.0) + 1e-6 for p in summary.partitions)
+
+
+@pytest.mark.parametrize("update", ["mean", "elastic", "plain-mean"])
+def test_keras_fit_takes_the_tf1_update_rules(sc, update):
+    from tensorspark import MeanCombiner
+    from tensorspark.keras import fit
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    rdd = sc.parallelize([(x[i], y[i]) for i in range(len(x))], PARTS)
+    rule = MeanCombiner(average_iterates=False) if update == "plain-mean" else update
+    model, history = fit(
+        build_model, rdd, batch_size=20, sync_interval=5, epochs=3, update=rule, progress=False
+    )
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # it learns
+    assert [w["pushes"] for w in history.workers[-1]] == [2, 2]
