@@ -204,6 +204,7 @@ class _Fit:
             sync_interval=o["sync_interval"],
             steps_per_call=o["steps_per_call"],
             rule=options.rule(self.update, parts, api="keras"),
+            hang_timeout=o["hang_timeout"],
             join=train,
         )
 
@@ -532,6 +533,7 @@ def _train(fit_: _Fit) -> FitResult:
                 label,
                 fit_.job(replica.train, fit_.data, fit_.task_config(epoch, train=True)),
                 epoch=epoch,
+                hang_timeout=opts["hang_timeout"],
                 total_rows=fit_.data.rows,
                 progress_label=label,
             )

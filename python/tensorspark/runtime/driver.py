@@ -51,7 +51,7 @@ class DriverRun:
         ``checkpoint_dir``, ``checkpoint_every_s``,
         ``checkpoint_every_versions``, ``checkpoint_keep``, ``resume_from``,
         ``connect_timeout``, ``io_timeout``, ``heartbeat_timeout``,
-        ``wait_timeout``, ``threads``, ``hang_timeout``, ``progress``,
+        ``wait_timeout``, ``threads``, ``progress``,
         ``log_dir``.
     """
 
@@ -158,7 +158,6 @@ class DriverRun:
             "io_timeout": o.get("io_timeout", 300.0),
             # Heartbeats also carry the progress reports the driver draws.
             "heartbeat_interval": min(1.0, o.get("heartbeat_timeout", 30.0) / 3),
-            "hang_timeout": o.get("hang_timeout"),
         }
 
     def configure(self, consistency: str, staleness: int) -> None:
@@ -258,14 +257,16 @@ class DriverRun:
         job: Callable[[], list[dict[str, Any]]],
         *,
         epoch: int = 0,
+        hang_timeout: float | None = None,
         members: bool = True,
         total_rows: int = 0,
         progress_label: str | None = None,
     ) -> tuple[list[dict[str, Any]], float]:
         """Run one Spark job; its task results and wall seconds.
 
-        ``members``: the tasks join the run, so the hang watchdog watches
-        them and the progress bar draws them. A failed job is raised as the
+        ``members``: the tasks join the run, so the hang watchdog (after
+        ``hang_timeout`` seconds without progress; None: off) watches them
+        and the progress bar draws them. A failed job is raised as the
         tensorspark error its task raised (``runtime.spark.raise_task_error``),
         a hang as :class:`PSTimeoutError`.
         """
@@ -273,9 +274,8 @@ class DriverRun:
         group = f"tensorspark-{self.run_id}-{epoch}-{what.replace(' ', '_')}"
         keeps = "the parameter servers keep" if self.servers else "the parameter server keeps"
         guard = _jvm.guard(self.sc, description, note=f"{keeps} the model trained so far")
-        hang = self.opts.get("hang_timeout")
-        dog = watchdog.HangWatchdog(self.connect, self.sc, hang or 0, group)
-        watch = dog if hang and members else contextlib.nullcontext()
+        dog = watchdog.HangWatchdog(self.connect, self.sc, hang_timeout or 0, group)
+        watch = dog if hang_timeout and members else contextlib.nullcontext()
         if progress_label and members:
             self.bar.total = total_rows
             self.bar.start_epoch(progress_label)

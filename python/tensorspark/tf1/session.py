@@ -306,7 +306,6 @@ class SparkSession:
             "extra_feeds": self._extra_feeds(graph, feed_dict),
             "loss_name": _graph.loss_name(graph, loss, fetch_names),
         }
-        self._run.opts["hang_timeout"] = opts["hang_timeout"]
         self._run.configure(consistency, staleness)
         self._register(names, params)
         cfg = task.TaskConfig(
@@ -320,6 +319,7 @@ class SparkSession:
             sync_interval=self.sync_interval,
             steps_per_call=1,
             rule=rule,
+            hang_timeout=opts["hang_timeout"],
         )
         meta = _graph.export_graph(graph)
         self._write_tmp("graph.meta", meta)
@@ -332,6 +332,7 @@ class SparkSession:
                 what,
                 lambda: feed_rdd.mapPartitionsWithIndex(part).collect(),
                 epoch=self._runs,
+                hang_timeout=opts["hang_timeout"],
                 progress_label=f"run #{self._runs}",
             )
         except BaseException:
