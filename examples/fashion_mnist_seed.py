@@ -114,6 +114,7 @@ def train(
     zombie_partition=None,
     zombie_after=0.0,
     report=None,
+    shuffle="full",
 ):
     is_new_sc = False
     if sc is None:
@@ -161,12 +162,12 @@ def train(
             feed_rdd=image_label_rdd,
             feed_name_list=feed_name_list,
             param_list=param_list,
-            # The original TensorSpark's exact whole-partition shuffle. True
-            # streams rows through a bounded shuffle buffer instead; this
+            # "full": the original TensorSpark's exact whole-partition shuffle.
+            # True streams rows through a bounded shuffle buffer instead; this
             # program's log(softmax) at rate 0.5 is fragile enough that some
             # row orders reach NaN (the task then fails, nothing is pushed,
             # and Spark's retry trains on from the server's model).
-            shuffle_within_partition="full",
+            shuffle_within_partition=shuffle,
             weight_combiner=weight_combiner,
             consistency=consistency,
         )
@@ -267,6 +268,12 @@ def main(argv=None):
         "--zombie-after", type=float, default=0.0, help="seconds of training before the zombie"
     )
     parser.add_argument("--json", help="write accuracy, faults and server counters here")
+    parser.add_argument(
+        "--shuffle",
+        choices=["full", "buffer"],
+        default="full",
+        help="full: the whole partition, as the original (default); buffer: a bounded buffer",
+    )
     args = parser.parse_args(argv)
     for path in (mnist_image_file, mnist_label_file, mnist_test_image_file, mnist_test_label_file):
         if not os.path.exists(path):
@@ -307,6 +314,7 @@ def main(argv=None):
             weight_combiner=combiner,
             consistency=args.consistency,
             kill_worker=kill,
+            shuffle="full" if args.shuffle == "full" else True,
             zombie_partition=args.zombie_partition,
             zombie_after=args.zombie_after,
             report=report,

@@ -145,13 +145,12 @@ class _Fit:
             data.frame.sparkSession.sparkContext if data.frame is not None else data.rdd.context
         )
         self.name = opts["name"] or model.name
-        self.update = opts["update"]
         self.names = _spec.weight_names(model)
         self.input_shape = _input_shape(model)
-        gradient = options.rule(self.update, 1, api="keras").accumulates == "gradients"
-        self.synced = _spec.synced(model, "gradient" if gradient else "delta")
-        self.gradient = gradient
-        if gradient:
+        self.rule = options.rule(opts["update"], data.partitions, api="keras")
+        self.gradient = self.rule.accumulates == "gradients"
+        self.synced = _spec.synced(model, "gradient" if self.gradient else "delta")
+        if self.gradient:
             _spec.server_optimizer(model.optimizer)  # refuses an optimizer the server lacks
         blob = None if builder is not None else _spec.to_bytes(model)
         # Every check that can fail is above: nothing is started before it.
@@ -192,7 +191,6 @@ class _Fit:
 
     def task_config(self, epoch: int, *, train: bool) -> task.TaskConfig:
         o = self.opts
-        parts = self.data.partitions
         return task.TaskConfig(
             **self.run.task_fields(),
             epoch=epoch,
@@ -203,7 +201,7 @@ class _Fit:
             seed=o["seed"],
             sync_interval=o["sync_interval"],
             steps_per_call=o["steps_per_call"],
-            rule=options.rule(self.update, parts, api="keras"),
+            rule=self.rule,
             hang_timeout=o["hang_timeout"],
             join=train,
         )
