@@ -52,14 +52,14 @@ def test_keras_fit_names_the_stuck_worker(sc, capfd):
     assert model.input_shape == (None, DIM)
 
 
-def test_seed_session_names_the_stuck_worker(sc, tf1, capfd):
+def _seed_session_hangs(sc, tf1, capfd, **session_kwargs) -> None:
     x = tf1.placeholder(tf1.float32, [None, 2], name="x")
     v = tf1.Variable(tf1.zeros([2]), name="v")
     train = tf1.assign_add(v, tf1.reduce_sum(x, axis=0))
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())
     rdd = sc.parallelize([(np.ones(2, np.float32),) for _ in range(1000)], 2)
-    with SparkSession(sc, sess, sync_interval=5, batch_size=10) as ss:
+    with SparkSession(sc, sess, sync_interval=5, batch_size=10, **session_kwargs) as ss:
         _expect_hang(
             capfd,
             lambda: ss.run(
@@ -73,33 +73,18 @@ def test_seed_session_names_the_stuck_worker(sc, tf1, capfd):
         assert ss.stats()["version"] > 0  # what was trained is still on the server
 
 
+def test_seed_session_names_the_stuck_worker(sc, tf1, capfd):
+    _seed_session_hangs(sc, tf1, capfd)
+
+
 def test_watchdog_over_several_servers_names_the_stuck_worker(sc, tf1, capfd, tmp_path):
     from helpers import start_ps
 
     first, port0, secret = start_ps(tmp_path)
     second, port1, _ = start_ps(tmp_path, secret=secret)
     try:
-        x = tf1.placeholder(tf1.float32, [None, 2], name="x")
-        v = tf1.Variable(tf1.zeros([2]), name="v")
-        train = tf1.assign_add(v, tf1.reduce_sum(x, axis=0))
-        sess = tf1.Session()
-        sess.run(tf1.global_variables_initializer())
-        rdd = sc.parallelize([(np.ones(2, np.float32),) for _ in range(1000)], 2)
         servers = [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]
-        with SparkSession(
-            sc, sess, sync_interval=5, batch_size=10, servers=servers, secret=secret
-        ) as ss:
-            _expect_hang(
-                capfd,
-                lambda: ss.run(
-                    train,
-                    feed_rdd=rdd.mapPartitionsWithIndex(stall_partition_zero),
-                    feed_name_list=[x.name],
-                    hang_timeout=8,
-                ),
-                8,
-            )
-            assert ss.stats()["version"] > 0
+        _seed_session_hangs(sc, tf1, capfd, servers=servers, secret=secret)
     finally:
         for p in (first, second):
             p.terminate()
