@@ -1,0 +1,1 @@
+int main() { return 0; }  // placeholder: filled in by the sparse-table work
