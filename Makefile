@@ -20,6 +20,10 @@
 #                own .venv-elephas): samples/s and time to accuracy ->
 #                bench/results/e2e.{json,png} and the table in docs/benchmarks.md
 #                (about 20 min on 2 cores; E2E_FLAGS adds flags, e.g. --models softmax)
+#   make bench-sparse  the sparse CTR benchmark on the seeded Criteo-like data
+#                (docs/ctr_data.md): plain Keras, TF ParameterServerStrategy and
+#                tensorspark -> bench/results/sparse.{json,png}; SPARSE_FLAGS adds
+#                flags (e.g. --quick, --rows 200000, --systems keras,tf_ps)
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -49,7 +53,7 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard
 
-.PHONY: demo test test-cpp test-python test-cluster bench bench-e2e elephas-venv chaos lint \
+.PHONY: demo test test-cpp test-python test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
         fuzz system system-gtest venv install clean
 
 demo: system install
@@ -100,6 +104,15 @@ chaos: system install
 # bench/e2e.py --help lists the flags (--workers, --threads-per-worker, --scale).
 bench-e2e: system install elephas-venv
 	$(VPY) bench/e2e.py --elephas-python $(ELEPHAS_VENV)/bin/python $(E2E_FLAGS)
+
+# One subprocess per row; the C++ microbenchmark (sparse_rows: pulls and pushes
+# of 4,096 unique ids) is built into build/cpp and its JSON embedded.
+SPARSE_FLAGS ?=
+bench-sparse: system install
+	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
+	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target sparse_rows tensorspark-ps
+	$(VPY) bench/sparse.py --out bench/results/sparse.json $(SPARSE_FLAGS)
 
 elephas-venv: $(ELEPHAS_VENV)/.deps-stamp
 $(ELEPHAS_VENV)/.deps-stamp: Makefile
