@@ -564,9 +564,10 @@ Status WriteSnapshotWithTables(const ParamStore& store, const TableStore* tables
       std::memcpy(trailer, kTrailerMagic, sizeof(kTrailerMagic));
       StoreLE64(trailer + 8, w.records());
       s = w.Append(trailer, 16);
-      StoreLE32(trailer + 16, w.file_crc());
+      const uint32_t crc = w.file_crc();
+      StoreLE32(trailer + 16, crc);
       if (s.ok()) s = w.Append(trailer + 16, 4);
-      next.files.push_back({name, w.bytes(), w.file_crc()});
+      next.files.push_back({name, w.bytes(), crc});
       if (s.ok()) s = w.Finish();
     }
   }

@@ -184,7 +184,8 @@ TEST(TableSnapshotTest, IncrementsChainRestoresExactly) {
   for (int i = 0; i < 3; ++i) {
     Pushes::Random(a, 10 + i, 20, 1000).ApplyTo(a);
     WrittenSnapshot info;
-    ASSERT_TRUE(WriteSnapshotWithTables(params, &a, dir.path(), &chain, &info).ok());
+    // Tagged: the dense version stays 0, and each needs its own name.
+    ASSERT_TRUE(WriteSnapshotWithTables(params, &a, dir.path(), &chain, &info, i + 1).ok());
     states.push_back(DumpAll(a));
     infos.push_back(info);
   }
