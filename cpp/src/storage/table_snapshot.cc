@@ -637,30 +637,26 @@ Status ReadTableChain(const std::string& dir, const TableSection& section,
   return Status::OK();
 }
 
-Status RestoreTables(std::vector<TableImage>&& images, TableStore* store) {
-  std::vector<std::unique_ptr<SparseTable>> built;
-  built.reserve(images.size());
+Status BuildTables(std::vector<TableImage>&& images,
+                   std::vector<std::unique_ptr<SparseTable>>* out) {
+  out->clear();
+  out->reserve(images.size());
   for (TableImage& image : images) {
-    TS_RETURN_IF_ERROR(ValidateTableConfig(image.config));
+    const std::string what = "restore table '" + image.config.name + "'";
+    TS_RETURN_IF_ERROR(ValidateTableConfig(image.config).WithContext(what));
     auto table = std::make_unique<SparseTable>(image.config);
-    TS_RETURN_IF_ERROR(table->Restore(std::move(image.rows), {}, image.epoch_unix_s)
-                           .WithContext("restore table '" + image.config.name + "'"));
-    built.push_back(std::move(table));
+    TS_RETURN_IF_ERROR(
+        table->Restore(std::move(image.rows), {}, image.epoch_unix_s).WithContext(what));
+    out->push_back(std::move(table));
   }
-  store->ReplaceAll(std::move(built));
   return Status::OK();
 }
 
-uint64_t TablesChangeMark(const TableStore& tables) {
-  std::vector<SparseTable*> all;
-  tables.All(&all);
-  uint64_t mark = all.size();
-  for (const SparseTable* t : all) {
-    const TableStats st = t->Stats();
-    mark = mark * 31 + st.rows_pushed + st.rows_created + st.evictions + st.expired +
-           static_cast<uint64_t>(t->config().optimizer.kind);
-  }
-  return mark;
+Status RestoreTables(std::vector<TableImage>&& images, TableStore* store) {
+  std::vector<std::unique_ptr<SparseTable>> built;
+  TS_RETURN_IF_ERROR(BuildTables(std::move(images), &built));
+  store->ReplaceAll(std::move(built));
+  return Status::OK();
 }
 
 }  // namespace tensorspark::storage

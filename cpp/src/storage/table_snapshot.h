@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -76,19 +77,17 @@ struct TableChainState {
 [[nodiscard]] Status ReadTableChain(const std::string& dir, const TableSection& section,
                                     std::vector<TableImage>* out);
 
-// Builds every table of `images` (validated, rows restored) and only then
-// replaces all tables of `store` with them: all or nothing. The caller
-// guarantees no request uses `store` during the call.
+// Builds a table of each image (config validated, rows restored), touching
+// no store: the slow part of a restore, done before the swap.
+[[nodiscard]] Status BuildTables(std::vector<TableImage>&& images,
+                                 std::vector<std::unique_ptr<SparseTable>>* out);
+// BuildTables, and only then replaces all tables of `store` with them: all
+// or nothing. The caller guarantees no request uses `store` during the call.
 [[nodiscard]] Status RestoreTables(std::vector<TableImage>&& images, TableStore* store);
 
 // The meta of a format-3 table record (docs/snapshots.md); Decode checks
 // the config (ValidateTableConfig) and fails with the reason, no path.
 void EncodeTableEntry(const TableSectionEntry& e, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeTableEntry(std::span<const uint8_t> meta, TableSectionEntry* out);
-
-// A number that changes whenever a table's rows may have changed (tables
-// created, rows pushed, created, evicted or expired): the snapshot thread
-// writes only when it or the store's generation moved.
-uint64_t TablesChangeMark(const TableStore& tables);
 
 }  // namespace tensorspark::storage
