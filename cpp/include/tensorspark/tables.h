@@ -58,8 +58,9 @@ enum class RowInitializer : uint8_t {
 
 // Which stored row goes when a table at capacity must store a new one.
 // Eviction is approximate, as in Redis: of kEvictionSample rows sampled from
-// the new row's stripe, the least recently touched (kLru) or least often
-// touched (kLfu) goes. An evicted row reads as its initial value again.
+// the new row's stripe and from each of a few other stripes, the least
+// recently touched (kLru) or least often touched (kLfu) goes. An evicted row reads as its initial
+// value again.
 enum class EvictionPolicy : uint8_t { kNone = 0, kLru = 1, kLfu = 2 };
 inline constexpr uint32_t kEvictionSample = 16;
 

@@ -20,11 +20,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "tensorspark/status.h"
@@ -43,8 +45,8 @@ int RowSlots(RowOptimizerKind kind);
 
 // Counters of one table (STATS: table_<name>_<counter>; docs/sparse.md).
 struct TableStats {
-  uint64_t rows = 0;    // stored rows
-  uint64_t bytes = 0;   // memory held by rows, slots, metadata and index
+  uint64_t rows = 0;   // stored rows
+  uint64_t bytes = 0;  // memory held by rows, slots, metadata and index
   uint64_t evictions = 0;
   uint64_t expired = 0;             // rows dropped by the TTL
   uint64_t admissions_refused = 0;  // pushed rows dropped before admission
@@ -75,8 +77,10 @@ struct RowState {
 
 class SparseTable {
  public:
-  // `config` must pass ValidateTableConfig.
-  explicit SparseTable(const TableConfig& config);
+  // `config` must pass ValidateTableConfig. `now_s` (tests) gives the
+  // seconds since the Unix epoch used for touch times and the TTL; empty:
+  // the system clock.
+  explicit SparseTable(const TableConfig& config, std::function<uint64_t()> now_s = {});
   ~SparseTable();
 
   const TableConfig& config() const { return config_; }  // changed only by Reconfigure
@@ -136,11 +140,50 @@ class SparseTable {
 
  private:
   struct Stripe;
+  struct Scratch;
+  enum class Action : uint8_t;
+
+  uint32_t NowRel() const;
+  bool Expired(uint32_t last_touch, uint32_t now) const;
+  void InitRow(int64_t id, float* row) const;
+  void InitSlots(float* row) const;
+  // Rebuilds every stripe's blocks for the current optimizer (slots reset).
+  void Relayout();
+  void AllocSketch();
+  uint32_t SketchEstimate(uint64_t h) const;
+  void SketchCount(uint64_t h);
+  void LogRemoved(int64_t id, uint32_t epoch);
+  // Removes one row not named by the push in `sc` (which holds the stripes
+  // `held`), sampled from stripe `home` and a few others; returns the
+  // stripe it came from, or -1 if none.
+  int EvictOne(uint32_t home, const Scratch& sc, uint64_t held, uint32_t epoch);
+  // Removes up to `n` expired rows of `st` from its sweep cursor on.
+  void Sweep(Stripe& st, uint32_t now, uint32_t epoch, uint32_t n);
+
   TableConfig config_;
   uint64_t epoch_unix_s_ = 0;
+  std::function<uint64_t()> now_s_;
   std::unique_ptr<Stripe[]> stripes_;
   std::atomic<uint32_t> epoch_{1};
-  // ... implementation-defined members
+  // Shared by requests for their whole call, unique in Reconfigure: guards
+  // the mutable fields of config_, the row layout and the sketch pointer.
+  // Taken before any stripe lock.
+  mutable std::shared_mutex config_mu_;
+  uint64_t init_base_ = 0;    // per-table key of RowInitialValues
+  uint32_t slots_ = 0;        // slot vectors per row
+  uint32_t stride_ = 0;       // floats per stored row: dim * (1 + slots_)
+  uint32_t block_shift_ = 0;  // log2 of rows per block
+  // Stored rows, including rows a push has reserved but not yet written.
+  std::atomic<uint64_t> rows_{0};
+  std::atomic<uint64_t> evictions_{0}, expired_{0}, refused_{0}, pulled_{0}, pushed_{0},
+      created_{0};
+  // Count-min sketch of admission sightings: 4 rows of sketch_mask_ + 1
+  // saturating counters, updated with relaxed atomics.
+  std::vector<uint16_t> sketch_;
+  uint64_t sketch_mask_ = 0;
+  mutable std::mutex removed_mu_;                      // guards removed_ and removed_trimmed_
+  std::vector<std::pair<uint32_t, int64_t>> removed_;  // (epoch, id), oldest first
+  uint32_t removed_trimmed_ = 0;                       // highest epoch of a trimmed entry
 };
 
 // The tables of one server, by name.
