@@ -92,6 +92,12 @@ struct TableConfig {
   uint32_t ttl_s = 0;
 };
 
+// A table as LIST_TABLES reports it: its config and the rows it stores.
+struct TableInfo {
+  TableConfig config;
+  uint64_t rows = 0;
+};
+
 // The documented id hash (docs/sparse.md, "Sharding"): the SplitMix64
 // finalizer of the id's two's-complement bits.
 inline uint64_t MixId(int64_t id) {

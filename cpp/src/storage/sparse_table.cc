@@ -248,6 +248,53 @@ struct SparseTable::Stripe {
     }
   }
 
+  // Find() for the ids at order positions [b, e) of `sc` into rows[b..e),
+  // in chunks whose index entries and rows are prefetched together, so
+  // the cache misses of a chunk overlap instead of following each other.
+  template <typename ScratchT>
+  void FindBatch(const ScratchT& sc, std::span<const int64_t> ids, uint32_t b, uint32_t e,
+                 uint32_t* rows) const {
+    if (index.empty()) {
+      std::fill(rows + b, rows + e, kNoRow);
+      return;
+    }
+    constexpr uint32_t kChunk = 32;
+    const uint32_t m = mask();
+    for (uint32_t c = b; c < e; c += kChunk) {
+      const uint32_t ce = std::min(e, c + kChunk);
+      for (uint32_t k = c; k < ce; ++k) {
+        __builtin_prefetch(&index[static_cast<uint32_t>(sc.hash[sc.order[k]]) & m]);
+      }
+      // Candidates by tag alone; their rows are prefetched.
+      for (uint32_t k = c; k < ce; ++k) {
+        const uint32_t tag = static_cast<uint32_t>(sc.hash[sc.order[k]]);
+        uint32_t cand = kNoRow;
+        for (uint32_t p = tag & m;; p = (p + 1) & m) {
+          const IndexEntry& x = index[p];
+          if (x.row1 == 0) break;
+          if (x.tag == tag) {
+            cand = x.row1 - 1;
+            break;
+          }
+        }
+        rows[k] = cand;
+        if (cand == kNoRow) continue;
+        const Block& blk = B(cand);
+        const uint32_t off = Off(cand);
+        const float* d = blk.data.get() + uint64_t{off} * stride;
+        __builtin_prefetch(&blk.ids[off]);
+        __builtin_prefetch(d);
+        __builtin_prefetch(d + stride - 1);
+        __builtin_prefetch(&blk.last_touch[off]);
+        __builtin_prefetch(&blk.touches[off]);
+      }
+      for (uint32_t k = c; k < ce; ++k) {
+        const int64_t id = ids[sc.order[k]];
+        if (rows[k] != kNoRow && Id(rows[k]) != id) rows[k] = Find(sc.hash[sc.order[k]], id);
+      }
+    }
+  }
+
   // Position in `index` of the entry that points at `row` (which exists).
   uint32_t EntryOf(uint32_t row) const {
     const uint32_t tag = static_cast<uint32_t>(MixId(Id(row)));
@@ -460,9 +507,24 @@ struct RowUpdate {
   uint32_t dim;
   float lr;
   RowOptimizerConfig o;
+  // Adam's alpha by step, direct-mapped: rows of a push mostly share a few
+  // steps, and two std::pow per row would dominate a narrow row's update.
+  std::array<uint32_t, 64> alpha_t{};
+  std::array<float, 64> alpha{};
+
+  float Alpha(uint32_t t) {
+    const uint32_t k = t & 63;
+    if (alpha_t[k] != t) {
+      const double b1t = std::pow(static_cast<double>(o.beta1), static_cast<double>(t));
+      const double b2t = std::pow(static_cast<double>(o.beta2), static_cast<double>(t));
+      alpha[k] = static_cast<float>(static_cast<double>(lr) * std::sqrt(1.0 - b2t) / (1.0 - b1t));
+      alpha_t[k] = t;
+    }
+    return alpha[k];
+  }
 };
 
-void ApplyGradient(const RowUpdate& u, float* w, const float* g, uint32_t* step) {
+void ApplyGradient(RowUpdate& u, float* w, const float* g, uint32_t* step) {
   const uint32_t dim = u.dim;
   const float lr = u.lr;
   switch (u.kind) {
@@ -753,9 +815,10 @@ Status SparseTable::Pull(std::span<const int64_t> ids, float* out) {
     if (b == e) continue;
     Stripe& st = stripes_[s];
     std::shared_lock lock(st.mu);
+    st.FindBatch(sc, ids, b, e, sc.row.data());
     for (uint32_t k = b; k < e; ++k) {
       const uint32_t i = sc.order[k];
-      uint32_t r = st.Find(sc.hash[i], ids[i]);
+      uint32_t r = sc.row[k];
       if (r != kNoRow && Expired(st.LoadLastTouch(r), now)) r = kNoRow;
       sc.row[k] = r;
       if (r == kNoRow) continue;
@@ -830,10 +893,10 @@ Status SparseTable::Push(UpdateKind kind, float learning_rate, std::span<const i
   for (uint64_t m = mask; m != 0; m &= m - 1) {
     const uint32_t s = static_cast<uint32_t>(std::countr_zero(m));
     Stripe& st = stripes_[s];
+    st.FindBatch(sc, ids, sc.start[s], sc.start[s + 1], sc.row.data());
     for (uint32_t k = sc.start[s]; k < sc.start[s + 1]; ++k) {
       const uint32_t i = sc.order[k];
-      const uint32_t r = st.Find(sc.hash[i], ids[i]);
-      sc.row[k] = r;
+      const uint32_t r = sc.row[k];
       if (r != kNoRow) {
         sc.action[k] = Expired(st.LastTouch(r), now) ? Action::kReset : Action::kUpdate;
         ++stored;

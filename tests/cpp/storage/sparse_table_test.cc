@@ -276,13 +276,16 @@ TEST(SparseTableInitTest, Distributions) {
   EXPECT_NEAR(std::sqrt(sq / out.size()), 2.0 * 0.880, 0.03);
   RowInitialValues("t", 1, RowInitializer::kZeros, 2.0f, dim, ids, out.data());
   EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.0f; }));
-  // Pinned values: the definition in docs/sparse.md must not drift.
-  float pin[2];
-  const int64_t one[] = {3};
-  RowInitialValues("user", 0, RowInitializer::kUniform, 1.0f, 2, one, pin);
-  std::vector<float> again(2);
-  RowInitialValues("user", 0, RowInitializer::kUniform, 1.0f, 2, one, again.data());
-  EXPECT_EQ(pin[0], again[0]);
+  // Pinned values: the definition in docs/sparse.md must not drift (a
+  // Python reimplementation of it gives the same bits).
+  float u[4], n[4];
+  const int64_t three[] = {3};
+  RowInitialValues("user", 0, RowInitializer::kUniform, 1.0f, 4, three, u);
+  RowInitialValues("user", 0, RowInitializer::kNormal, 1.0f, 4, three, n);
+  EXPECT_EQ(u[0], -0x1.41013cp-1f);
+  EXPECT_EQ(u[3], -0x1.9be24p-3f);
+  EXPECT_EQ(n[0], -0x1.7774p-1f);
+  EXPECT_EQ(n[2], 0x1.5e7ap-1f);
 }
 
 TEST(SparseTableErrorTest, FixedVocabRangeChangesNothing) {
