@@ -132,7 +132,6 @@ OptimizerConfig DecodeConfig(const uint8_t in[kOptimizerConfigSize]) {
   return c;
 }
 
-
 // Writes header, records and trailer; info->version and tag are set by the
 // caller.
 Status WriteTableSection(const TableSection& t, FileWriter* w) {
@@ -212,8 +211,6 @@ Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info,
   info->bytes = w->bytes();
   return w->Finish();
 }
-
-
 
 // Strips the "malformed payload: " prefix of protocol::Reader errors.
 std::string MetaError(const Status& s) {

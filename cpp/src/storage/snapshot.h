@@ -66,9 +66,9 @@ struct WrittenSnapshot {
   uint64_t bytes = 0;  // file size
   // With tables (WriteSnapshotWithTables): the chain file written.
   uint64_t tables = 0;
-  uint64_t full_images = 0;     // tables written as full images, the others as increments
-  uint64_t table_rows = 0;      // rows written to the chain file
-  std::string table_file;       // its path ("" without tables)
+  uint64_t full_images = 0;  // tables written as full images, the others as increments
+  uint64_t table_rows = 0;   // rows written to the chain file
+  std::string table_file;    // its path ("" without tables)
   uint64_t table_file_bytes = 0;
 };
 
@@ -83,14 +83,14 @@ struct TableChainFileRef {
 struct TableSectionEntry {
   TableConfig config;
   uint64_t epoch_unix_s = 0;
-  uint32_t full_index = 0;       // chain file holding its newest full image
-  uint32_t increments = 0;       // increments after that image in the chain
-  uint64_t increment_rows = 0;   // rows and removed ids in those increments
-  uint64_t rows = 0;             // stored rows when the snapshot was written
+  uint32_t full_index = 0;      // chain file holding its newest full image
+  uint32_t increments = 0;      // increments after that image in the chain
+  uint64_t increment_rows = 0;  // rows and removed ids in those increments
+  uint64_t rows = 0;            // stored rows when the snapshot was written
 };
 
 struct TableSection {
-  std::vector<TableChainFileRef> files;  // oldest first
+  std::vector<TableChainFileRef> files;   // oldest first
   std::vector<TableSectionEntry> tables;  // creation order
 };
 

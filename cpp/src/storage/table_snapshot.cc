@@ -392,8 +392,8 @@ Status ReadChainFile(const std::string& path, const TableChainFileRef& ref, uint
           row.step = LoadLE32(p + 8);
           row.touches = LoadLE32(p + 12);
           const int64_t touch = static_cast<int64_t>(LoadLE32(p + 16)) + epoch_shift;
-          row.last_touch_s = static_cast<uint32_t>(std::clamp<int64_t>(
-              touch, 0, std::numeric_limits<uint32_t>::max()));
+          row.last_touch_s = static_cast<uint32_t>(
+              std::clamp<int64_t>(touch, 0, std::numeric_limits<uint32_t>::max()));
           row.values.resize(dim);
           std::memcpy(row.values.data(), p + kRowHeaderSize, 4ull * dim);
           row.slots.resize(size_t{dim} * slots);

@@ -43,9 +43,9 @@ bool ParseTableFileName(std::string_view name, uint64_t* seq);
 struct TableChainEntry {
   std::string name;
   RowOptimizerKind kind = RowOptimizerKind::kSgd;  // a new kind resets slots: full image
-  uint32_t since = 0;      // ForEachRow/RemovedSince `since` of the next increment
-  uint32_t full_index = 0;  // chain file of the newest full image
-  uint32_t increments = 0;  // increments written since that image
+  uint32_t since = 0;           // ForEachRow/RemovedSince `since` of the next increment
+  uint32_t full_index = 0;      // chain file of the newest full image
+  uint32_t increments = 0;      // increments written since that image
   uint64_t increment_rows = 0;  // rows and removed ids in them
 };
 

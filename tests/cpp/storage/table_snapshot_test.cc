@@ -99,10 +99,10 @@ struct Pushes {
 };
 
 void MakeTables(TableStore* store) {
-  for (auto [name, kind] : {std::pair{"adam", RowOptimizerKind::kAdam},
-                            std::pair{"adagrad", RowOptimizerKind::kAdagrad},
-                            std::pair{"ftrl", RowOptimizerKind::kFtrl},
-                            std::pair{"sgd", RowOptimizerKind::kSgd}}) {
+  for (auto [name, kind] :
+       {std::pair{"adam", RowOptimizerKind::kAdam},
+        std::pair{"adagrad", RowOptimizerKind::kAdagrad},
+        std::pair{"ftrl", RowOptimizerKind::kFtrl}, std::pair{"sgd", RowOptimizerKind::kSgd}}) {
     TableConfig c = Table(name, kind);
     if (kind == RowOptimizerKind::kFtrl) c.optimizer.l1 = 0.001f;
     ASSERT_TRUE(store->CreateOrCheck(c, nullptr).ok());
@@ -413,10 +413,11 @@ TEST(TableSnapshotTest, IncrementOfAMillionRowTableIsSmall) {
   EXPECT_GT(full.table_file_bytes, 40u * kRows);
   EXPECT_LT(inc.table_file_bytes * 500, full.table_file_bytes)
       << "increment " << inc.table_file_bytes << " bytes, full image " << full.table_file_bytes;
-  std::printf("[ figures ] 1M-row dim-4 table: full image %llu bytes, increment of 1000 rows "
-              "%llu bytes\n",
-              static_cast<unsigned long long>(full.table_file_bytes),
-              static_cast<unsigned long long>(inc.table_file_bytes));
+  std::printf(
+      "[ figures ] 1M-row dim-4 table: full image %llu bytes, increment of 1000 rows "
+      "%llu bytes\n",
+      static_cast<unsigned long long>(full.table_file_bytes),
+      static_cast<unsigned long long>(inc.table_file_bytes));
 }
 
 }  // namespace
