@@ -296,6 +296,36 @@ TEST(TableSnapshotTest, CorruptIncrementFallsBackNamingFileAndRecord) {
   EXPECT_TRUE(Contains(s.message(), second.table_file)) << s.message();
 }
 
+TEST(TableSnapshotTest, EveryFlippedByteAndCutOfAChainFileIsDetected) {
+  TempDir dir;
+  ParamStore params(100);
+  TableStore a;
+  ASSERT_TRUE(a.CreateOrCheck(Table("t", RowOptimizerKind::kAdagrad, 2), nullptr).ok());
+  std::vector<int64_t> ids = {1, 5, 9};
+  std::vector<float> g = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f};
+  ASSERT_TRUE(Get(a, "t")->Push(UpdateKind::kGradient, 0.0f, ids, g.data()).ok());
+  TableChainState chain;
+  WrittenSnapshot info;
+  ASSERT_TRUE(WriteSnapshotWithTables(params, &a, dir.path(), &chain, &info).ok());
+  const std::vector<uint8_t> good = ReadBytes(info.table_file);
+  SnapshotData data;
+  ASSERT_TRUE(ReadSnapshot(info.path, &data).ok());
+  for (size_t i = 0; i < good.size(); ++i) {
+    std::vector<uint8_t> bad = good;
+    bad[i] ^= 0x01;
+    WriteBytes(info.table_file, bad);
+    Status s = ReadSnapshot(info.path, &data);
+    ASSERT_FALSE(s.ok()) << "flipped byte " << i;
+    ASSERT_TRUE(Contains(s.message(), info.table_file)) << s.message();
+  }
+  for (size_t n = 0; n < good.size(); ++n) {
+    WriteBytes(info.table_file, std::vector<uint8_t>(good.begin(), good.begin() + n));
+    ASSERT_FALSE(ReadSnapshot(info.path, &data).ok()) << "cut at " << n;
+  }
+  WriteBytes(info.table_file, good);
+  EXPECT_TRUE(ReadSnapshot(info.path, &data).ok());
+}
+
 TEST(TableSnapshotTest, PruneKeepsEveryFileAChainNeeds) {
   TempDir dir;
   ParamStore params(100);
