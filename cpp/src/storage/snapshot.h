@@ -155,15 +155,17 @@ bool ParseSnapshotFileName(std::string_view name, uint64_t* version, uint64_t* t
 // files of `dir` (0 keeps all) and deletes the older ones, and any
 // temporary file left by an interrupted write of an older version; never
 // deletes `written` (the file just written, which may be older than others
-// after resuming from an older snapshot). `removed` receives the deleted
-// paths; the first failure to delete is returned after trying every file.
+// after resuming from an older snapshot). Then deletes the table chain
+// files (storage/table_snapshot.h) that no remaining snapshot lists, never
+// one a kept snapshot needs. `removed` receives the deleted paths; the
+// first failure to delete is returned after trying every file.
 [[nodiscard]] Status PruneSnapshots(const std::string& dir, uint64_t keep,
                                     std::vector<std::string>* removed,
                                     const std::string& written = "");
 
 // Deletes the snapshot files of `dir` that sort newer than (version, tag):
-// after a restore they belong to a history the server left. `removed` and
-// the result as for PruneSnapshots.
+// after a restore they belong to a history the server left (and the chain
+// files only they needed). `removed` and the result as for PruneSnapshots.
 [[nodiscard]] Status RemoveSnapshotsNewerThan(const std::string& dir, uint64_t version,
                                               uint64_t tag, std::vector<std::string>* removed);
 
