@@ -111,6 +111,18 @@ inline uint32_t ServerOfId(int64_t id, uint32_t num_servers) {
   return static_cast<uint32_t>(MixId(id) % num_servers);
 }
 
+// The documented id of a string (docs/protocol.md, "String ids"): 64-bit
+// FNV-1a of its bytes (UTF-8 for text), then MixId, masked to 63 bits so
+// ids are non-negative.
+inline int64_t HashStringId(std::string_view s) {
+  uint64_t h = 0xCBF29CE484222325ULL;
+  for (char c : s) {
+    h ^= static_cast<uint8_t>(c);
+    h *= 0x100000001B3ULL;
+  }
+  return static_cast<int64_t>(MixId(static_cast<int64_t>(h)) & 0x7FFFFFFFFFFFFFFFULL);
+}
+
 // Initial values of the rows `ids` of a table (out: ids.size() * dim
 // floats), exactly what a server returns for rows it has not stored.
 void RowInitialValues(std::string_view table, uint64_t seed, RowInitializer init, float scale,
