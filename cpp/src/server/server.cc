@@ -141,6 +141,8 @@ class ServerImpl {
   std::mutex snapshot_mu_;
   uint64_t last_snap_version_ = 0;
   uint64_t last_snap_generation_ = 0;  // store generation the last snapshot covers
+  // Tables the last snapshot covers: creating a table changes no generation.
+  uint64_t last_snap_tables_ = 0;
   // The tables' chain of the last snapshot written; reset (next snapshot:
   // full images) by a resume or restore.
   storage::TableChainState table_chain_;
@@ -184,6 +186,7 @@ Status ServerImpl::StartSnapshots() {
   // The resumed state counts as written: no snapshot until it changes.
   last_snap_version_ = version;
   last_snap_generation_ = ctx_.store.generation();
+  last_snap_tables_ = ctx_.tables.size();
   LogEvent("resumed from " + chosen + ": version " + std::to_string(version) + ", " +
            std::to_string(variables) + " variables, " + std::to_string(tables) + " tables");
   return Status::OK();
@@ -206,6 +209,7 @@ Status ServerImpl::WriteSnapshotLocked(const std::string& why, uint64_t tag,
   ctx_.counters.snapshot_version.store(info.version, std::memory_order_relaxed);
   last_snap_version_ = info.version;
   last_snap_generation_ = info.generation;
+  last_snap_tables_ = info.tables;
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char took[32];
@@ -356,6 +360,7 @@ Status ServerImpl::RestoreTagged(uint64_t tag, uint64_t* version) {
   // request can change it).
   last_snap_version_ = restored;
   last_snap_generation_ = ctx_.store.generation();
+  last_snap_tables_ = ctx_.tables.size();
   store_lock.unlock();
   ctx_.counters.restores.fetch_add(1, std::memory_order_relaxed);
   LogEvent("restored from " + chosen + ": version " + std::to_string(restored) + ", " +
@@ -380,7 +385,8 @@ void ServerImpl::SnapshotLoop() {
     {
       std::lock_guard lock(snapshot_mu_);
       const auto now = std::chrono::steady_clock::now();
-      const bool changed = ctx_.store.generation() != last_snap_generation_;
+      const bool changed = ctx_.store.generation() != last_snap_generation_ ||
+                           ctx_.tables.size() != last_snap_tables_;
       // The version only grows, and last_snap_version_ was read from it.
       const bool by_versions =
           o.snapshot_every_versions > 0 &&
@@ -593,7 +599,7 @@ void ServerImpl::Stop() {
   if (snapshot_thread_.joinable()) snapshot_thread_.join();
   if (started_ && !ctx_.options.snapshot_dir.empty()) {
     std::lock_guard lock(snapshot_mu_);
-    if (ctx_.store.generation() != last_snap_generation_)
+    if (ctx_.store.generation() != last_snap_generation_ || ctx_.tables.size() != last_snap_tables_)
       (void)WriteSnapshotLocked("final", 0, nullptr);
   }
   {

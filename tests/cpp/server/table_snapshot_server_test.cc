@@ -155,5 +155,21 @@ TEST(TableSnapshotServerTest, RestoreTagReplacesTablesAndStopSavesThem) {
   }
 }
 
+TEST(TableSnapshotServerTest, ACreatedTableAloneIsSavedAtStop) {
+  TempDir dir;
+  auto a = StartServer(WithDir(dir.path()));
+  ASSERT_NE(a, nullptr);
+  auto c = ConnectClient(a->port());
+  ASSERT_TRUE(c->CreateTables(Tables(), nullptr).ok());
+  c.reset();
+  a->Stop();
+  auto b = StartServer(WithDir(dir.path() + "/b", dir.path()));
+  ASSERT_NE(b, nullptr);
+  auto cb = ConnectClient(b->port());
+  TableConfig wrong = Tables()[1];
+  wrong.dim = 4;
+  EXPECT_EQ(cb->CreateTables({&wrong, 1}, nullptr).code(), StatusCode::kShapeMismatch);
+}
+
 }  // namespace
 }  // namespace tensorspark
