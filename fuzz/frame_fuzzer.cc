@@ -18,6 +18,8 @@
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
+#include "storage/sparse_table.h"
 
 namespace tensorspark::fuzz {
 namespace {
@@ -235,6 +237,74 @@ void DecodeEverything(Span p) {
       protocol::EncodeSnapshotsResponse(files, &enc);
       Expect(Same(enc, p), "SNAPSHOTS response does not re-encode");
     }
+  }
+  // Sparse tables (opcodes 19-23): what decodes must re-encode to the
+  // same bytes.
+  {
+    std::vector<TableConfig> tables;
+    if (protocol::DecodeTableCreate(p, &tables).ok()) {
+      Bytes enc;
+      protocol::EncodeTableCreate(tables, &enc);
+      Expect(Same(enc, p), "TABLE_CREATE does not re-encode");
+      for (const TableConfig& t : tables) (void)storage::ValidateTableConfig(t);
+    }
+    std::vector<uint8_t> created;
+    if (protocol::DecodeTableCreateResponse(p, &created).ok()) {
+      Bytes enc;
+      protocol::EncodeTableCreateResponse(created, &enc);
+      Expect(Same(enc, p), "TABLE_CREATE response does not re-encode");
+    }
+    std::vector<TableInfo> infos;
+    if (protocol::DecodeListTablesResponse(p, &infos).ok()) {
+      Bytes enc;
+      protocol::EncodeListTablesResponse(infos, &enc);
+      Expect(Same(enc, p), "LIST_TABLES response does not re-encode");
+    }
+  }
+  {
+    std::vector<protocol::RowsSection> sections;
+    if (protocol::DecodePullRowsRequest(p, &sections).ok()) {
+      std::vector<std::vector<int64_t>> ids(sections.size());
+      std::vector<protocol::PullRowsItem> items;
+      for (size_t i = 0; i < sections.size(); ++i) {
+        ids[i].resize(sections[i].n);
+        protocol::CopyIds(sections[i], ids[i].data());
+        items.push_back({sections[i].table, ids[i]});
+      }
+      Bytes enc;
+      protocol::EncodePullRowsRequest(items, &enc);
+      Expect(Same(enc, p), "PULL_ROWS request does not re-encode");
+    }
+    uint8_t kind;
+    float lr;
+    if (protocol::DecodePushRows(p, &kind, &lr, &sections).ok()) {
+      std::vector<std::vector<int64_t>> ids(sections.size());
+      std::vector<std::vector<float>> values(sections.size());
+      std::vector<protocol::PushRowsItem> items;
+      for (size_t i = 0; i < sections.size(); ++i) {
+        ids[i].resize(sections[i].n);
+        values[i].resize(size_t{sections[i].n} * sections[i].dim);
+        protocol::CopyIds(sections[i], ids[i].data());
+        protocol::CopyValues(sections[i], values[i].data());
+        items.push_back({sections[i].table, sections[i].dim, ids[i], values[i]});
+      }
+      Bytes enc;
+      protocol::EncodePushRows(kind, lr, items, &enc);
+      Expect(Same(enc, p), "PUSH_ROWS does not re-encode");
+    }
+    uint64_t version;
+    std::vector<protocol::RowsBlock> blocks;
+    (void)protocol::DecodePullRowsResponse(p, &version, &blocks);
+    std::string_view table;
+    uint64_t cursor;
+    uint32_t max_rows;
+    if (protocol::DecodeExportRowsRequest(p, &table, &cursor, &max_rows).ok()) {
+      Bytes enc;
+      protocol::EncodeExportRowsRequest(table, cursor, max_rows, &enc);
+      Expect(Same(enc, p), "EXPORT_ROWS request does not re-encode");
+    }
+    protocol::RowsBlock rows;
+    (void)protocol::DecodeExportRowsResponse(p, &cursor, &rows);
   }
   {
     RunConfig config;

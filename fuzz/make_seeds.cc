@@ -12,6 +12,7 @@
 #include "fuzz_input.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
 
 namespace tensorspark::fuzz {
 namespace {
@@ -177,6 +178,56 @@ int main(int argc, char** argv) {
                             .Frame(protocol::Opcode::kSnapshots)
                             .Frame(protocol::Opcode::kRestore, tag1));
   }
+  // Sparse tables (opcodes 19-23): create, pull (with repeats), push
+  // gradients and deltas, export, list, and refusals (dim, vocab, unknown
+  // table, capacity).
+  {
+    TableConfig user;
+    user.name = "user";
+    user.dim = 4;
+    user.optimizer.kind = RowOptimizerKind::kAdagrad;
+    TableConfig country = user;
+    country.name = "country";
+    country.dim = 2;
+    country.vocab = 10;
+    country.capacity = 3;
+    country.optimizer.kind = RowOptimizerKind::kAdam;
+    const TableConfig both[] = {user, country};
+    Bytes create, pull, push, delta, wide, out_of_range, exp, exp_next, unknown;
+    protocol::EncodeTableCreate(both, &create);
+    const int64_t ids[] = {1, 9, 1}, unique[] = {1, 9}, far[] = {12};
+    const protocol::PullRowsItem pulls[] = {{"user", ids}, {"country", unique}};
+    protocol::EncodePullRowsRequest(pulls, &pull);
+    const std::vector<float> g4(8, 0.5f), g2(4, 0.25f), g8(16, 1.0f), g1(2, 1.0f);
+    const protocol::PushRowsItem ups[] = {{"user", 4, unique, g4}, {"country", 2, unique, g2}};
+    protocol::EncodePushRows(3, 0.0f, ups, &push);
+    protocol::EncodePushRows(2, 0.0f, {ups, 1}, &delta);
+    const protocol::PushRowsItem bad_dim[] = {{"user", 8, unique, g8}};
+    protocol::EncodePushRows(3, 0.1f, bad_dim, &wide);
+    const protocol::PushRowsItem bad_id[] = {{"country", 2, far, g1}};
+    protocol::EncodePushRows(3, 0.0f, bad_id, &out_of_range);
+    protocol::EncodeExportRowsRequest("user", 0, 1, &exp);
+    protocol::EncodeExportRowsRequest("user", 1, 100, &exp_next);
+    const protocol::PullRowsItem ghost[] = {{"ghost", unique}};
+    protocol::EncodePullRowsRequest(ghost, &unknown);
+    add("tables", Seed()
+                      .Frame(Opcode::kTableCreate, create)
+                      .Frame(Opcode::kPullRows, pull)
+                      .Frame(Opcode::kPushRows, push)
+                      .Frame(Opcode::kPushRows, delta)
+                      .Frame(Opcode::kPullRows, pull)
+                      .Frame(Opcode::kExportRows, exp)
+                      .Frame(Opcode::kExportRows, exp_next)
+                      .Frame(Opcode::kListTables)
+                      .Frame(Opcode::kStats));
+    add("tables_refused", Seed()
+                              .Frame(Opcode::kPullRows, unknown)
+                              .Frame(Opcode::kTableCreate, create)
+                              .Frame(Opcode::kPushRows, wide)
+                              .Frame(Opcode::kPushRows, out_of_range)
+                              .Frame(Opcode::kTableCreate, Bytes(4))
+                              .Frame(Opcode::kListTables, Bytes(1)));
+  }
   add("bad_flags_opcode", Seed()
                               .Frame(Opcode::kList, {}, protocol::kFlagResponse)
                               .Frame(static_cast<Opcode>(99))
@@ -216,6 +267,33 @@ int main(int argc, char** argv) {
         {3, 12, "snapshot-00000000000000000012-tag-00000000000000000003.tsnap"},
         {0, 10, "snapshot-00000000000000000010.tsnap"}};
     protocol::EncodeSnapshotsResponse(files, &snapshots);
+    Bytes created, rows, exported, tables;
+    const uint8_t flags[] = {1, 0};
+    protocol::EncodeTableCreateResponse(flags, &created);
+    protocol::Writer rw(&rows);
+    rw.U64(7);
+    rw.U32(1);
+    rw.U32(2);
+    rw.U32(1);
+    rw.F32(0.5f);
+    rw.F32(-0.5f);
+    protocol::Writer ew(&exported);
+    ew.U64(protocol::kExportDone);
+    ew.U32(1);
+    ew.U32(1);
+    ew.I64(3);
+    ew.F32(1.0f);
+    TableConfig listed;
+    listed.name = "user";
+    listed.dim = 1;
+    const TableInfo infos[] = {{listed, 1}};
+    protocol::EncodeListTablesResponse(infos, &tables);
+    add("table_replies", Seed()
+                             .Frame(Opcode::kTableCreate, created, kReply)
+                             .Frame(Opcode::kPullRows, rows, kReply)
+                             .Frame(Opcode::kPushRows, ver, kReply)
+                             .Frame(Opcode::kExportRows, exported, kReply)
+                             .Frame(Opcode::kListTables, tables, kReply));
     add("replies", Seed()
                        .Frame(Opcode::kPull, err, kReply | protocol::kFlagError)
                        .Frame(Opcode::kRegister, reg, kReply)

@@ -35,6 +35,7 @@
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
 #include "tensorspark/server.h"
 
 namespace tensorspark::fuzz {
@@ -374,6 +375,30 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
         case Opcode::kShutdown:
           if (!payload.empty()) s = Status(StatusCode::kProtocolError, "non-empty payload");
           break;
+        case Opcode::kTableCreate: {
+          std::vector<uint8_t> created;
+          s = protocol::DecodeTableCreateResponse(payload, &created);
+          break;
+        }
+        case Opcode::kPullRows: {
+          std::vector<protocol::RowsBlock> rows;
+          s = protocol::DecodePullRowsResponse(payload, &version, &rows);
+          break;
+        }
+        case Opcode::kPushRows:
+          s = protocol::DecodeVersion(payload, &version);
+          break;
+        case Opcode::kExportRows: {
+          uint64_t next;
+          protocol::RowsBlock rows;
+          s = protocol::DecodeExportRowsResponse(payload, &next, &rows);
+          break;
+        }
+        case Opcode::kListTables: {
+          std::vector<TableInfo> tables;
+          s = protocol::DecodeListTablesResponse(payload, &tables);
+          break;
+        }
         default:
           // An opcode added after this harness: only its framing is checked.
           if (std::strcmp(protocol::OpcodeName(h.opcode), "UNKNOWN") == 0) {

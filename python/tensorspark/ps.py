@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Self
 
 import numpy as np
 
 from . import _core
-from .errors import TensorSparkValueError
+from .errors import ShapeMismatchError, TensorSparkValueError, VariableNotFoundError
+from .tables import RowOptimizer, TableSpec, as_ids, validate_table
 
 _KINDS = {
     "parameters": _core.KIND_PARAMETERS,
@@ -121,6 +122,87 @@ def _push(client, values: Mapping[str, np.ndarray], kind: str, lr: float, window
     names = list(values)
     arrays = [_as_float32(n, values[n]) for n in names]
     return client.push(_KINDS[kind], names, arrays, learning_rate=lr, mean_window=window)
+
+
+_ROW_KINDS = {"delta": _core.KIND_DELTA, "gradient": _core.KIND_GRADIENT}
+_ROW_OPTIMIZER_NAMES = {1: "sgd", 2: "adagrad", 3: "adam", 4: "ftrl"}
+_INITIALIZER_NAMES = {0: "zeros", 1: "uniform", 2: "normal"}
+_EVICTION_NAMES = {0: "none", 1: "lru", 2: "lfu"}
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that reads back as float32 ``x`` (0.05, not 0.0500000007)."""
+    return float(str(np.float32(x)))
+
+
+def _spec_of(d: dict[str, Any]) -> TableSpec:
+    """A TableSpec from a core table dict (list_tables)."""
+    opt = RowOptimizer(
+        kind=_ROW_OPTIMIZER_NAMES.get(d["optimizer"], str(d["optimizer"])),
+        **{
+            k: _f32(d[k])
+            for k in (
+                "learning_rate",
+                "beta1",
+                "beta2",
+                "epsilon",
+                "initial_accumulator",
+                "l1",
+                "l2",
+                "lr_power",
+                "beta",
+            )
+        },
+    )
+    return TableSpec(
+        name=d["name"],
+        dim=d["dim"],
+        vocab=d["vocab"],
+        seed=d["seed"],
+        initializer=_INITIALIZER_NAMES.get(d["initializer"], str(d["initializer"])),
+        init_scale=_f32(d["init_scale"]),
+        optimizer=opt,
+        capacity=d["capacity"],
+        eviction=_EVICTION_NAMES.get(d["eviction"], str(d["eviction"])),
+        admit_after=d["admit_after"],
+        ttl_s=d["ttl_s"],
+    )
+
+
+def _row_buffer(table: str, n: int, out: Any) -> np.ndarray:
+    """``out`` checked to receive ``n`` rows in place (float32, C-contiguous)."""
+    if not (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float32
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        raise TensorSparkValueError(
+            f"table {table!r}: the output buffer must be a writable C-contiguous float32 "
+            "numpy array"
+        )
+    if out.ndim != 2 or out.shape[0] != n:
+        raise ShapeMismatchError(
+            f"table {table!r}: the output buffer for {n} ids must have shape [{n}, dim], "
+            f"got {list(out.shape)}"
+        )
+    return out
+
+
+def _row_values(table: str, n: int, values: Any) -> np.ndarray:
+    """``values`` as float32 [n, dim], C-contiguous."""
+    arr = np.asarray(values)
+    if arr.dtype != np.float32:
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+            raise TensorSparkValueError(
+                f"table {table!r}: values must be numbers, got dtype {arr.dtype}"
+            )
+        arr = arr.astype(np.float32)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ShapeMismatchError(
+            f"table {table!r}: values for {n} ids must have shape [{n}, dim], got {list(arr.shape)}"
+        )
+    return np.ascontiguousarray(arr)
 
 
 def _heartbeat_interval(who: str, value) -> float:
@@ -386,6 +468,7 @@ class _TensorClient:
 
     _client: Any
     _shapes: dict[str, tuple[int, ...]]
+    _table_dims: dict[str, int]
 
     def register(self, variables: Mapping[str, np.ndarray]) -> dict[str, bool]:
         """Register variables with initial values; the first registration wins.
@@ -822,6 +905,188 @@ class _TensorClient:
         """
         return self._client.restore(_snapshot_tag("restore", tag))
 
+    # ---- sparse tables (docs/protocol.md, "Sparse tables") ----
+
+    def create_tables(self, tables: Sequence[TableSpec]) -> list[bool]:
+        """Create tables, or reconfigure the ones that exist.
+
+        Every spec is validated first (:func:`tensorspark.tables.validate_table`),
+        so a bad one creates nothing. An existing table keeps its rows and takes
+        the new optimizer, capacity, eviction, admission and TTL; another
+        ``dim`` is a :class:`ShapeMismatchError`, another vocab, seed or
+        initializer a :class:`TensorSparkValueError`. On a sharded client every
+        server gets every table.
+
+        Parameters
+        ----------
+        tables : sequence of TableSpec
+            The tables.
+
+        Returns
+        -------
+        list of bool
+            ``True`` where the table was created by this call.
+        """
+        specs = [validate_table(t) for t in tables]
+        created = self._client.create_tables(specs)
+        for d in specs:
+            self._table_dims[d["name"]] = d["dim"]
+        return list(created)
+
+    def list_tables(self) -> dict[str, dict[str, Any]]:
+        """The server's tables (summed over servers when sharded).
+
+        Returns
+        -------
+        dict
+            ``{name: {"spec": TableSpec, "dim": int, "vocab": int, "rows": int}}``,
+            in creation order; ``rows`` is the number of stored rows.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for d in self._client.list_tables():
+            spec = _spec_of(d)
+            self._table_dims[spec.name] = spec.dim
+            out[spec.name] = {"spec": spec, "dim": spec.dim, "vocab": spec.vocab, "rows": d["rows"]}
+        return out
+
+    def _dim_of(self, table: str) -> int:
+        if table not in self._table_dims:
+            self.list_tables()
+        if table not in self._table_dims:
+            raise VariableNotFoundError(
+                f"no table {table!r} on the parameter server (create it first with create_tables)"
+            )
+        return self._table_dims[table]
+
+    def pull_rows(self, requests: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Pull the rows of some ids of one or more tables.
+
+        Rows never written read as their initial values; duplicates are
+        allowed. Rows are served at once in every consistency mode.
+
+        Parameters
+        ----------
+        requests : mapping of str to array_like of int
+            ``{table: ids}``, ids 1-D integers.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``{table: rows}``, float32 of shape ``[len(ids), dim]``.
+
+        Raises
+        ------
+        TensorSparkValueError
+            Float ids, or an id outside a fixed vocabulary (naming the table
+            and the id).
+        VariableNotFoundError
+            An unknown table.
+        """
+        pairs = {}
+        for table, ids in requests.items():
+            arr = as_ids(table, ids)
+            pairs[table] = (arr, np.empty((arr.size, self._dim_of(table)), np.float32))
+        self.pull_rows_into(pairs)
+        return {t: out for t, (_, out) in pairs.items()}
+
+    def pull_rows_into(self, requests: Mapping[str, tuple[Any, np.ndarray]]) -> int:
+        """Pull rows straight into caller-owned buffers (no copy); returns the version.
+
+        Parameters
+        ----------
+        requests : mapping of str to (ids, out)
+            ``out`` is a writable C-contiguous float32 array of shape
+            ``[len(ids), dim]``; the socket writes into it.
+
+        Returns
+        -------
+        int
+            The model version (summed over servers when sharded).
+        """
+        tables, ids, outs = [], [], []
+        for table, (table_ids, out) in requests.items():
+            arr = as_ids(table, table_ids)
+            tables.append(table)
+            ids.append(arr)
+            outs.append(_row_buffer(table, arr.size, out))
+        return self._client.pull_rows_into(tables, ids, outs)
+
+    def push_rows(
+        self,
+        updates: Mapping[str, tuple[Any, Any]],
+        kind: str = "gradient",
+        learning_rate: float = 0.0,
+    ) -> int:
+        """Push row gradients or deltas; returns the model version after the push.
+
+        Parameters
+        ----------
+        updates : mapping of str to (ids, values)
+            ``{table: (ids, values)}``: ids 1-D integers, unique within a
+            table's update (sum the gradients of repeated ids first); values
+            of shape ``[len(ids), dim]``.
+        kind : {"gradient", "delta"}
+            A gradient is a step of each table's optimizer; a delta is added.
+        learning_rate : float
+            > 0 overrides each table's learning rate for this push (gradients).
+
+        Returns
+        -------
+        int
+            The model version after the push.
+
+        Raises
+        ------
+        ShapeMismatchError
+            A ``dim`` other than the table's (naming both).
+        TensorSparkValueError
+            Float ids, an id out of range, a repeated id, or a table full with
+            eviction off; that table's rows are left unchanged.
+        """
+        if kind not in _ROW_KINDS:
+            raise TensorSparkValueError(
+                f"push_rows: kind must be one of {sorted(_ROW_KINDS)}, got {kind!r}"
+            )
+        lr = _as_number("push_rows: learning_rate", learning_rate)
+        tables, ids, values = [], [], []
+        for table, (table_ids, table_values) in updates.items():
+            arr = as_ids(table, table_ids)
+            tables.append(table)
+            ids.append(arr)
+            values.append(_row_values(table, arr.size, table_values))
+        return self._client.push_rows(_ROW_KINDS[kind], lr, tables, ids, values)
+
+    def export_rows(self, table: str, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Every row ``table`` stores, in batches of at most ``batch_rows``.
+
+        Consistent when no push runs meanwhile. Rows never written (and rows
+        evicted or expired) are not stored: they read as their initial
+        values (:func:`tensorspark.tables.initial_rows`).
+
+        Returns
+        -------
+        ids : numpy.ndarray
+            int64, shape ``[n]``.
+        values : numpy.ndarray
+            float32, shape ``[n, dim]``.
+        """
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise TensorSparkValueError(
+                f"export_rows: batch_rows must be an integer >= 1, got {batch_rows!r}"
+            )
+        batch = min(batch_rows, 2**32 - 1)
+        cursor = 0
+        all_ids, all_values = [], []
+        while cursor != _core.EXPORT_DONE:
+            ids, values, cursor = self._client.export_rows(table, cursor, batch)
+            all_ids.append(ids)
+            all_values.append(values)
+        dim = all_values[0].shape[1]
+        return (
+            np.concatenate(all_ids) if all_ids else np.empty(0, np.int64),
+            np.concatenate(all_values) if all_values else np.empty((0, dim), np.float32),
+        )
+
     @property
     def connected(self) -> bool:
         """True while the connection (sharded: every server's) is up."""
@@ -905,6 +1170,7 @@ class PSClient(_TensorClient):
         heartbeat_interval = _heartbeat_interval("PSClient", heartbeat_interval)
         self.host, self.port = host, int(port)
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._table_dims: dict[str, int] = {}
         self._client = _core.Client(
             host,
             self.port,
@@ -1062,6 +1328,7 @@ class ShardedPSClient(_TensorClient):
         if not self.servers:
             raise TensorSparkValueError("ShardedPSClient needs at least one server address")
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._table_dims: dict[str, int] = {}
         self._client = _core.ShardedClient(
             self.servers,
             secret,

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "tensorspark/status.h"
+#include "tensorspark/tables.h"
 #include "tensorspark/types.h"
 
 namespace tensorspark {
@@ -73,6 +74,23 @@ struct VariableSpec {
   std::string_view name;
   std::span<const int64_t> shape;
   std::span<const float> initial;  // product of shape elements
+};
+
+// The rows of one table to pull (Client::PullRows): `out` receives
+// ids.size() * dim floats, row i at out[i * dim]; the socket writes into it.
+struct RowsRequest {
+  std::string_view table;
+  std::span<const int64_t> ids;  // duplicates allowed
+  std::span<float> out;
+};
+
+// Row updates for one table (Client::PushRows): `values` holds
+// ids.size() * dim floats, row i at values[i * dim].
+struct RowsUpdate {
+  std::string_view table;
+  uint32_t dim = 0;              // must equal the table's dim on the server
+  std::span<const int64_t> ids;  // unique within one update
+  std::span<const float> values;
 };
 
 class ClientImpl;
@@ -239,6 +257,70 @@ class Client {
   //   uint64_t version = 0;
   //   TS_RETURN_IF_ERROR(driver->Restore(/*tag=*/3, &version));
   Status Restore(uint64_t tag, uint64_t* version);
+
+  // ---- sparse tables (docs/protocol.md, "Sparse tables") ----
+  // Creates the tables, or checks and reconfigures those that exist:
+  // `created` (may be null) tells which were new. Every config is checked
+  // first (kInvalidArgument naming the table and field; an existing table
+  // with another dim is kShapeMismatch, with another vocab, seed or
+  // initializer kInvalidArgument), so a bad one creates nothing. An existing
+  // table takes the new optimizer, capacity, eviction, admission and TTL.
+  // Not thread-safe, like Push.
+  //
+  //   tensorspark::TableConfig user;
+  //   user.name = "user"; user.dim = 16;
+  //   user.optimizer.kind = tensorspark::RowOptimizerKind::kAdagrad;
+  //   TS_RETURN_IF_ERROR(c->CreateTables({&user, 1}, nullptr));
+  Status CreateTables(std::span<const TableConfig> tables, std::vector<bool>* created);
+  // Pulls rows of one or more tables straight into the callers' buffers: a
+  // row never stored reads as its initial value. Each `out` must hold
+  // ids.size() * dim floats (kShapeMismatch naming the table otherwise; the
+  // buffers then hold unspecified values). An id outside a fixed vocabulary
+  // is kInvalidArgument naming the table and the id; an unknown table
+  // kNotFound. Rows are served at once in every consistency mode. `version`
+  // (may be null) receives the model version. Not thread-safe.
+  //
+  //   std::vector<int64_t> ids = {3, 17, 3};
+  //   std::vector<float> rows(ids.size() * 16);
+  //   tensorspark::RowsRequest req{"user", ids, rows};
+  //   TS_RETURN_IF_ERROR(c->PullRows({&req, 1}, nullptr));
+  Status PullRows(std::span<const RowsRequest> req, uint64_t* version);
+  // Pushes row gradients (kGradient, through each table's optimizer;
+  // learning_rate > 0 overrides the table's rate for this push) or deltas
+  // (kDelta, added) from the callers' buffers, without copying. Every
+  // table's name and dim are checked before any row changes (kShapeMismatch:
+  // "table 'user' has dim 16 on the server, the push carries 32"); each
+  // table's rows are then applied all or nothing (an id out of range, a
+  // repeated id, or a table full with eviction off refuses that table).
+  // `version` (may be null) receives the model version after the push.
+  // Not thread-safe.
+  //
+  //   std::vector<int64_t> ids = {3, 17};
+  //   std::vector<float> grads(ids.size() * 16, 0.5f);
+  //   tensorspark::RowsUpdate up{"user", 16, ids, grads};
+  //   TS_RETURN_IF_ERROR(c->PushRows(tensorspark::UpdateKind::kGradient, 0.0f, {&up, 1}, nullptr));
+  Status PushRows(UpdateKind kind, float learning_rate, std::span<const RowsUpdate> req,
+                  uint64_t* version);
+  // One batch (at most max_rows, fewer when the server caps the frame) of
+  // the rows `table` stores, from `cursor` on (0 starts): ids, values
+  // (ids->size() * *dim), and the cursor of the next batch in
+  // `next_cursor` (UINT64_MAX: done). Every stored row is returned once if
+  // no push runs during the export. Not thread-safe.
+  //
+  //   uint64_t cursor = 0;
+  //   while (cursor != UINT64_MAX) {
+  //     TS_RETURN_IF_ERROR(c->ExportRows("user", cursor, 65536, &ids, &values, &dim, &cursor));
+  //     Save(ids, values, dim);
+  //   }
+  Status ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                    std::vector<int64_t>* ids, std::vector<float>* values, uint32_t* dim,
+                    uint64_t* next_cursor);
+  // Every table of the server in creation order, with its config and the
+  // rows it stores. Not thread-safe.
+  //
+  //   std::vector<tensorspark::TableInfo> tables;
+  //   TS_RETURN_IF_ERROR(c->ListTables(&tables));
+  Status ListTables(std::vector<TableInfo>* out);
 
   // Counters of the server (see docs/protocol.md for their names).
   Status Stats(std::vector<StatEntry>* out);

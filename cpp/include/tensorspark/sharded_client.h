@@ -91,6 +91,49 @@ class ShardedClient {
   Status SetOptimizer(const OptimizerConfig& config, std::span<const std::string_view> names,
                       uint64_t* version);
 
+  // ---- sparse tables (docs/protocol.md, "Sparse tables") ----
+  // Row `id` of every table lives on server ServerOfId(id, num_servers())
+  // (tensorspark/tables.h). Same threading rule as Push.
+  //
+  // As Client::CreateTables, on every server; `created[i]` is true when
+  // any server created table i. A config refused by one server may have
+  // been created by another (the servers are asked in parallel).
+  //
+  //   TS_RETURN_IF_ERROR(c->CreateTables({&user, 1}, nullptr));
+  Status CreateTables(std::span<const TableConfig> tables, std::vector<bool>* created);
+  // As Client::PullRows: each table's ids are split by server, one request
+  // goes to each server holding some of them (in parallel), and the rows
+  // come back in the caller's order. `out` must hold ids.size() * dim
+  // floats. `version` is the sum of the servers' versions.
+  //
+  //   tensorspark::RowsRequest req{"user", ids, rows};
+  //   TS_RETURN_IF_ERROR(c->PullRows({&req, 1}, nullptr));
+  Status PullRows(std::span<const RowsRequest> req, uint64_t* version);
+  // As Client::PushRows, split by server the same way. Each server checks
+  // and applies its part; a push refused by one server may have been
+  // applied by another (reported through the returned Status).
+  //
+  //   tensorspark::RowsUpdate up{"user", 16, ids, grads};
+  //   TS_RETURN_IF_ERROR(c->PushRows(tensorspark::UpdateKind::kGradient, 0.0f, {&up, 1}, nullptr));
+  Status PushRows(UpdateKind kind, float learning_rate, std::span<const RowsUpdate> req,
+                  uint64_t* version);
+  // As Client::ExportRows over every server in turn: the cursor is
+  // server << 48 | that server's cursor (0 starts, UINT64_MAX: done).
+  //
+  //   uint64_t cursor = 0;
+  //   while (cursor != UINT64_MAX) {
+  //     TS_RETURN_IF_ERROR(c->ExportRows("user", cursor, 65536, &ids, &values, &dim, &cursor));
+  //   }
+  Status ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                    std::vector<int64_t>* ids, std::vector<float>* values, uint32_t* dim,
+                    uint64_t* next_cursor);
+  // The tables of every server, in the first server's creation order (then
+  // any table another server alone holds), with `rows` summed over servers.
+  //
+  //   std::vector<tensorspark::TableInfo> tables;
+  //   TS_RETURN_IF_ERROR(c->ListTables(&tables));
+  Status ListTables(std::vector<TableInfo>* out);
+
   // ---- membership and consistency modes (docs/consistency.md) ----
   // Joins the run on every server in parallel, so each one fences older
   // attempts of this partition and waits for this worker in its sync rounds.

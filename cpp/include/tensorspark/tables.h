@@ -92,6 +92,12 @@ struct TableConfig {
   uint32_t ttl_s = 0;
 };
 
+// A table as LIST_TABLES reports it: its config and the rows it stores.
+struct TableInfo {
+  TableConfig config;
+  uint64_t rows = 0;
+};
+
 // The documented id hash (docs/sparse.md, "Sharding"): the SplitMix64
 // finalizer of the id's two's-complement bits.
 inline uint64_t MixId(int64_t id) {
@@ -103,6 +109,18 @@ inline uint64_t MixId(int64_t id) {
 // The server (0..num_servers-1) that holds row `id` of every table.
 inline uint32_t ServerOfId(int64_t id, uint32_t num_servers) {
   return static_cast<uint32_t>(MixId(id) % num_servers);
+}
+
+// The documented id of a string (docs/protocol.md, "String ids"): 64-bit
+// FNV-1a of its bytes (UTF-8 for text), then MixId, masked to 63 bits so
+// ids are non-negative.
+inline int64_t HashStringId(std::string_view s) {
+  uint64_t h = 0xCBF29CE484222325ULL;
+  for (char c : s) {
+    h ^= static_cast<uint8_t>(c);
+    h *= 0x100000001B3ULL;
+  }
+  return static_cast<int64_t>(MixId(static_cast<int64_t>(h)) & 0x7FFFFFFFFFFFFFFFULL);
 }
 
 // Initial values of the rows `ids` of a table (out: ids.size() * dim

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -24,6 +25,8 @@
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
+#include "storage/sparse_table.h"
 
 namespace tensorspark {
 
@@ -270,6 +273,14 @@ class ClientImpl {
   Status Snapshot(uint64_t tag, std::string* name, uint64_t* version);
   Status Snapshots(std::vector<SnapshotInfo>* out);
   Status Restore(uint64_t tag, uint64_t* version);
+  Status CreateTables(std::span<const TableConfig> tables, std::vector<bool>* created);
+  Status PullRows(std::span<const RowsRequest> req, uint64_t* version);
+  Status PushRows(UpdateKind kind, float learning_rate, std::span<const RowsUpdate> req,
+                  uint64_t* version);
+  Status ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                    std::vector<int64_t>* ids, std::vector<float>* values, uint32_t* dim,
+                    uint64_t* next_cursor);
+  Status ListTables(std::vector<TableInfo>* out);
   void SetDumpFile(std::string path) {
     std::lock_guard lock(dump_mu_);
     dump_path_ = std::move(path);
@@ -1020,6 +1031,218 @@ void ClientImpl::HeartbeatLoop() {
 
 // ---- Client -----------------------------------------------------------------
 
+// ---- sparse tables ---------------------------------------------------------------
+
+namespace {
+
+Status CheckRowCount(std::string_view table, size_t n) {
+  if (n > UINT32_MAX) {
+    return Status(StatusCode::kInvalidArgument, "table '" + std::string(table) +
+                                                    "': " + std::to_string(n) +
+                                                    " ids in one request; send fewer than 2^32");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status ClientImpl::CreateTables(std::span<const TableConfig> tables, std::vector<bool>* created) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  if (tables.empty()) {
+    if (created != nullptr) created->clear();
+    return Status::OK();
+  }
+  for (const TableConfig& t : tables) {
+    TS_RETURN_IF_ERROR(protocol::ValidateName(t.name).WithContext("table name"));
+    TS_RETURN_IF_ERROR(storage::ValidateTableConfig(t));
+  }
+  std::vector<uint8_t> payload;
+  protocol::EncodeTableCreate(tables, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kTableCreate, &part, 1, &response));
+  std::vector<uint8_t> flags;
+  TS_RETURN_IF_ERROR(protocol::DecodeTableCreateResponse(response, &flags));
+  if (flags.size() != tables.size()) {
+    return Status(StatusCode::kProtocolError,
+                  "TABLE_CREATE response has the wrong number of flags");
+  }
+  if (created != nullptr) created->assign(flags.begin(), flags.end());
+  return Status::OK();
+}
+
+Status ClientImpl::PullRows(std::span<const RowsRequest> req, uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<protocol::PullRowsItem> items;
+  items.reserve(req.size());
+  for (const RowsRequest& r : req) {
+    TS_RETURN_IF_ERROR(protocol::ValidateName(r.table).WithContext("table name"));
+    TS_RETURN_IF_ERROR(CheckRowCount(r.table, r.ids.size()));
+    items.push_back({r.table, r.ids});
+  }
+  std::vector<uint8_t> payload;
+  protocol::EncodePullRowsRequest(items, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  uint64_t id;
+  TS_RETURN_IF_ERROR(SendRequest(Opcode::kPullRows, &part, 1, IoDeadline(), &id));
+  const net::Deadline deadline = IoDeadline();
+  FrameHeader h;
+  TS_RETURN_IF_ERROR(ReadResponseHeader(Opcode::kPullRows, id, deadline, &h));
+  if ((h.flags & protocol::kEncodingFlags) != 0) {
+    return Broken(Status(StatusCode::kProtocolError, "PULL_ROWS response has an encoding flag"));
+  }
+  // Streamed: each table's rows go from the socket into its `out`.
+  if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
+  PayloadReader r(sock_.fd(), h.payload_len, deadline, recv_buf_.get());
+  uint64_t v = 0;
+  uint32_t count = 0;
+  Status s = r.U64(&v);
+  if (s.ok()) s = r.U32(&count);
+  if (s.ok() && count != req.size()) {
+    s = Status(StatusCode::kProtocolError, "PULL_ROWS response has " + std::to_string(count) +
+                                               " tables for " + std::to_string(req.size()) +
+                                               " requested");
+  }
+  if (!s.ok()) return Broken(s);
+  Status mismatch;
+  for (const RowsRequest& q : req) {
+    uint32_t dim = 0, n = 0;
+    s = r.U32(&dim);
+    if (s.ok()) s = r.U32(&n);
+    if (s.ok() && n != q.ids.size()) {
+      s = Status(StatusCode::kProtocolError, "PULL_ROWS response has " + std::to_string(n) +
+                                                 " rows of table '" + std::string(q.table) +
+                                                 "' for " + std::to_string(q.ids.size()) + " ids");
+    }
+    const uint64_t floats = uint64_t{n} * dim;
+    if (s.ok() && floats > r.remaining() / 4) {
+      s = Status(StatusCode::kProtocolError, "PULL_ROWS response is shorter than its rows");
+    }
+    if (!s.ok()) return Broken(s);
+    if (mismatch.ok() && floats != q.out.size()) {
+      mismatch = Status(StatusCode::kShapeMismatch,
+                        "table '" + std::string(q.table) + "' has dim " + std::to_string(dim) +
+                            " on the server, but the buffer for its " + std::to_string(n) +
+                            " ids holds " + std::to_string(q.out.size()) + " floats (" +
+                            std::to_string(floats) + " needed)");
+    }
+    if (mismatch.ok()) {
+      s = r.Read(q.out.data(), floats * 4);
+    } else {
+      // Skip this table's rows, keeping the stream usable.
+      std::vector<uint8_t> scratch(static_cast<size_t>(std::min<uint64_t>(floats * 4, 1 << 20)));
+      for (uint64_t left = floats * 4; s.ok() && left > 0;) {
+        const size_t take = static_cast<size_t>(std::min<uint64_t>(left, scratch.size()));
+        s = r.Read(scratch.data(), take);
+        left -= take;
+      }
+    }
+    if (!s.ok()) return Broken(s);
+  }
+  if (r.remaining() != 0) {
+    return Broken(Status(StatusCode::kProtocolError, "PULL_ROWS response has trailing bytes"));
+  }
+  if (r.crc() != h.checksum) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "PULL_ROWS response checksum mismatch (data corrupted in transit); the "
+                         "destination buffers hold unspecified values"));
+  }
+  if (!mismatch.ok()) return mismatch;
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::PushRows(UpdateKind kind, float learning_rate, std::span<const RowsUpdate> req,
+                            uint64_t* version) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  if (kind != UpdateKind::kDelta && kind != UpdateKind::kGradient) {
+    return Status(StatusCode::kInvalidArgument,
+                  "push_rows: kind must be delta (2) or gradient (3), got " +
+                      std::to_string(static_cast<int>(kind)));
+  }
+  if (!std::isfinite(learning_rate) || learning_rate < 0.0f) {
+    return Status(StatusCode::kInvalidArgument,
+                  "push_rows: learning_rate must be finite and >= 0 (0: each table's own), got " +
+                      std::to_string(learning_rate));
+  }
+  // One buffer holds every table's head; the ids and values are sent from
+  // the caller's memory (iovecs point into `heads` once it stops growing).
+  std::vector<uint8_t> heads;
+  protocol::Writer w(&heads);
+  w.U8(static_cast<uint8_t>(kind));
+  w.U8(0);
+  w.U8(0);
+  w.U8(0);
+  w.F32(learning_rate);
+  w.U32(static_cast<uint32_t>(req.size()));
+  std::vector<size_t> ends;  // end offset of each table's head
+  ends.reserve(req.size());
+  for (const RowsUpdate& u : req) {
+    TS_RETURN_IF_ERROR(protocol::ValidateName(u.table).WithContext("table name"));
+    TS_RETURN_IF_ERROR(CheckRowCount(u.table, u.ids.size()));
+    if (u.dim == 0 || u.dim > kMaxTableDim) {
+      return Status(StatusCode::kInvalidArgument, "table '" + std::string(u.table) + "': dim " +
+                                                      std::to_string(u.dim) + " is outside 1.." +
+                                                      std::to_string(kMaxTableDim));
+    }
+    if (u.values.size() != u.ids.size() * u.dim) {
+      return Status(StatusCode::kShapeMismatch,
+                    "table '" + std::string(u.table) + "': " + std::to_string(u.ids.size()) +
+                        " ids of dim " + std::to_string(u.dim) + " need " +
+                        std::to_string(u.ids.size() * u.dim) + " values, got " +
+                        std::to_string(u.values.size()));
+    }
+    w.Str(u.table);
+    w.U32(u.dim);
+    w.U32(static_cast<uint32_t>(u.ids.size()));
+    ends.push_back(heads.size());
+  }
+  std::vector<struct iovec> parts;
+  parts.reserve(3 * req.size() + 1);
+  size_t from = 0;
+  for (size_t i = 0; i < req.size(); ++i) {
+    parts.push_back({heads.data() + from, ends[i] - from});
+    parts.push_back({const_cast<int64_t*>(req[i].ids.data()), req[i].ids.size_bytes()});
+    parts.push_back({const_cast<float*>(req[i].values.data()), req[i].values.size_bytes()});
+    from = ends[i];
+  }
+  if (req.empty()) parts.push_back({heads.data(), heads.size()});
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kPushRows, parts.data(), parts.size(), &response));
+  uint64_t v = 0;
+  TS_RETURN_IF_ERROR(protocol::DecodeVersion(response, &v));
+  if (version != nullptr) *version = v;
+  return Status::OK();
+}
+
+Status ClientImpl::ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                              std::vector<int64_t>* ids, std::vector<float>* values, uint32_t* dim,
+                              uint64_t* next_cursor) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  TS_RETURN_IF_ERROR(protocol::ValidateName(table).WithContext("table name"));
+  if (max_rows == 0) {
+    return Status(StatusCode::kInvalidArgument, "export_rows: max_rows must be at least 1");
+  }
+  std::vector<uint8_t> payload;
+  protocol::EncodeExportRowsRequest(table, cursor, max_rows, &payload);
+  struct iovec part = {payload.data(), payload.size()};
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kExportRows, &part, 1, &response));
+  protocol::RowsBlock rows;
+  TS_RETURN_IF_ERROR(protocol::DecodeExportRowsResponse(response, next_cursor, &rows));
+  *ids = std::move(rows.ids);
+  *values = std::move(rows.values);
+  *dim = rows.dim;
+  return Status::OK();
+}
+
+Status ClientImpl::ListTables(std::vector<TableInfo>* out) {
+  TS_RETURN_IF_ERROR(CheckConnected());
+  std::vector<uint8_t> response;
+  TS_RETURN_IF_ERROR(Call(Opcode::kListTables, nullptr, 0, &response));
+  return protocol::DecodeListTablesResponse(response, out);
+}
+
 Status Client::Connect(const ClientOptions& options, std::unique_ptr<Client>* out) {
   auto impl = std::make_unique<ClientImpl>(options);
   TS_RETURN_IF_ERROR(impl->Connect());
@@ -1067,6 +1290,22 @@ Status Client::Snapshot(uint64_t tag, std::string* name, uint64_t* version) {
 Status Client::Snapshots(std::vector<SnapshotInfo>* out) { return impl_->Snapshots(out); }
 Status Client::Restore(uint64_t tag, uint64_t* version) { return impl_->Restore(tag, version); }
 Status Client::Stats(std::vector<StatEntry>* out) { return impl_->Stats(out); }
+Status Client::CreateTables(std::span<const TableConfig> tables, std::vector<bool>* created) {
+  return impl_->CreateTables(tables, created);
+}
+Status Client::PullRows(std::span<const RowsRequest> req, uint64_t* version) {
+  return impl_->PullRows(req, version);
+}
+Status Client::PushRows(UpdateKind kind, float learning_rate, std::span<const RowsUpdate> req,
+                        uint64_t* version) {
+  return impl_->PushRows(kind, learning_rate, req, version);
+}
+Status Client::ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                          std::vector<int64_t>* ids, std::vector<float>* values, uint32_t* dim,
+                          uint64_t* next_cursor) {
+  return impl_->ExportRows(table, cursor, max_rows, ids, values, dim, next_cursor);
+}
+Status Client::ListTables(std::vector<TableInfo>* out) { return impl_->ListTables(out); }
 Status Client::ShutdownServer() { return impl_->Shutdown(); }
 void Client::Close() { impl_->Close(); }
 bool Client::connected() const { return impl_->connected(); }

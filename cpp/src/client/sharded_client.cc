@@ -452,3 +452,197 @@ bool ShardedClient::connected() const {
 }
 
 }  // namespace tensorspark
+
+// ---- sparse tables ------------------------------------------------------------------
+
+namespace tensorspark {
+namespace {
+
+// Server cursor bits of a sharded export cursor (the server's own cursor,
+// stripe << 32 | position, stays far below 2^48).
+constexpr uint32_t kExportServerShift = 48;
+
+// One table's ids split by server: ids[s] and, for each, its index in the
+// caller's list.
+struct Split {
+  std::vector<std::vector<int64_t>> ids;
+  std::vector<std::vector<uint32_t>> where;
+};
+
+Split SplitIds(std::span<const int64_t> ids, size_t servers) {
+  Split sp;
+  sp.ids.resize(servers);
+  sp.where.resize(servers);
+  const auto n = static_cast<uint32_t>(servers);
+  for (size_t j = 0; j < ids.size(); ++j) {
+    const uint32_t s = ServerOfId(ids[j], n);
+    sp.ids[s].push_back(ids[j]);
+    sp.where[s].push_back(static_cast<uint32_t>(j));
+  }
+  return sp;
+}
+
+}  // namespace
+
+Status ShardedClient::CreateTables(std::span<const TableConfig> tables,
+                                   std::vector<bool>* created) {
+  Impl& m = *impl_;
+  std::vector<std::vector<bool>> per(m.clients.size());
+  TS_RETURN_IF_ERROR(m.ForEach(
+      m.All(), [&](size_t srv) { return m.clients[srv]->CreateTables(tables, &per[srv]); }));
+  if (created != nullptr) {
+    created->assign(tables.size(), false);
+    for (const auto& flags : per) {
+      for (size_t i = 0; i < flags.size() && i < tables.size(); ++i) {
+        if (flags[i]) (*created)[i] = true;
+      }
+    }
+  }
+  return Status::OK();
+}
+
+Status ShardedClient::PullRows(std::span<const RowsRequest> req, uint64_t* version) {
+  Impl& m = *impl_;
+  const size_t servers = m.clients.size();
+  std::vector<Split> splits(req.size());
+  std::vector<uint32_t> dims(req.size(), 0);
+  // Per server and table: rows received, scattered into the caller's order.
+  std::vector<std::vector<std::vector<float>>> got(servers,
+                                                   std::vector<std::vector<float>>(req.size()));
+  std::vector<bool> busy(servers, false);
+  for (size_t i = 0; i < req.size(); ++i) {
+    const RowsRequest& r = req[i];
+    if (r.ids.empty()) continue;
+    if (r.out.size() % r.ids.size() != 0) {
+      return Status(StatusCode::kShapeMismatch,
+                    "table '" + std::string(r.table) + "': the buffer for " +
+                        std::to_string(r.ids.size()) + " ids holds " +
+                        std::to_string(r.out.size()) + " floats, not a multiple of the id count");
+    }
+    dims[i] = static_cast<uint32_t>(r.out.size() / r.ids.size());
+    splits[i] = SplitIds(r.ids, servers);
+    for (size_t s = 0; s < servers; ++s) {
+      if (splits[i].ids[s].empty()) continue;
+      busy[s] = true;
+      got[s][i].resize(splits[i].ids[s].size() * dims[i]);
+    }
+  }
+  TS_RETURN_IF_ERROR(m.ForEach(busy, [&](size_t srv) {
+    std::vector<RowsRequest> part;
+    for (size_t i = 0; i < req.size(); ++i) {
+      if (req[i].ids.empty() || splits[i].ids[srv].empty()) continue;
+      part.push_back({req[i].table, splits[i].ids[srv], got[srv][i]});
+    }
+    uint64_t v = 0;
+    Status st = m.clients[srv]->PullRows(part, &v);
+    if (st.ok()) m.versions[srv] = v;
+    return st;
+  }));
+  for (size_t i = 0; i < req.size(); ++i) {
+    const uint32_t dim = dims[i];
+    for (size_t s = 0; s < servers && !req[i].ids.empty(); ++s) {
+      const std::vector<uint32_t>& where = splits[i].where[s];
+      for (size_t k = 0; k < where.size(); ++k) {
+        std::copy_n(got[s][i].data() + k * dim, dim, req[i].out.data() + size_t{where[k]} * dim);
+      }
+    }
+  }
+  if (version != nullptr) *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::PushRows(UpdateKind kind, float learning_rate,
+                               std::span<const RowsUpdate> req, uint64_t* version) {
+  Impl& m = *impl_;
+  const size_t servers = m.clients.size();
+  std::vector<Split> splits(req.size());
+  std::vector<std::vector<std::vector<float>>> vals(servers,
+                                                    std::vector<std::vector<float>>(req.size()));
+  std::vector<bool> busy(servers, false);
+  for (size_t i = 0; i < req.size(); ++i) {
+    const RowsUpdate& u = req[i];
+    if (u.dim == 0 || u.values.size() != u.ids.size() * u.dim) {
+      return Status(StatusCode::kShapeMismatch,
+                    "table '" + std::string(u.table) + "': " + std::to_string(u.ids.size()) +
+                        " ids of dim " + std::to_string(u.dim) + " need " +
+                        std::to_string(u.ids.size() * u.dim) + " values, got " +
+                        std::to_string(u.values.size()));
+    }
+    splits[i] = SplitIds(u.ids, servers);
+    for (size_t s = 0; s < servers; ++s) {
+      const std::vector<uint32_t>& where = splits[i].where[s];
+      if (where.empty()) continue;
+      busy[s] = true;
+      std::vector<float>& v = vals[s][i];
+      v.resize(where.size() * u.dim);
+      for (size_t k = 0; k < where.size(); ++k) {
+        std::copy_n(u.values.data() + size_t{where[k]} * u.dim, u.dim, v.data() + k * u.dim);
+      }
+    }
+  }
+  TS_RETURN_IF_ERROR(m.ForEach(busy, [&](size_t srv) {
+    std::vector<RowsUpdate> part;
+    for (size_t i = 0; i < req.size(); ++i) {
+      if (splits[i].ids[srv].empty()) continue;
+      part.push_back({req[i].table, req[i].dim, splits[i].ids[srv], vals[srv][i]});
+    }
+    uint64_t v = 0;
+    Status st = m.clients[srv]->PushRows(kind, learning_rate, part, &v);
+    if (st.ok()) m.versions[srv] = v;
+    return st;
+  }));
+  if (version != nullptr) *version = m.VersionSum();
+  return Status::OK();
+}
+
+Status ShardedClient::ExportRows(std::string_view table, uint64_t cursor, uint32_t max_rows,
+                                 std::vector<int64_t>* ids, std::vector<float>* values,
+                                 uint32_t* dim, uint64_t* next_cursor) {
+  Impl& m = *impl_;
+  if (cursor == UINT64_MAX) {
+    return Status(StatusCode::kInvalidArgument, "export_rows: the cursor says the export is done");
+  }
+  size_t srv = static_cast<size_t>(cursor >> kExportServerShift);
+  uint64_t local = cursor & ((uint64_t{1} << kExportServerShift) - 1);
+  if (srv >= m.clients.size()) {
+    return Status(StatusCode::kInvalidArgument, "export_rows: cursor " + std::to_string(cursor) +
+                                                    " names server " + std::to_string(srv) +
+                                                    " of " + std::to_string(m.clients.size()));
+  }
+  uint64_t next = 0;
+  Status s = m.clients[srv]->ExportRows(table, local, max_rows, ids, values, dim, &next);
+  if (!s.ok()) return s.WithContext(m.ServerName(srv));
+  if (next != UINT64_MAX) {
+    if (next >> kExportServerShift != 0) {
+      return Status(StatusCode::kProtocolError, "export cursor of " + m.ServerName(srv) +
+                                                    " is out of range: " + std::to_string(next));
+    }
+    *next_cursor = uint64_t{srv} << kExportServerShift | next;
+  } else {
+    *next_cursor =
+        srv + 1 < m.clients.size() ? uint64_t{srv + 1} << kExportServerShift : UINT64_MAX;
+  }
+  return Status::OK();
+}
+
+Status ShardedClient::ListTables(std::vector<TableInfo>* out) {
+  Impl& m = *impl_;
+  std::vector<std::vector<TableInfo>> per(m.clients.size());
+  TS_RETURN_IF_ERROR(
+      m.ForEach(m.All(), [&](size_t srv) { return m.clients[srv]->ListTables(&per[srv]); }));
+  out->clear();
+  std::map<std::string, size_t> index;
+  for (const auto& tables : per) {
+    for (const TableInfo& t : tables) {
+      auto [it, fresh] = index.emplace(t.config.name, out->size());
+      if (fresh) {
+        out->push_back(t);
+      } else {
+        (*out)[it->second].rows += t.rows;
+      }
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace tensorspark

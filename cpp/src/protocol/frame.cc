@@ -43,6 +43,16 @@ const char* OpcodeName(uint16_t opcode) {
       return "SNAPSHOTS";
     case Opcode::kRestore:
       return "RESTORE";
+    case Opcode::kTableCreate:
+      return "TABLE_CREATE";
+    case Opcode::kPullRows:
+      return "PULL_ROWS";
+    case Opcode::kPushRows:
+      return "PUSH_ROWS";
+    case Opcode::kExportRows:
+      return "EXPORT_ROWS";
+    case Opcode::kListTables:
+      return "LIST_TABLES";
   }
   return "UNKNOWN";
 }

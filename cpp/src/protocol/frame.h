@@ -32,7 +32,15 @@ enum class Opcode : uint16_t {
   kSnapshot = 16,
   kSnapshots = 17,
   kRestore = 18,
+  // Sparse tables (docs/protocol.md, "Sparse tables").
+  kTableCreate = 19,
+  kPullRows = 20,
+  kPushRows = 21,
+  kExportRows = 22,
+  kListTables = 23,
 };
+// Highest opcode this version serves.
+inline constexpr uint16_t kMaxOpcode = 23;
 
 inline constexpr uint32_t kFlagResponse = 1u << 0;
 inline constexpr uint32_t kFlagError = 1u << 1;

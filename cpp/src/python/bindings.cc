@@ -14,6 +14,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,6 +27,7 @@
 #include "tensorspark/server.h"
 #include "tensorspark/sharded_client.h"
 #include "tensorspark/status.h"
+#include "tensorspark/tables.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -35,6 +37,8 @@ namespace {
 
 // A C-contiguous float32 array on the CPU, any number of dimensions.
 using FloatArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+// A C-contiguous int64 vector on the CPU (row ids; Python checks dtypes).
+using IdArray = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Python exception types, created once at import (see NB_MODULE below).
 struct ErrorTypes {
@@ -372,6 +376,148 @@ uint64_t RestoreOn(C* c, uint64_t tag) {
   return version;
 }
 
+// ---- sparse tables ---------------------------------------------------------------
+
+// A NumPy array owning `v` (moved to the heap, freed with the array).
+template <typename T>
+nb::ndarray<nb::numpy, T> OwnedArray(std::vector<T>&& v, std::initializer_list<size_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
+}
+
+// A table config from the dict tensorspark.tables.TableSpec builds (already
+// validated there; the client validates again).
+TableConfig ConfigFromDict(const nb::dict& d) {
+  auto get = [&](const char* key) { return d[key]; };
+  TableConfig c;
+  c.name = nb::cast<std::string>(get("name"));
+  c.dim = nb::cast<uint32_t>(get("dim"));
+  c.vocab = nb::cast<uint64_t>(get("vocab"));
+  c.seed = nb::cast<uint64_t>(get("seed"));
+  c.initializer = static_cast<RowInitializer>(nb::cast<uint8_t>(get("initializer")));
+  c.init_scale = nb::cast<float>(get("init_scale"));
+  c.capacity = nb::cast<uint64_t>(get("capacity"));
+  c.eviction = static_cast<EvictionPolicy>(nb::cast<uint8_t>(get("eviction")));
+  c.admit_after = nb::cast<uint32_t>(get("admit_after"));
+  c.ttl_s = nb::cast<uint32_t>(get("ttl_s"));
+  RowOptimizerConfig& o = c.optimizer;
+  o.kind = static_cast<RowOptimizerKind>(nb::cast<uint8_t>(get("optimizer")));
+  o.learning_rate = nb::cast<float>(get("learning_rate"));
+  o.beta1 = nb::cast<float>(get("beta1"));
+  o.beta2 = nb::cast<float>(get("beta2"));
+  o.epsilon = nb::cast<float>(get("epsilon"));
+  o.initial_accumulator = nb::cast<float>(get("initial_accumulator"));
+  o.l1 = nb::cast<float>(get("l1"));
+  o.l2 = nb::cast<float>(get("l2"));
+  o.lr_power = nb::cast<float>(get("lr_power"));
+  o.beta = nb::cast<float>(get("beta"));
+  return c;
+}
+
+nb::dict ConfigToDict(const TableConfig& c) {
+  nb::dict d;
+  d["name"] = c.name;
+  d["dim"] = c.dim;
+  d["vocab"] = c.vocab;
+  d["seed"] = c.seed;
+  d["initializer"] = static_cast<int>(c.initializer);
+  d["init_scale"] = c.init_scale;
+  d["capacity"] = c.capacity;
+  d["eviction"] = static_cast<int>(c.eviction);
+  d["admit_after"] = c.admit_after;
+  d["ttl_s"] = c.ttl_s;
+  const RowOptimizerConfig& o = c.optimizer;
+  d["optimizer"] = static_cast<int>(o.kind);
+  d["learning_rate"] = o.learning_rate;
+  d["beta1"] = o.beta1;
+  d["beta2"] = o.beta2;
+  d["epsilon"] = o.epsilon;
+  d["initial_accumulator"] = o.initial_accumulator;
+  d["l1"] = o.l1;
+  d["l2"] = o.l2;
+  d["lr_power"] = o.lr_power;
+  d["beta"] = o.beta;
+  return d;
+}
+
+template <typename C>
+std::vector<bool> CreateTablesOn(C* c, const std::vector<nb::dict>& specs) {
+  std::vector<TableConfig> configs;
+  configs.reserve(specs.size());
+  for (const nb::dict& d : specs) configs.push_back(ConfigFromDict(d));
+  std::vector<bool> created;
+  Released([&] { return c->CreateTables(configs, &created); });
+  return created;
+}
+
+template <typename C>
+uint64_t PullRowsInto(C* c, const std::vector<std::string>& tables, const std::vector<IdArray>& ids,
+                      const std::vector<FloatArray>& outs) {
+  CheckSameLength(tables.size(), ids.size(), "pull_rows_into");
+  CheckSameLength(tables.size(), outs.size(), "pull_rows_into");
+  std::vector<RowsRequest> req;
+  req.reserve(tables.size());
+  for (size_t i = 0; i < tables.size(); ++i) {
+    req.push_back({tables[i], {ids[i].data(), ids[i].size()}, {outs[i].data(), outs[i].size()}});
+  }
+  uint64_t version = 0;
+  Released([&] { return c->PullRows(req, &version); });
+  return version;
+}
+
+template <typename C>
+uint64_t PushRowsFrom(C* c, int kind, float learning_rate, const std::vector<std::string>& tables,
+                      const std::vector<IdArray>& ids, const std::vector<FloatArray>& values) {
+  CheckSameLength(tables.size(), ids.size(), "push_rows");
+  CheckSameLength(tables.size(), values.size(), "push_rows");
+  std::vector<RowsUpdate> req;
+  req.reserve(tables.size());
+  for (size_t i = 0; i < tables.size(); ++i) {
+    const FloatArray& v = values[i];
+    if (v.ndim() != 2) {
+      ThrowIfError(Status(StatusCode::kShapeMismatch,
+                          "table '" + tables[i] + "': values must be 2-D [n, dim], got " +
+                              std::to_string(v.ndim()) + " dimensions"));
+    }
+    req.push_back({tables[i],
+                   static_cast<uint32_t>(v.shape(1)),
+                   {ids[i].data(), ids[i].size()},
+                   {v.data(), v.size()}});
+  }
+  const UpdateKind k = CheckedKind(kind);
+  uint64_t version = 0;
+  Released([&] { return c->PushRows(k, learning_rate, req, &version); });
+  return version;
+}
+
+// (ids int64 [n], values float32 [n, dim], next cursor).
+template <typename C>
+nb::tuple ExportRowsOf(C* c, const std::string& table, uint64_t cursor, uint32_t max_rows) {
+  std::vector<int64_t> ids;
+  std::vector<float> values;
+  uint32_t dim = 0;
+  uint64_t next = 0;
+  Released([&] { return c->ExportRows(table, cursor, max_rows, &ids, &values, &dim, &next); });
+  const size_t n = ids.size();
+  return nb::make_tuple(OwnedArray(std::move(ids), {n}), OwnedArray(std::move(values), {n, dim}),
+                        next);
+}
+
+template <typename C>
+std::vector<nb::dict> ListTablesOf(C* c) {
+  std::vector<TableInfo> infos;
+  Released([&] { return c->ListTables(&infos); });
+  std::vector<nb::dict> out;
+  out.reserve(infos.size());
+  for (const TableInfo& t : infos) {
+    nb::dict d = ConfigToDict(t.config);
+    d["rows"] = t.rows;
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
 // A model sharded over several servers (ShardedClient); the same calls as
 // PyClient, each going to every server that takes part (membership, modes
 // and heartbeats to all of them).
@@ -484,6 +630,23 @@ class PyShardedClient {
   }
 
   uint64_t Restore(uint64_t tag) { return RestoreOn(Live(), tag); }
+
+  std::vector<bool> CreateTables(const std::vector<nb::dict>& specs) {
+    return CreateTablesOn(Live(), specs);
+  }
+  uint64_t PullRowsIntoArrays(const std::vector<std::string>& tables,
+                              const std::vector<IdArray>& ids,
+                              const std::vector<FloatArray>& outs) {
+    return PullRowsInto(Live(), tables, ids, outs);
+  }
+  uint64_t PushRows(int kind, float learning_rate, const std::vector<std::string>& tables,
+                    const std::vector<IdArray>& ids, const std::vector<FloatArray>& values) {
+    return PushRowsFrom(Live(), kind, learning_rate, tables, ids, values);
+  }
+  nb::tuple ExportRows(const std::string& table, uint64_t cursor, uint32_t max_rows) {
+    return ExportRowsOf(Live(), table, cursor, max_rows);
+  }
+  std::vector<nb::dict> ListTables() { return ListTablesOf(Live()); }
 
   size_t num_servers() { return Live()->num_servers(); }
 
@@ -634,6 +797,23 @@ class PyClient {
 
   uint64_t Restore(uint64_t tag) { return RestoreOn(Live(), tag); }
 
+  std::vector<bool> CreateTables(const std::vector<nb::dict>& specs) {
+    return CreateTablesOn(Live(), specs);
+  }
+  uint64_t PullRowsIntoArrays(const std::vector<std::string>& tables,
+                              const std::vector<IdArray>& ids,
+                              const std::vector<FloatArray>& outs) {
+    return PullRowsInto(Live(), tables, ids, outs);
+  }
+  uint64_t PushRows(int kind, float learning_rate, const std::vector<std::string>& tables,
+                    const std::vector<IdArray>& ids, const std::vector<FloatArray>& values) {
+    return PushRowsFrom(Live(), kind, learning_rate, tables, ids, values);
+  }
+  nb::tuple ExportRows(const std::string& table, uint64_t cursor, uint32_t max_rows) {
+    return ExportRowsOf(Live(), table, cursor, max_rows);
+  }
+  std::vector<nb::dict> ListTables() { return ListTablesOf(Live()); }
+
   void ShutdownServer() {
     Client* c = Live();
     Released([&] { return c->ShutdownServer(); });
@@ -724,6 +904,7 @@ class PyServer {
 }  // namespace tensorspark::python
 
 NB_MODULE(_core, m) {
+  using namespace tensorspark;
   using namespace tensorspark::python;
   m.doc() = "tensorspark C++ core: parameter server and client (private; use tensorspark).";
   RegisterErrors(m);
@@ -742,6 +923,47 @@ NB_MODULE(_core, m) {
   m.attr("OPTIMIZER_ADAM") = 5;
   m.attr("OPTIMIZER_ADAMW") = 6;
   m.attr("OPTIMIZER_RMSPROP") = 7;
+  m.attr("EXPORT_DONE") = UINT64_MAX;
+
+  m.def(
+      "initial_rows",
+      [](const std::string& table, IdArray ids, uint32_t dim, uint64_t seed, int initializer,
+         float scale) {
+        if (dim == 0 || dim > tensorspark::kMaxTableDim || initializer < 0 || initializer > 2) {
+          ThrowIfError(Status(StatusCode::kInvalidArgument,
+                              "initial_rows: dim must be in 1..65536 and initializer 0..2, got " +
+                                  std::to_string(dim) + " and " + std::to_string(initializer)));
+        }
+        const size_t n = ids.size();
+        std::vector<float> out(n * dim);
+        tensorspark::RowInitialValues(table, seed,
+                                      static_cast<tensorspark::RowInitializer>(initializer), scale,
+                                      dim, {ids.data(), n}, out.data());
+        return OwnedArray(std::move(out), {n, dim});
+      },
+      "table"_a, "ids"_a, "dim"_a, "seed"_a, "initializer"_a, "scale"_a,
+      "Initial values of rows never written (float32 [n, dim]), as any server computes them.");
+  m.def(
+      "server_of_ids",
+      [](IdArray ids, uint32_t num_servers) {
+        if (num_servers == 0) {
+          ThrowIfError(
+              Status(StatusCode::kInvalidArgument, "server_of_ids: num_servers must be >= 1"));
+        }
+        std::vector<int64_t> out(ids.size());
+        for (size_t i = 0; i < ids.size(); ++i)
+          out[i] = tensorspark::ServerOfId(ids.data()[i], num_servers);
+        return OwnedArray(std::move(out), {ids.size()});
+      },
+      "ids"_a, "num_servers"_a, "The server (0..num_servers-1) holding each id's rows.");
+  m.def(
+      "hash_strings",
+      [](const std::vector<std::string>& values) {
+        std::vector<int64_t> out(values.size());
+        for (size_t i = 0; i < values.size(); ++i) out[i] = tensorspark::HashStringId(values[i]);
+        return OwnedArray(std::move(out), {values.size()});
+      },
+      "values"_a, "64-bit FNV-1a of each string's UTF-8 bytes, then MixId, masked to 63 bits.");
 
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
@@ -811,6 +1033,15 @@ NB_MODULE(_core, m) {
       .def("restore", &PyClient::Restore, "tag"_a,
            "Replace the server's whole state by its newest valid snapshot tagged `tag`. Returns "
            "the restored version.")
+      .def("create_tables", &PyClient::CreateTables, "specs"_a,
+           "Create or reconfigure tables (dicts from TableSpec). Returns created flags.")
+      .def("pull_rows_into", &PyClient::PullRowsIntoArrays, "tables"_a, "ids"_a, "outs"_a,
+           "Pull rows into float32 [n, dim] buffers. Returns the version.")
+      .def("push_rows", &PyClient::PushRows, "kind"_a, "learning_rate"_a, "tables"_a, "ids"_a,
+           "values"_a, "Push row gradients (3) or deltas (2). Returns the version.")
+      .def("export_rows", &PyClient::ExportRows, "table"_a, "cursor"_a, "max_rows"_a,
+           "One batch of stored rows: (ids, values, next_cursor); next_cursor 2**64-1 ends.")
+      .def("list_tables", &PyClient::ListTables, "The tables, as dicts with their rows.")
       .def("shutdown_server", &PyClient::ShutdownServer, "Ask the server to stop.")
       .def("close", &PyClient::Close, "Close the connection.")
       .def_prop_ro("connected", &PyClient::connected);
@@ -865,5 +1096,14 @@ NB_MODULE(_core, m) {
            "one lacks it). Returns the version sum.")
       .def_prop_ro("num_servers", &PyShardedClient::num_servers)
       .def_prop_ro("connected", &PyShardedClient::connected, "Every server's connection is up.")
+      .def("create_tables", &PyShardedClient::CreateTables, "specs"_a,
+           "Create or reconfigure tables (dicts from TableSpec). Returns created flags.")
+      .def("pull_rows_into", &PyShardedClient::PullRowsIntoArrays, "tables"_a, "ids"_a, "outs"_a,
+           "Pull rows into float32 [n, dim] buffers. Returns the version.")
+      .def("push_rows", &PyShardedClient::PushRows, "kind"_a, "learning_rate"_a, "tables"_a,
+           "ids"_a, "values"_a, "Push row gradients (3) or deltas (2). Returns the version.")
+      .def("export_rows", &PyShardedClient::ExportRows, "table"_a, "cursor"_a, "max_rows"_a,
+           "One batch of stored rows: (ids, values, next_cursor); next_cursor 2**64-1 ends.")
+      .def("list_tables", &PyShardedClient::ListTables, "The tables, as dicts with their rows.")
       .def("close", &PyShardedClient::Close, "Close every connection.");
 }

@@ -14,6 +14,7 @@
 #include "protocol/crc32c.h"
 #include "protocol/half.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
 
 namespace tensorspark::server {
 
@@ -40,6 +41,51 @@ void LogEvent(const std::string& message) {
   std::fprintf(stderr, "[tensorspark-ps] %s\n", message.c_str());
 }
 
+namespace {
+
+// A Prometheus label value: backslash, quote and newline escaped.
+std::string LabelValue(std::string_view s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+// Per-table counters, labelled table="<name>", then server totals.
+void AppendTableStats(const storage::TableStore& store, std::vector<StatEntry>* out) {
+  std::vector<storage::SparseTable*> tables;
+  store.All(&tables);
+  storage::TableStats total;
+  for (const storage::SparseTable* t : tables) {
+    const storage::TableStats st = t->Stats();
+    const std::string l = "{table=\"" + LabelValue(t->config().name) + "\"}";
+    out->emplace_back("table_rows" + l, st.rows);
+    out->emplace_back("table_bytes" + l, st.bytes);
+    out->emplace_back("table_evictions" + l, st.evictions);
+    out->emplace_back("table_expired" + l, st.expired);
+    out->emplace_back("table_admissions_refused" + l, st.admissions_refused);
+    out->emplace_back("table_rows_pulled" + l, st.rows_pulled);
+    out->emplace_back("table_rows_pushed" + l, st.rows_pushed);
+    total.rows += st.rows;
+    total.bytes += st.bytes;
+    total.rows_pulled += st.rows_pulled;
+    total.rows_pushed += st.rows_pushed;
+  }
+  out->emplace_back("tables", tables.size());
+  out->emplace_back("table_rows", total.rows);
+  out->emplace_back("table_bytes", total.bytes);
+  out->emplace_back("rows_pulled", total.rows_pulled);
+  out->emplace_back("rows_pushed", total.rows_pushed);
+}
+
+}  // namespace
+
 std::vector<StatEntry> ServerContext::Snapshot() const {
   auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   std::vector<StatEntry> out = {
@@ -60,7 +106,9 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
       {"snapshot_version", get(counters.snapshot_version)},
       {"resumed_version", get(counters.resumed_version)},
       {"restores", get(counters.restores)},
+      {"row_pushes", get(counters.row_pushes)},
   };
+  AppendTableStats(tables, &out);
   membership.AppendStats(&out);
   return out;
 }
@@ -334,6 +382,21 @@ Status Connection::Dispatch(const FrameHeader& h) {
       case Opcode::kReports:
         result = HandleReport(h);
         break;
+      case Opcode::kTableCreate:
+        result = HandleTableCreate(h);
+        break;
+      case Opcode::kPullRows:
+        result = HandlePullRows(h);
+        break;
+      case Opcode::kPushRows:
+        result = HandlePushRows(h);
+        break;
+      case Opcode::kExportRows:
+        result = HandleExportRows(h);
+        break;
+      case Opcode::kListTables:
+        result = HandleListTables(h);
+        break;
       case Opcode::kShutdown: {
         if (payload_len_ != 0) {
           result = Err(StatusCode::kProtocolError, "SHUTDOWN takes an empty payload");
@@ -349,7 +412,7 @@ Status Connection::Dispatch(const FrameHeader& h) {
       }
       default:
         result = Err(StatusCode::kProtocolError, "unknown opcode " + std::to_string(h.opcode) +
-                                                     " (this server speaks v1: 1..18)");
+                                                     " (this server speaks v1: 1..23)");
     }
   }
   if (!io_status_.ok()) return io_status_;
@@ -672,6 +735,188 @@ Status Connection::HandleStats(const FrameHeader& h) {
   std::vector<StatEntry> stats = ctx_->Snapshot();
   out_.clear();
   protocol::EncodeStatsResponse(stats, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+// ---- sparse tables ------------------------------------------------------------------
+
+namespace {
+
+// Largest EXPORT_ROWS response (a batch), so one call never builds a huge
+// frame whatever max_rows asks for.
+constexpr uint64_t kMaxExportBytes = uint64_t{64} << 20;
+
+// Whether a new config keeps what a stored table cannot change (the same
+// checks as SparseTable::Reconfigure), so TABLE_CREATE can refuse the
+// whole frame before it creates or changes any table.
+Status CheckCompatible(const TableConfig& want, const TableConfig& have) {
+  if (want.dim != have.dim) {
+    return Err(StatusCode::kShapeMismatch, "table '" + want.name + "' has dim " +
+                                               std::to_string(have.dim) + " on the server, not " +
+                                               std::to_string(want.dim));
+  }
+  const char* field = want.vocab != have.vocab                ? "vocab"
+                      : want.seed != have.seed                ? "seed"
+                      : want.initializer != have.initializer  ? "initializer"
+                      : !(want.init_scale == have.init_scale) ? "init_scale"
+                                                              : nullptr;
+  if (field != nullptr) {
+    return Err(StatusCode::kInvalidArgument,
+               "table '" + want.name + "' exists on the server with another " + field +
+                   "; a table's vocab, seed and initializer are fixed at creation (use another "
+                   "table name, or the same values)");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status Connection::HandleTableCreate(const FrameHeader& h) {
+  std::vector<TableConfig> configs;
+  TS_RETURN_IF_ERROR(protocol::DecodeTableCreate(payload_span(), &configs));
+  for (const TableConfig& c : configs) {
+    TS_RETURN_IF_ERROR(storage::ValidateTableConfig(c));
+    storage::SparseTable* t = nullptr;
+    if (ctx_->tables.Lookup(c.name, &t).ok()) TS_RETURN_IF_ERROR(CheckCompatible(c, t->config()));
+  }
+  std::vector<uint8_t> created(configs.size());
+  for (size_t i = 0; i < configs.size(); ++i) {
+    bool c = false;
+    TS_RETURN_IF_ERROR(ctx_->tables.CreateOrCheck(configs[i], &c));
+    created[i] = c ? 1 : 0;
+  }
+  out_.clear();
+  protocol::EncodeTableCreateResponse(created, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandlePullRows(const FrameHeader& h) {
+  std::vector<protocol::RowsSection> sections;
+  TS_RETURN_IF_ERROR(protocol::DecodePullRowsRequest(payload_span(), &sections));
+  std::vector<storage::SparseTable*> tables(sections.size());
+  uint64_t len = 12;
+  for (size_t i = 0; i < sections.size(); ++i) {
+    TS_RETURN_IF_ERROR(ctx_->tables.Lookup(sections[i].table, &tables[i]));
+    len += 8 + uint64_t{sections[i].n} * tables[i]->config().dim * 4;  // n < 2^29: no overflow
+  }
+  if (len > ctx_->options.max_frame_bytes) {
+    return Err(StatusCode::kLimitExceeded, "this PULL_ROWS would answer " + std::to_string(len) +
+                                               " bytes, over the server's max_frame_bytes (" +
+                                               std::to_string(ctx_->options.max_frame_bytes) +
+                                               "); pull fewer ids per request");
+  }
+  const uint64_t version = ctx_->store.version();
+  try {
+    out_.resize(len);
+  } catch (const std::bad_alloc&) {
+    return Err(StatusCode::kLimitExceeded, "server cannot allocate " + std::to_string(len) +
+                                               " bytes for this PULL_ROWS; pull fewer ids");
+  }
+  protocol::StoreLE64(out_.data(), version);
+  protocol::StoreLE32(out_.data() + 8, static_cast<uint32_t>(sections.size()));
+  size_t pos = 12;
+  for (size_t i = 0; i < sections.size(); ++i) {
+    const protocol::RowsSection& s = sections[i];
+    const uint32_t dim = tables[i]->config().dim;
+    protocol::StoreLE32(out_.data() + pos, dim);
+    protocol::StoreLE32(out_.data() + pos + 4, s.n);
+    pos += 8;
+    ids_.resize(s.n);
+    protocol::CopyIds(s, ids_.data());
+    // Every field before it is a multiple of 4 bytes: the rows are aligned.
+    TS_RETURN_IF_ERROR(tables[i]->Pull(ids_, reinterpret_cast<float*>(out_.data() + pos)));
+    pos += size_t{s.n} * dim * 4;
+  }
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandlePushRows(const FrameHeader& h) {
+  uint8_t kind = 0;
+  float lr = 0.0f;
+  std::vector<protocol::RowsSection> sections;
+  TS_RETURN_IF_ERROR(protocol::DecodePushRows(payload_span(), &kind, &lr, &sections));
+  if (!sections.empty() && sections[0].n > 0) {
+    // Align the first table's values (the common single-table push), then
+    // decode again: the payload may have moved.
+    AlignPayloadAt(static_cast<size_t>(sections[0].values - payload()));
+    TS_RETURN_IF_ERROR(protocol::DecodePushRows(payload_span(), &kind, &lr, &sections));
+  }
+  // Every table and dim first, so a bad one refuses the whole frame.
+  std::vector<storage::SparseTable*> tables(sections.size());
+  for (size_t i = 0; i < sections.size(); ++i) {
+    TS_RETURN_IF_ERROR(ctx_->tables.Lookup(sections[i].table, &tables[i]));
+    const uint32_t dim = tables[i]->config().dim;
+    if (sections[i].dim != dim) {
+      return Err(StatusCode::kShapeMismatch,
+                 "table '" + std::string(sections[i].table) + "' has dim " + std::to_string(dim) +
+                     " on the server, the push carries " + std::to_string(sections[i].dim));
+    }
+  }
+  for (size_t i = 0; i < sections.size(); ++i) {
+    const protocol::RowsSection& s = sections[i];
+    ids_.resize(s.n);
+    protocol::CopyIds(s, ids_.data());
+    const float* values = reinterpret_cast<const float*>(s.values);
+    if (reinterpret_cast<uintptr_t>(s.values) % alignof(float) != 0) {
+      values_.resize(size_t{s.n} * s.dim);
+      protocol::CopyValues(s, values_.data());
+      values = values_.data();
+    }
+    Status st = tables[i]->Push(static_cast<UpdateKind>(kind), lr, ids_, values);
+    if (!st.ok()) {
+      if (i == 0) return st;
+      (void)ctx_->store.BumpVersion();
+      return Status(st.code(), st.message() + " (the " + std::to_string(i) +
+                                   " tables before it in this push were applied)");
+    }
+  }
+  const uint64_t version = ctx_->store.BumpVersion();
+  ctx_->counters.row_pushes.fetch_add(1, std::memory_order_relaxed);
+  out_.clear();
+  protocol::EncodeVersion(version, &out_);
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleExportRows(const FrameHeader& h) {
+  std::string_view name;
+  uint64_t cursor = 0;
+  uint32_t max_rows = 0;
+  TS_RETURN_IF_ERROR(protocol::DecodeExportRowsRequest(payload_span(), &name, &cursor, &max_rows));
+  storage::SparseTable* t = nullptr;
+  TS_RETURN_IF_ERROR(ctx_->tables.Lookup(name, &t));
+  const uint32_t dim = t->config().dim;
+  const uint64_t cap = std::max<uint64_t>(
+      1, std::min(kMaxExportBytes, ctx_->options.max_frame_bytes) / (8 + uint64_t{dim} * 4));
+  std::vector<int64_t> ids;
+  std::vector<float> values;
+  uint64_t next = protocol::kExportDone;
+  t->Export(cursor, static_cast<uint32_t>(std::min<uint64_t>(max_rows, cap)), &ids, &values, &next);
+  out_.clear();
+  protocol::Writer w(&out_);
+  w.U64(next);
+  w.U32(dim);
+  w.U32(static_cast<uint32_t>(ids.size()));
+  w.Bytes(ids.data(), ids.size() * sizeof(int64_t));
+  w.Bytes(values.data(), values.size() * sizeof(float));
+  (void)SendResponse(h, 0, out_);
+  return Status::OK();
+}
+
+Status Connection::HandleListTables(const FrameHeader& h) {
+  if (payload_len_ != 0) {
+    return Err(StatusCode::kProtocolError, "LIST_TABLES takes an empty payload");
+  }
+  std::vector<storage::SparseTable*> tables;
+  ctx_->tables.All(&tables);
+  std::vector<TableInfo> infos;
+  infos.reserve(tables.size());
+  for (storage::SparseTable* t : tables) infos.push_back({t->config(), t->Stats().rows});
+  out_.clear();
+  protocol::EncodeListTablesResponse(infos, &out_);
   (void)SendResponse(h, 0, out_);
   return Status::OK();
 }

@@ -21,6 +21,7 @@
 #include "protocol/frame.h"
 #include "server/membership.h"
 #include "storage/param_store.h"
+#include "storage/sparse_table.h"
 #include "tensorspark/server.h"
 #include "tensorspark/status.h"
 
@@ -44,7 +45,8 @@ struct ServerCounters {
   std::atomic<uint64_t> snapshot_errors{0};
   std::atomic<uint64_t> snapshot_version{0};
   std::atomic<uint64_t> resumed_version{0};
-  std::atomic<uint64_t> restores{0};  // RESTOREs applied
+  std::atomic<uint64_t> restores{0};    // RESTOREs applied
+  std::atomic<uint64_t> row_pushes{0};  // PUSH_ROWS frames applied
 };
 
 // The server's side of SNAPSHOT, SNAPSHOTS and RESTORE (ServerImpl), which
@@ -70,6 +72,9 @@ struct ServerContext {
   // connection), declared before `store`, which uses it.
   ThreadPool update_pool;
   storage::ParamStore store;
+  // Sparse embedding tables (opcodes 19-23); a row push moves store's
+  // version on like a dense push.
+  storage::TableStore tables;
   // Members, modes and their waits (docs/consistency.md).
   Membership membership;
   ServerCounters counters;
@@ -131,6 +136,14 @@ class Connection {
   [[nodiscard]] Status HandleReport(const protocol::FrameHeader& h);
   // SNAPSHOT, SNAPSHOTS and RESTORE (through ServerContext::snapshots).
   [[nodiscard]] Status HandleSnapshot(const protocol::FrameHeader& h);
+  // Sparse tables: TABLE_CREATE, PULL_ROWS, PUSH_ROWS, EXPORT_ROWS,
+  // LIST_TABLES. Rows are read and applied at once in every consistency
+  // mode (sync rounds and staleness waits govern dense variables only).
+  [[nodiscard]] Status HandleTableCreate(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandlePullRows(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandlePushRows(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandleExportRows(const protocol::FrameHeader& h);
+  [[nodiscard]] Status HandleListTables(const protocol::FrameHeader& h);
 
   // Send failures are also recorded in io_status_ (the connection closes).
   [[nodiscard]] Status SendResponse(const protocol::FrameHeader& req, uint32_t flags,
@@ -176,6 +189,9 @@ class Connection {
   // and the encoded data section of a PULL response (reused, grow only).
   std::vector<float> decoded_;
   std::vector<uint16_t> encoded_;
+  // Aligned copies of a row request's ids and (when unaligned) values.
+  std::vector<int64_t> ids_;
+  std::vector<float> values_;
   Status io_status_;  // first send failure; ends the connection
 };
 

@@ -11,9 +11,24 @@
 namespace tensorspark::server {
 namespace {
 
-constexpr std::array<std::string_view, 10> kCounterKeys = {
-    "pushes", "pulls",         "registers",         "bytes_in",        "bytes_out",
-    "errors", "auth_failures", "connections_total", "snapshot_errors", "snapshots_written"};
+constexpr std::array<std::string_view, 18> kCounterKeys = {"pushes",
+                                                           "pulls",
+                                                           "registers",
+                                                           "bytes_in",
+                                                           "bytes_out",
+                                                           "errors",
+                                                           "auth_failures",
+                                                           "connections_total",
+                                                           "snapshot_errors",
+                                                           "snapshots_written",
+                                                           "row_pushes",
+                                                           "rows_pulled",
+                                                           "rows_pushed",
+                                                           "table_evictions",
+                                                           "table_expired",
+                                                           "table_admissions_refused",
+                                                           "table_rows_pulled",
+                                                           "table_rows_pushed"};
 constexpr size_t kMaxRequest = 8192;
 constexpr double kScrapeDeadlineS = 2.0;
 

@@ -26,6 +26,7 @@
 #include "server/connection.h"
 #include "server/metrics_http.h"
 #include "storage/snapshot.h"
+#include "storage/table_snapshot.h"
 
 namespace tensorspark {
 
@@ -140,6 +141,11 @@ class ServerImpl {
   std::mutex snapshot_mu_;
   uint64_t last_snap_version_ = 0;
   uint64_t last_snap_generation_ = 0;  // store generation the last snapshot covers
+  // Tables the last snapshot covers: creating a table changes no generation.
+  uint64_t last_snap_tables_ = 0;
+  // The tables' chain of the last snapshot written; reset (next snapshot:
+  // full images) by a resume or restore.
+  storage::TableChainState table_chain_;
   std::chrono::steady_clock::time_point last_snap_time_;
   std::chrono::steady_clock::time_point snap_retry_after_;  // after a failed background write
   std::mutex snap_wait_mu_;                                 // guards snap_stop_
@@ -171,14 +177,18 @@ Status ServerImpl::StartSnapshots() {
   TS_RETURN_IF_ERROR(s);
   const uint64_t version = data.version;
   const size_t variables = data.variables.size();
+  const size_t tables = data.tables.size();
+  TS_RETURN_IF_ERROR(storage::RestoreTables(std::move(data.tables), &ctx_.tables)
+                         .WithContext("resume from " + chosen));
   TS_RETURN_IF_ERROR(
       storage::RestoreSnapshot(std::move(data), &ctx_.store).WithContext("resume from " + chosen));
   ctx_.counters.resumed_version.store(version, std::memory_order_relaxed);
   // The resumed state counts as written: no snapshot until it changes.
   last_snap_version_ = version;
   last_snap_generation_ = ctx_.store.generation();
+  last_snap_tables_ = ctx_.tables.size();
   LogEvent("resumed from " + chosen + ": version " + std::to_string(version) + ", " +
-           std::to_string(variables) + " variables");
+           std::to_string(variables) + " variables, " + std::to_string(tables) + " tables");
   return Status::OK();
 }
 
@@ -188,7 +198,8 @@ Status ServerImpl::WriteSnapshotLocked(const std::string& why, uint64_t tag,
   const auto start = std::chrono::steady_clock::now();
   last_snap_time_ = start;
   storage::WrittenSnapshot info;
-  Status s = storage::WriteSnapshot(ctx_.store, o.snapshot_dir, &info, tag);
+  Status s = storage::WriteSnapshotWithTables(ctx_.store, &ctx_.tables, o.snapshot_dir,
+                                              &table_chain_, &info, tag);
   if (!s.ok()) {
     ctx_.counters.snapshot_errors.fetch_add(1, std::memory_order_relaxed);
     LogEvent("snapshot (" + why + ") failed: " + s.ToString());
@@ -198,13 +209,21 @@ Status ServerImpl::WriteSnapshotLocked(const std::string& why, uint64_t tag,
   ctx_.counters.snapshot_version.store(info.version, std::memory_order_relaxed);
   last_snap_version_ = info.version;
   last_snap_generation_ = info.generation;
+  last_snap_tables_ = info.tables;
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char took[32];
   std::snprintf(took, sizeof(took), "%.3f", secs);
   LogEvent("snapshot (" + why + ") written: " + info.path + " (version " +
            std::to_string(info.version) + ", " + std::to_string(info.variables) + " variables, " +
-           std::to_string(info.bytes) + " bytes, " + took + " s)");
+           std::to_string(info.bytes) + " bytes" +
+           (info.tables == 0
+                ? std::string()
+                : ", " + std::to_string(info.tables) + " tables (" +
+                      std::to_string(info.full_images) + " full) in " + BaseName(info.table_file) +
+                      ", " + std::to_string(info.table_rows) + " rows, " +
+                      std::to_string(info.table_file_bytes) + " bytes") +
+           ", " + took + " s)");
   std::vector<std::string> removed;
   if (Status p = storage::PruneSnapshots(o.snapshot_dir, o.snapshot_keep, &removed, info.path);
       !p.ok()) {
@@ -300,6 +319,15 @@ Status ServerImpl::RestoreTagged(uint64_t tag, uint64_t* version) {
     LogEvent("restore: skipping " + why + (s.ok() ? "; falling back to an older snapshot" : ""));
   }
   TS_RETURN_IF_ERROR(s);
+  // The tables are rebuilt before the swap, so that the swap cannot fail
+  // half way (variables restored, tables not).
+  std::vector<std::unique_ptr<storage::SparseTable>> tables;
+  try {
+    s = storage::BuildTables(std::move(data.tables), &tables);
+  } catch (const std::bad_alloc&) {
+    s = Status(StatusCode::kLimitExceeded, "restore: the server has no memory for the tables");
+  }
+  TS_RETURN_IF_ERROR(s.WithContext("restore from " + chosen));
   // Wait for the requests in flight; none starts until the state is swapped.
   // Polled: try_lock_for's pthread_rwlock_clockwrlock is invisible to
   // ThreadSanitizer, which then reports the swap as a race.
@@ -324,14 +352,20 @@ Status ServerImpl::RestoreTagged(uint64_t tag, uint64_t* version) {
     s = Status(StatusCode::kLimitExceeded, "restore: the server ran out of memory");
   }
   TS_RETURN_IF_ERROR(s.WithContext("restore from " + chosen));
+  const size_t table_count = tables.size();
+  ctx_.tables.ReplaceAll(std::move(tables));
+  table_chain_.files.clear();
+  table_chain_.tables.clear();
   // The state is on disk: no snapshot until it changes (read before any
   // request can change it).
   last_snap_version_ = restored;
   last_snap_generation_ = ctx_.store.generation();
+  last_snap_tables_ = ctx_.tables.size();
   store_lock.unlock();
   ctx_.counters.restores.fetch_add(1, std::memory_order_relaxed);
   LogEvent("restored from " + chosen + ": version " + std::to_string(restored) + ", " +
-           std::to_string(variables) + " variables (tag " + std::to_string(tag) + ")");
+           std::to_string(variables) + " variables, " + std::to_string(table_count) +
+           " tables (tag " + std::to_string(tag) + ")");
   // Newer files hold the history just left; kept, they would be "newest"
   // for resume_from, pruning and the next restore of a reused tag.
   std::vector<std::string> removed;
@@ -351,7 +385,8 @@ void ServerImpl::SnapshotLoop() {
     {
       std::lock_guard lock(snapshot_mu_);
       const auto now = std::chrono::steady_clock::now();
-      const bool changed = ctx_.store.generation() != last_snap_generation_;
+      const bool changed = ctx_.store.generation() != last_snap_generation_ ||
+                           ctx_.tables.size() != last_snap_tables_;
       // The version only grows, and last_snap_version_ was read from it.
       const bool by_versions =
           o.snapshot_every_versions > 0 &&
@@ -564,7 +599,7 @@ void ServerImpl::Stop() {
   if (snapshot_thread_.joinable()) snapshot_thread_.join();
   if (started_ && !ctx_.options.snapshot_dir.empty()) {
     std::lock_guard lock(snapshot_mu_);
-    if (ctx_.store.generation() != last_snap_generation_)
+    if (ctx_.store.generation() != last_snap_generation_ || ctx_.tables.size() != last_snap_tables_)
       (void)WriteSnapshotLocked("final", 0, nullptr);
   }
   {

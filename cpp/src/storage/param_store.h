@@ -176,6 +176,13 @@ class ParamStore {
   std::optional<OptimizerConfig> default_optimizer() const;
 
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
+  // Counts a change made outside the variables (a sparse-table push):
+  // returns the new version, and moves the generation on after it.
+  uint64_t BumpVersion() {
+    const uint64_t v = version_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    return v;
+  }
   // Grows with every change of the store's state (registration of a new
   // variable, push, optimizer change, restore); equal values mean nothing
   // changed in between. Read it before copying to know what a copy covers.

@@ -18,6 +18,8 @@
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "storage/snapshot_io.h"
+#include "storage/table_snapshot.h"
 
 namespace tensorspark::storage {
 
@@ -44,6 +46,16 @@ constexpr uint16_t kFormatUntagged = 1;
 constexpr size_t kHeaderSizeV1 = 68;
 constexpr uint8_t kRecordTensor = 1;
 constexpr uint8_t kRecordSlot = 2;
+// Format 3's table section, before the tensors: one section record, its
+// chain files, its tables (meta only, no data).
+constexpr uint8_t kRecordTableSection = 3;
+constexpr uint8_t kRecordChainFile = 4;
+constexpr uint8_t kRecordTable = 5;
+constexpr size_t kTableSectionMetaSize = 16;
+// Far above what a writer produces (kTableFullEvery files, TableStore's
+// 1024 tables by default); anything larger is corrupt.
+constexpr uint32_t kMaxChainFiles = 1024;
+constexpr uint32_t kMaxTables = 1u << 20;
 constexpr uint8_t kFlagDefaultOptimizer = 1;  // header flags
 constexpr uint8_t kFlagHasOptimizer = 1;      // tensor flags
 constexpr uint8_t kFlagSlotsReady = 2;
@@ -52,21 +64,7 @@ constexpr size_t kSlotMetaSize = 8;
 // Tensor metas are far smaller (a 1024-byte name, 8 dims, 40 bytes of
 // optimizer state); anything larger is corrupt.
 constexpr uint32_t kMaxMetaLen = 4096;
-constexpr size_t kIoBuffer = size_t{1} << 20;
-
-std::string Errno(int err) { return std::strerror(err); }
-
-// Disk full is a limit; every other I/O error is about the path given.
-Status IoError(const std::string& path, const char* step, int err) {
-  const StatusCode code =
-      err == ENOSPC || err == EDQUOT ? StatusCode::kLimitExceeded : StatusCode::kInvalidArgument;
-  return Status(code, path + ": " + step + " failed: " + Errno(err));
-}
-
-std::string JoinPath(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  return dir.back() == '/' ? dir + name : dir + "/" + name;
-}
+using namespace snapshot_io;
 
 std::string VersionDigits(uint64_t v) {
   std::string digits = std::to_string(v);
@@ -134,133 +132,32 @@ OptimizerConfig DecodeConfig(const uint8_t in[kOptimizerConfigSize]) {
   return c;
 }
 
-// The file CRC runs over every byte; a record's CRC over the record's
-// bytes before its CRC field. Each byte is checksummed once: a record's CRC
-// is folded into the file CRC with Crc32cCombine when the record ends.
-class CrcTracker {
- public:
-  void Add(const void* p, size_t n) {
-    if (in_record_) {
-      rec_crc_ = protocol::Crc32cExtend(rec_crc_, p, n);
-      rec_len_ += n;
-    } else {
-      file_crc_ = protocol::Crc32cExtend(file_crc_, p, n);
-    }
-  }
-  void BeginRecord() {
-    in_record_ = true;
-    rec_crc_ = 0;
-    rec_len_ = 0;
-  }
-  // The record's CRC; its bytes now count in file_crc().
-  uint32_t EndRecord() {
-    in_record_ = false;
-    file_crc_ = protocol::Crc32cCombine(file_crc_, rec_crc_, rec_len_);
-    return rec_crc_;
-  }
-  uint32_t file_crc() const { return file_crc_; }
-
- private:
-  bool in_record_ = false;
-  uint32_t file_crc_ = 0;
-  uint32_t rec_crc_ = 0;
-  uint64_t rec_len_ = 0;
-};
-
-// ---- writing ----------------------------------------------------------------------
-
-class FileWriter {
- public:
-  explicit FileWriter(std::string path) : path_(std::move(path)), buf_(new uint8_t[kIoBuffer]) {}
-  ~FileWriter() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
-  Status Open() {
-    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) return IoError(path_, "create", errno);
-    return Status::OK();
-  }
-
-  Status Append(const void* p, size_t n) {
-    if (n == 0) return Status::OK();
-    crc_.Add(p, n);
-    bytes_ += n;
-    if (used_ + n <= kIoBuffer) {
-      std::memcpy(buf_.get() + used_, p, n);
-      used_ += n;
-      return Status::OK();
-    }
-    TS_RETURN_IF_ERROR(Flush());
-    if (n >= kIoBuffer) return WriteAll(p, n);
-    std::memcpy(buf_.get(), p, n);
-    used_ = n;
-    return Status::OK();
-  }
-
-  // A record: header, meta, data, then its CRC.
-  Status Record(uint8_t type, const std::vector<uint8_t>& meta, const float* data, uint64_t numel) {
-    uint8_t head[kSnapshotRecordHeaderSize] = {};
-    head[0] = type;
-    StoreLE32(head + 4, static_cast<uint32_t>(meta.size()));
-    StoreLE64(head + 8, numel * sizeof(float));
-    crc_.BeginRecord();
-    TS_RETURN_IF_ERROR(Append(head, sizeof(head)));
-    TS_RETURN_IF_ERROR(Append(meta.data(), meta.size()));
-    TS_RETURN_IF_ERROR(Append(data, numel * sizeof(float)));
-    uint8_t crc[4];
-    StoreLE32(crc, crc_.EndRecord());
-    ++records_;
-    return Append(crc, sizeof(crc));
-  }
-
-  // Flushes, fsyncs and closes.
-  Status Finish() {
-    TS_RETURN_IF_ERROR(Flush());
-    if (::fsync(fd_) != 0) return IoError(path_, "fsync", errno);
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0) return IoError(path_, "close", errno);
-    return Status::OK();
-  }
-
-  uint32_t file_crc() const { return crc_.file_crc(); }
-  uint64_t records() const { return records_; }
-  uint64_t bytes() const { return bytes_; }
-
- private:
-  Status Flush() {
-    const size_t n = used_;
-    used_ = 0;
-    return WriteAll(buf_.get(), n);
-  }
-
-  Status WriteAll(const void* p, size_t n) {
-    const auto* c = static_cast<const uint8_t*>(p);
-    while (n > 0) {
-      const ssize_t w = ::write(fd_, c, std::min<size_t>(n, size_t{1} << 30));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return IoError(path_, "write", errno);
-      }
-      c += w;
-      n -= static_cast<size_t>(w);
-    }
-    return Status::OK();
-  }
-
-  const std::string path_;
-  int fd_ = -1;
-  std::unique_ptr<uint8_t[]> buf_;
-  size_t used_ = 0;
-  CrcTracker crc_;
-  uint64_t records_ = 0;
-  uint64_t bytes_ = 0;
-};
-
 // Writes header, records and trailer; info->version and tag are set by the
 // caller.
-Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info) {
+Status WriteTableSection(const TableSection& t, FileWriter* w) {
+  std::vector<uint8_t> meta(kTableSectionMetaSize, 0);
+  StoreLE32(meta.data(), static_cast<uint32_t>(t.files.size()));
+  StoreLE32(meta.data() + 4, static_cast<uint32_t>(t.tables.size()));
+  TS_RETURN_IF_ERROR(w->Record(kRecordTableSection, meta, nullptr, 0));
+  for (const TableChainFileRef& f : t.files) {
+    meta.clear();
+    protocol::Writer mw(&meta);
+    mw.Str(f.name);
+    mw.U64(f.bytes);
+    mw.U32(f.crc);
+    mw.U32(0);
+    TS_RETURN_IF_ERROR(w->Record(kRecordChainFile, meta, nullptr, 0));
+  }
+  for (const TableSectionEntry& e : t.tables) {
+    meta.clear();
+    EncodeTableEntry(e, &meta);
+    TS_RETURN_IF_ERROR(w->Record(kRecordTable, meta, nullptr, 0));
+  }
+  return Status::OK();
+}
+
+Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info,
+                 const TableSection* tables) {
   const std::optional<OptimizerConfig> default_opt = store.default_optimizer();
   std::vector<Variable*> vars;
   store.All(&vars);
@@ -268,7 +165,7 @@ Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info) 
 
   uint8_t header[kSnapshotHeaderSize] = {};
   std::memcpy(header, kMagic, sizeof(kMagic));
-  StoreLE16(header + 6, kSnapshotFormatVersion);
+  StoreLE16(header + 6, tables != nullptr ? kSnapshotFormatTables : kSnapshotFormatVersion);
   StoreLE64(header + 8, info->version);
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   StoreLE64(header + 16, static_cast<uint64_t>(
@@ -279,6 +176,7 @@ Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info) 
   StoreLE64(header + 64, info->tag);
   StoreLE32(header + 72, protocol::Crc32c(header, 72));
   TS_RETURN_IF_ERROR(w->Append(header, sizeof(header)));
+  if (tables != nullptr) TS_RETURN_IF_ERROR(WriteTableSection(*tables, w));
 
   VariableState state;  // reused: one variable's copy at a time
   std::vector<uint8_t> meta;
@@ -313,98 +211,6 @@ Status WriteBody(const ParamStore& store, FileWriter* w, WrittenSnapshot* info) 
   info->bytes = w->bytes();
   return w->Finish();
 }
-
-Status SyncDir(const std::string& dir) {
-  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return IoError(dir, "open (to fsync the directory)", errno);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) return IoError(dir, "fsync of the directory", err);
-  return Status::OK();
-}
-
-// ---- reading ----------------------------------------------------------------------
-
-class FileReader {
- public:
-  explicit FileReader(std::string path) : path_(std::move(path)) {}
-  ~FileReader() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
-  Status Open() {
-    fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) return Fail("cannot open: " + Errno(errno));
-    struct stat st;
-    if (::fstat(fd_, &st) != 0) return Fail("cannot stat: " + Errno(errno));
-    if (!S_ISREG(st.st_mode)) return Fail("not a regular file");
-    size_ = static_cast<uint64_t>(st.st_size);
-    return Status::OK();
-  }
-
-  // Reads exactly n bytes; the caller checked (Need) that the file has them.
-  Status Read(void* dst, size_t n) {
-    if (n == 0) return Status::OK();
-    auto* out = static_cast<uint8_t*>(dst);
-    size_t done = 0;
-    while (done < n) {
-      const ssize_t r = ::read(fd_, out + done, std::min<size_t>(n - done, size_t{1} << 30));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        return Fail("read error at byte " + std::to_string(pos_ + done) + ": " + Errno(errno));
-      }
-      if (r == 0) return Truncated(pos_ + done, "the file shrank while being read");
-      done += static_cast<size_t>(r);
-    }
-    crc_.Add(dst, n);
-    pos_ += n;
-    return Status::OK();
-  }
-
-  // Reads n bytes at `offset` without moving pos() or counting them in the
-  // CRC (the cheap header and trailer check of ReadSnapshotHeader).
-  Status ReadAt(uint64_t offset, void* dst, size_t n) {
-    auto* out = static_cast<uint8_t*>(dst);
-    size_t done = 0;
-    while (done < n) {
-      const ssize_t r = ::pread(fd_, out + done, n - done, static_cast<off_t>(offset + done));
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        return Fail("read error at byte " + std::to_string(offset + done) + ": " + Errno(errno));
-      }
-      if (r == 0) return Truncated(offset + done, "the file shrank while being read");
-      done += static_cast<size_t>(r);
-    }
-    return Status::OK();
-  }
-
-  // Fails with "truncated at byte <size>" unless n more bytes exist.
-  Status Need(uint64_t n, const std::string& what) const {
-    if (size_ - pos_ >= n) return Status::OK();
-    return Truncated(size_, what + " at byte " + std::to_string(pos_) + " needs " +
-                                std::to_string(n) + " bytes, " + std::to_string(size_ - pos_) +
-                                " are left");
-  }
-
-  Status Fail(const std::string& why) const {
-    return Status(StatusCode::kInvalidArgument, path_ + ": " + why);
-  }
-  Status Truncated(uint64_t at, const std::string& why) const {
-    return Fail("truncated at byte " + std::to_string(at) + ": " + why);
-  }
-
-  CrcTracker& crc() { return crc_; }
-  uint64_t pos() const { return pos_; }
-  uint64_t size() const { return size_; }
-
- private:
-  const std::string path_;
-  int fd_ = -1;
-  uint64_t size_ = 0;
-  uint64_t pos_ = 0;
-  CrcTracker crc_;
-};
 
 // Strips the "malformed payload: " prefix of protocol::Reader errors.
 std::string MetaError(const Status& s) {
@@ -533,10 +339,11 @@ Status ReadHeader(FileReader* f, SnapshotHeader* h, std::optional<OptimizerConfi
                         "the header needs at least " + std::to_string(kHeaderSizeV1) + " bytes");
   }
   const uint16_t format = LoadLE16(header + 6);
-  if (format != kFormatUntagged && format != kSnapshotFormatVersion) {
+  if (format != kFormatUntagged && format != kSnapshotFormatVersion &&
+      format != kSnapshotFormatTables) {
     return f->Fail("snapshot format version " + std::to_string(format) +
-                   " is not supported (this build reads versions 1 and " +
-                   std::to_string(kSnapshotFormatVersion) + ")");
+                   " is not supported (this build reads versions 1 to " +
+                   std::to_string(kSnapshotFormatTables) + ")");
   }
   const size_t size = format == kFormatUntagged ? kHeaderSizeV1 : kSnapshotHeaderSize;
   if (f->size() < size) {
@@ -575,6 +382,74 @@ Status ReadHeader(FileReader* f, SnapshotHeader* h, std::optional<OptimizerConfi
   return Status::OK();
 }
 
+// Format 3's table section (header already read); `records` counts on.
+Status ReadTableSection(FileReader* f, uint64_t* records, TableSection* out) {
+  out->files.clear();
+  out->tables.clear();
+  RawRecord rec;
+  std::vector<float> data;
+  const auto at = [&] {
+    return " (record " + std::to_string(*records) + " at byte " + std::to_string(rec.offset) + ")";
+  };
+  TS_RETURN_IF_ERROR(ReadRecord(f, *records, "table section", &rec, &data));
+  if (rec.type != kRecordTableSection || rec.meta.size() != kTableSectionMetaSize ||
+      !data.empty() ||
+      std::any_of(rec.meta.begin() + 8, rec.meta.end(), [](uint8_t b) { return b; })) {
+    return f->Fail("the table section record is malformed" + at());
+  }
+  const uint32_t files = LoadLE32(rec.meta.data());
+  const uint32_t tables = LoadLE32(rec.meta.data() + 4);
+  if (files > kMaxChainFiles || tables > kMaxTables || (tables > 0) != (files > 0)) {
+    return f->Fail("the table section announces " + std::to_string(files) + " chain files and " +
+                   std::to_string(tables) + " tables" + at());
+  }
+  ++*records;
+  for (uint32_t i = 0; i < files; ++i) {
+    const std::string what = "chain file #" + std::to_string(i);
+    TS_RETURN_IF_ERROR(ReadRecord(f, *records, what, &rec, &data));
+    protocol::Reader r(rec.meta);
+    std::string_view name;
+    TableChainFileRef ref;
+    uint32_t reserved = 0;
+    Status s = rec.type == kRecordChainFile && data.empty()
+                   ? r.ReadStr(&name)
+                   : Status(StatusCode::kInvalidArgument, "not a chain file record");
+    if (s.ok()) s = r.ReadU64(&ref.bytes);
+    if (s.ok()) s = r.ReadU32(&ref.crc);
+    if (s.ok()) s = r.ReadU32(&reserved);
+    if (s.ok()) s = r.Finish();
+    uint64_t seq = 0;
+    if (s.ok() && (reserved != 0 || !ParseTableFileName(name, &seq))) {
+      s = Status(StatusCode::kInvalidArgument, "not a chain file name");
+    }
+    if (!s.ok()) return f->Fail(what + ": " + MetaError(s) + at());
+    ref.name = std::string(name);
+    out->files.push_back(std::move(ref));
+    ++*records;
+  }
+  std::unordered_set<std::string> names;
+  for (uint32_t i = 0; i < tables; ++i) {
+    const std::string what = "table #" + std::to_string(i);
+    TS_RETURN_IF_ERROR(ReadRecord(f, *records, what, &rec, &data));
+    TableSectionEntry e;
+    Status s = rec.type == kRecordTable && data.empty()
+                   ? DecodeTableEntry(rec.meta, &e)
+                   : Status(StatusCode::kInvalidArgument, "not a table record");
+    if (s.ok() && e.full_index >= files) {
+      s = Status(StatusCode::kInvalidArgument, "its full image is in chain file #" +
+                                                   std::to_string(e.full_index) + " of " +
+                                                   std::to_string(files));
+    }
+    if (s.ok() && !names.insert(e.config.name).second) {
+      s = Status(StatusCode::kInvalidArgument, "table '" + e.config.name + "' appears twice");
+    }
+    if (!s.ok()) return f->Fail(what + ": " + s.message() + at());
+    out->tables.push_back(std::move(e));
+    ++*records;
+  }
+  return Status::OK();
+}
+
 Status ReadAll(FileReader* f, SnapshotData* out) {
   SnapshotHeader h;
   TS_RETURN_IF_ERROR(ReadHeader(f, &h, &out->default_optimizer));
@@ -584,11 +459,15 @@ Status ReadAll(FileReader* f, SnapshotData* out) {
   const uint64_t count = h.tensors;
 
   // Records.
+  uint64_t records = 0;
+  out->has_tables = h.format == kSnapshotFormatTables;
+  out->table_section = {};
+  out->tables.clear();
+  if (out->has_tables) TS_RETURN_IF_ERROR(ReadTableSection(f, &records, &out->table_section));
   out->variables.clear();
   out->variables.reserve(count);
   std::unordered_set<std::string> names;
   RawRecord rec;
-  uint64_t records = 0;
   for (uint64_t t = 0; t < count; ++t) {
     VariableState v;
     const std::string what = "tensor #" + std::to_string(t);
@@ -657,6 +536,34 @@ Status RemoveFiles(const std::vector<std::string>& paths, std::vector<std::strin
   return first;
 }
 
+// Deletes the chain files (and leftover temporary chain files) that no
+// snapshot file of `dir` references. When a snapshot's table section
+// cannot be read, nothing is deleted: its chain is unknown.
+Status RemoveUnreferencedChainFiles(const std::string& dir, std::vector<std::string>* removed) {
+  std::vector<SnapshotFile> files;
+  TS_RETURN_IF_ERROR(ListSnapshotFiles(dir, &files));
+  std::unordered_set<std::string> needed;
+  for (const SnapshotFile& f : files) {
+    SnapshotHeader h;
+    TableSection t;
+    if (!ReadSnapshotTables(f.path, &h, &t).ok()) return Status::OK();
+    for (const TableChainFileRef& ref : t.files) needed.insert(ref.name);
+  }
+  std::vector<std::string> doomed;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return IoError(dir, "opening the directory", errno);
+  while (const dirent* e = ::readdir(d)) {
+    const std::string_view name = e->d_name;
+    uint64_t seq = 0;
+    if ((ParseTableFileName(name, &seq) && !needed.contains(std::string(name))) ||
+        (name.starts_with(".tables-") && name.ends_with(".tmp"))) {
+      doomed.push_back(JoinPath(dir, std::string(name)));
+    }
+  }
+  ::closedir(d);
+  return RemoveFiles(doomed, removed);
+}
+
 }  // namespace
 
 std::string SnapshotFileName(uint64_t version, uint64_t tag) {
@@ -668,7 +575,7 @@ bool ParseSnapshotFileName(std::string_view name, uint64_t* version, uint64_t* t
 }
 
 Status WriteSnapshot(const ParamStore& store, const std::string& dir, WrittenSnapshot* info,
-                     uint64_t tag) {
+                     uint64_t tag, const TableSection* tables) {
   // Read before anything is copied: the snapshot holds at least every
   // change counted in them (pushes may overlap the copy; see the header).
   info->version = store.version();
@@ -679,7 +586,7 @@ Status WriteSnapshot(const ParamStore& store, const std::string& dir, WrittenSna
   {
     FileWriter w(tmp);
     s = w.Open();
-    if (s.ok()) s = WriteBody(store, &w, info);
+    if (s.ok()) s = WriteBody(store, &w, info, tables);
   }
   if (s.ok()) {
     info->path = JoinPath(dir, SnapshotFileName(info->version, tag));
@@ -757,7 +664,10 @@ Status PruneSnapshots(const std::string& dir, uint64_t keep, std::vector<std::st
       ::closedir(d);
     }
   }
-  return RemoveFiles(doomed, removed);
+  Status first = RemoveFiles(doomed, removed);
+  // Chain files only the deleted snapshots needed.
+  Status chains = RemoveUnreferencedChainFiles(dir, removed);
+  return first.ok() ? chains : first;
 }
 
 Status RemoveSnapshotsNewerThan(const std::string& dir, uint64_t version, uint64_t tag,
@@ -769,7 +679,9 @@ Status RemoveSnapshotsNewerThan(const std::string& dir, uint64_t version, uint64
   for (const SnapshotFile& f : files) {
     if (std::tie(f.version, f.tag) > std::tie(version, tag)) doomed.push_back(f.path);
   }
-  return RemoveFiles(doomed, removed);
+  Status first = RemoveFiles(doomed, removed);
+  Status chains = RemoveUnreferencedChainFiles(dir, removed);
+  return first.ok() ? chains : first;
 }
 
 Status ReadSnapshotHeader(const std::string& path, SnapshotHeader* out) {
@@ -777,6 +689,26 @@ Status ReadSnapshotHeader(const std::string& path, SnapshotHeader* out) {
   TS_RETURN_IF_ERROR(f.Open());
   std::optional<OptimizerConfig> default_opt;
   TS_RETURN_IF_ERROR(ReadHeader(&f, out, &default_opt));
+  if (out->format == kSnapshotFormatTables) {
+    // The chain files must be there, at their size (their bytes are
+    // checked by ReadSnapshot).
+    TableSection t;
+    uint64_t records = 0;
+    TS_RETURN_IF_ERROR(ReadTableSection(&f, &records, &t));
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash);
+    for (const TableChainFileRef& ref : t.files) {
+      struct stat st;
+      const std::string chain = JoinPath(dir, ref.name);
+      if (::stat(chain.c_str(), &st) != 0) {
+        return f.Fail("its table chain file " + chain + " cannot be used: " + Errno(errno));
+      }
+      if (static_cast<uint64_t>(st.st_size) != ref.bytes) {
+        return f.Fail("its table chain file " + chain + " has " + std::to_string(st.st_size) +
+                      " bytes, the snapshot expects " + std::to_string(ref.bytes));
+      }
+    }
+  }
   // The trailer's magic and record count, not the file CRC (that needs
   // every byte): a cut file almost never ends with them.
   uint8_t trailer[kSnapshotTrailerSize];
@@ -813,10 +745,33 @@ Status ListValidSnapshots(const std::string& dir, std::vector<SnapshotFile>* out
   return Status::OK();
 }
 
-Status ReadSnapshot(const std::string& path, SnapshotData* out) {
+Status ReadSnapshotTables(const std::string& path, SnapshotHeader* header, TableSection* out) {
   FileReader f(path);
   TS_RETURN_IF_ERROR(f.Open());
-  return ReadAll(&f, out);
+  std::optional<OptimizerConfig> default_opt;
+  TS_RETURN_IF_ERROR(ReadHeader(&f, header, &default_opt));
+  *out = {};
+  if (header->format != kSnapshotFormatTables) return Status::OK();
+  uint64_t records = 0;
+  return ReadTableSection(&f, &records, out);
+}
+
+Status ReadSnapshot(const std::string& path, SnapshotData* out) {
+  {
+    FileReader f(path);
+    TS_RETURN_IF_ERROR(f.Open());
+    TS_RETURN_IF_ERROR(ReadAll(&f, out));
+  }
+  if (!out->has_tables) return Status::OK();
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  Status s = ReadTableChain(dir, out->table_section, &out->tables);
+  if (!s.ok()) {
+    out->variables.clear();
+    out->tables.clear();
+    return Status(StatusCode::kInvalidArgument, path + ": " + s.message());
+  }
+  return Status::OK();
 }
 
 Status LoadSnapshot(const std::string& path, SnapshotData* out, std::string* chosen,

@@ -39,13 +39,18 @@
 #include <vector>
 
 #include "storage/param_store.h"
+#include "storage/sparse_table.h"
 #include "tensorspark/status.h"
 #include "tensorspark/types.h"
 
 namespace tensorspark::storage {
 
-// Written by this build; format 1 (no tag) is still read, as tag 0.
+// Written by this build for a server without tables; format 1 (no tag) is
+// still read, as tag 0.
 inline constexpr uint16_t kSnapshotFormatVersion = 2;
+// Written when the server has tables (format 2 plus a table section:
+// storage/table_snapshot.h). Formats 1 and 2 read as "no tables".
+inline constexpr uint16_t kSnapshotFormatTables = 3;
 // Fixed sizes of the format (docs/snapshots.md); format 1's header is 68 bytes.
 inline constexpr size_t kSnapshotHeaderSize = 76;
 inline constexpr size_t kSnapshotRecordHeaderSize = 16;
@@ -59,6 +64,42 @@ struct WrittenSnapshot {
   uint64_t generation = 0;  // ParamStore::generation() when the copy started
   uint64_t variables = 0;
   uint64_t bytes = 0;  // file size
+  // With tables (WriteSnapshotWithTables): the chain file written.
+  uint64_t tables = 0;
+  uint64_t full_images = 0;  // tables written as full images, the others as increments
+  uint64_t table_rows = 0;   // rows written to the chain file
+  std::string table_file;    // its path ("" without tables)
+  uint64_t table_file_bytes = 0;
+};
+
+// A chain file a format-3 snapshot needs (storage/table_snapshot.h).
+struct TableChainFileRef {
+  std::string name;  // in the snapshot's directory
+  uint64_t bytes = 0;
+  uint32_t crc = 0;  // the file CRC in its trailer
+};
+
+// A table as a format-3 snapshot records it.
+struct TableSectionEntry {
+  TableConfig config;
+  uint64_t epoch_unix_s = 0;
+  uint32_t full_index = 0;      // chain file holding its newest full image
+  uint32_t increments = 0;      // increments after that image in the chain
+  uint64_t increment_rows = 0;  // rows and removed ids in those increments
+  uint64_t rows = 0;            // stored rows when the snapshot was written
+};
+
+struct TableSection {
+  std::vector<TableChainFileRef> files;   // oldest first
+  std::vector<TableSectionEntry> tables;  // creation order
+};
+
+// One table read back: its config and stored rows (last_touch_s relative
+// to epoch_unix_s), ready for SparseTable::Restore.
+struct TableImage {
+  TableConfig config;
+  uint64_t epoch_unix_s = 0;
+  std::vector<RowState> rows;  // by id
 };
 
 // A snapshot read back and checked.
@@ -68,6 +109,11 @@ struct SnapshotData {
   uint64_t created_unix_ms = 0;
   std::optional<OptimizerConfig> default_optimizer;
   std::vector<VariableState> variables;  // registration order
+  // Format 3: the table section, and every table read from its chain.
+  // Formats 1 and 2: no tables (restoring leaves a server with none).
+  bool has_tables = false;
+  TableSection table_section;
+  std::vector<TableImage> tables;
 };
 
 // What a header says (ReadSnapshotHeader).
@@ -99,22 +145,27 @@ bool ParseSnapshotFileName(std::string_view name, uint64_t* version, uint64_t* t
 // `dir`. On failure the temporary file is removed and the Status names the
 // file and the failing step (kLimitExceeded when the disk is full,
 // kInvalidArgument for other I/O errors).
+// With `tables`, the file is format 3 and records the section (the chain
+// files must exist already: WriteSnapshotWithTables writes them).
 [[nodiscard]] Status WriteSnapshot(const ParamStore& store, const std::string& dir,
-                                   WrittenSnapshot* info, uint64_t tag = 0);
+                                   WrittenSnapshot* info, uint64_t tag = 0,
+                                   const TableSection* tables = nullptr);
 
 // Keeps the `keep` newest untagged and the `keep` newest tagged snapshot
 // files of `dir` (0 keeps all) and deletes the older ones, and any
 // temporary file left by an interrupted write of an older version; never
 // deletes `written` (the file just written, which may be older than others
-// after resuming from an older snapshot). `removed` receives the deleted
-// paths; the first failure to delete is returned after trying every file.
+// after resuming from an older snapshot). Then deletes the table chain
+// files (storage/table_snapshot.h) that no remaining snapshot lists, never
+// one a kept snapshot needs. `removed` receives the deleted paths; the
+// first failure to delete is returned after trying every file.
 [[nodiscard]] Status PruneSnapshots(const std::string& dir, uint64_t keep,
                                     std::vector<std::string>* removed,
                                     const std::string& written = "");
 
 // Deletes the snapshot files of `dir` that sort newer than (version, tag):
-// after a restore they belong to a history the server left. `removed` and
-// the result as for PruneSnapshots.
+// after a restore they belong to a history the server left (and the chain
+// files only they needed). `removed` and the result as for PruneSnapshots.
 [[nodiscard]] Status RemoveSnapshotsNewerThan(const std::string& dir, uint64_t version,
                                               uint64_t tag, std::vector<std::string>* removed);
 
@@ -136,9 +187,15 @@ bool ParseSnapshotFileName(std::string_view name, uint64_t* version, uint64_t* t
 [[nodiscard]] Status ListValidSnapshots(const std::string& dir, std::vector<SnapshotFile>* out,
                                         std::vector<std::string>* skipped);
 
+// The header and table section of a file (empty for formats 1 and 2),
+// each record's CRC checked; nothing of the tensors or the chain files.
+[[nodiscard]] Status ReadSnapshotTables(const std::string& path, SnapshotHeader* header,
+                                        TableSection* out);
+
 // Reads and checks the whole file (magic, format version, every record's
 // CRC-32C, sizes, the trailer's record count and file CRC, then the
-// contents) before returning anything. Errors are kInvalidArgument and
+// contents) and, for format 3, every chain file it needs
+// (ReadTableChain), before returning anything. Errors are kInvalidArgument and
 // start with the path: "<path>: tensor 'w' checksum mismatch (record 3 at
 // byte 1024)", "<path>: truncated at byte 900 (...)".
 [[nodiscard]] Status ReadSnapshot(const std::string& path, SnapshotData* out);

@@ -1090,6 +1090,28 @@ void SparseTable::ForEachRow(uint32_t since, const std::function<void(const RowV
   }
 }
 
+void SparseTable::Export(uint64_t cursor, uint32_t max_rows, std::vector<int64_t>* ids,
+                         std::vector<float>* values, uint64_t* next_cursor) const {
+  std::shared_lock config_lock(config_mu_);
+  const uint32_t dim = config_.dim;
+  ids->clear();
+  values->clear();
+  *next_cursor = UINT64_MAX;
+  for (uint64_t s = cursor >> 32; s < kStripes; ++s) {
+    const Stripe& st = stripes_[s];
+    std::shared_lock lock(st.mu);
+    for (uint64_t r = s == cursor >> 32 ? (cursor & 0xFFFFFFFFu) : 0; r < st.rows; ++r) {
+      if (ids->size() == max_rows) {
+        *next_cursor = s << 32 | r;
+        return;
+      }
+      const float* d = st.Data(static_cast<uint32_t>(r));
+      ids->push_back(st.Id(static_cast<uint32_t>(r)));
+      values->insert(values->end(), d, d + dim);
+    }
+  }
+}
+
 bool SparseTable::RemovedSince(uint32_t since, std::vector<int64_t>* ids) const {
   std::lock_guard lock(removed_mu_);
   ids->clear();

@@ -114,6 +114,15 @@ class SparseTable {
 
   TableStats Stats() const;
 
+  // Copies up to max_rows (>= 1) stored rows, from `cursor` on, into `ids`
+  // and `values` (ids->size() * dim), and sets `next_cursor` to where the
+  // next call continues (UINT64_MAX: done). The cursor is stripe << 32 |
+  // row within the stripe; 0 starts. Every stored row is visited once only
+  // while no push, eviction or expiry runs between the calls (EXPORT_ROWS).
+  // Thread-safe.
+  void Export(uint64_t cursor, uint32_t max_rows, std::vector<int64_t>* ids,
+              std::vector<float>* values, uint64_t* next_cursor) const;
+
   // ---- snapshots (storage/snapshot.h) ----
   // Epochs mark which rows changed since a snapshot: every change stamps
   // the row with the current epoch. BeginSnapshot() returns the current

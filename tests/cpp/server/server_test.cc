@@ -282,13 +282,16 @@ TEST(ServerTest, StatsCountTraffic) {
   // Plus the 4 snapshot keys and restores, members, workers_lost, workers_retried, mode,
   // sync_round, 8 staleness
   // buckets, staleness_sum and _count, and 6 refused{reason} counters (no
-  // member: no worker_* keys).
+  // member: no worker_* keys), and the 6 sparse-table totals (no table: no
+  // table_*{table=...} keys).
   EXPECT_EQ(m["snapshots_written"], 0u);
+  EXPECT_EQ(m["tables"], 0u);
+  EXPECT_EQ(m["row_pushes"], 0u);
   EXPECT_EQ(m["members"], 0u);
   EXPECT_EQ(m["refused{reason=\"auth\"}"], 0u);
   EXPECT_EQ(m["workers_lost"], 0u);
   EXPECT_EQ(m["restores"], 0u);
-  EXPECT_EQ(m.size(), 12u + 5u + 5u + 8u + 2u + 6u);
+  EXPECT_EQ(m.size(), 12u + 5u + 5u + 8u + 2u + 6u + 6u);
 }
 
 }  // namespace

@@ -379,10 +379,10 @@ TEST(SnapshotTest, OtherCorruptFiles) {
   EXPECT_TRUE(Contains(ReadSnapshot(bad, &data).message(), "not a tensorspark snapshot"));
 
   std::vector<uint8_t> future = bytes;
-  future[6] = 3;  // format version 3
+  future[6] = 4;  // format version 4
   WriteBytes(bad, future);
   EXPECT_TRUE(Contains(ReadSnapshot(bad, &data).message(),
-                       "format version 3 is not supported (this build reads versions 1 and 2)"));
+                       "format version 4 is not supported (this build reads versions 1 to 3)"));
 
   Status s = ReadSnapshot(dir.Sub("missing.tsnap"), &data);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
