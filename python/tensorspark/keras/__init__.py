@@ -5,11 +5,15 @@
   :class:`History`.
 - :func:`predict` adds a prediction column to a DataFrame by batched,
   distributed inference.
+- :class:`~tensorspark.keras.layers.ParameterServerEmbedding` is an embedding
+  table held by the parameter server; only a batch's rows travel.
 - :class:`tensorspark.ml.KerasEstimator` wraps both as a Spark ML pipeline
   stage.
 """
 
+from . import layers
 from ._fit import FitResult, History, fit
 from ._inference import predict
+from .layers import ParameterServerEmbedding
 
-__all__ = ["FitResult", "History", "fit", "predict"]
+__all__ = ["FitResult", "History", "ParameterServerEmbedding", "fit", "layers", "predict"]

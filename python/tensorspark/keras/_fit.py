@@ -86,11 +86,25 @@ class _Data:
     integral_label: bool
     rows: int  # 0 when unknown (RDDs are not counted)
     partitions: int  # the tasks of an epoch
+    inputs: tuple[feed.InputColumn, ...] = ()  # one per model input (several inputs, tables)
 
 
 def _prepare(
-    data: Any, features_col: str | list[str], label_col: str | None, what: str, workers: int | None
+    data: Any,
+    features_col: Any,
+    label_col: str | None,
+    what: str,
+    workers: int | None,
+    model: Any,
 ) -> _Data:
+    inputs = _spec.model_inputs(model)
+    by_input = (
+        len(inputs) > 1
+        or any(t for _, _, t in inputs)
+        or not isinstance(features_col, str | list | tuple)
+    )
+    if by_input:
+        return _prepare_inputs(data, features_col, label_col, what, workers, inputs)
     features = (features_col,) if isinstance(features_col, str) else tuple(features_col)
     if not features:
         raise TensorSparkValueError("features_col is empty; name at least one column")
@@ -118,15 +132,82 @@ def _prepare(
     )
 
 
+def _prepare_inputs(
+    data: Any,
+    features_col: Any,
+    label_col: str | None,
+    what: str,
+    workers: int | None,
+    inputs: list[tuple[str, tuple[int | None, ...], str]],
+) -> _Data:
+    """A DataFrame that feeds each model input from a column: by input name or a dict."""
+    if not hasattr(data, "mapInArrow"):
+        raise TensorSparkValueError(
+            f"the {what} data must be a DataFrame: a model with several inputs or with a "
+            "ParameterServerEmbedding is fed from DataFrame columns by input name"
+        )
+    columns = input_columns(data.schema, features_col, inputs, what)
+    _, integral = feed.check_columns(data.schema, [], label_col)
+    cols = list(dict.fromkeys([c.column for c in columns] + ([label_col] if label_col else [])))
+    frame = data.select(*cols)
+    if workers:
+        frame = frame.repartition(int(workers))
+    rows = frame.count()
+    if rows == 0:
+        raise TensorSparkValueError(f"the {what} DataFrame is empty; there is nothing to train on")
+    return _Data(
+        frame,
+        None,
+        tuple(c.column for c in columns),
+        label_col,
+        integral,
+        rows,
+        frame.rdd.getNumPartitions(),
+        tuple(columns),
+    )
+
+
+def input_columns(
+    schema: Any,
+    features_col: Any,
+    inputs: list[tuple[str, tuple[int | None, ...], str]],
+    what: str,
+) -> tuple[feed.InputColumn, ...]:
+    """The column of each model input: by input name, or ``features_col={input: column}``."""
+    names = [n for n, _, _ in inputs]
+    if isinstance(features_col, dict):
+        unknown = sorted(set(features_col) - set(names))
+        if unknown:
+            raise TensorSparkValueError(
+                f"features_col names {unknown} but the model's inputs are {names}"
+            )
+        mapping = {n: features_col.get(n, n) for n in names}
+    elif isinstance(features_col, str) and len(names) == 1 and features_col != "features":
+        mapping = {names[0]: features_col}
+    else:
+        mapping = {n: n for n in names}
+    by_name = {f.name: f for f in schema.fields}
+    available = ", ".join(f"{f.name} ({f.dataType.simpleString()})" for f in schema.fields)
+    columns = []
+    for name, shape, table in inputs:
+        col = mapping[name]
+        if col not in by_name:
+            raise TensorSparkValueError(
+                f"the {what} DataFrame has no column {col!r} for model input {name!r}; its "
+                f"columns are: {available}. Name the inputs after the columns, or pass "
+                "features_col={input_name: column}"
+            )
+        width = int(shape[-1]) if table and shape and shape[-1] not in (None, 1) else 0
+        columns.append(feed.input_column(by_name[col], table, width, name))
+    return tuple(columns)
+
+
 def _input_shape(model: Any) -> tuple[int, ...]:
     shape = model.input_shape
     if isinstance(shape, list) or (
         isinstance(shape, tuple) and shape and isinstance(shape[0], tuple)
     ):
-        raise TensorSparkValueError(
-            "the model has several inputs; tensorspark.keras feeds one input tensor (concatenate "
-            "feature columns with features_col=[...] and split them inside the model)"
-        )
+        return ()  # several inputs: fed by name (ModelSpec.inputs)
     dims = tuple(shape[1:])
     if any(d is None for d in dims):
         raise TensorSparkValueError(
@@ -140,6 +221,17 @@ class _Fit:
     """One fit's model side: the weights on the server, the epoch jobs."""
 
     def __init__(self, model: Any, builder: Any, data: _Data, opts: dict[str, Any]) -> None:
+        from . import layers
+
+        self.user_model = model
+        self.tables = layers.tables_of(model)
+        if self.tables:
+            # Tasks and the driver train a copy without the tables' rows: they
+            # live on the server, and only a batch's rows travel.
+            model = layers.clone_with(
+                model, {t.table: {"materialize": False, "stored_rows": 0} for t in self.tables}
+            )
+            builder = None
         self.model, self.builder, self.data, self.opts = model, builder, data, opts
         self.sc = (
             data.frame.sparkSession.sparkContext if data.frame is not None else data.rdd.context
@@ -169,6 +261,8 @@ class _Fit:
         training continues after the last completed epoch.
         """
         done = self.run.start_epochs()  # several servers: restored to a common snapshot
+        if self.tables:
+            self.run.client.create_tables([t.table_spec() for t in self.tables])
         weights = self.model.get_weights()
         created = self.run.register({self.names[i]: weights[i] for i in self.synced})
         self.run.configure(self.opts["consistency"], self.opts["staleness"])
@@ -204,10 +298,27 @@ class _Fit:
             rule=self.rule,
             hang_timeout=o["hang_timeout"],
             join=train,
+            tables=self.table_feeds(self.data if train else o["_validation"]),
+            prefetch=o["prefetch_rows"],
+        )
+
+    def table_feeds(self, data: _Data) -> tuple[Any, ...]:
+        from ..runtime import sparse
+
+        return tuple(
+            sparse.TableFeed(
+                t.table,
+                t.output_dim,
+                tuple(i for i, c in enumerate(data.inputs) if c.table == t.table),
+                t.input_dim or 0,
+                tuple(c.column for c in data.inputs if c.table == t.table),
+            )
+            for t in self.tables
         )
 
     def model_spec(self, data: _Data) -> replica.ModelSpec:
         lr = None if self.gradient else _spec.learning_rate(self.model.optimizer)
+        inputs = _spec.model_inputs(self.model)
         return replica.ModelSpec(
             weight_shapes=tuple(tuple(w.shape) for w in self.model.weights),
             synced=tuple(self.synced),
@@ -217,6 +328,9 @@ class _Fit:
             integral_label=data.integral_label,
             learning_rate=lr,
             custom_objects=self.opts["custom_objects"],
+            inputs=data.inputs,
+            input_names=tuple(n for n, _, _ in inputs) if data.inputs else (),
+            input_shapes=tuple(s for _, s, _ in inputs) if data.inputs else (),
         )
 
     def job(self, fn: Any, data: _Data, cfg: task.TaskConfig) -> Any:
@@ -237,6 +351,44 @@ class _Fit:
             return [json.loads(r["result"]) for r in out]
 
         return run
+
+    def export(self) -> Any:
+        """The trained model: the dense weights, with the tables' rows exported into it.
+
+        A fixed vocabulary that the layer materializes (see
+        ``ParameterServerEmbedding``) gets every row (trained or initial);
+        any other table gets its stored rows, sorted by id.
+        """
+        if not self.tables:
+            return self.model
+        from . import layers
+
+        client, overrides, values = self.run.client, {}, {}
+        for t in self.tables:
+            if t.materialize:
+                ids = np.arange(t.input_dim, dtype=np.int64)
+                step = max(1, (1 << 22) // t.output_dim)  # 16 MB per pull
+                rows = np.concatenate(
+                    [
+                        client.pull_rows({t.table: ids[i : i + step]})[t.table]
+                        for i in range(0, len(ids), step)
+                    ]
+                )
+                overrides[t.table] = {"materialize": True, "stored_rows": 0}
+                values[t.table] = (None, rows)
+            else:
+                ids, rows = client.export_rows(t.table)
+                order = np.argsort(ids, kind="stable")
+                overrides[t.table] = {"materialize": False, "stored_rows": len(ids)}
+                values[t.table] = (ids[order], rows[order])
+        model = layers.clone_with(self.model, overrides)
+        for layer in layers.tables_of(model):
+            ids, rows = values[layer.table]
+            if layer.embeddings is not None:
+                layer.embeddings.assign(rows)
+            if layer.ids is not None:
+                layer.ids.assign(ids)
+        return model
 
     def load_model(self) -> int:
         """Copy the server's weights into the driver's model; the version."""
@@ -290,7 +442,7 @@ def fit(
     model: Any,
     data: Any,
     *,
-    features_col: str | list[str] = "features",
+    features_col: str | list[str] | dict[str, str] | None = "features",
     label_col: str = "label",
     epochs: int = 1,
     batch_size: int = 32,
@@ -303,6 +455,7 @@ def fit(
     shuffle: bool = True,
     buffer_batches: int = 8,
     steps_per_call: int = 32,
+    prefetch_rows: bool = True,
     num_workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = True,
@@ -349,7 +502,14 @@ def fit(
         label)`` tuples of NumPy arrays or numbers. Each row's features are
         reshaped to the model's input shape (784 values -> ``(28, 28, 1)``).
     features_col, label_col : str
-        Column names (DataFrames only).
+        Column names (DataFrames only). A model with several inputs, or
+        with a :class:`~tensorspark.keras.layers.ParameterServerEmbedding`,
+        is fed by input name: each ``keras.Input(name=...)`` from the column
+        of that name, or from ``features_col={input_name: column}``. Inputs
+        of a table take int/long ids, ``array<long>`` multi-hot ids (padded
+        with -1 up to the input's length, or to the batch's longest row for
+        ``shape=(None,)``), or strings (hashed, docs/sparse.md); other inputs
+        take numbers, arrays or vectors as above.
     epochs, batch_size : int
         Passes over the data, and rows per training step.
     sync_interval : int
@@ -397,6 +557,12 @@ def fit(
         small models. The group is also capped by ``buffer_batches`` and
         never spans a sync, so it does not change when tasks sync. 1 runs
         one step per call.
+    prefetch_rows : bool
+        With tables: pull the next batch's rows while a batch trains
+        (communication overlaps compute). A row that two consecutive
+        batches of a task share is then one step stale in the second one;
+        False pulls each batch's rows after the previous push (exact, as a
+        single process).
     num_workers : int, optional
         Repartition the data into this many tasks; default its partitions.
     threads_per_worker : int, optional
@@ -464,7 +630,9 @@ def fit(
     -------
     FitResult
         ``(model, history)``: the driver's model with the trained weights
-        and a :class:`History`.
+        and a :class:`History`. A model with tables comes back as a new
+        model (the same architecture) whose tables hold the trained rows
+        (docs/sparse.md, "Export").
 
     Raises
     ------
@@ -481,9 +649,11 @@ def fit(
     """
     opts = _options(locals())
     model, builder = _spec.resolve(model, "fit")
-    train = _prepare(data, features_col, label_col, "training", num_workers)
+    train = _prepare(data, features_col, label_col, "training", num_workers, model)
     if validation_data is not None and not isinstance(validation_data, tuple):
-        opts["_validation"] = _prepare(validation_data, features_col, label_col, "validation", None)
+        opts["_validation"] = _prepare(
+            validation_data, features_col, label_col, "validation", None, model
+        )
     fit_ = _Fit(model, builder, train, opts)
     try:
         return _train(fit_)
@@ -549,6 +719,7 @@ def _train(fit_: _Fit) -> FitResult:
         run.keep_trained(fit_.load_model)
         raise
     callbacks.on_train_end(logs)
+    model = fit_.export()
     if opts["save_path"]:
         model.save(opts["save_path"])
     return FitResult(model, history)

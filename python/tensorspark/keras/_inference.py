@@ -95,9 +95,16 @@ def _predict_batch(
 ) -> Any:
     import pyarrow as pa
 
-    x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
-    x = _feed.shape_features(x, input_shape, "predict")
-    y = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(len(x), -1)
+    if isinstance(input_shape, dict):  # several inputs or tables: by input name
+        from .replica import feed_inputs
+
+        spec = input_shape
+        cols = next(_feed.arrow_inputs([batch], spec["inputs"], None, False))[:-1]
+        x = feed_inputs(spec["names"], spec["shapes"], spec["inputs"], cols, "predict")
+    else:
+        x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
+        x = _feed.shape_features(x, input_shape, "predict")
+    y = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(batch.num_rows, -1)
     if scalar:
         column = pa.array(y[:, 0], type=pa.float32())
     else:
@@ -112,7 +119,7 @@ def predict(
     model: Any,
     df: Any,
     *,
-    features_col: str | list[str] = "features",
+    features_col: str | list[str] | dict[str, str] | None = "features",
     prediction_col: str = "prediction",
     batch_size: int = 1024,
     custom_objects: dict[str, Any] | None = None,
@@ -128,9 +135,10 @@ def predict(
         and loaded once per Python worker.
     df : pyspark.sql.DataFrame
         Rows to predict; every column is kept.
-    features_col : str or list of str
+    features_col : str, list of str, dict or None
         Numeric, array or ML vector column(s), concatenated and reshaped to
-        the model's input shape.
+        the model's input shape. A model with several inputs or with
+        tables is fed by input name, as in :func:`fit`.
     prediction_col : str
         The new column: ``float`` for a model with one output value per
         row, otherwise ``array<float>`` (e.g. class probabilities).
@@ -156,8 +164,20 @@ def predict(
 
     if not isinstance(model, keras.Model):
         raise TensorSparkValueError(f"predict: expected a keras.Model, got {type(model).__name__}")
-    features = (features_col,) if isinstance(features_col, str) else tuple(features_col)
-    _feed.check_columns(df.schema, features, None)
+    inputs = _spec.model_inputs(model)
+    by_input = (
+        len(inputs) > 1
+        or any(t for _, _, t in inputs)
+        or not isinstance(features_col, str | list | tuple)
+    )
+    if by_input:
+        from ._fit import input_columns
+
+        features = ()
+        columns = input_columns(df.schema, features_col, inputs, "predict")
+    else:
+        features = (features_col,) if isinstance(features_col, str) else tuple(features_col)
+        _feed.check_columns(df.schema, features, None)
     if prediction_col in df.columns:
         raise TensorSparkValueError(
             f"predict: the DataFrame already has a column {prediction_col!r}; choose another "
@@ -167,7 +187,13 @@ def predict(
         raise TensorSparkValueError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
     from ._fit import _input_shape
 
-    input_shape = _input_shape(model)
+    input_shape: Any = _input_shape(model)
+    if by_input:
+        input_shape = {
+            "names": tuple(n for n, _, _ in inputs),
+            "shapes": tuple(sh for _, sh, _ in inputs),
+            "inputs": columns,
+        }
     out_dims = int(np.prod(model.output_shape[1:]))
     scalar = out_dims == 1
     spark = df.sparkSession

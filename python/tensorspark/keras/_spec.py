@@ -72,6 +72,8 @@ def from_bytes(data: bytes, custom_objects: dict[str, Any] | None = None) -> Any
     """A model from :func:`to_bytes` output."""
     import keras
 
+    from . import layers  # noqa: F401  (registers ParameterServerEmbedding for loading)
+
     with tempfile.TemporaryDirectory(prefix="tensorspark-") as d:
         path = os.path.join(d, "model.keras")
         with open(path, "wb") as f:
@@ -176,3 +178,54 @@ def server_optimizer(optimizer: Any) -> tuple[str, float, dict[str, float]]:
         f"update='gradient': the server has no equivalent of the {name} optimizer; use SGD, "
         "Adam, AdamW, RMSprop or Adagrad, or update='delta' (any optimizer, run in the tasks)"
     )
+
+
+def model_inputs(model: Any) -> list[tuple[str, tuple[int | None, ...], str]]:
+    """Each model input as ``(name, shape without the batch axis, table)``.
+
+    ``table`` names the ParameterServerEmbedding that takes the input's ids
+    ("" for a dense input). A table's layer must take model inputs
+    directly, since a task feeds it local row indices in place of the ids.
+    """
+    import keras
+
+    from .layers import tables_of
+
+    inputs = list(model.inputs)
+    by_id = {id(t): i for i, t in enumerate(inputs)}
+    tables = [""] * len(inputs)
+    for layer in tables_of(model):
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                i = by_id.get(id(t))
+                if i is None:
+                    raise TensorSparkValueError(
+                        f"ParameterServerEmbedding {layer.name!r} takes a computed tensor "
+                        f"({getattr(t, 'name', t)!r}); its ids must come straight from a model "
+                        "input (keras.Input(..., dtype='int64')), fed from a DataFrame column"
+                    )
+                if tables[i] and tables[i] != layer.table:
+                    raise TensorSparkValueError(
+                        f"model input {inputs[i].name!r} feeds two tables ({tables[i]!r} and "
+                        f"{layer.table!r}); give each table its own input"
+                    )
+                tables[i] = layer.table
+    from .layers import ParameterServerEmbedding
+
+    for layer in model.layers:
+        if isinstance(layer, (ParameterServerEmbedding, keras.layers.InputLayer)):
+            continue
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                i = by_id.get(id(t))
+                if i is not None and tables[i]:
+                    raise TensorSparkValueError(
+                        f"model input {inputs[i].name!r} feeds table {tables[i]!r} and also layer "
+                        f"{layer.name!r}; a task feeds a table's input row indices, not the ids, "
+                        "so give the other layer its own input (from the same column)"
+                    )
+    out = []
+    for t, table in zip(inputs, tables, strict=True):
+        shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
+        out.append((t.name, shape, table))
+    return out

@@ -34,6 +34,27 @@ class ModelSpec:
     integral_label: bool
     learning_rate: float | None  # the driver optimizer's rate this epoch (local optimizer)
     custom_objects: Any = None
+    # Several inputs or tables: one chunk column per model input (feed.InputColumn), fed
+    # by input name; () for one dense input from ``features``.
+    inputs: tuple[Any, ...] = ()
+    input_names: tuple[str, ...] = ()
+    input_shapes: tuple[tuple[int | None, ...], ...] = ()
+
+    def model_inputs(self, cols: Any, where: str) -> Any:
+        """A batch's input columns as the model takes them (a dict by input name)."""
+        return feed_inputs(self.input_names, self.input_shapes, self.inputs, cols, where)
+
+
+def feed_inputs(names: Any, shapes: Any, inputs: Any, cols: Any, where: str) -> dict[str, Any]:
+    """Input columns (``feed.arrow_inputs``) as a dict by model input name, shaped."""
+    out = {}
+    for name, shape, spec, col in zip(names, shapes, inputs, cols, strict=True):
+        if spec.kind == "dense":
+            col = feed.shape_features(col, tuple(shape), f"{where}, input {name!r}")
+        elif len(shape) == 1 and shape[0] == 1 and col.ndim == 1:
+            col = col.reshape(-1, 1)
+        out[name] = col
+    return out
 
 
 class KerasReplica:
@@ -73,7 +94,7 @@ class KerasReplica:
                 for s, w in zip(self.iterates, self.weights, strict=True):
                     s.assign_add(w)
             model.compute_metrics(x, y, y_pred)
-            n = tf.cast(tf.shape(x)[0], tf.float64)
+            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
             self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
             self.loss_count.assign_add(n)
             return loss
@@ -82,21 +103,58 @@ class KerasReplica:
         # in the graph, so the Python call and the NumPy-to-tensor conversion
         # are paid once per group.
         def train_steps(xs: Any, ys: Any = None) -> None:
-            for i in tf.range(tf.shape(xs)[0]):
-                one_step(xs[i], None if ys is None else ys[i])
+            for i in tf.range(tf.shape(tf.nest.flatten(xs)[0])[0]):
+                x = tf.nest.map_structure(lambda a, i=i: a[i], xs)
+                one_step(x, None if ys is None else ys[i])
 
         @tf.function(reduce_retracing=True)
         def eval_step(x: Any, y: Any) -> Any:
             y_pred = model(x, training=False)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
             model.compute_metrics(x, y, y_pred)
-            n = tf.cast(tf.shape(x)[0], tf.float64)
+            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
             self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
             self.loss_count.assign_add(n)
             return loss
 
         self._loop, self.eval_step = train_steps, eval_step
         self._compiled: dict[tuple, Any] = {}
+        self.rows: Any = None  # runtime.sparse.RowExchange of the running task
+        self.table_layers = _table_layers(model, cfg)
+
+        def sparse_step(x: Any, y: Any, rows: Any, training: bool) -> Any:
+            for layer, r in zip(self.table_layers, rows, strict=True):
+                layer._ps_rows = r
+            try:
+                with tf.GradientTape() as tape:
+                    tape.watch(rows)
+                    y_pred = model(x, training=training)
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
+            finally:
+                for layer in self.table_layers:
+                    layer._ps_rows = None
+            model.compute_metrics(x, y, y_pred)
+            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
+            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
+            self.loss_count.assign_add(n)
+            if not training:
+                return []
+            grads = tape.gradient(loss, [*trainable, *rows])
+            dense, row_grads = grads[: len(trainable)], grads[len(trainable) :]
+            if self.gradients:
+                for acc, g in zip(self.gradients, dense, strict=True):
+                    acc.assign_add(tf.convert_to_tensor(g))
+            elif trainable:
+                model.optimizer.apply_gradients(zip(dense, trainable, strict=True))
+            if self.iterates:
+                for s, w in zip(self.iterates, self.weights, strict=True):
+                    s.assign_add(w)
+            return [
+                tf.zeros_like(r) if g is None else tf.convert_to_tensor(g)
+                for g, r in zip(row_grads, rows, strict=True)
+            ]
+
+        self._sparse_step = sparse_step
 
     # -- runtime.task.Replica ---------------------------------------------
 
@@ -119,18 +177,51 @@ class KerasReplica:
         One trace serves every group size and batch length (the last batch
         may be short): the signature leaves both leading dimensions open.
         """
+        if self.rows is not None:
+            for batch in batches:
+                self.sparse_batch(batch, training=True)
+            return
+        if self.spec.inputs:
+            xs = [self.spec.model_inputs(b[:-1], "a training batch") for b in batches]
+            args = [{k: np.stack([x[k] for x in xs]) for k in xs[0]}]
+            if batches[0][-1] is not None:
+                args.append(np.stack([b[-1] for b in batches]))
+            return self._call_loop(args)
         shape = self.spec.input_shape
         args = [np.stack([feed.shape_features(b[0], shape, "a training batch") for b in batches])]
         if batches[0][1] is not None:
             args.append(np.stack([b[1] for b in batches]))
-        key = tuple((a.dtype, a.shape[2:]) for a in args)
+        self._call_loop(args)
+
+    def _call_loop(self, args: list[Any]) -> None:
+        import tensorflow as tf
+
+        key = tuple((a.dtype, a.shape[2:]) for a in tf.nest.flatten(args))
         fn = self._compiled.get(key)
         if fn is None:
-            import tensorflow as tf
-
-            sig = [tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype)) for a in args]
+            sig = tf.nest.map_structure(
+                lambda a: tf.TensorSpec((None, None, *a.shape[2:]), tf.as_dtype(a.dtype)), args
+            )
             fn = self._compiled[key] = tf.function(self._loop, input_signature=sig)
         fn(*args)
+
+    def sparse_batch(self, batch: feed.Chunk, *, training: bool) -> None:
+        """One step (or evaluation) of a batch whose tables' rows were pulled."""
+        import tensorflow as tf
+
+        *cols, y, rb = batch
+        x = self.spec.model_inputs(cols, "a training batch" if training else "a validation batch")
+        args = [x, y, list(rb.rows)]
+        sig = tf.nest.map_structure(_open_spec, args)
+        key = ("sparse", training, *((s.dtype, tuple(s.shape)) for s in tf.nest.flatten(sig)))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = tf.function(
+                lambda x, y, rows: self._sparse_step(x, y, rows, training), input_signature=sig
+            )
+        grads = fn(*args)
+        if training:
+            self.rows.push(rb, [g.numpy() for g in grads], "a training batch")
 
     def read(self) -> list[np.ndarray]:
         return [np.asarray(w.numpy(), np.float32) for w in self.weights]
@@ -159,6 +250,26 @@ class KerasReplica:
 
     def extra_result(self) -> dict[str, Any]:
         return {"learning_rate_error": self.lr_error} if self.lr_error else {}
+
+
+def _open_spec(a: np.ndarray) -> Any:
+    """A TensorSpec open in the batch axis, and in the width of multi-hot ids."""
+    import tensorflow as tf
+
+    dims = [None, *a.shape[1:]]
+    if a.dtype == np.int64 and a.ndim == 2 and a.shape[1] != 1:
+        dims[1] = None
+    return tf.TensorSpec(dims, tf.as_dtype(a.dtype))
+
+
+def _table_layers(model: Any, cfg: task.TaskConfig) -> list[Any]:
+    """The model's table layers in ``cfg.tables`` order."""
+    if not cfg.tables:
+        return []
+    from .layers import tables_of
+
+    by_table = {layer.table: layer for layer in tables_of(model)}
+    return [by_table[f.table] for f in cfg.tables]
 
 
 def _means_and_reset(sums: list[Any], steps: int) -> list[np.ndarray]:
@@ -201,10 +312,25 @@ def evaluate(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chu
     with contextlib.closing(task.connect(cfg, -1, 0)) as client:
         task.Sync(client, replica, cfg).pull()
     samples = 0
-    for x, y in feed.BatchStream(chunks, cfg.batch_size, buffer_batches=1):
-        x = feed.shape_features(x, spec.input_shape, f"validation partition {partition}")
-        replica.eval_step(x, y)
-        samples += len(x)
+    where = f"validation partition {partition}"
+    stream = feed.BatchStream(chunks, cfg.batch_size, buffer_batches=1)
+    if cfg.tables:
+        from ..runtime import sparse
+
+        with contextlib.closing(
+            sparse.RowExchange(sparse.connect(cfg, -1, 0), cfg.tables, prefetch=True)
+        ) as rows:
+            for batch in rows.batches(stream):
+                replica.sparse_batch(batch, training=False)
+                samples += len(batch[0])
+    else:
+        for batch in stream:
+            if spec.inputs:
+                x = spec.model_inputs(batch[:-1], where)
+            else:
+                x = feed.shape_features(batch[0], spec.input_shape, where)
+            replica.eval_step(x, batch[-1])
+            samples += len(batch[0])
     loss_sum = replica.loss_totals()[0]
     return {
         "partition": partition,
@@ -218,7 +344,10 @@ def arrow_partition(fn: Any, cfg: Any, spec: ModelSpec, blob: Any, builder: Any,
     """``mapInArrow`` function: run ``fn`` on the batches, yield one JSON row."""
     import pyarrow as pa
 
-    chunks = feed.arrow_chunks(batches, spec.features, spec.label, spec.integral_label)
+    if spec.inputs:
+        chunks = feed.arrow_inputs(batches, spec.inputs, spec.label, spec.integral_label)
+    else:
+        chunks = feed.arrow_chunks(batches, spec.features, spec.label, spec.integral_label)
     result = fn(cfg, spec, blob, builder, chunks)
     yield pa.RecordBatch.from_pydict({"result": [json.dumps(result)]})
 

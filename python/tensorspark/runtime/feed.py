@@ -13,6 +13,7 @@ span a sync.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,131 @@ def arrow_chunks(
         yield x, y
 
 
+@dataclass(frozen=True)
+class InputColumn:
+    """How one DataFrame column feeds one model input.
+
+    ``kind``: "dense" (numbers, arrays, vectors: float32), "ids" (an int
+    column), "multi_hot" (``array<int|long>``: int64 padded with -1),
+    "strings" / "multi_hot_strings" (hashed to int64 ids,
+    ``tensorspark.tables.hash_strings``). ``width``: a multi-hot input's
+    fixed length (0: the longest row of each batch). ``table``: the table
+    an id column feeds ("" for dense inputs).
+    """
+
+    column: str
+    kind: str
+    width: int = 0
+    table: str = ""
+
+
+def input_column(field: Any, table: str, width: int, input_name: str) -> InputColumn:
+    """The :class:`InputColumn` of a schema field, or a clear error for a wrong type."""
+    dtype = field.dataType
+    name = dtype.typeName()
+    elem = dtype.elementType.typeName() if name == "array" else ""
+    if not table:
+        if not _column_kind(field):
+            raise TensorSparkValueError(
+                f"column {field.name!r} (for model input {input_name!r}) has type "
+                f"{dtype.simpleString()}; a dense input must be numeric, an array of numbers or "
+                "an ML vector"
+            )
+        return InputColumn(field.name, "dense")
+    if name in _INTEGRAL and name != "boolean":
+        return InputColumn(field.name, "ids", table=table)
+    if name == "array" and elem in _INTEGRAL and elem != "boolean":
+        return InputColumn(field.name, "multi_hot", width, table)
+    if name == "string":
+        return InputColumn(field.name, "strings", table=table)
+    if name == "array" and elem == "string":
+        return InputColumn(field.name, "multi_hot_strings", width, table)
+    hint = ""
+    if name in ("float", "double", "decimal") or elem in ("float", "double", "decimal"):
+        hint = " (float ids: cast the column to long, e.g. col(...).cast('long'), if whole)"
+    raise TensorSparkValueError(
+        f"column {field.name!r} feeds table {table!r} (model input {input_name!r}) but has type "
+        f"{dtype.simpleString()}; ids must be int or long, array<long> for multi-hot, or "
+        f"strings{hint}"
+    )
+
+
+def _id_column(column: Any, spec: InputColumn) -> np.ndarray:
+    """An id column as int64: ``(n,)`` or ``(n, width)`` padded with -1."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if column.null_count:
+        row = next(i for i in range(n) if not column[i].is_valid)
+        raise TensorSparkValueError(
+            f"column {spec.column!r} (table {spec.table!r}) has a null id in row {row} of a batch"
+        )
+    if spec.kind in ("ids", "strings"):
+        if spec.kind == "strings":
+            from ..tables import hash_strings
+
+            return hash_strings(column.to_pylist())
+        return column.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    offsets = np.asarray(column.offsets)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max()) if n else 0
+    width = spec.width or max(1, longest)
+    if longest > width:
+        row = int(np.argmax(lengths))
+        raise TensorSparkValueError(
+            f"column {spec.column!r} (table {spec.table!r}): row {row} of a batch has {longest} "
+            f"ids but the model input takes at most {width}; give keras.Input shape=(None,) "
+            "for any length"
+        )
+    values = column.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    if values.null_count:
+        raise TensorSparkValueError(f"column {spec.column!r} (table {spec.table!r}) has a null id")
+    if spec.kind == "multi_hot_strings":
+        from ..tables import hash_strings
+
+        flat = hash_strings(values.to_pylist())
+    else:
+        flat = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    out = np.full((n, width), -1, np.int64)
+    rows = np.repeat(np.arange(n), lengths)
+    cols = np.arange(len(flat)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def arrow_inputs(
+    batches: Iterable[Any],
+    inputs: Sequence[InputColumn],
+    label: str | None,
+    integral_label: bool,
+) -> Iterator[Chunk]:
+    """Chunks ``(input_1, ..., input_k, y)`` from Arrow record batches, one per model input."""
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        cols = [
+            _arrow_column(batch.column(c.column), c.column)
+            if c.kind == "dense"
+            else _id_column(batch.column(c.column), c)
+            for c in inputs
+        ]
+        yield (*cols, _label(batch, label, integral_label))
+
+
+def _label(batch: Any, label: str | None, integral: bool) -> np.ndarray | None:
+    if label is None:
+        return None
+    col = batch.column(label)
+    if integral:
+        if col.null_count:
+            raise TensorSparkValueError(f"label column {label!r} has a null")
+        return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    y = _arrow_column(col, label)
+    return y[:, 0] if y.shape[1] == 1 else y
+
+
 def row_chunks(
     rows: Iterable[Any], chunk_rows: int, partition: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -276,10 +402,26 @@ def _take(chunk: Chunk, index: Any) -> Chunk:
 def _join(parts: list[Chunk]) -> Chunk:
     if len(parts) == 1:
         return parts[0]
-    return tuple(
-        None if parts[0][j] is None else np.concatenate([p[j] for p in parts])
-        for j in range(len(parts[0]))
-    )
+    out = []
+    for j in range(len(parts[0])):
+        cols = [p[j] for p in parts]
+        if cols[0] is None:
+            out.append(None)
+            continue
+        width = max(c.shape[1] for c in cols) if cols[0].ndim == 2 else 0
+        if width and any(c.shape[1] != width for c in cols):
+            cols = [pad_ids(c, width) for c in cols]  # multi-hot ids of varying length
+        out.append(np.concatenate(cols))
+    return tuple(out)
+
+
+def pad_ids(ids: np.ndarray, width: int) -> np.ndarray:
+    """Multi-hot ids ``(n, w)`` padded with -1 to ``(n, width)``, ``width >= w``."""
+    if ids.shape[1] == width:
+        return ids
+    out = np.full((ids.shape[0], width), -1, ids.dtype)
+    out[:, : ids.shape[1]] = ids
+    return out
 
 
 class BatchStream:
@@ -343,6 +485,7 @@ class BatchStream:
                     None if c is None else np.empty((cap, *c.shape[1:]), dtype=c.dtype)
                     for c in chunk
                 ]
+            buf, chunk = _same_widths(buf, chunk)
             pos, n = 0, _rows(chunk)
             while pos < n:
                 take = min(cap - size, n - pos)
@@ -367,6 +510,22 @@ class BatchStream:
             order = self._rng.permutation(size)
             for start in range(0, size, bs):
                 yield _take(tuple(buf), order[start : start + bs])
+
+
+def _same_widths(buf: list[Any], chunk: Chunk) -> tuple[list[Any], Chunk]:
+    """Pad multi-hot id columns of the buffer or the chunk to the wider of the two."""
+    if not any(
+        b is not None and b.ndim == 2 and b.shape[1] != c.shape[1]
+        for b, c in zip(buf, chunk, strict=True)
+    ):
+        return buf, chunk
+    buf, chunk = list(buf), list(chunk)
+    for j, (b, c) in enumerate(zip(buf, chunk, strict=True)):
+        if b is None or b.ndim != 2 or b.shape[1] == c.shape[1]:
+            continue
+        width = max(b.shape[1], c.shape[1])
+        buf[j], chunk[j] = pad_ids(b, width), pad_ids(c, width)
+    return buf, tuple(chunk)
 
 
 def steps_per_call(steps_per_call: int, buffer_batches: int, sync_interval: int) -> int:

@@ -13,6 +13,7 @@ a Keras model (``keras.replica``). It implements :class:`Replica`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ import numpy as np
 
 from .. import _core
 from ..errors import TensorSparkValueError
-from . import feed, spark, watchdog
+from . import feed, spark, sparse, watchdog
 from .updates import Rule
 
 
@@ -51,6 +52,8 @@ class TaskConfig:
     heartbeat_interval: float
     hang_timeout: float | None  # stack dumps after half of it without a sync
     join: bool = True  # False: a validation job (no membership, no push)
+    tables: tuple[Any, ...] = ()  # runtime.sparse.TableFeed: tables whose rows travel per batch
+    prefetch: bool = True  # pull the next batch's rows during this batch (runtime.sparse)
 
     def where(self, partition: int) -> str:
         return f"partition {partition} (epoch {self.epoch + 1})"
@@ -182,9 +185,12 @@ def train(
     rss_base = rss_peak = rss_bytes()
     where = cfg.where(partition)
     client = connect(cfg, partition, attempt)
-    with watchdog.membership(
-        client, cfg.join, cfg.hang_timeout, f"p{partition}-a{attempt}"
-    ) as dumps:
+    with (
+        contextlib.ExitStack() as stack,
+        watchdog.membership(
+            client, cfg.join, cfg.hang_timeout, f"p{partition}-a{attempt}"
+        ) as dumps,
+    ):
         sync = Sync(client, replica, cfg)
         sync.pull()
         stream = feed.BatchStream(
@@ -195,15 +201,28 @@ def train(
             seed=[cfg.seed, cfg.epoch, partition],
         )
         group = feed.steps_per_call(cfg.steps_per_call, cfg.buffer_batches, cfg.sync_interval)
+        rows = None
+        if cfg.tables:  # one step per call: each batch has its own rows
+            rows = sparse.RowExchange(
+                sparse.connect(cfg, partition, attempt), cfg.tables, prefetch=cfg.prefetch
+            )
+            stack.callback(rows.close)
+            stack.callback(setattr, replica, "rows", None)
+            replica.rows = rows
+            batches_in, group = rows.batches(stream), 1
+        else:
+            batches_in = stream
         steps = samples = since_sync = 0
         last = (0.0, 0.0)  # loss totals at the last sync
         train_started = time.monotonic()
-        for batches in feed.grouped(stream, cfg.batch_size, group, cfg.sync_interval):
+        for batches in feed.grouped(batches_in, cfg.batch_size, group, cfg.sync_interval):
             replica.train(batches)
             steps += len(batches)
             samples += sum(len(b[0]) for b in batches)
             since_sync += len(batches)
             if since_sync == cfg.sync_interval:
+                if rows is not None:
+                    rows.flush()
                 now = sync.push_and_pull(steps, since_sync, where)
                 loss = (now[0] - last[0]) / (now[1] - last[1]) if now[1] > last[1] else np.nan
                 client.report_progress(steps, samples, float(loss))
@@ -212,6 +231,8 @@ def train(
                     dumps.progress()
                 since_sync = 0
                 rss_peak = max(rss_peak, rss_bytes())
+        if rows is not None:
+            rows.flush()
         if since_sync:
             sync.push_and_pull(steps, since_sync, where)
         rss_peak = max(rss_peak, rss_bytes())
@@ -236,5 +257,7 @@ def train(
             "rss_peak_bytes": rss_peak,
             "rows_buffered_max": stream.rows_held_max,
             "replica_tasks": getattr(replica, "tasks_served", 1),  # 2+: built by an earlier task
+            "rows_pulled": rows.rows_pulled if rows is not None else 0,
+            "rows_pushed": rows.rows_pushed if rows is not None else 0,
             **replica.extra_result(),
         }

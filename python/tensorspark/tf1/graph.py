@@ -183,3 +183,49 @@ def load_values(sess: Any, variables: list[Any], values: list[Any]) -> None:
     ops = [v.initializer for v in variables]
     feed = {v.initializer.inputs[1]: val for v, val in zip(variables, values, strict=True)}
     sess.run(ops, feed_dict=feed)
+
+
+# Ops an id tensor may pass through between its placeholder and a lookup.
+_PASS_THROUGH = {"Identity", "Reshape", "Cast", "ExpandDims", "Squeeze"}
+
+
+def lookup_feed(graph: Any, var: Any, feed_names: list[str]) -> int:
+    """The position in ``feed_names`` of the ids that ``tf.nn.embedding_lookup(var, ids)`` reads.
+
+    Finds the gather ops that read ``var`` and follows their indices back
+    (through identity, reshape and cast ops) to a fed placeholder; every
+    lookup of ``var`` must use the same one.
+    """
+    sources = {var.op.name, f"{var.op.name}/read"}
+    found: set[int] = set()
+    gathers = 0
+    for op in graph.get_operations():
+        if op.type not in ("ResourceGather", "GatherV2", "Gather"):
+            continue
+        params = op.inputs[0].op
+        while params.type in ("Identity", "ReadVariableOp") and params.name not in sources:
+            params = params.inputs[0].op
+        if params.name not in sources:
+            continue
+        gathers += 1
+        ids = op.inputs[1]
+        while ids.name not in feed_names and ids.op.type in _PASS_THROUGH:
+            ids = ids.op.inputs[0]
+        if ids.name not in feed_names:
+            raise TensorSparkValueError(
+                f"sparse_params: {var.op.name!r} is looked up with ids computed by "
+                f"{ids.op.type} op {ids.op.name!r}; the ids of tf.nn.embedding_lookup must be a "
+                "placeholder in feed_name_list (reshapes and casts are fine)"
+            )
+        found.add(feed_names.index(ids.name))
+    if not gathers:
+        raise TensorSparkValueError(
+            f"sparse_params: the graph never looks up rows of {var.op.name!r}; use "
+            "tf.nn.embedding_lookup(W, ids) with ids fed from feed_name_list"
+        )
+    if len(found) > 1:
+        raise TensorSparkValueError(
+            f"sparse_params: {var.op.name!r} is looked up with several fed id tensors "
+            f"{sorted(feed_names[i] for i in found)}; feed one id tensor per table"
+        )
+    return found.pop()

@@ -50,6 +50,7 @@ class GraphReplica:
             self.sums, self.accumulate, self.reset = self._iterate_sums(
                 tf, cfg.rule.accumulates == "iterates"
             )
+            self.tables = self._table_ops(tf, by_name, cfg)
         config = tf.ConfigProto(
             intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads
         )
@@ -59,6 +60,22 @@ class GraphReplica:
             self.sess.run([s.initializer for s in self.sums])
         self.last: Any = None
         self.loss_sum = self.loss_count = 0.0
+        self.rows: Any = None  # runtime.sparse.RowExchange of the running task
+
+    def _table_ops(self, tf: Any, by_name: dict[str, Any], cfg: task.TaskConfig) -> list[Any]:
+        """Per table: (ids, rows placeholders, scatter op, gather tensor) into its variable."""
+        out = []
+        for f in cfg.tables:
+            var = by_name[f.table]
+            ids = tf.placeholder(tf.int64, [None], name=f"tensorspark_rows_ids_{len(out)}")
+            rows = tf.placeholder(var.dtype.base_dtype, [None, f.dim])
+            scatter = (
+                tf.scatter_update(var, ids, rows)
+                if not _is_resource(var)
+                else (var.scatter_update(tf.IndexedSlices(rows, ids)))
+            )
+            out.append((ids, rows, scatter, tf.gather(var, ids)))
+        return out
 
     def _iterate_sums(self, tf: Any, enabled: bool) -> tuple[list[Any], Any, Any]:
         """Sums of each variable over the steps since the last sync, added after each step."""
@@ -97,6 +114,15 @@ class GraphReplica:
         if self.accumulate is not None:
             run.append(self.accumulate)
         for cols in batches:
+            rb = None
+            if self.rows is not None:  # sparse_params: this batch's rows into the variables
+                *cols, rb = cols
+                scatter = {}
+                for (ids, rows, _, _), uniq, pulled in zip(
+                    self.tables, rb.uniques, rb.rows, strict=True
+                ):
+                    scatter.update({ids: uniq, rows: pulled})
+                self.sess.run([t[2] for t in self.tables], feed_dict=scatter)
             feed_dict = dict(self.extra)
             feed_dict.update(zip(self.feeds, cols, strict=True))
             try:
@@ -105,6 +131,13 @@ class GraphReplica:
                 # TF's message names the tensor and both shapes.
                 raise TensorSparkValueError(f"cannot feed this batch: {e}") from None
             self.last = out[0]
+            if rb is not None:
+                after = self.sess.run(
+                    [t[3] for t in self.tables],
+                    feed_dict={t[0]: u for t, u in zip(self.tables, rb.uniques, strict=True)},
+                )
+                deltas = [a - p for a, p in zip(after, rb.rows, strict=True)]
+                self.rows.push(rb, deltas, "a training batch", kind="delta")
             if self.loss is not None:
                 rows = len(cols[0])
                 self.loss_sum += float(np.mean(out[1])) * rows
@@ -147,6 +180,10 @@ def train_partition(
     chunk_rows = cfg.batch_size * cfg.buffer_batches
     chunks = feed.tuple_chunks(rows, chunk_rows, partition, spec.feed_names, full_shuffle=full)
     yield task.train(cfg, replica, chunks)
+
+
+def _is_resource(var: Any) -> bool:
+    return "Resource" in type(var).__name__ or var.op.type == "VarHandleOp"
 
 
 def _plain(value: Any) -> Any:

@@ -216,6 +216,7 @@ class SparkSession:
         shuffle_within_partition: bool | str = False,
         *,
         loss: Any = None,
+        sparse_params: list[Any] | None = None,
         consistency: str = "async",
         staleness: int = 0,
         buffer_batches: int = 8,
@@ -255,6 +256,18 @@ class SparkSession:
             the first scalar floating-point tensor among ``fetches``, else
             the loss a fetched ``optimizer.minimize(...)`` op minimizes
             (found through its gradients), else none (NaN).
+        sparse_params : list of tf.Variable, optional
+            Embedding tables ``W`` (2-D, ``[vocabulary, dim]``) read with
+            ``tf.nn.embedding_lookup(W, ids)``, ``ids`` fed from
+            ``feed_name_list``. The server holds each as a sparse table
+            (docs/sparse.md) whose rows start as the driver's values; for
+            every batch a task pulls only the rows of the batch's unique ids
+            into its copy of ``W``, runs the step, and pushes those rows'
+            change (a delta) at once, not every ``sync_interval``. The task's
+            graph still allocates the whole ``W``: the table must fit in a
+            task's memory, but only a batch's rows travel. After the run the
+            driver's ``W`` holds the server's rows. They are left out of
+            ``param_list``.
         consistency : {"async", "sync", "ssp"}
             ``"async"`` (default): each push is applied when it arrives.
             ``"sync"``: every sync is a round; the server applies the average
@@ -297,7 +310,11 @@ class SparkSession:
         feed_names = [n if isinstance(n, str) else getattr(n, "name", n) for n in feed_name_list]
         _graph.check_feed_names(graph, feed_names)
         params = _graph.resolve_params(graph, param_list)
+        sparse = _graph.resolve_params(graph, sparse_params) if sparse_params else []
+        sparse_names = {_graph.param_name(v) for v in sparse}
+        params = [v for v in params if _graph.param_name(v) not in sparse_names]
         names = [_graph.param_name(v) for v in params]
+        tables = self._tables(graph, sparse, feed_names)
         num_parts = feed_rdd.getNumPartitions()
         rule = options.rule(weight_combiner or MeanCombiner(), num_parts, api="tf1")
         spec_fields = {
@@ -320,6 +337,8 @@ class SparkSession:
             steps_per_call=1,
             rule=rule,
             hang_timeout=opts["hang_timeout"],
+            tables=tables,
+            prefetch=False,
         )
         meta = _graph.export_graph(graph)
         self._write_tmp("graph.meta", meta)
@@ -336,11 +355,11 @@ class SparkSession:
                 progress_label=f"run #{self._runs}",
             )
         except BaseException:
-            self._run.keep_trained(lambda: self._load_trained(names, params))
+            self._run.keep_trained(lambda: self._load_trained(names, params, sparse))
             raise
         finally:
             spark.unless_jvm_gone(broadcast.unpersist)
-        version = self._load_trained(names, params)
+        version = self._load_trained(names, params, sparse)
         self._run.epoch_done(self._runs)
         logs = {"loss": driver.weighted(results, "loss")} if spec.loss_name else {}
         self._run.end_epoch(self._runs, logs, results, seconds)
@@ -437,9 +456,49 @@ class SparkSession:
         if kept:
             log.info("tensorspark: %d variables take the server's values (resumed)", len(kept))
 
-    def _load_trained(self, names: list[str], params: list[Any]) -> int:
+    def _tables(self, graph: Any, sparse: list[Any], feed_names: list[str]) -> tuple:
+        """Tables for ``sparse_params``: created on the server from the driver's values."""
+        from .. import tables as _tables
+        from ..runtime.sparse import TableFeed
+
+        feeds, specs = [], []
+        for v in sparse:
+            shape = tuple(v.shape.as_list())
+            if len(shape) != 2 or None in shape:
+                raise TensorSparkValueError(
+                    f"sparse_params: {v.op.name!r} has shape {shape}; a table is a 2-D variable "
+                    "[vocabulary, dim]"
+                )
+            name = _graph.param_name(v)
+            col = _graph.lookup_feed(graph, v, feed_names)
+            feeds.append(TableFeed(name, shape[1], (col,), shape[0], (feed_names[col],), False))
+            specs.append(
+                _tables.TableSpec(name=name, dim=shape[1], vocab=shape[0], initializer="zeros")
+            )
+        if not specs:
+            return ()
+        created = self._run.client.create_tables(specs)
+        new = [(s, v) for s, v, c in zip(specs, sparse, created, strict=True) if c]
+        for spec, v in new:  # the server's rows start as the driver's values
+            value = self.sess.run(v)
+            step = max(1, (1 << 22) // spec.dim)
+            for i in range(0, spec.vocab, step):
+                ids = np.arange(i, min(i + step, spec.vocab), dtype=np.int64)
+                self._run.client.push_rows({spec.name: (ids, value[ids])}, kind="delta")
+        return tuple(feeds)
+
+    def _load_trained(self, names: list[str], params: list[Any], sparse: list[Any] = ()) -> int:
         pulled = self._run.pull(names)
         _graph.load_values(self.sess, params, [pulled[n] for n in names])
+        for v in sparse:
+            vocab, dim = v.shape.as_list()
+            name = _graph.param_name(v)
+            step = max(1, (1 << 22) // dim)
+            rows = [
+                self._run.client.pull_rows({name: np.arange(i, min(i + step, vocab))})[name]
+                for i in range(0, vocab, step)
+            ]
+            _graph.load_values(self.sess, [v], [np.concatenate(rows)])
         if self._tmp_dir:
             path = self._tmp_path("params.npz")
             np.savez(path, **{n.replace("/", "__"): pulled[n] for n in names})
