@@ -146,14 +146,15 @@ def _ctr_model():
     user = keras.Input(shape=(1,), dtype="int64", name="user")
     tags = keras.Input(shape=(None,), dtype="int64", name="tags")
     city = keras.Input(shape=(1,), dtype="int64", name="city")
-    parts = [
-        keras.layers.Flatten()(ParameterServerEmbedding(None, 8, optimizer="adam", name="u")(user)),
-        ParameterServerEmbedding(30, 8, combiner="mean", name="t")(tags),
-        keras.layers.Flatten()(ParameterServerEmbedding(None, 4, optimizer="sgd", name="c")(city)),
-    ]
+    opt = keras.optimizers
+    u = ParameterServerEmbedding(None, 8, optimizer=opt.Adam(0.02), name="u")
+    t = ParameterServerEmbedding(30, 8, optimizer=opt.Adagrad(0.2), combiner="mean", name="t")
+    c = ParameterServerEmbedding(None, 4, optimizer=opt.SGD(0.2), name="c")
+    flat = keras.layers.Flatten
+    parts = [flat()(u(user)), t(tags), flat()(c(city))]
     h = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()(parts))
     model = keras.Model([user, tags, city], keras.layers.Dense(1, activation="sigmoid")(h))
-    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=opt.Adam(0.01), loss="binary_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -181,8 +182,8 @@ def test_multi_input_dynamic_multi_hot_and_string_ids(spark, tmp_path):
             df,
             features_col=None,
             label_col="label",
-            epochs=3,
-            batch_size=64,
+            epochs=4,
+            batch_size=32,
             sync_interval=4,
             servers=servers,
             secret=secret,
