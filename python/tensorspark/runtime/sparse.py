@@ -190,7 +190,9 @@ class _Rows:
     def pull_rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tables = list(requests)
         ids = [np.ascontiguousarray(requests[t], np.int64) for t in tables]
-        outs = [np.empty((len(i), self.dims[t]), np.float32) for t, i in zip(tables, ids, strict=True)]
+        outs = [
+            np.empty((len(i), self.dims[t]), np.float32) for t, i in zip(tables, ids, strict=True)
+        ]
         self.raw.pull_rows_into(tables, ids, outs)
         return dict(zip(tables, outs, strict=True))
 
