@@ -65,6 +65,7 @@ def test_layer_trains_like_keras_embedding(spark, optimizer, batch_size):
     import keras
 
     import tensorspark
+    import tensorspark.keras
     from tensorspark.keras.layers import ParameterServerEmbedding
 
     def opt():
@@ -168,6 +169,7 @@ def test_multi_input_dynamic_multi_hot_and_string_ids(spark, tmp_path):
     import keras
 
     import tensorspark
+    import tensorspark.keras
     from tensorspark.keras.layers import ParameterServerEmbedding
 
     user, tags, city, label = _ctr_rows(1500, 1)
@@ -217,6 +219,7 @@ def test_multi_input_dynamic_multi_hot_and_string_ids(spark, tmp_path):
 
 def test_float_ids_and_out_of_range_ids_are_named(spark):
     import tensorspark
+    import tensorspark.keras
     from tensorspark.errors import TensorSparkError
 
     ids, dense, label = _rows(64)
@@ -243,6 +246,7 @@ def test_float_ids_and_out_of_range_ids_are_named(spark):
 
 def test_full_table_with_eviction_off_fails_naming_the_table(spark):
     import tensorspark
+    import tensorspark.keras
     from tensorspark.errors import TensorSparkError
     from tensorspark.keras.layers import ParameterServerEmbedding
 
@@ -254,3 +258,102 @@ def test_full_table_with_eviction_off_fails_naming_the_table(spark):
             features_col=None,
             progress=False,
         )
+
+
+def _resume_model():
+    import keras
+
+    from tensorspark.keras.layers import ParameterServerEmbedding
+
+    layer = ParameterServerEmbedding(None, DIM, optimizer=keras.optimizers.Adam(0.05), name="r")
+    return _model(layer, optimizer=keras.optimizers.SGD(0.2))
+
+
+def test_resume_with_tables_continues_the_uninterrupted_run(spark, tmp_path):
+    """One worker, SGD (stateless) for the dense part: epoch 2 after a resume is epoch 2."""
+    import tensorspark
+    import tensorspark.keras
+
+    ids, dense, label = _rows(384, seed=3)
+    df = _df(spark, ids, dense, label)
+    kw = {
+        "features_col": None,
+        "batch_size": 32,
+        "sync_interval": 1,
+        "shuffle": False,
+        "prefetch_rows": False,
+        "progress": False,
+    }
+    straight, _ = tensorspark.keras.fit(_resume_model(), df, epochs=2, **kw)
+    ckpt = str(tmp_path / "ckpt")
+    tensorspark.keras.fit(_resume_model(), df, epochs=1, checkpoint_dir=ckpt, **kw)
+    resumed, history = tensorspark.keras.fit(
+        _resume_model(), df, epochs=2, checkpoint_dir=ckpt, resume_from=ckpt, **kw
+    )
+    assert history.epoch == [1] and history.resumed_version
+    assert len(resumed.weights) == len(straight.weights) > 0
+    for got, exp in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_and_estimator_with_tables(spark, tmp_path):
+    import keras
+
+    import tensorspark
+    import tensorspark.keras
+    from tensorspark.ml import KerasEstimator, KerasModel
+
+    user, tags, city, label = _ctr_rows(600, 2)
+    df = _ctr_df(spark, user, tags, city, label).repartition(2)
+    est = KerasEstimator(model=_ctr_model, labelCol="label", epochs=2, batchSize=32)
+    fitted = est.fit(df)
+    out = fitted.transform(df).select("prediction").toPandas()["prediction"].to_numpy()
+    assert len(out) == 600 and ((out > 0) & (out < 1)).all()
+    path = str(tmp_path / "est")
+    fitted.write().save(path)
+    again = KerasModel.load(path).transform(df).select("prediction").toPandas()
+    np.testing.assert_allclose(again["prediction"].to_numpy(), out, rtol=1e-5)
+    # tensorspark.keras.predict over the DataFrame agrees with the driver's predict
+    rows = df.limit(20).toPandas()
+    got = tensorspark.keras.predict(fitted.model, spark.createDataFrame(rows)).toPandas()
+    from tensorspark.tables import hash_strings
+
+    width = max(1, max(len(t) for t in rows["tags"]))
+    x = {
+        "user": rows["user"].to_numpy().reshape(-1, 1),
+        "tags": np.array([list(t) + [-1] * (width - len(t)) for t in rows["tags"]], np.int64),
+        "city": hash_strings(list(rows["city"])).reshape(-1, 1),
+    }
+    want = fitted.model.predict(x, verbose=0)[:, 0]
+    np.testing.assert_allclose(got["prediction"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+    assert isinstance(fitted.model, keras.Model)
+
+
+def test_dim_differing_from_the_server_is_named(spark, tmp_path):
+    import keras
+
+    import tensorspark
+    import tensorspark.keras
+    from tensorspark.errors import TensorSparkError
+    from tensorspark.keras.layers import ParameterServerEmbedding
+    from tensorspark.ps import PSClient
+    from tensorspark.tables import TableSpec
+
+    proc, port, secret = start_ps(tmp_path)
+    try:
+        with PSClient("127.0.0.1", port, secret) as client:
+            client.create_tables([TableSpec(name="shared", dim=8)])
+        ids, dense, label = _rows(64)
+        layer = ParameterServerEmbedding(None, DIM, name="shared")
+        with pytest.raises(TensorSparkError, match=r"table 'shared'.*dim 8.*4"):
+            tensorspark.keras.fit(
+                _model(layer, optimizer=keras.optimizers.SGD(0.1)),
+                _df(spark, ids, dense, label),
+                features_col=None,
+                servers=[f"127.0.0.1:{port}"],
+                secret=secret,
+                progress=False,
+            )
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
