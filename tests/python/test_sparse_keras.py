@@ -357,3 +357,31 @@ def test_dim_differing_from_the_server_is_named(spark, tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize(("consistency", "update"), [("sync", "delta"), ("ssp", "gradient")])
+def test_tables_train_in_every_consistency_mode(spark, consistency, update):
+    """Two workers: row pushes are applied at once while the dense weights follow the mode."""
+    import keras
+
+    import tensorspark
+    import tensorspark.keras
+    from tensorspark.keras.layers import ParameterServerEmbedding
+
+    ids, dense, label = _rows(640, seed=5)
+    layer = ParameterServerEmbedding(VOCAB, DIM, optimizer=keras.optimizers.Adagrad(0.2))
+    _, history = tensorspark.keras.fit(
+        _model(layer, optimizer=keras.optimizers.Adam(0.02)),
+        _df(spark, ids, dense, label, partitions=2),
+        features_col=None,
+        epochs=3,
+        batch_size=32,
+        sync_interval=2,
+        consistency=consistency,
+        staleness=1,
+        update=update,
+        progress=False,
+    )
+    loss = history.history["loss"]
+    assert loss[-1] < loss[0] - 0.02, loss
+    assert all(r["rows_pushed"] > 0 for r in history.workers[-1])

@@ -317,8 +317,9 @@ def evaluate(cfg: task.TaskConfig, spec: ModelSpec, blob: Any, builder: Any, chu
     if cfg.tables:
         from ..runtime import sparse
 
+        raw = task.connect(cfg, -1, 0, member=False)
         with contextlib.closing(
-            sparse.RowExchange(sparse.connect(cfg, -1, 0), cfg.tables, prefetch=True)
+            sparse.RowExchange(sparse.Rows(raw, cfg.tables), cfg.tables, prefetch=True)
         ) as rows:
             for batch in rows.batches(stream):
                 replica.sparse_batch(batch, training=False)

@@ -163,29 +163,18 @@ class RowExchange:
         self.client.close()
 
 
-def connect(cfg: Any, partition: int, attempt: int) -> Any:
-    """A connection for row traffic (never a member: rows are applied at once in every mode)."""
-    common = {
-        "partition_id": partition,
-        "attempt": attempt,
-        "connect_timeout_s": cfg.connect_timeout,
-        "io_timeout_s": cfg.io_timeout,
-        "heartbeat_interval_s": 0.0,
-    }
-    if cfg.servers:
-        raw = _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
-    else:
-        raw = _core.Client(cfg.host, cfg.port, cfg.secret, **common)
-    return _Rows(raw, {f.table: f.dim for f in cfg.tables})
+class Rows:
+    """Row calls straight on a core client (``runtime.task.connect(..., member=False)``).
 
-
-class _Rows:
-    """Row calls straight on a core client: ids and rows are already int64 / float32."""
+    A connection of its own that never joins: rows are applied at once in
+    every consistency mode, and the task's member connection stays free for
+    the dense syncs.
+    """
 
     _KINDS = {"gradient": _core.KIND_GRADIENT, "delta": _core.KIND_DELTA}
 
-    def __init__(self, raw: Any, dims: dict[str, int]) -> None:
-        self.raw, self.dims = raw, dims
+    def __init__(self, raw: Any, tables: tuple[TableFeed, ...]) -> None:
+        self.raw, self.dims = raw, {f.table: f.dim for f in tables}
 
     def pull_rows(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tables = list(requests)

@@ -95,14 +95,17 @@ def cached_replica(key: str, build: Any) -> Any:
     return replica
 
 
-def connect(cfg: TaskConfig, partition: int, attempt: int) -> Any:
-    """The task's connection: to the one server, or to every shard."""
+def connect(cfg: TaskConfig, partition: int, attempt: int, *, member: bool = True) -> Any:
+    """The task's connection: to the one server, or to every shard.
+
+    ``member=False``: a connection that never joins (row traffic), so no heartbeat thread.
+    """
     common = {
         "partition_id": partition,
         "attempt": attempt,
         "connect_timeout_s": cfg.connect_timeout,
         "io_timeout_s": cfg.io_timeout,
-        "heartbeat_interval_s": cfg.heartbeat_interval if cfg.join else 0.0,
+        "heartbeat_interval_s": cfg.heartbeat_interval if cfg.join and member else 0.0,
     }
     if cfg.servers:
         return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
@@ -204,7 +207,9 @@ def train(
         rows = None
         if cfg.tables:  # one step per call: each batch has its own rows
             rows = sparse.RowExchange(
-                sparse.connect(cfg, partition, attempt), cfg.tables, prefetch=cfg.prefetch
+                sparse.Rows(connect(cfg, partition, attempt, member=False), cfg.tables),
+                cfg.tables,
+                prefetch=cfg.prefetch,
             )
             stack.callback(rows.close)
             stack.callback(setattr, replica, "rows", None)
