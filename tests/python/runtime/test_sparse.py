@@ -28,7 +28,8 @@ def server():
     with ParameterServer(secret, "127.0.0.1", 0) as ps:
         with PSClient("127.0.0.1", ps.port, secret) as c:
             sgd = RowOptimizer(kind="sgd", learning_rate=1.0)
-            c.create_tables([TableSpec(name="t", dim=2, vocab=10, initializer="zeros", optimizer=sgd)])
+            spec = TableSpec(name="t", dim=2, vocab=10, initializer="zeros", optimizer=sgd)
+            c.create_tables([spec])
         yield ps.port, secret
 
 
