@@ -813,6 +813,7 @@ def memory_row(spec: dict[str, Any]) -> dict[str, Any]:
                 secret=secret,
                 shuffle=False,
                 hang_timeout=None,
+                export_tables=False,  # the rows stay on the servers: training is measured
             )
             seconds = time.perf_counter() - start
         stats = _server_stats({"servers": addresses, "secret": secret})
@@ -825,6 +826,8 @@ def memory_row(spec: dict[str, Any]) -> dict[str, Any]:
             "worker_peak_rss_bytes": rss.peak or None,
             "task_rss_peak_bytes": worker.get("rss_peak_bytes"),
             "server_rss_bytes": server_rss,
+            "server_bytes_per_row": server_rss / n,
+            "driver_peak_rss_bytes": peak_rss_self(),
             "servers": spec["servers"],
             "samples_per_sec": n / seconds,
             "seconds": seconds,

@@ -370,10 +370,11 @@ def test_tables_train_in_every_consistency_mode(spark, consistency, update):
 
     ids, dense, label = _rows(640, seed=5)
     layer = ParameterServerEmbedding(VOCAB, DIM, optimizer=keras.optimizers.Adagrad(0.2))
-    _, history = tensorspark.keras.fit(
+    trained, history = tensorspark.keras.fit(
         _model(layer, optimizer=keras.optimizers.Adam(0.02)),
         _df(spark, ids, dense, label, partitions=2),
         features_col=None,
+        export_tables=consistency == "sync",
         epochs=3,
         batch_size=32,
         sync_interval=2,
@@ -385,3 +386,6 @@ def test_tables_train_in_every_consistency_mode(spark, consistency, update):
     loss = history.history["loss"]
     assert loss[-1] < loss[0] - 0.02, loss
     assert all(r["rows_pushed"] > 0 for r in history.workers[-1])
+    (table,) = [x for x in trained.layers if isinstance(x, ParameterServerEmbedding)]
+    # export_tables=False (ssp here): the rows stay on the server.
+    assert (table.embeddings is not None) == (consistency == "sync")

@@ -81,7 +81,7 @@ namespace {
 
 constexpr uint32_t kNoRow = std::numeric_limits<uint32_t>::max();
 // Target bytes of one block of rows (rounded to a power of two of rows).
-constexpr uint64_t kBlockBytes = 64 * 1024;
+constexpr uint64_t kBlockBytes = 16 * 1024;
 constexpr uint32_t kMaxBlockShift = 12;
 // Stored rows checked for expiry per touched stripe per push.
 constexpr uint32_t kSweepPerPush = 8;

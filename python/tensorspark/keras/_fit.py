@@ -364,6 +364,12 @@ class _Fit:
         from . import layers
 
         client, overrides, values = self.run.client, {}, {}
+        if not self.opts["export_tables"]:
+            log.warning(
+                "tensorspark: export_tables=False: the tables' rows stay on the parameter "
+                "server (and in its snapshots); the returned model's tables hold none"
+            )
+            return self.model
         for t in self.tables:
             if t.materialize:
                 ids = np.arange(t.input_dim, dtype=np.int64)
@@ -456,6 +462,7 @@ def fit(
     buffer_batches: int = 8,
     steps_per_call: int = 32,
     prefetch_rows: bool = True,
+    export_tables: bool = True,
     num_workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: bool = True,
@@ -563,6 +570,11 @@ def fit(
         batches of a task share is then one step stale in the second one;
         False pulls each batch's rows after the previous push (exact, as a
         single process).
+    export_tables : bool
+        With tables: copy the trained rows into the returned model (see
+        Returns). False leaves them on the server (and in its snapshots)
+        and returns the model with empty tables, for tables too big for the
+        driver.
     num_workers : int, optional
         Repartition the data into this many tasks; default its partitions.
     threads_per_worker : int, optional
