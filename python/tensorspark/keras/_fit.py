@@ -98,11 +98,7 @@ def _prepare(
     model: Any,
 ) -> _Data:
     inputs = _spec.model_inputs(model)
-    by_input = (
-        len(inputs) > 1
-        or any(t for _, _, t in inputs)
-        or not isinstance(features_col, str | list | tuple)
-    )
+    by_input = _spec.fed_by_input(inputs, features_col)
     if by_input:
         return _prepare_inputs(data, features_col, label_col, what, workers, inputs)
     features = (features_col,) if isinstance(features_col, str) else tuple(features_col)

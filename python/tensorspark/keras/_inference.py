@@ -165,11 +165,7 @@ def predict(
     if not isinstance(model, keras.Model):
         raise TensorSparkValueError(f"predict: expected a keras.Model, got {type(model).__name__}")
     inputs = _spec.model_inputs(model)
-    by_input = (
-        len(inputs) > 1
-        or any(t for _, _, t in inputs)
-        or not isinstance(features_col, str | list | tuple)
-    )
+    by_input = _spec.fed_by_input(inputs, features_col)
     if by_input:
         from ._fit import input_columns
 

@@ -229,3 +229,12 @@ def model_inputs(model: Any) -> list[tuple[str, tuple[int | None, ...], str]]:
         shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
         out.append((t.name, shape, table))
     return out
+
+
+def fed_by_input(inputs: list[tuple[str, tuple[int | None, ...], str]], features_col: Any) -> bool:
+    """Whether the model is fed by input name (several inputs, a table, a dict or None)."""
+    return (
+        len(inputs) > 1
+        or any(table for _, _, table in inputs)
+        or not isinstance(features_col, str | list | tuple)
+    )
