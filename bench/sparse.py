@@ -955,17 +955,28 @@ def targets(systems: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> dic
         }
     else:
         out["50m_rows_worker_rss_under_1gb_and_10pct"] = {"pass": None, "why": "not measured"}
-    per_row = [
-        r["server_rss_bytes"] / r["table_rows"]
+    # Memory per row is a per-row quantity: judged at the largest table
+    # (where the servers' own baseline RSS is negligible); every run's
+    # figure is listed beside it, RSS and the tables' own accounting.
+    bound = 1.5 * (DIM * 4 + DIM * 4)  # Adagrad: one accumulator per value
+    runs = [
+        {
+            "table_rows": r["table_rows"],
+            "servers": r.get("servers"),
+            "rss_bytes_per_row": r["server_rss_bytes"] / r["table_rows"],
+            "table_bytes_per_row": (r.get("table_bytes") or 0) / r["table_rows"] or None,
+        }
         for r in [*ts, *scaling]
         if r.get("server_rss_bytes") and (r.get("table_rows") or 0) >= 1_000_000
     ]
-    bound = 1.5 * (DIM * 4 + DIM * 4)  # Adagrad: one accumulator per value
-    if per_row:
+    if runs:
+        largest = max(runs, key=lambda r: r["table_rows"])
         out["server_bytes_per_row_le_1.5x"] = {
-            "pass": max(per_row) <= bound,
-            "bytes_per_row": max(per_row),
+            "pass": largest["rss_bytes_per_row"] <= bound,
+            "bytes_per_row": largest["rss_bytes_per_row"],
+            "table_rows": largest["table_rows"],
             "bound": bound,
+            "runs": runs,
         }
     else:
         out["server_bytes_per_row_le_1.5x"] = {"pass": None, "why": "not measured", "bound": bound}
