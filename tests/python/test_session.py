@@ -130,18 +130,23 @@ def test_seed_program_reaches_accuracy(sc, tf1):
     path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist_seed.py")
     spec = importlib.util.spec_from_file_location("fashion_mnist_seed", path)
     example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    acc = example.train(
-        sc=sc,
-        user="test",
-        name="seed",
-        server_host=None,
-        server_port=0,
-        sync_interval=100,
-        batch_size=100,
-        num_partition=2,
-        num_epoch=2,
-    )
+    try:
+        spec.loader.exec_module(example)  # runs the seed's tf.disable_v2_behavior()
+        acc = example.train(
+            sc=sc,
+            user="test",
+            name="seed",
+            server_host=None,
+            server_port=0,
+            sync_interval=100,
+            batch_size=100,
+            num_partition=2,
+            num_epoch=2,
+        )
+    finally:
+        # Process-wide (tensor equality, TensorShape, control flow): the later
+        # Keras tests in this process need TF2's behaviour back.
+        tf1.enable_v2_behavior()
     assert acc >= 0.80
 
 

@@ -68,14 +68,19 @@ def test_layer_trains_like_keras_embedding(spark, optimizer, batch_size):
     import tensorspark.keras
     from tensorspark.keras.layers import ParameterServerEmbedding
 
+    import tensorflow as tf
+
     def opt():
         return keras.optimizers.SGD(0.5) if optimizer == "sgd" else keras.optimizers.Adagrad(0.1)
 
+    # The dense weights train with stateless SGD: a Keras optimizer's state
+    # lives in the Python worker, and Spark may run epoch 2 on another one.
     ids, dense, label = _rows(unique_per=VOCAB if optimizer == "adagrad" else 0)
     ps_layer = ParameterServerEmbedding(VOCAB, DIM, optimizer=opt())
-    model = _model(ps_layer, optimizer=opt())
+    model = _model(ps_layer, optimizer=keras.optimizers.SGD(0.5))
     ref_layer = keras.layers.Embedding(VOCAB, DIM)
-    ref = _model(ref_layer, optimizer=opt())
+    ref = _model(ref_layer, optimizer=keras.optimizers.SGD(0.5))
+    emb_opt, dense_opt = opt(), keras.optimizers.SGD(0.5)
     # Same starting point: the server's initial rows and the same dense weights.
     ref_layer.set_weights([ps_layer.initial_rows(np.arange(VOCAB))])
     dense_w = [w for layer in model.layers if layer is not ps_layer for w in layer.get_weights()]
@@ -94,10 +99,15 @@ def test_layer_trains_like_keras_embedding(spark, optimizer, batch_size):
         epoch_losses = []
         for i in range(0, len(ids), bs):
             sl = slice(i, i + bs)
-            loss = ref.train_on_batch(
-                {"item": ids[sl].reshape(-1, 1), "feats": dense[sl]}, label[sl]
-            )
-            epoch_losses.append(float(np.asarray(loss)) * len(ids[sl]))
+            with tf.GradientTape() as tape:  # Keras' optimizers, the table's apart
+                pred = ref({"item": ids[sl].reshape(-1, 1), "feats": dense[sl]}, training=True)
+                loss = keras.losses.binary_crossentropy(label[sl].astype("float32"), pred[:, 0])
+                loss = tf.reduce_mean(loss)
+            others = [v for v in ref.trainable_variables if v is not ref_layer.embeddings]
+            grads = tape.gradient(loss, [ref_layer.embeddings, *others])
+            emb_opt.apply(grads[:1], [ref_layer.embeddings])
+            dense_opt.apply(grads[1:], others)
+            epoch_losses.append(float(loss) * len(ids[sl]))
         losses.append(sum(epoch_losses) / len(ids))
 
     trained, history = tensorspark.keras.fit(
