@@ -63,12 +63,11 @@ def _model(embedding, seed: int = 3, optimizer=None):
 def test_layer_trains_like_keras_embedding(spark, optimizer, batch_size):
     """One worker, sync_interval=1, no prefetch: the losses and weights of plain Keras."""
     import keras
+    import tensorflow as tf
 
     import tensorspark
     import tensorspark.keras
     from tensorspark.keras.layers import ParameterServerEmbedding
-
-    import tensorflow as tf
 
     def opt():
         return keras.optimizers.SGD(0.5) if optimizer == "sgd" else keras.optimizers.Adagrad(0.1)
