@@ -144,9 +144,14 @@ def test_seed_program_reaches_accuracy(sc, tf1):
             num_epoch=2,
         )
     finally:
-        # Process-wide (tensor equality, TensorShape, control flow): the later
-        # Keras tests in this process need TF2's behaviour back.
-        tf1.enable_v2_behavior()
+        # Process-wide (tensor equality, TensorShape, control flow, resource
+        # variables): the later Keras tests in this process need them back.
+        # (Eager execution cannot be re-enabled, and was never turned off:
+        # the process was already executing eagerly.)
+        tf1.enable_tensor_equality()
+        tf1.enable_v2_tensorshape()
+        tf1.enable_control_flow_v2()
+        tf1.enable_resource_variables()
     assert acc >= 0.80
 
 

@@ -316,10 +316,10 @@ class ParameterServerEmbedding(keras.layers.Layer):
         if rows is not None:  # in a task: local indices into the pulled rows
             table, index, valid = rows, tf.cast(inputs, tf.int64), None
             if self.combiner is not None:
-                valid = index >= 0
+                valid = tf.greater_equal(index, 0)
         else:
             ids = tf.cast(inputs, tf.int64)
-            valid = ids >= 0 if self.combiner is not None else None
+            valid = tf.greater_equal(ids, 0) if self.combiner is not None else None
             if self.embeddings is None:
                 table = tf.zeros((1, self.output_dim), self.compute_dtype)
                 index = tf.zeros_like(ids)
@@ -330,7 +330,7 @@ class ParameterServerEmbedding(keras.layers.Layer):
                 flat = tf.reshape(ids, [-1])
                 pos = tf.searchsorted(self.ids, flat, side="left")
                 pos = tf.minimum(pos, tf.shape(self.ids, out_type=pos.dtype)[0] - 1)
-                hit = tf.gather(self.ids, pos) == flat
+                hit = tf.equal(tf.gather(self.ids, pos), flat)  # not ==: TF1 mode changes it
                 unseen = tf.cast(self.stored_rows, pos.dtype)
                 index = tf.reshape(tf.where(hit, pos, unseen), tf.shape(ids))
                 zero = tf.zeros((1, self.output_dim), self.embeddings.dtype)
