@@ -83,16 +83,7 @@ std::string TmpFileName(uint64_t version, uint64_t tag) {
 }
 
 bool ParseDigits(std::string_view s, uint64_t* out) {
-  if (s.size() != kVersionDigits) return false;
-  uint64_t v = 0;
-  for (char c : s) {
-    if (c < '0' || c > '9') return false;
-    const uint64_t d = static_cast<uint64_t>(c - '0');
-    if (v > (UINT64_MAX - d) / 10) return false;
-    v = v * 10 + d;
-  }
-  *out = v;
-  return true;
+  return snapshot_io::ParseFixedDigits(s, kVersionDigits, out);
 }
 
 // Only canonical names: 20 digits each, and a tag only when it is not 0.

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "protocol/crc32c.h"
@@ -25,6 +26,21 @@ namespace tensorspark::storage::snapshot_io {
 inline constexpr size_t kIoBuffer = size_t{1} << 20;
 
 inline std::string Errno(int err) { return std::strerror(err); }
+
+// The number a file name spells as exactly `digits` decimal digits (zero
+// padded); false for any other text or a value past UINT64_MAX.
+inline bool ParseFixedDigits(std::string_view s, size_t digits, uint64_t* out) {
+  if (s.size() != digits) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    const uint64_t d = static_cast<uint64_t>(c - '0');
+    if (v > (UINT64_MAX - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  *out = v;
+  return true;
+}
 
 // Disk full is a limit; every other I/O error is about the path given.
 inline Status IoError(const std::string& path, const char* step, int err) {

@@ -13,6 +13,7 @@
 #include "protocol/crc32c.h"
 #include "protocol/frame.h"
 #include "protocol/messages.h"
+#include "protocol/table_messages.h"
 #include "storage/snapshot_io.h"
 
 namespace tensorspark::storage {
@@ -59,54 +60,19 @@ uint64_t NowMs() {
                                    .count());
 }
 
-void EncodeConfig(const TableConfig& c, protocol::Writer* w) {
-  w->Str(c.name);
-  w->U32(c.dim);
-  w->U64(c.vocab);
-  w->U64(c.seed);
-  w->U8(static_cast<uint8_t>(c.initializer));
-  w->U8(static_cast<uint8_t>(c.eviction));
-  w->U8(static_cast<uint8_t>(c.optimizer.kind));
-  w->U8(0);
-  w->F32(c.init_scale);
-  w->U64(c.capacity);
-  w->U32(c.admit_after);
-  w->U32(c.ttl_s);
-  const RowOptimizerConfig& o = c.optimizer;
-  for (float f : {o.learning_rate, o.beta1, o.beta2, o.epsilon, o.initial_accumulator, o.l1, o.l2,
-                  o.lr_power, o.beta}) {
-    w->F32(f);
-  }
-}
+// The table record of the wire (TABLE_CREATE, LIST_TABLES), so both
+// describe a table one way; a snapshot also refuses unknown enum values.
+void EncodeConfig(const TableConfig& c, protocol::Writer* w) { protocol::WriteTableRecord(w, c); }
 
 Status DecodeConfig(protocol::Reader* r, TableConfig* c) {
-  std::string_view name;
-  uint8_t init = 0, eviction = 0, kind = 0, reserved = 0;
-  TS_RETURN_IF_ERROR(r->ReadStr(&name));
-  c->name = std::string(name);
-  TS_RETURN_IF_ERROR(r->ReadU32(&c->dim));
-  TS_RETURN_IF_ERROR(r->ReadU64(&c->vocab));
-  TS_RETURN_IF_ERROR(r->ReadU64(&c->seed));
-  TS_RETURN_IF_ERROR(r->ReadU8(&init));
-  TS_RETURN_IF_ERROR(r->ReadU8(&eviction));
-  TS_RETURN_IF_ERROR(r->ReadU8(&kind));
-  TS_RETURN_IF_ERROR(r->ReadU8(&reserved));
-  TS_RETURN_IF_ERROR(r->ReadF32(&c->init_scale));
-  TS_RETURN_IF_ERROR(r->ReadU64(&c->capacity));
-  TS_RETURN_IF_ERROR(r->ReadU32(&c->admit_after));
-  TS_RETURN_IF_ERROR(r->ReadU32(&c->ttl_s));
-  RowOptimizerConfig& o = c->optimizer;
-  for (float* f : {&o.learning_rate, &o.beta1, &o.beta2, &o.epsilon, &o.initial_accumulator, &o.l1,
-                   &o.l2, &o.lr_power, &o.beta}) {
-    TS_RETURN_IF_ERROR(r->ReadF32(f));
-  }
-  if (init > 2 || eviction > 2 || kind < 1 || kind > 4 || reserved != 0) {
+  TS_RETURN_IF_ERROR(protocol::ReadTableRecord(r, c));
+  const auto init = static_cast<uint8_t>(c->initializer);
+  const auto eviction = static_cast<uint8_t>(c->eviction);
+  const auto kind = static_cast<uint8_t>(c->optimizer.kind);
+  if (init > 2 || eviction > 2 || kind < 1 || kind > 4) {
     return Status(StatusCode::kInvalidArgument,
                   "table '" + c->name + "': unknown initializer, eviction or optimizer kind");
   }
-  c->initializer = static_cast<RowInitializer>(init);
-  c->eviction = static_cast<EvictionPolicy>(eviction);
-  o.kind = static_cast<RowOptimizerKind>(kind);
   return ValidateTableConfig(*c);
 }
 
@@ -451,16 +417,7 @@ bool ParseTableFileName(std::string_view name, uint64_t* seq) {
   if (!name.starts_with(kPrefix) || !name.ends_with(kSuffix)) return false;
   name.remove_prefix(sizeof(kPrefix) - 1);
   name.remove_suffix(sizeof(kSuffix) - 1);
-  if (name.size() != kSeqDigits) return false;
-  uint64_t v = 0;
-  for (char c : name) {
-    if (c < '0' || c > '9') return false;
-    const uint64_t d = static_cast<uint64_t>(c - '0');
-    if (v > (UINT64_MAX - d) / 10) return false;
-    v = v * 10 + d;
-  }
-  *seq = v;
-  return true;
+  return snapshot_io::ParseFixedDigits(name, kSeqDigits, seq);
 }
 
 void EncodeTableEntry(const TableSectionEntry& e, std::vector<uint8_t>* out) {
