@@ -572,6 +572,25 @@ def tf_ps_predict(
     return h.reshape(-1)
 
 
+def local_spark(workers: int, app: str, driver_memory: str | None = None) -> Any:
+    """A SparkSession on ``local[workers]``, quiet, without the UI."""
+    import pyspark
+    from pyspark.sql import SparkSession
+
+    conf = (
+        pyspark.SparkConf()
+        .setMaster(f"local[{workers}]")
+        .setAppName(app)
+        .set("spark.ui.enabled", "false")
+        .set("spark.ui.showConsoleProgress", "false")
+    )
+    if driver_memory:
+        conf.set("spark.driver.memory", driver_memory)
+    spark = SparkSession.builder.config(conf=conf).getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
 def tensorspark_row(spec: dict[str, Any]) -> dict[str, Any]:
     """tensorspark.keras.fit with ParameterServerEmbedding tables on Spark local[W]."""
     t0 = time.monotonic()
@@ -583,21 +602,9 @@ def tensorspark_row(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - recorded in the JSON
         return row_result("tensorspark", **base, skipped=f"{type(e).__name__}: {e}")
 
-    import pyspark
-    from pyspark.sql import SparkSession
-
     from tensorspark import synthetic
 
-    conf = (
-        pyspark.SparkConf()
-        .setMaster(f"local[{workers}]")
-        .setAppName("bench-sparse")
-        .set("spark.ui.enabled", "false")
-        .set("spark.ui.showConsoleProgress", "false")
-        .set("spark.driver.memory", "2g")
-    )
-    spark = SparkSession.builder.config(conf=conf).getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_spark(workers, "bench-sparse", driver_memory="2g")
     procs: list[Any] = []
     try:
         vocab = spec["vocab_sizes"]
@@ -765,23 +772,13 @@ def memory_row(spec: dict[str, Any]) -> dict[str, Any]:
     measured against the table's size.
     """
     import keras
-    import pyspark
-    from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
     import tensorspark.keras
     from tensorspark.keras.layers import ParameterServerEmbedding
 
     n = spec["table_rows"]
-    conf = (
-        pyspark.SparkConf()
-        .setMaster("local[1]")
-        .setAppName("bench-sparse-memory")
-        .set("spark.ui.enabled", "false")
-        .set("spark.ui.showConsoleProgress", "false")
-    )
-    spark = SparkSession.builder.config(conf=conf).getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = local_spark(1, "bench-sparse-memory")  # Spark's default driver memory
     addresses, secret, procs = start_servers(spec["servers"], spec["work_dir"])
     try:
         df = spark.range(n, numPartitions=1).select(

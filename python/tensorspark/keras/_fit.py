@@ -106,15 +106,7 @@ def _prepare(
         raise TensorSparkValueError("features_col is empty; name at least one column")
     if hasattr(data, "mapInArrow"):
         _, integral = feed.check_columns(data.schema, features, label_col)
-        cols = [*features, label_col] if label_col is not None else list(features)
-        frame = data.select(*cols)
-        if workers:
-            frame = frame.repartition(int(workers))
-        rows = frame.count()
-        if rows == 0:
-            raise TensorSparkValueError(
-                f"the {what} DataFrame is empty; there is nothing to train on"
-            )
+        frame, rows = _frame(data, [*features, label_col], workers, what)
         return _Data(frame, None, features, label_col, integral, rows, frame.rdd.getNumPartitions())
     if hasattr(data, "mapPartitionsWithIndex"):
         rdd = data.repartition(int(workers)) if workers else data
@@ -126,6 +118,17 @@ def _prepare(
         f"{what} must be a Spark DataFrame or an RDD of (features, label) tuples, got "
         f"{type(data).__name__}"
     )
+
+
+def _frame(data: Any, cols: list[str | None], workers: int | None, what: str) -> tuple[Any, int]:
+    """The DataFrame's needed columns (each once), repartitioned, and its row count."""
+    frame = data.select(*dict.fromkeys(c for c in cols if c is not None))
+    if workers:
+        frame = frame.repartition(int(workers))
+    rows = frame.count()
+    if rows == 0:
+        raise TensorSparkValueError(f"the {what} DataFrame is empty; there is nothing to train on")
+    return frame, rows
 
 
 def _prepare_inputs(
@@ -144,13 +147,7 @@ def _prepare_inputs(
         )
     columns = input_columns(data.schema, features_col, inputs, what)
     _, integral = feed.check_columns(data.schema, [], label_col)
-    cols = list(dict.fromkeys([c.column for c in columns] + ([label_col] if label_col else [])))
-    frame = data.select(*cols)
-    if workers:
-        frame = frame.repartition(int(workers))
-    rows = frame.count()
-    if rows == 0:
-        raise TensorSparkValueError(f"the {what} DataFrame is empty; there is nothing to train on")
+    frame, rows = _frame(data, [*(c.column for c in columns), label_col], workers, what)
     return _Data(
         frame,
         None,
@@ -357,6 +354,7 @@ class _Fit:
         """
         if not self.tables:
             return self.model
+        from ..runtime import sparse
         from . import layers
 
         client, overrides, values = self.run.client, {}, {}
@@ -368,14 +366,7 @@ class _Fit:
             return self.model
         for t in self.tables:
             if t.materialize:
-                ids = np.arange(t.input_dim, dtype=np.int64)
-                step = max(1, (1 << 22) // t.output_dim)  # 16 MB per pull
-                rows = np.concatenate(
-                    [
-                        client.pull_rows({t.table: ids[i : i + step]})[t.table]
-                        for i in range(0, len(ids), step)
-                    ]
-                )
+                rows = sparse.pull_vocabulary(client, t.table, t.input_dim, t.output_dim)
                 overrides[t.table] = {"materialize": True, "stored_rows": 0}
                 values[t.table] = (None, rows)
             else:

@@ -71,6 +71,23 @@ def local_indices(columns: list[np.ndarray], padded: bool) -> tuple[np.ndarray, 
     return uniq.astype(np.int64, copy=False), out
 
 
+# Rows per request when a whole vocabulary moves (about 16 MB of values).
+_VOCAB_CHUNK_VALUES = 1 << 22
+
+
+def vocabulary_chunks(vocab: int, dim: int) -> Iterator[np.ndarray]:
+    """The ids ``0..vocab-1`` in chunks of about 16 MB of rows."""
+    step = max(1, _VOCAB_CHUNK_VALUES // dim)
+    for start in range(0, vocab, step):
+        yield np.arange(start, min(start + step, vocab), dtype=np.int64)
+
+
+def pull_vocabulary(client: Any, table: str, vocab: int, dim: int) -> np.ndarray:
+    """Every row of a fixed vocabulary (``client``: a PSClient or ShardedPSClient)."""
+    parts = [client.pull_rows({table: ids})[table] for ids in vocabulary_chunks(vocab, dim)]
+    return np.concatenate(parts) if parts else np.empty((0, dim), np.float32)
+
+
 class RowExchange:
     """A task's row traffic for its tables, on its own connection and thread."""
 

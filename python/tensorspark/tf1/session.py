@@ -25,6 +25,7 @@ from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from ..errors import TensorSparkValueError
 from ..ps import ParameterServer
 from ..runtime import driver, options, spark, task
+from ..runtime.sparse import TableFeed, pull_vocabulary, vocabulary_chunks
 from . import graph as _graph
 from .replica import GraphSpec, train_partition
 
@@ -459,7 +460,6 @@ class SparkSession:
     def _tables(self, graph: Any, sparse: list[Any], feed_names: list[str]) -> tuple:
         """Tables for ``sparse_params``: created on the server from the driver's values."""
         from .. import tables as _tables
-        from ..runtime.sparse import TableFeed
 
         feeds, specs = [], []
         for v in sparse:
@@ -481,9 +481,7 @@ class SparkSession:
         new = [(s, v) for s, v, c in zip(specs, sparse, created, strict=True) if c]
         for spec, v in new:  # the server's rows start as the driver's values
             value = self.sess.run(v)
-            step = max(1, (1 << 22) // spec.dim)
-            for i in range(0, spec.vocab, step):
-                ids = np.arange(i, min(i + step, spec.vocab), dtype=np.int64)
+            for ids in vocabulary_chunks(spec.vocab, spec.dim):
                 self._run.client.push_rows({spec.name: (ids, value[ids])}, kind="delta")
         return tuple(feeds)
 
@@ -492,13 +490,8 @@ class SparkSession:
         _graph.load_values(self.sess, params, [pulled[n] for n in names])
         for v in sparse:
             vocab, dim = v.shape.as_list()
-            name = _graph.param_name(v)
-            step = max(1, (1 << 22) // dim)
-            rows = [
-                self._run.client.pull_rows({name: np.arange(i, min(i + step, vocab))})[name]
-                for i in range(0, vocab, step)
-            ]
-            _graph.load_values(self.sess, [v], [np.concatenate(rows)])
+            rows = pull_vocabulary(self._run.client, _graph.param_name(v), vocab, dim)
+            _graph.load_values(self.sess, [v], [rows])
         if self._tmp_dir:
             path = self._tmp_path("params.npz")
             np.savez(path, **{n.replace("/", "__"): pulled[n] for n in names})
