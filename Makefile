@@ -48,6 +48,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(VPY)
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VPY)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# ccache (installed by scripts/setup-system.sh) lets the test build reuse the
+# core objects the package build compiled with the same flags.
+CCACHE := CMAKE_CXX_COMPILER_LAUNCHER=$$(command -v ccache || true)
 
 PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
@@ -63,7 +66,7 @@ demo: system install
 test: system-gtest install test-cpp test-python test-cluster
 
 test-cpp: system-gtest venv
-	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_TESTS=ON \
+	$(CCACHE) $(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_TESTS=ON \
 	    -DTENSORSPARK_BUILD_BENCH=ON -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS)
 	cd $(CPP_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure --timeout 300
@@ -80,7 +83,7 @@ test-cluster: install
 # The Python binding's overhead (bench/python_overhead.py) needs the package
 # installed, hence `install`.
 bench: install
-	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	$(CCACHE) $(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target ps_roundtrip
 	$(CPP_BUILD)/ps_roundtrip --out bench/results/ps_roundtrip.json
@@ -93,7 +96,7 @@ SOAK_SECONDS ?= 600
 # The soak tests the server built from this tree (--ps), not the venv's copy.
 chaos: system install
 	$(VPY) bench/chaos.py --runs $(CHAOS_RUNS) --out bench/results/chaos.json
-	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	$(CCACHE) $(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target tensorspark-ps ps_soak
 	$(VPY) bench/soak.py --seconds $(SOAK_SECONDS) --ps $(CPP_BUILD)/tensorspark-ps \
@@ -109,7 +112,7 @@ bench-e2e: system install elephas-venv
 # of 4,096 unique ids) is built into build/cpp and its JSON embedded.
 SPARSE_FLAGS ?=
 bench-sparse: system install
-	$(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
+	$(CCACHE) $(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS) --target sparse_rows tensorspark-ps
 	$(VPY) bench/sparse.py --out bench/results/sparse.json $(SPARSE_FLAGS)
@@ -176,7 +179,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 # Builds the C++ core, the _core extension and tensorspark-ps into the venv;
 # the CMake build in build/py is kept, so rebuilds are incremental.
 install: venv
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/py .
+	$(CCACHE) $(VPY) -m pip install -q --no-build-isolation --no-deps -Cbuild-dir=build/py .
 
 clean:
 	rm -rf build $(VENV) $(ELEPHAS_VENV)

@@ -6,6 +6,8 @@ set -euo pipefail
 want=()
 command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || want+=(dataset-fashion-mnist)
+# Lets the C++ test build reuse the package build's objects (Makefile CCACHE).
+command -v ccache >/dev/null 2>&1 || want+=(ccache)
 if [ "${1:-}" = "--with-gtest" ]; then
   [ -f /usr/include/gtest/gtest.h ] || want+=(libgtest-dev)
 fi
