@@ -195,8 +195,13 @@ def test_a_broken_tracking_store_warns_and_training_goes_on(train_df, store, tmp
     assert "MLflow could not start the run" in caplog.text
 
 
-def test_tf1_session_logs_one_run(sc, tf1, store):
+def test_tf1_session_logs_one_run_where_set_tracking_uri_says(sc, tf1, store, monkeypatch):
+    import mlflow
+
     from tensorspark import SparkSession
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(store)
 
     x = tf1.placeholder(tf1.float32, [None, 2], name="x")
     y = tf1.placeholder(tf1.float32, [None], name="y")
