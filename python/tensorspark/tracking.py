@@ -116,7 +116,7 @@ class MlflowCallback:
         if parent is not None:
             tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
         run = self.client.create_run(
-            self._experiment_id(mlflow, parent), run_name=self.run_name or name, tags=tags
+            self._experiment_id(parent), run_name=self.run_name or name, tags=tags
         )
         self.run_id = run.info.run_id
         self.on_params(params)
@@ -172,7 +172,7 @@ class MlflowCallback:
         """End the run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
         self.client.set_terminated(self.run_id, status)
 
-    def _experiment_id(self, mlflow: Any, parent: Any) -> str:
+    def _experiment_id(self, parent: Any) -> str:
         name = self.experiment_name
         if name is None and parent is not None:
             return parent.info.experiment_id
@@ -260,7 +260,7 @@ def _tensor_name(t: Any) -> str:
 def _requirements(model: Any) -> list[str]:
     """Pinned pip requirements, given so that MLflow does not infer them (slow)."""
     reqs = [_pinned("keras")]
-    tf = next((d for d in ("tensorflow", "tensorflow-cpu") if _installed(d)), None)
+    tf = next((d for d in ("tensorflow", "tensorflow-cpu") if _version(d)), None)
     if tf:
         reqs.append(_pinned(tf))
     if any(type(layer).__module__.startswith("tensorspark") for layer in _layers(model)):
@@ -275,19 +275,9 @@ def _layers(model: Any) -> list[Any]:
         return list(getattr(model, "layers", []))
 
 
-def _installed(dist: str) -> bool:
-    try:
-        metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def _pinned(dist: str) -> str:
-    try:
-        return f"{dist}=={metadata.version(dist)}"
-    except metadata.PackageNotFoundError:
-        return dist
+    version = _version(dist)
+    return f"{dist}=={version}" if version else dist
 
 
 # -- the driver's side -------------------------------------------------------
@@ -312,7 +302,19 @@ def check_option(value: Any) -> MlflowCallback | None:
         raise TensorSparkValueError(
             "mlflow=... needs the mlflow package: pip install mlflow-skinny (or mlflow)"
         )
+    found = [v for v in map(_version, ("mlflow", "mlflow-skinny")) if v]
+    if found and all(int(v.split(".")[0]) < 3 for v in found):
+        raise TensorSparkValueError(
+            f"mlflow=... needs MLflow 3 or later, found {found[0]}: pip install -U mlflow-skinny"
+        )
     return value
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def readable(value: Any) -> str:
