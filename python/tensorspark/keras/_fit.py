@@ -246,7 +246,8 @@ class _Fit:
         self.run = driver.DriverRun(self.sc, f"keras {self.name}", opts)
         try:
             self.blob = None if blob is None else self.run.broadcast(blob)
-        except BaseException:
+        except BaseException as e:
+            self.run.failed(e)
             self.run.close()
             raise
 
