@@ -197,7 +197,8 @@ class SparkSession:
         self._finalizer = weakref.finalize(self, self._run.close)
         try:
             self.runs_done = self._run.start_epochs()
-        except BaseException:
+        except BaseException as e:
+            self._run.failed(e)
             self._finalizer()
             raise
         self._runs = self.runs_done
