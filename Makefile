@@ -54,7 +54,7 @@ CCACHE := CMAKE_CXX_COMPILER_LAUNCHER=$$(command -v ccache || true)
 
 PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
-           "pyarrow>=14" "pandas>=2,<3" tensorboard
+           "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3"
 
 .PHONY: demo test test-cpp test-python test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
         fuzz system system-gtest venv install clean

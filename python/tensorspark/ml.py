@@ -74,7 +74,8 @@ class KerasEstimator(Estimator, _KerasParams):
         ``"delta"`` or ``"gradient"``.
     fit_options : dict, optional
         Further keyword arguments for :func:`tensorspark.keras.fit`
-        (``callbacks``, ``validation_data``, ``log_dir``, ``progress``...).
+        (``callbacks``, ``validation_data``, ``log_dir``, ``progress``...);
+        ``{"mlflow": True}`` logs each fit as one MLflow run.
 
     Examples
     --------

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import tracking
 from ..errors import TensorSparkValueError
 from ..runtime import driver, feed, options, task
 from ..runtime import spark as runtime_spark
@@ -58,6 +59,8 @@ class History:
     resumed_version : int or None
         The model version of the snapshot a ``resume_from`` run started
         from; None for a fresh run.
+    mlflow_run_id : str or None
+        The MLflow run that ``mlflow=...`` logged; None without one.
     """
 
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -66,6 +69,7 @@ class History:
     samples_per_sec: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     resumed_version: int | None = None
+    mlflow_run_id: str | None = None
 
 
 class FitResult(NamedTuple):
@@ -242,7 +246,8 @@ class _Fit:
         self.run = driver.DriverRun(self.sc, f"keras {self.name}", opts)
         try:
             self.blob = None if blob is None else self.run.broadcast(blob)
-        except BaseException:
+        except BaseException as e:
+            self.run.failed(e)
             self.run.close()
             raise
 
@@ -454,6 +459,7 @@ def fit(
     threads_per_worker: int | None = None,
     progress: bool = True,
     log_dir: str | None = None,
+    mlflow: Any = False,
     name: str | None = None,
     custom_objects: dict[str, Any] | None = None,
     save_path: str | None = None,
@@ -572,6 +578,15 @@ def fit(
     log_dir : str, optional
         Write TensorBoard scalars here: loss, metrics, throughput, and
         per-worker samples/s, loss and staleness.
+    mlflow : bool or tensorspark.tracking.MlflowCallback
+        Log the fit as one MLflow run from the driver (docs/tracking.md):
+        every option as a parameter, per epoch the loss, metrics,
+        validation, samples/s and staleness, the trained model
+        (``mlflow.keras``) and tags for the Spark application and the run's
+        name. It follows ``MLFLOW_TRACKING_URI`` or
+        ``mlflow.set_tracking_uri``, else a local ``./mlruns``. An
+        ``MlflowCallback(...)`` gives settings of one's own. Needs the
+        mlflow package; an MLflow failure only warns.
     name : str, optional
         Names the run in the Spark UI's job descriptions; default the
         model's name.
@@ -656,6 +671,9 @@ def fit(
     fit_ = _Fit(model, builder, train, opts)
     try:
         return _train(fit_)
+    except BaseException as e:
+        fit_.run.failed(e)  # its MLflow run ends FAILED
+        raise
     finally:
         fit_.run.close()
 
@@ -667,6 +685,10 @@ def _options(given: dict[str, Any]) -> dict[str, Any]:
     options.rule(opts["update"], 1, api="keras")  # refuses an unknown update early
     if opts["save_path"] and not str(opts["save_path"]).endswith(".keras"):
         raise TensorSparkValueError(f"save_path must name a .keras file, got {opts['save_path']!r}")
+    if any(isinstance(c, tracking.MlflowCallback) for c in opts["callbacks"] or ()):
+        raise TensorSparkValueError(
+            "an MlflowCallback is not a Keras callback: pass it as mlflow=MlflowCallback(...)"
+        )
     vd = opts["validation_data"]
     if isinstance(vd, tuple) and len(vd) != 2:
         raise TensorSparkValueError("validation_data as a tuple must be (x, y)")
@@ -678,7 +700,7 @@ def _train(fit_: _Fit) -> FitResult:
 
     model, run, opts = fit_.model, fit_.run, fit_.opts
     first_epoch, resumed = fit_.setup()
-    history = History(resumed_version=resumed)
+    history = History(resumed_version=resumed, mlflow_run_id=run.mlflow_run_id)
     callbacks = keras.callbacks.CallbackList(
         opts["callbacks"] or [],
         add_history=False,
@@ -721,6 +743,7 @@ def _train(fit_: _Fit) -> FitResult:
     model = fit_.export()
     if opts["save_path"]:
         model.save(opts["save_path"])
+    run.log_model(model, opts["custom_objects"])
     return FitResult(model, history)
 
 

@@ -5,7 +5,7 @@ to one or several running ``tensorspark-ps``), resolves the address tasks
 use and the one the server binds, makes the run's secret, configures the
 consistency mode, registers the variables, runs each Spark job (job group,
 description, hang watchdog, driver-JVM guard, error translation, progress
-bar, TensorBoard) and reads the trained values back.
+bar, TensorBoard, MLflow) and reads the trained values back.
 
 Lifetime: everything it starts (server, snapshot mirror and staging
 directory, broadcasts, threads) is released by :meth:`close`, and also when
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _jvm
+from .. import _jvm, tracking
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
 from . import hadoop, progress, spark, watchdog
@@ -52,16 +52,21 @@ class DriverRun:
         ``checkpoint_every_versions``, ``checkpoint_keep``, ``resume_from``,
         ``connect_timeout``, ``io_timeout``, ``heartbeat_timeout``,
         ``wait_timeout``, ``threads``, ``progress``,
-        ``log_dir``.
+        ``log_dir``, ``mlflow`` (a :class:`tracking.MlflowCallback` or None).
+    api : {"keras", "tf1"}
+        Which API runs it (MLflow parameter names and tags).
     """
 
-    def __init__(self, sc: Any, name: str, opts: dict[str, Any]) -> None:
-        self.sc, self.name, self.opts = sc, name, opts
+    def __init__(self, sc: Any, name: str, opts: dict[str, Any], *, api: str = "keras") -> None:
+        self.sc, self.name, self.opts, self.api = sc, name, opts, api
         self.run_id = uuid.uuid4().hex
         self._cleanup = contextlib.ExitStack()
+        self._status = "FINISHED"  # how an MLflow run ends
+        self.tracker: tracking.Tracker | None = None
         try:
             self._start()
-        except BaseException:
+        except BaseException as e:
+            self.failed(e)
             self._cleanup.close()
             raise
 
@@ -103,6 +108,21 @@ class DriverRun:
             enabled=bool(o.get("progress", True)),
             on_sample=self._on_sample if self.tb else None,
         )
+        if o.get("mlflow") is not None:
+            self.tracker = tracking.Tracker(
+                o["mlflow"], self.name, self._tags(), tracking.params(o, self.api)
+            )
+            self._cleanup.callback(lambda: self.tracker.close(self._status))
+
+    def _tags(self) -> dict[str, str]:
+        from .. import __version__
+
+        return {
+            "tensorspark.spark_app_id": str(self.sc.applicationId),
+            "tensorspark.run_name": self.name,
+            "tensorspark.api": self.api,
+            "tensorspark.version": __version__,
+        }
 
     def _start_server(self) -> ParameterServer:
         """The in-driver server; Hadoop URIs are staged through a local directory."""
@@ -294,7 +314,7 @@ class DriverRun:
     def end_epoch(
         self, epoch: int, logs: dict[str, float], results: list[dict[str, Any]], seconds: float
     ) -> None:
-        """The epoch's summary line and TensorBoard scalars."""
+        """The epoch's summary line, TensorBoard scalars and MLflow metrics."""
         samples = sum(r["samples"] for r in results)
         rate = samples / seconds if seconds > 0 else 0.0
         parts = [f"{k} {v:.4f}" for k, v in logs.items()]
@@ -302,6 +322,27 @@ class DriverRun:
         self.bar.end_epoch(line, samples)
         if self.tb is not None:
             self.tb.epoch(epoch, {**logs, "samples_per_sec": rate}, results)
+        if self.tracker is not None:
+            self.tracker.epoch(epoch, tracking.epoch_metrics(logs, results, seconds))
+
+    def log_params(self, values: dict[str, Any], step: int) -> None:
+        """Log more options (a TF1 run's) as MLflow parameters, when MLflow is on."""
+        if self.tracker is not None:
+            self.tracker.params(tracking.params(values, self.api), step)
+
+    def log_model(self, model: Any, custom_objects: dict[str, Any] | None) -> None:
+        """Log the trained Keras model to MLflow, when MLflow is on."""
+        if self.tracker is not None:
+            self.tracker.model(model, custom_objects)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run's id; None without MLflow (or when it could not start one)."""
+        return None if self.tracker is None else self.tracker.callback.run_id
+
+    def failed(self, error: BaseException) -> None:
+        """Mark the run failed: its MLflow run ends FAILED (KILLED when interrupted)."""
+        self._status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
     def _on_sample(self, samples: int, rate: float, loss: float) -> None:
         self.tb.scalars({"progress/samples_per_sec": rate, "progress/loss": loss}, samples)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import tracking
 from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from ..errors import TensorSparkValueError
 from . import updates
@@ -72,6 +73,8 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
             f"shuffle must be True (a shuffle buffer), False or 'full' (the whole partition), "
             f"got {out['shuffle']!r}"
         )
+    if "mlflow" in out:
+        out["mlflow"] = tracking.check_option(out["mlflow"])
     if out.get("servers"):
         if not out.get("secret"):
             raise TensorSparkValueError(

@@ -109,6 +109,12 @@ class SparkSession:
     log_dir : str, optional
         Write TensorBoard scalars here (per run: loss, samples/s, and per
         worker samples/s, loss and staleness).
+    mlflow : bool or tensorspark.tracking.MlflowCallback
+        Log the session as one MLflow run from the driver (docs/tracking.md):
+        these options and each :meth:`run`'s as parameters, and per run
+        (``step`` = the run's number) its loss, samples/s and staleness. The
+        MLflow run ends at :meth:`close`, ``FAILED`` if a run raised. A TF1
+        graph is not logged as a model (use :meth:`export_saved_model`).
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
     heartbeat_timeout : float
@@ -155,6 +161,7 @@ class SparkSession:
         resume_from: str | None = None,
         progress: bool = True,
         log_dir: str | None = None,
+        mlflow: Any = False,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
         heartbeat_timeout: float = 30.0,
@@ -183,12 +190,15 @@ class SparkSession:
                 "spark.hdfs.dir is no longer needed: the graph travels to tasks in a Spark "
                 "broadcast; the setting is ignored"
             )
-        self._run = driver.DriverRun(sc, f"{user}/{name}" if user or name else "run", opts)
+        self._run = driver.DriverRun(
+            sc, f"{user}/{name}" if user or name else "run", opts, api="tf1"
+        )
         # Stops the in-driver server when the session is dropped or at exit.
         self._finalizer = weakref.finalize(self, self._run.close)
         try:
             self.runs_done = self._run.start_epochs()
-        except BaseException:
+        except BaseException as e:
+            self._run.failed(e)
             self._finalizer()
             raise
         self._runs = self.runs_done
@@ -324,6 +334,17 @@ class SparkSession:
             "extra_feeds": self._extra_feeds(graph, feed_dict),
             "loss_name": _graph.loss_name(graph, loss, fetch_names),
         }
+        self._run.log_params(
+            {
+                "weight_combiner": weight_combiner or MeanCombiner(),
+                "shuffle_within_partition": shuffle_within_partition,
+                "consistency": consistency,
+                "staleness": staleness,
+                "buffer_batches": buffer_batches,
+                "hang_timeout": hang_timeout,
+            },
+            self._runs,
+        )
         self._run.configure(consistency, staleness)
         self._register(names, params)
         cfg = task.TaskConfig(
@@ -355,7 +376,8 @@ class SparkSession:
                 hang_timeout=opts["hang_timeout"],
                 progress_label=f"run #{self._runs}",
             )
-        except BaseException:
+        except BaseException as e:
+            self._run.failed(e)
             self._run.keep_trained(lambda: self._load_trained(names, params, sparse))
             raise
         finally:
