@@ -454,6 +454,7 @@ def fit(
     threads_per_worker: int | None = None,
     progress: bool = True,
     log_dir: str | None = None,
+    ui_port: int | None = None,
     name: str | None = None,
     custom_objects: dict[str, Any] | None = None,
     save_path: str | None = None,
@@ -572,6 +573,12 @@ def fit(
     log_dir : str, optional
         Write TensorBoard scalars here: loss, metrics, throughput, and
         per-worker samples/s, loss and staleness.
+    ui_port : int, optional
+        Serve a live status page of the run from the driver (each worker's
+        clock, steps, samples/s, loss curve and staleness; the server's
+        traffic, refused frames and snapshots; docs/status_page.md). 0 picks
+        a free port. The URL (with a token derived from the secret) is
+        printed, logged and added to the Spark job descriptions. None: off.
     name : str, optional
         Names the run in the Spark UI's job descriptions; default the
         model's name.

@@ -109,6 +109,13 @@ class SparkSession:
     log_dir : str, optional
         Write TensorBoard scalars here (per run: loss, samples/s, and per
         worker samples/s, loss and staleness).
+    ui_port : int, optional
+        Serve a live status page of the run from the driver (each worker's
+        clock, steps, samples/s, loss curve and staleness; the server's
+        traffic, refused frames and snapshots; docs/status_page.md). 0 picks
+        a free port. The URL (with a token derived from the secret) is
+        printed, logged, kept in :attr:`status_url` and added to the Spark
+        job descriptions. None: off.
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
     heartbeat_timeout : float
@@ -155,6 +162,7 @@ class SparkSession:
         resume_from: str | None = None,
         progress: bool = True,
         log_dir: str | None = None,
+        ui_port: int | None = None,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
         heartbeat_timeout: float = 30.0,
@@ -196,6 +204,7 @@ class SparkSession:
         self.server_host, self.server_port = self._run.host, self._run.port
         self.servers = self._run.servers
         self.secret = self._run.secret
+        self.status_url: str | None = self._run.status_url
 
     @property
     def server(self) -> ParameterServer | None:
