@@ -1,0 +1,247 @@
+"""The live status page: real servers, real sockets, a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tensorspark import TensorSparkValueError
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+OUTPUT = os.path.join(os.path.dirname(__file__), "..", "..", "build", "test-output")
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.parametrize("port", [-1, 65536, "8080", 1.5, True])
+def test_ui_port_is_validated_by_both_apis(sc, port):
+    import tensorspark
+    from tensorspark.keras import fit
+
+    with pytest.raises(TensorSparkValueError, match=r"ui_port must be None .* got"):
+        fit(None, None, ui_port=port)  # refused before the model or data are looked at
+    with pytest.raises(TensorSparkValueError, match=r"ui_port must be None .* got"):
+        tensorspark.SparkSession(sc, None, ui_port=port)
+
+
+def test_a_taken_ui_port_is_a_clear_error_and_releases_the_run(sc, caplog):
+    import tensorspark
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with (
+            caplog.at_level(logging.INFO, logger="tensorspark"),
+            pytest.raises(TensorSparkValueError, match=rf"ui_port={port}: cannot serve"),
+        ):
+            tensorspark.SparkSession(sc, None, ui_port=port, progress=False)
+    # The in-driver server had started; it was stopped with the failed start.
+    m = re.search(r"parameter server at 127.0.0.1:(\d+)", caplog.text)
+    assert m, caplog.text
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=2).close()
+
+
+def test_page_serves_the_servers_stats_behind_the_token_and_closes(tmp_path):
+    from tensorspark.ps import ParameterServer, PSClient, generate_secret
+    from tensorspark.runtime.status_page import StatusPage, page_token
+
+    secret = generate_secret()
+    with ParameterServer(secret, host="127.0.0.1") as ps:
+
+        def connect(**kw):
+            return PSClient("127.0.0.1", ps.port, secret, **kw)
+
+        page = StatusPage(
+            connect, secret, bind="127.0.0.1", port=0, url_host="127.0.0.1",
+            run={"name": "t", "sync_interval": 3}, interval=0.05,
+        )  # fmt: skip
+        token = page_token(secret)
+        assert page.url == f"http://127.0.0.1:{page.port}/{token}/"
+        assert secret.hex() not in page.url
+        driver = connect()
+        driver.register({"w": np.zeros(4, np.float32)})
+        workers = [connect(partition_id=p) for p in (0, 1)]
+        for p, w in enumerate(workers):
+            w.join()
+            w.pull(["w"])
+            w.push({"w": np.ones(4, np.float32)}, kind="delta")
+            w.report_progress(10 * (p + 1), 320 * (p + 1), 0.5 / (p + 1))
+            w.heartbeat()
+        stats = driver.stats()  # quiet from here on: the page's next poll must agree
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = _get(page.url + "stats.json")
+            state = json.loads(body)
+            if state["stats"].get("pushes") == stats["pushes"] and len(state["workers"]) == 2:
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert status == 200
+        # The page's counters are STATS itself (only the clocks and traffic move).
+        moving = re.compile(r"_ms\{|^bytes_|^connections")
+        assert set(state["stats"]) == set(stats)
+        assert {k: v for k, v in state["stats"].items() if not moving.search(k)} == {
+            k: v for k, v in stats.items() if not moving.search(k)
+        }
+        by_id = {w["id"]: w for w in state["workers"]}
+        assert by_id["1-0"]["steps"] == stats['worker_steps{partition="1",attempt="0"}'] == 20
+        assert by_id["1-0"]["loss"] == 0.25
+        assert by_id["1-0"]["staleness"] == stats['worker_staleness{partition="1",attempt="0"}']
+        assert by_id["1-0"]["staleness"] == 1  # worker 0 pushed after its pull
+        assert state["run"]["mode"] == "async" and state["run"]["sync_interval"] == 3
+        assert state["server"]["refused"]["fenced"] == 0
+        assert state["loss_history"]["0-0"][-1][1] == 0.5
+
+        # Server-sent events: the history first, then snapshots.
+        with urllib.request.urlopen(page.url + "events", timeout=5) as events:
+            lines = [events.readline() for _ in range(4)]
+            assert lines[1] == b"event: history\n" and lines[2].startswith(b"data: {")
+            assert events.readline().startswith(b"data: {")
+
+        # A wrong, partial or missing token: 403 and an empty body, on every path.
+        for path in ("", "stats.json", "events"):
+            for bad in ("0" * 64, token[:-1], token + "0", ""):
+                assert _get(f"http://127.0.0.1:{page.port}/{bad}/{path}") == (403, b"")
+        assert _get(f"http://127.0.0.1:{page.port}/")[0] == 403
+
+        page.close()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(page.url, timeout=2)
+        for w in workers:
+            w.close()
+        driver.close()
+
+
+def _rows(spark, n: int):
+    """A two-class problem generated in the JVM (no driver-side rows)."""
+    from pyspark.sql import functions as F
+
+    feats = [F.rand(seed=i).cast("float") for i in range(8)]
+    return (
+        spark.range(n, numPartitions=2)
+        .select(F.array(*feats).alias("features"))
+        .withColumn("label", (F.col("features")[0] > F.col("features")[1]).cast("long"))
+    )
+
+
+def _model():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class _UrlCatcher(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.url: str | None = None
+        self.found = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"status page at (\S+)", record.getMessage())
+        if m:
+            self.url = m.group(1)
+            self.found.set()
+
+
+def _watch(catcher: _UrlCatcher, shot: str, seen: dict) -> None:
+    """Opens the page in headless Chromium; records each live worker's steps twice."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert catcher.found.wait(120), "no status page URL was logged within 120 s"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,1150"):
+        opts.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        browser.get(catcher.url)
+
+        def steps(_=None):
+            rows = browser.find_elements("css selector", "tr.worker[data-state=live]")
+            out = {r.get_attribute("id"): r.get_attribute("data-steps") for r in rows}
+            return {k: int(v) for k, v in out.items() if v}
+
+        wait = WebDriverWait(browser, 90, 0.2)
+        first = wait.until(lambda _: (s := steps()) and len(s) == 2 and s)
+        seen["first"] = first
+        seen["later"] = WebDriverWait(browser, 30, 0.2).until(
+            lambda _: (s := steps()) and all(s.get(k, 0) > v for k, v in first.items()) and s
+        )
+        time.sleep(0.6)  # a few loss points on the chart
+        seen["text"] = browser.find_element("id", "workers").text
+        browser.save_screenshot(shot)
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_chromium_follows_a_keras_fit_live(spark, tmp_path):
+    from tensorspark.keras import fit
+
+    catcher = _UrlCatcher()
+    logger = logging.getLogger("tensorspark")
+    level = logger.level
+    logger.addHandler(catcher)
+    logger.setLevel(logging.INFO)
+    shot, seen, errors = str(tmp_path / "status_page.png"), {}, []
+
+    def watch():
+        try:
+            _watch(catcher, shot, seen)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        fit(_model(), _rows(spark, 120_000), batch_size=16, sync_interval=4, ui_port=0,
+            progress=False, name="status-page-test")  # fmt: skip
+    finally:
+        logger.removeHandler(catcher)
+        logger.setLevel(level)
+    watcher.join(60)
+    if errors:
+        raise errors[0]
+    assert not watcher.is_alive()
+    assert sorted(seen["first"]) == ["worker-0-0", "worker-1-0"], seen
+    assert all(seen["later"][k] > v for k, v in seen["first"].items()), seen
+    assert "live" in seen["text"]
+    with open(shot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    os.makedirs(OUTPUT, exist_ok=True)
+    shutil.copy(shot, os.path.join(OUTPUT, "status_page.png"))
+    # The page is gone with the run, and the job description named it.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(catcher.url, timeout=2)
+    jobs = spark.sparkContext._jsc.sc().statusStore().jobsList(None)
+    described = [jobs.apply(i).description() for i in range(jobs.size())]
+    assert any(d.isDefined() and catcher.url in d.get() for d in described)
