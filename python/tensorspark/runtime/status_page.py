@@ -63,6 +63,7 @@ class _Worker:
         self.loss: collections.deque[tuple[float, float]] = collections.deque(maxlen=points)
         self.steps_per_sec = 0.0
         self.samples_per_sec = 0.0
+        self.reported = -1.0  # the steps of the last loss point
 
     def update(self, t: float, keys: dict[str, float]) -> None:
         steps, samples = float(keys.get("steps", 0)), float(keys.get("samples", 0))
@@ -76,9 +77,11 @@ class _Worker:
         dt = t - t0
         self.steps_per_sec = (steps - s0) / dt if dt > 0 else 0.0
         self.samples_per_sec = (samples - n0) / dt if dt > 0 else 0.0
+        # One point per progress report (heartbeats), not per poll.
         loss = keys.get("loss_f64")
-        if _finite(loss) is not None:
+        if _finite(loss) is not None and steps != self.reported:
             self.loss.append((round(t, 2), loss))
+        self.reported = steps
 
 
 class StatusPage:
