@@ -60,7 +60,26 @@ def test_a_taken_ui_port_is_a_clear_error_and_releases_the_run(sc, caplog):
         socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=2).close()
 
 
-def test_page_serves_the_servers_stats_behind_the_token_and_closes(tmp_path):
+def test_tf1_session_serves_the_page_until_closed(sc):
+    import tensorspark
+    from tensorspark.runtime.status_page import page_token
+
+    session = tensorspark.SparkSession(sc, None, name="status", ui_port=0, progress=False)
+    try:
+        url = session.status_url
+        assert url.endswith(f"/{page_token(session.secret)}/"), url
+        status, body = _get(url)
+        assert status == 200 and b"<title>tensorspark status</title>" in body
+        state = json.loads(_get(url + "stats.json")[1])
+        assert state["run"]["name"] == "/status" and state["run"]["sync_interval"] == 100
+    finally:
+        session.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_page_serves_the_servers_stats_behind_the_token_and_closes():
+    import tensorspark
     from tensorspark.ps import ParameterServer, PSClient, generate_secret
     from tensorspark.runtime.status_page import StatusPage, page_token
 
@@ -124,12 +143,48 @@ def test_page_serves_the_servers_stats_behind_the_token_and_closes(tmp_path):
                 assert _get(f"http://127.0.0.1:{page.port}/{bad}/{path}") == (403, b"")
         assert _get(f"http://127.0.0.1:{page.port}/")[0] == 403
 
+        # A straggler: partition 1 barely moves while partition 0 runs on.
+        for steps in (100, 200, 300):
+            workers[0].report_progress(steps, 32 * steps, 0.4)
+            workers[1].report_progress(21, 672, 0.25)
+            for w in workers:
+                w.heartbeat()
+            seq = _state(page)["seq"]
+            _wait(page, lambda st, seq=seq: st["seq"] > seq + 1)
+        by_id = {w["id"]: w for w in _state(page)["workers"]}
+        assert by_id["1-0"]["straggler"] and not by_id["0-0"]["straggler"], by_id
+        assert by_id["0-0"]["steps_per_sec"] > 10 * by_id["1-0"]["steps_per_sec"] > 0
+
+        # A retry fences attempt 0 of partition 1; partition 0's connection dies.
+        retry = connect(partition_id=1, attempt=1)
+        retry.join()
+        with pytest.raises(tensorspark.FencedError):
+            workers[1].push({"w": np.ones(4, np.float32)}, kind="delta")
+        workers[0].close()
+        state = _wait(page, lambda st: len(st["workers"]) == 3 and st["stats"]["members"] == 1)
+        states = {w["id"]: w["state"] for w in state["workers"]}
+        assert states == {"0-0": "lost", "1-0": "fenced", "1-1": "live"}, state["workers"]
+        assert state["stats"]["workers_fenced"] == 1
+        assert state["server"]["refused"]["fenced"] == 1
+
         page.close()
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(page.url, timeout=2)
-        for w in workers:
+        for w in [*workers, retry, driver]:
             w.close()
-        driver.close()
+
+
+def _state(page) -> dict:
+    return json.loads(_get(page.url + "stats.json")[1])
+
+
+def _wait(page, ready, timeout: float = 10.0) -> dict:
+    """The page's state once ``ready(state)``; fails naming the last state."""
+    deadline = time.monotonic() + timeout
+    while not ready(state := _state(page)):
+        assert time.monotonic() < deadline, f"the page never got there: {state}"
+        time.sleep(0.05)
+    return state
 
 
 def _rows(spark, n: int):

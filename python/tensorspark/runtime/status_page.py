@@ -134,7 +134,17 @@ class StatusPage:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._seq = 0
-        self._snapshot: dict[str, Any] = {"seq": 0, "t": 0.0, "workers": [], "stats": {}}
+        # Until the first poll answers: the run's facts and no counters.
+        self._snapshot: dict[str, Any] = {
+            "seq": 0,
+            "t": 0.0,
+            "phase": self.phase,
+            "run": dict(self.run),
+            "workers": [],
+            "server": {},
+            "stats": {},
+            "error": None,
+        }
         self._workers: dict[tuple[int, int], _Worker] = {}
         self._server_prev: tuple[float, dict[str, float]] | None = None
         self._started = time.monotonic()
