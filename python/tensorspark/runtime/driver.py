@@ -138,7 +138,8 @@ class DriverRun:
                 "servers": where,
                 "sync_interval": o.get("sync_interval"),
                 "staleness": o.get("staleness", 0),
-                "snapshots": bool(o.get("checkpoint_dir")),
+                # External servers snapshot by their own flags: unknown here.
+                "snapshots": bool(o.get("checkpoint_dir")) if self.server else None,
             },
         )
         self._cleanup.callback(page.close)
