@@ -252,7 +252,7 @@ def _watch(catcher: _UrlCatcher, shot: str, seen: dict) -> None:
             out = {r.get_attribute("data-partition"): r.get_attribute("data-steps") for r in rows}
             return {k: int(v) for k, v in out.items() if v}
 
-        wait = WebDriverWait(browser, 90, 0.2)
+        wait = WebDriverWait(browser, 300, 0.2)  # the tasks start TensorFlow first
         first = wait.until(lambda _: (s := steps()) and len(s) == 2 and s)
         seen["first"] = first
         seen["later"] = WebDriverWait(browser, 30, 0.2).until(
