@@ -248,9 +248,11 @@ def _watch(catcher: _UrlCatcher, shot: str, seen: dict) -> None:
         browser.get(catcher.url)
 
         def steps(_=None):
-            rows = browser.find_elements("css selector", "tr.worker[data-state=live]")
-            out = {r.get_attribute("data-partition"): r.get_attribute("data-steps") for r in rows}
-            return {k: int(v) for k, v in out.items() if v}
+            rows = browser.execute_script(
+                "return Array.from(document.querySelectorAll('tr.worker[data-state=live]'))"
+                ".map(r => [r.dataset.partition, r.dataset.steps])"
+            )
+            return {p: int(n) for p, n in rows if n}
 
         wait = WebDriverWait(browser, 300, 0.2)  # the tasks start TensorFlow first
         first = wait.until(lambda _: (s := steps()) and len(s) == 2 and s)
@@ -258,11 +260,23 @@ def _watch(catcher: _UrlCatcher, shot: str, seen: dict) -> None:
         seen["later"] = WebDriverWait(browser, 30, 0.2).until(
             lambda _: (s := steps()) and all(s.get(k, 0) > v for k, v in first.items()) and s
         )
-        time.sleep(0.6)  # a few loss points on the chart
+        # A few loss points on the chart for the screenshot (at most 3 s more).
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and min(_points(browser), default=0) < 4:
+            time.sleep(0.2)
         seen["text"] = browser.find_element("id", "workers").text
         browser.save_screenshot(shot)
     finally:
         browser.quit()
+
+
+def _points(browser) -> list[int]:
+    """Points on each worker's loss curve."""
+    # Read in one script: the chart is redrawn with every update.
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll('#loss polyline'))"
+        ".map(p => p.points.numberOfItems)"
+    )
 
 
 @pytest.mark.slow
