@@ -54,7 +54,7 @@ CCACHE := CMAKE_CXX_COMPILER_LAUNCHER=$$(command -v ccache || true)
 
 PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
-           "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3"
+           "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3" selenium
 
 .PHONY: demo test test-cpp test-python test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
         fuzz system system-gtest venv install clean
@@ -71,7 +71,9 @@ test-cpp: system-gtest venv
 	$(CMAKE) --build $(CPP_BUILD) -j $(JOBS)
 	cd $(CPP_BUILD) && ../../$(VENV)/bin/ctest --output-on-failure --timeout 300
 
+# The status page's test drives Debian's headless Chromium with selenium.
 test-python: install
+	@scripts/setup-system.sh --with-browser
 	$(VPY) -m pytest tests/python -v
 
 # -s: the tests print the accuracy and time of each run, and whether the

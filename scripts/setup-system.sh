@@ -8,24 +8,33 @@ command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || want+=(dataset-fashion-mnist)
 # Lets the C++ test build reuse the package build's objects (Makefile CCACHE).
 command -v ccache >/dev/null 2>&1 || want+=(ccache)
-if [ "${1:-}" = "--with-gtest" ]; then
-  [ -f /usr/include/gtest/gtest.h ] || want+=(libgtest-dev)
-fi
-if [ "${1:-}" = "--with-cluster" ]; then
-  # `ip` puts the cluster test's Workers in network namespaces (root only).
-  if [ "$(id -u)" -eq 0 ]; then command -v ip >/dev/null 2>&1 || want+=(iproute2); fi
-fi
-if [ "${1:-}" = "--with-lint" ]; then
-  command -v clang-format >/dev/null 2>&1 || want+=(clang-format)
-fi
-if [ "${1:-}" = "--with-fuzz" ]; then
-  # clang plus its sanitizer and libFuzzer runtimes (Debian 12: clang 14).
-  if ! command -v clang++ >/dev/null 2>&1; then
-    want+=(clang libclang-rt-14-dev)
-  elif [ ! -f "$(clang++ -print-resource-dir)/lib/linux/libclang_rt.fuzzer-x86_64.a" ]; then
-    want+=(libclang-rt-14-dev)
-  fi
-fi
+# Each flag adds what one kind of target needs; several may be given.
+for flag in "$@"; do
+  case "$flag" in
+    --with-gtest)
+      [ -f /usr/include/gtest/gtest.h ] || want+=(libgtest-dev) ;;
+    --with-cluster)
+      # `ip` puts the cluster test's Workers in network namespaces (root only).
+      if [ "$(id -u)" -eq 0 ]; then command -v ip >/dev/null 2>&1 || want+=(iproute2); fi ;;
+    --with-browser)
+      # The status page's test drives a headless Chromium (tests/python/test_status_page.py).
+      [ -x /usr/bin/chromium ] || want+=(chromium)
+      [ -x /usr/bin/chromedriver ] || want+=(chromium-driver) ;;
+    --with-lint)
+      command -v clang-format >/dev/null 2>&1 || want+=(clang-format) ;;
+    --with-fuzz)
+      # clang plus its sanitizer and libFuzzer runtimes (Debian 12: clang 14).
+      if ! command -v clang++ >/dev/null 2>&1; then
+        want+=(clang libclang-rt-14-dev)
+      elif [ ! -f "$(clang++ -print-resource-dir)/lib/linux/libclang_rt.fuzzer-x86_64.a" ]; then
+        want+=(libclang-rt-14-dev)
+      fi ;;
+    *)
+      echo "setup-system.sh: unknown flag $flag (use --with-gtest, --with-cluster," \
+        "--with-browser, --with-lint or --with-fuzz)" >&2
+      exit 2 ;;
+  esac
+done
 [ ${#want[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

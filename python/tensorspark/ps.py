@@ -255,7 +255,9 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 
 # ShardedPSClient.stats(): keys that describe the run's members, the same on
 # every server (first server's value), and the one taken as the maximum.
-_PER_MEMBER_KEYS = frozenset({"members", "workers_lost", "workers_retried", "mode"})
+_PER_MEMBER_KEYS = frozenset(
+    {"members", "workers_lost", "workers_retried", "workers_fenced", "mode"}
+)
 _MAX_OVER_SERVERS = frozenset({"sync_round"})
 
 
@@ -1416,7 +1418,8 @@ class ShardedPSClient(_TensorClient):
 
         Every worker is a member of every server, so what describes the
         members and the run is taken from the first server, never summed:
-        ``members``, ``workers_lost``, ``workers_retried``, ``mode`` and the
+        ``members``, ``workers_lost``, ``workers_retried``, ``workers_fenced``,
+        ``mode`` and the
         per-member ``worker_*{partition=...,attempt=...}`` keys. Float keys
         (``_f64``, such as a worker's loss) come from the first server that
         has them. ``sync_round`` is the largest over the servers (a server

@@ -75,6 +75,8 @@ def test_zombie_push_is_fenced_after_a_newer_attempt_joined(servers):
     assert [s['refused{reason="fenced"}'] for s in per_server] == [2, 2]  # push and join
     total = driver.stats()
     assert total["members"] == 1 and total["workers_retried"] == 1  # not summed
+    assert [s["workers_fenced"] for s in per_server] == [1, 1]  # one attempt, counted once
+    assert total["workers_fenced"] == 1
     assert total['refused{reason="fenced"}'] == 4  # per-server work: summed
     retry.leave()
     assert driver.stats()["members"] == 0

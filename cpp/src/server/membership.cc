@@ -245,14 +245,14 @@ Status Membership::Join(Session* s, uint64_t* clock) {
   std::lock_guard lock(mu_);
   if (stopping_) return Status(StatusCode::kShuttingDown, "the parameter server is shutting down");
   if (s->joined && s->run != run_) {
-    CountRefused(RefuseReason::kFenced);
+    Fence(*s);
     return Status(StatusCode::kFenced, "partition " + std::to_string(s->partition) + " attempt " +
                                            std::to_string(s->attempt) +
                                            " joined an earlier run; its JOINs are refused");
   }
   auto [max, fresh] = max_attempt_.emplace(s->partition, s->attempt);
   if (!fresh && s->attempt < max->second) {
-    CountRefused(RefuseReason::kFenced);
+    Fence(*s);
     return FencedError(s->partition, s->attempt, max->second, "JOINs");
   }
   max->second = s->attempt;
@@ -412,12 +412,22 @@ Status Membership::BeforePull(Session* s) {
   return Status::OK();
 }
 
-void Membership::RecordStaleness(uint64_t staleness) {
+void Membership::RecordStaleness(Member* m, uint64_t staleness) {
   size_t i = 0;
   while (i < std::size(kStalenessBounds) && staleness > kStalenessBounds[i]) ++i;
   ++staleness_buckets_[i];
   staleness_sum_ += staleness;
   ++staleness_count_;
+  if (m != nullptr) {
+    m->staleness_last = staleness;
+    m->staleness_sum += staleness;
+    ++m->staleness_count;
+  }
+}
+
+void Membership::Fence(const Session& s) {
+  CountRefused(RefuseReason::kFenced);
+  fenced_.emplace(s.joined ? s.run : run_, s.partition, s.attempt);
 }
 
 Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
@@ -425,7 +435,7 @@ Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
   const Session& s = *sp;
   std::unique_lock lock(mu_);
   if (Status f = CheckFenced(s); !f.ok()) {
-    CountRefused(RefuseReason::kFenced);
+    Fence(s);
     return f;
   }
   const ConsistencyMode mode = config_.mode;
@@ -444,8 +454,9 @@ Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
     lock.unlock();
     TS_RETURN_IF_ERROR(store_->Push(kind, options, items, version));
     lock.lock();
-    if (s.pulled) RecordStaleness(*version - 1 - std::min(*version - 1, s.pull_version));
-    if (Member* m = LiveMember(s)) {
+    Member* m = LiveMember(s);
+    if (s.pulled) RecordStaleness(m, *version - 1 - std::min(*version - 1, s.pull_version));
+    if (m != nullptr) {
       ++m->clock;
       cv_.notify_all();
     }
@@ -523,7 +534,7 @@ Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
     }
   }
   const uint64_t v = store_->version();
-  if (s.pulled) RecordStaleness(v - std::min(v, s.pull_version));
+  if (s.pulled) RecordStaleness(m, v - std::min(v, s.pull_version));
   m->clock = round_ + 1;
   MaybeCloseRound();
   cv_.notify_all();
@@ -579,10 +590,14 @@ void Membership::AppendStats(std::vector<StatEntry>* out) const {
     // `_f64` keys carry the IEEE-754 bits of a double (docs/consistency.md).
     out->emplace_back("worker_loss_f64" + labels, std::bit_cast<uint64_t>(m.progress.loss));
     out->emplace_back("worker_progress_age_ms" + labels, ms_since(m.progress_at));
+    out->emplace_back("worker_staleness" + labels, m.staleness_last);
+    out->emplace_back("worker_staleness_sum" + labels, m.staleness_sum);
+    out->emplace_back("worker_staleness_count" + labels, m.staleness_count);
   }
   out->emplace_back("members", live);
   out->emplace_back("workers_lost", workers_lost_);
   out->emplace_back("workers_retried", workers_retried_);
+  out->emplace_back("workers_fenced", fenced_.size());
   out->emplace_back("mode", static_cast<uint64_t>(config_.mode));
   out->emplace_back("sync_round", round_);
   uint64_t cumulative = 0;

@@ -17,10 +17,12 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <span>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -115,7 +117,8 @@ class Membership {
     refused_[static_cast<int>(r)].fetch_add(1, std::memory_order_relaxed);
   }
   // Appends members, the per-member worker_* keys (clock, connections,
-  // last seen, progress), the staleness histogram and the refused counters.
+  // last seen, progress, staleness), the staleness histogram and the
+  // refused counters.
   void AppendStats(std::vector<StatEntry>* out) const;
 
  private:
@@ -138,6 +141,10 @@ class Membership {
     // REPORTS copies it after releasing mu_.
     std::shared_ptr<const std::string> dump;
     Clock::time_point dump_at;
+    // This member's pushes' staleness: the last one, and sum and count.
+    uint64_t staleness_last = 0;
+    uint64_t staleness_sum = 0;
+    uint64_t staleness_count = 0;
   };
   struct Accum {  // one variable of the open sync round
     std::vector<int64_t> shape;
@@ -161,7 +168,11 @@ class Membership {
   // (message from `describe()`) or Stop().
   template <typename Ready, typename Describe>
   Status Wait(std::unique_lock<std::mutex>& lock, Session* s, Ready ready, Describe describe);
-  void RecordStaleness(uint64_t staleness);
+  // Counts a push's staleness in the histogram and, for a live member, in
+  // its own worker_staleness* keys.
+  void RecordStaleness(Member* m, uint64_t staleness);
+  // Refuses a fenced frame: counts it, and its attempt once in workers_fenced.
+  void Fence(const Session& s);
   void CheckerLoop();
 
   storage::ParamStore* const store_;
@@ -195,6 +206,8 @@ class Membership {
   uint64_t run_ = 0;
   uint64_t workers_lost_ = 0;
   uint64_t workers_retried_ = 0;
+  // Attempts refused as fenced, each counted once: (run, partition, attempt).
+  std::set<std::tuple<uint64_t, int32_t, int32_t>> fenced_;
 };
 
 }  // namespace tensorspark::server

@@ -460,6 +460,7 @@ def fit(
     progress: bool = True,
     log_dir: str | None = None,
     mlflow: Any = False,
+    ui_port: int | None = None,
     name: str | None = None,
     custom_objects: dict[str, Any] | None = None,
     save_path: str | None = None,
@@ -587,6 +588,12 @@ def fit(
         ``mlflow.set_tracking_uri``, else a local ``./mlruns``. An
         ``MlflowCallback(...)`` gives settings of one's own. Needs the
         mlflow package; an MLflow failure only warns.
+    ui_port : int, optional
+        Serve a live status page of the run from the driver (each worker's
+        clock, steps, samples/s, loss curve and staleness; the server's
+        traffic, refused frames and snapshots; docs/status_page.md). 0 picks
+        a free port. The URL (with a token derived from the secret) is
+        printed, logged and added to the Spark job descriptions. None: off.
     name : str, optional
         Names the run in the Spark UI's job descriptions; default the
         model's name.

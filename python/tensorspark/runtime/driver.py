@@ -5,7 +5,7 @@ to one or several running ``tensorspark-ps``), resolves the address tasks
 use and the one the server binds, makes the run's secret, configures the
 consistency mode, registers the variables, runs each Spark job (job group,
 description, hang watchdog, driver-JVM guard, error translation, progress
-bar, TensorBoard, MLflow) and reads the trained values back.
+bar, TensorBoard, MLflow, status page) and reads the trained values back.
 
 Lifetime: everything it starts (server, snapshot mirror and staging
 directory, broadcasts, threads) is released by :meth:`close`, and also when
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +30,7 @@ import numpy as np
 from .. import _jvm, tracking
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
-from . import hadoop, progress, spark, watchdog
+from . import hadoop, progress, spark, status_page, watchdog
 
 log = logging.getLogger("tensorspark")
 
@@ -51,10 +52,15 @@ class DriverRun:
         ``checkpoint_dir``, ``checkpoint_every_s``,
         ``checkpoint_every_versions``, ``checkpoint_keep``, ``resume_from``,
         ``connect_timeout``, ``io_timeout``, ``heartbeat_timeout``,
-        ``wait_timeout``, ``threads``, ``progress``,
-        ``log_dir``, ``mlflow`` (a :class:`tracking.MlflowCallback` or None).
+        ``wait_timeout``, ``threads``, ``progress``, ``log_dir``,
+        ``ui_port``, ``mlflow`` (a :class:`tracking.MlflowCallback` or None).
     api : {"keras", "tf1"}
         Which API runs it (MLflow parameter names and tags).
+
+    Attributes
+    ----------
+    status_url : str or None
+        The live status page (``ui_port`` not None), else None.
     """
 
     def __init__(self, sc: Any, name: str, opts: dict[str, Any], *, api: str = "keras") -> None:
@@ -108,6 +114,10 @@ class DriverRun:
             enabled=bool(o.get("progress", True)),
             on_sample=self._on_sample if self.tb else None,
         )
+        self.page: status_page.StatusPage | None = None
+        if o.get("ui_port") is not None:
+            self.page = self._start_page(int(o["ui_port"]))
+        self.status_url = self.page.url if self.page is not None else None
         if o.get("mlflow") is not None:
             self.tracker = tracking.Tracker(
                 o["mlflow"], self.name, self._tags(), tracking.params(o, self.api)
@@ -124,10 +134,43 @@ class DriverRun:
             "tensorspark.version": __version__,
         }
 
+    def _bind_host(self) -> str:
+        """Where the driver listens: loopback only when tasks reach it on loopback."""
+        return "127.0.0.1" if spark.is_loopback(self.host) else "0.0.0.0"
+
+    def _start_page(self, port: int) -> status_page.StatusPage:
+        """The status page, bound where the in-driver server binds; closed before it."""
+        bind = self._bind_host()
+        url_host = "127.0.0.1"
+        if bind != "127.0.0.1":
+            conf = self.sc.getConf()
+            url_host = self.host if self.server else conf.get("spark.driver.host", self.host)
+        where = ", ".join(f"{h}:{p}" for h, p in self.servers) or f"{self.host}:{self.port}"
+        o = self.opts
+        page = status_page.StatusPage(
+            self.connect,
+            self.secret,
+            bind=bind,
+            port=port,
+            url_host=url_host,
+            run={
+                "name": self.name,
+                "servers": where,
+                "sync_interval": o.get("sync_interval"),
+                "staleness": o.get("staleness", 0),
+                # External servers snapshot by their own flags: unknown here.
+                "snapshots": bool(o.get("checkpoint_dir")) if self.server else None,
+            },
+        )
+        self._cleanup.callback(page.close)
+        log.info("tensorspark: status page at %s", page.url)
+        print(f"tensorspark: status page at {page.url}", file=sys.stderr, flush=True)
+        return page
+
     def _start_server(self) -> ParameterServer:
         """The in-driver server; Hadoop URIs are staged through a local directory."""
         o = self.opts
-        bind = "127.0.0.1" if spark.is_loopback(self.host) else "0.0.0.0"
+        bind = self._bind_host()
         ckpt, resume = o.get("checkpoint_dir"), o.get("resume_from")
         if hadoop.is_hadoop_uri(resume):
             resume = hadoop.fetch_snapshots(self.sc, resume)  # a local copy, read at start
@@ -182,6 +225,8 @@ class DriverRun:
 
     def configure(self, consistency: str, staleness: int) -> None:
         """Set the consistency mode on every server before the tasks join."""
+        if self.page is not None:
+            self.page.run["staleness"] = staleness
         self.client.configure(
             consistency,
             staleness,
@@ -291,6 +336,8 @@ class DriverRun:
         a hang as :class:`PSTimeoutError`.
         """
         description = f"tensorspark {self.name}: {what}"
+        # The Spark UI shows where to follow the job; errors keep the short form.
+        shown = description + (f" (status: {self.status_url})" if self.status_url else "")
         group = f"tensorspark-{self.run_id}-{epoch}-{what.replace(' ', '_')}"
         keeps = "the parameter servers keep" if self.servers else "the parameter server keeps"
         guard = _jvm.guard(self.sc, description, note=f"{keeps} the model trained so far")
@@ -301,7 +348,9 @@ class DriverRun:
             self.bar.start_epoch(progress_label)
         started = time.monotonic()
         try:
-            with guard, spark.job_group(self.sc, group, description), watch:
+            if self.page is not None:
+                self.page.phase = what
+            with guard, spark.job_group(self.sc, group, shown), watch:
                 results = job()
         except Exception as e:  # noqa: BLE001 - translated, original chained
             self.bar.end_epoch("stopped", 0)
@@ -309,6 +358,9 @@ class DriverRun:
             if isinstance(e, TensorSparkError):
                 raise
             spark.raise_task_error(e, description)
+        finally:
+            if self.page is not None:
+                self.page.phase = f"{what}: ended"
         return results, time.monotonic() - started
 
     def end_epoch(

@@ -59,6 +59,13 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
         ht = out["hang_timeout"]
         if ht is not None and not (_is_number(ht) and ht > 0):
             raise TensorSparkValueError(f"hang_timeout must be > 0 seconds or None, got {ht!r}")
+    if out.get("ui_port") is not None:
+        port = out["ui_port"]
+        if not _is_int(port) or not 0 <= port <= 65535:
+            raise TensorSparkValueError(
+                "ui_port must be None (no status page), 0 (a free port) or a port number "
+                f"1..65535, got {port!r}"
+            )
     threads = out.get("threads")
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise TensorSparkValueError(

@@ -20,11 +20,15 @@ from ..errors import TensorSparkError, TensorSparkValueError
 
 log = logging.getLogger("tensorspark")
 
-_WORKER_KEY = re.compile(r'^worker_(steps|samples|loss_f64)\{partition="(\d+)",attempt="(\d+)"\}$')
+_WORKER_KEY = re.compile(r'^worker_(\w+)\{partition="(\d+)",attempt="(\d+)"\}$')
 
 
 def worker_progress(stats: dict[str, Any]) -> dict[tuple[int, int], dict[str, float]]:
-    """Per ``(partition, attempt)``: the steps, samples and loss it reported."""
+    """Per live ``(partition, attempt)``: its ``worker_*`` keys, without the prefix.
+
+    For example ``steps``, ``samples`` and ``loss_f64`` (what it reported),
+    ``clock``, ``staleness`` and ``progress_age_ms`` (what the server saw).
+    """
     out: dict[tuple[int, int], dict[str, float]] = {}
     for key, value in stats.items():
         m = _WORKER_KEY.match(key)

@@ -115,6 +115,13 @@ class SparkSession:
         (``step`` = the run's number) its loss, samples/s and staleness. The
         MLflow run ends at :meth:`close`, ``FAILED`` if a run raised. A TF1
         graph is not logged as a model (use :meth:`export_saved_model`).
+    ui_port : int, optional
+        Serve a live status page of the run from the driver (each worker's
+        clock, steps, samples/s, loss curve and staleness; the server's
+        traffic, refused frames and snapshots; docs/status_page.md). 0 picks
+        a free port. The URL (with a token derived from the secret) is
+        printed, logged, kept in :attr:`status_url` and added to the Spark
+        job descriptions. None: off.
     connect_timeout, io_timeout : float
         Seconds allowed to reach the server, and for any single transfer.
     heartbeat_timeout : float
@@ -162,6 +169,7 @@ class SparkSession:
         progress: bool = True,
         log_dir: str | None = None,
         mlflow: Any = False,
+        ui_port: int | None = None,
         connect_timeout: float = 30.0,
         io_timeout: float = 300.0,
         heartbeat_timeout: float = 30.0,
@@ -206,6 +214,7 @@ class SparkSession:
         self.server_host, self.server_port = self._run.host, self._run.port
         self.servers = self._run.servers
         self.secret = self._run.secret
+        self.status_url: str | None = self._run.status_url
 
     @property
     def server(self) -> ParameterServer | None:

@@ -417,6 +417,12 @@ TEST_F(ModesTest, MetricsStalenessAndPrometheusEndpoint) {
   EXPECT_EQ(stats["staleness_bucket{le=\"2\"}"], 3u);
   EXPECT_EQ(stats["staleness_bucket{le=\"+Inf\"}"], 3u);
   EXPECT_EQ(stats["refused{reason=\"fenced\"}"], 0u);
+  // Per member: the last push's staleness, and sum and count.
+  EXPECT_EQ(stats["worker_staleness{partition=\"0\",attempt=\"0\"}"], 0u);
+  EXPECT_EQ(stats["worker_staleness_count{partition=\"0\",attempt=\"0\"}"], 1u);
+  EXPECT_EQ(stats["worker_staleness{partition=\"1\",attempt=\"0\"}"], 2u);
+  EXPECT_EQ(stats["worker_staleness_sum{partition=\"1\",attempt=\"0\"}"], 3u);
+  EXPECT_EQ(stats["worker_staleness_count{partition=\"1\",attempt=\"0\"}"], 2u);
 
   std::string page = HttpGet(static_cast<uint16_t>(server_->metrics_port()), "/metrics");
   EXPECT_NE(page.find("200 OK"), std::string::npos) << page;
@@ -425,6 +431,37 @@ TEST_F(ModesTest, MetricsStalenessAndPrometheusEndpoint) {
       << page;
   EXPECT_NE(page.find("tensorspark_staleness_bucket{le=\"+Inf\"} 3"), std::string::npos) << page;
   EXPECT_NE(page.find("tensorspark_members 2"), std::string::npos) << page;
+  EXPECT_NE(page.find("tensorspark_worker_staleness{partition=\"1\",attempt=\"0\"} 2"),
+            std::string::npos)
+      << page;
+}
+
+// Sync rounds count each member's staleness too; each fenced attempt counts
+// once in workers_fenced, however many of its frames are refused.
+TEST_F(ModesTest, PerWorkerStalenessInSyncAndFencedAttemptsCountedOnce) {
+  StartRun(ConsistencyMode::kSync);
+  auto a = Worker(0), b = Worker(1);
+  float w;
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_TRUE(PullW(a.get(), &w).ok());
+    ASSERT_TRUE(PullW(b.get(), &w).ok());
+    ASSERT_TRUE(PushDelta(a.get(), 1).ok());
+    ASSERT_TRUE(PushDelta(b.get(), 1).ok());
+  }
+  auto stats = StatsMap();
+  EXPECT_EQ(stats["worker_staleness_count{partition=\"0\",attempt=\"0\"}"], 2u);
+  EXPECT_EQ(stats["worker_staleness_count{partition=\"1\",attempt=\"0\"}"], 2u);
+  EXPECT_EQ(stats["worker_staleness_sum{partition=\"1\",attempt=\"0\"}"], 0u);
+  EXPECT_EQ(stats["workers_fenced"], 0u);
+
+  auto retry = Worker(1, 1);  // fences attempt 0 of partition 1
+  EXPECT_EQ(PushDelta(b.get(), 1).code(), StatusCode::kFenced);
+  EXPECT_EQ(PushDelta(b.get(), 1).code(), StatusCode::kFenced);
+  EXPECT_EQ(b->Join(nullptr).code(), StatusCode::kFenced);
+  stats = StatsMap();
+  EXPECT_EQ(stats["refused{reason=\"fenced\"}"], 3u);
+  EXPECT_EQ(stats["workers_fenced"], 1u);
+  EXPECT_EQ(stats["worker_staleness_count{partition=\"1\",attempt=\"1\"}"], 0u);
 }
 
 TEST_F(ModesTest, RefusedFramesAreCountedByReason) {

@@ -279,8 +279,8 @@ TEST(ServerTest, StatsCountTraffic) {
   EXPECT_GT(m["bytes_out"], 100u);
   EXPECT_EQ(m["errors"], 0u);
   EXPECT_EQ(m["auth_failures"], 0u);
-  // Plus the 4 snapshot keys and restores, members, workers_lost, workers_retried, mode,
-  // sync_round, 8 staleness
+  // Plus the 4 snapshot keys and restores, members, workers_lost, workers_retried,
+  // workers_fenced, mode, sync_round, 8 staleness
   // buckets, staleness_sum and _count, and 6 refused{reason} counters (no
   // member: no worker_* keys), and the 6 sparse-table totals (no table: no
   // table_*{table=...} keys).
@@ -291,7 +291,8 @@ TEST(ServerTest, StatsCountTraffic) {
   EXPECT_EQ(m["refused{reason=\"auth\"}"], 0u);
   EXPECT_EQ(m["workers_lost"], 0u);
   EXPECT_EQ(m["restores"], 0u);
-  EXPECT_EQ(m.size(), 12u + 5u + 5u + 8u + 2u + 6u + 6u);
+  EXPECT_EQ(m["workers_fenced"], 0u);
+  EXPECT_EQ(m.size(), 12u + 5u + 6u + 8u + 2u + 6u + 6u);
 }
 
 }  // namespace
