@@ -195,7 +195,7 @@ def test_regressor_prediction_is_a_double(spark):
     df = spark.createDataFrame(rows, "features array<double>, label double").repartition(2)
     keras.utils.set_random_seed(14)
     model = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(1)])
-    model.compile(keras.optimizers.Adam(0.1), "mse")
+    model.compile(keras.optimizers.SGD(0.2), "mse")
     fitted = KerasRegressor(model=model, **_common()).fit(df)
     assert isinstance(fitted, KerasRegressionModel)
     out = fitted.transform(df)
@@ -212,9 +212,10 @@ def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df
 
     from tensorspark.ml import KerasClassificationModel, KerasClassifier
 
-    df = VectorAssembler(inputCols=["a", "b", "c", "d"], outputCol="features").transform(
-        StringIndexer(inputCol="species", outputCol="label").fit(species_df).transform(species_df)
-    )
+    indexed = StringIndexer(inputCol="species", outputCol="label").fit(species_df)
+    assembler = VectorAssembler(inputCols=["a", "b", "c", "d"], outputCol="features")
+    # One partition: one task (and one model trace) per fit and per evaluation.
+    df = assembler.transform(indexed.transform(species_df)).coalesce(1)
     starts, epochs_run = [], []
 
     class Record(keras.callbacks.Callback):
@@ -309,6 +310,8 @@ def test_model_outputs_that_fit_no_convention_are_refused():
         _spec.classifier_output(build(3, "sigmoid", "binary_crossentropy"))
     with pytest.raises(TensorSparkValueError, match="one-hot labels.*sparse_categorical"):
         _spec.classifier_output(build(3, "softmax", "categorical_crossentropy"))
+    with pytest.raises(TensorSparkValueError, match="one output unit per class"):
+        _spec.classifier_output(build(1, None, "sparse_categorical_crossentropy"))
     with pytest.raises(TensorSparkValueError, match="outputKind must be one of"):
         _spec.classifier_output(build(3, "softmax", "mse"), "probs")
     with pytest.raises(TensorSparkValueError, match="one output value per row; this one gives 3"):

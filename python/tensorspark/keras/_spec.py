@@ -324,6 +324,12 @@ def classifier_output(model: Any, requested: str = "auto") -> tuple[str, int]:
             "labels are class indices (0.0, 1.0, ...), so compile with "
             "sparse_categorical_crossentropy instead"
         )
+    if loss.startswith("sparsecategorical") and width < 2:
+        raise TensorSparkValueError(
+            f"{who}: a sparse categorical loss needs one output unit per class; this model has "
+            "one. End with Dense(n_classes), or with Dense(1, activation='sigmoid') and "
+            "binary_crossentropy for two classes"
+        )
     if from_logits or activation == "log_softmax":
         return "logits", width
     if activation == "softmax" and width >= 2:
