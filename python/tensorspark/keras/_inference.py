@@ -48,7 +48,7 @@ class OutputColumns:
 
     def names(self) -> list[str]:
         if self.kind in ("raw", "regression"):
-            return [self.prediction]
+            return [self.prediction] if self.prediction else []
         return [c for c in (self.raw_prediction, self.probability, self.prediction) if c]
 
     def fields(self) -> list[Any]:
@@ -279,6 +279,11 @@ def predict(
     if not output.names():
         raise TensorSparkValueError(
             "predict: every output column name is empty; name at least one (predictionCol)"
+        )
+    if len(set(output.names())) < len(output.names()):
+        raise TensorSparkValueError(
+            f"predict: the output columns {output.names()} repeat a name; give each its own "
+            "(rawPredictionCol, probabilityCol, predictionCol)"
         )
     for name in output.names():
         if name in df.columns:
