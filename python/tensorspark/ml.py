@@ -229,13 +229,13 @@ class KerasEstimator(Estimator, _KerasParams):
 
     @model.setter
     def model(self, value: Any) -> None:
-        from .keras import _spec
-
         self._model, self._initial = value, None
         # A compiled model is kept as it is now: later fits must not start
         # from weights an earlier fit trained. (No Keras import for a builder.)
         keras = sys.modules.get("keras")
         if keras is not None and isinstance(value, keras.Model):
+            from .keras import _spec
+
             self._initial = _spec.to_bytes(value)
 
     def getLearningRate(self) -> float | None:

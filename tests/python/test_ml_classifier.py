@@ -229,15 +229,15 @@ def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df
     model = _logits_model()
     initial = model.get_weights()
     est = KerasClassifier(
-        model=model, batchSize=32, syncInterval=4, fit_options={"progress": False}
+        model=model, epochs=2, batchSize=32, syncInterval=4, fit_options={"progress": False}
     )
     est.fit_options["callbacks"] = [Record()]
     # lr 1e-6 cannot leave the random start; 0.1 learns. The grid's epochs
-    # and batchSize override the estimator's (1 and 32).
+    # and batchSize override the estimator's (2 and 32).
     grid = (
         ParamGridBuilder()
         .addGrid(est.learningRate, [1e-6, 0.1])
-        .addGrid(est.epochs, [2])
+        .addGrid(est.epochs, [1])
         .addGrid(est.batchSize, [16])
         .build()
     )
@@ -252,7 +252,7 @@ def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df
     assert isinstance(cv_model.bestModel, KerasClassificationModel)
     assert cv_model.bestModel.getOutputKind() == "logits"
     # 2 folds x 2 points, then the best point on all rows: each from the same start.
-    assert len(starts) == 5 and epochs_run == [2] * 5
+    assert len(starts) == 5 and epochs_run == [1] * 5
     for start in starts:
         for a, b in zip(start, initial, strict=True):
             np.testing.assert_array_equal(a, b)
