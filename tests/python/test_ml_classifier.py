@@ -331,3 +331,22 @@ def test_binary_logits_become_sigmoid_probabilities():
     assert cols.names() == ["rawPrediction", "probability", "prediction"]
     skip = OutputColumns("logits", "prediction", 1, "", "probability")
     assert skip.names() == ["probability", "prediction"] and len(skip.arrays(z)) == 2
+
+
+def test_class_labels_are_fed_as_the_loss_needs_and_checked():
+    import pyarrow as pa
+
+    from tensorspark.runtime.feed import class_labels
+
+    doubles = pa.array([0.0, 2.0, 1.0])
+    got = class_labels(doubles, "label", 3, as_int=True)
+    assert got.dtype == np.int64 and got.tolist() == [0, 2, 1]
+    got = class_labels(pa.array([1, 0], pa.int64()), "label", 2, as_int=False)
+    assert got.dtype == np.float32 and got.tolist() == [1.0, 0.0]
+    for bad, what in (([0.0, 3.0], "3.0 in row 1"), ([float("nan")], "nan in row 0")):
+        with pytest.raises(TensorSparkValueError, match=f"label column 'y' has {what}.*0.0, 1.0"):
+            class_labels(pa.array(bad), "y", 3, as_int=True)
+    with pytest.raises(TensorSparkValueError, match="label column 'y' has a null in row 1"):
+        class_labels(pa.array([1.0, None]), "y", 3, as_int=True)
+    with pytest.raises(TensorSparkValueError, match="one class index per row"):
+        class_labels(pa.array([[1.0]]), "y", 3, as_int=True)
