@@ -192,7 +192,8 @@ def test_regressor_prediction_is_a_double(spark):
     x = rng.normal(size=(200, DIM))
     target = x @ np.array([0.5, -0.3, 0.2, 0.1]) + 0.05 * rng.normal(size=200)
     rows = [(x[i].tolist(), float(target[i])) for i in range(len(x))]
-    df = spark.createDataFrame(rows, "features array<double>, label double").repartition(2)
+    # One task: no race between pushes, so the fit (and r2) is the same every run.
+    df = spark.createDataFrame(rows, "features array<double>, label double").coalesce(1)
     keras.utils.set_random_seed(14)
     model = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.2), "mse")
@@ -201,7 +202,7 @@ def test_regressor_prediction_is_a_double(spark):
     out = fitted.transform(df)
     assert isinstance(out.schema["prediction"].dataType, DoubleType)
     r2 = RegressionEvaluator(metricName="r2").evaluate(out)
-    assert r2 > 0.8
+    assert r2 > 0.95
 
 
 def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df):
