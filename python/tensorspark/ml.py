@@ -15,10 +15,12 @@ inference (:func:`tensorspark.keras.predict`):
   ``CrossValidator`` and ``TrainValidationSplit`` read them. The model may
   end in softmax, in one sigmoid unit (binary), or give logits (a loss
   with ``from_logits=True``); ``outputKind`` says which when that cannot
-  be told from the model. ``probability = softmax(rawPrediction)`` in
-  every case: binary gives ``[1 - p, p]`` and ``[-z, z]`` (``z`` the
-  log-odds, as LogisticRegression); a probability output's margins are
-  its log (probabilities clipped to ``[1e-15, 1 - 1e-15]`` first).
+  be told from the model. Several classes: ``rawPrediction`` is the
+  logits (for a probability output, its log, the probabilities clipped
+  to ``[1e-15, 1]`` first) and ``probability = softmax(rawPrediction)``.
+  One unit (binary), as LogisticRegression: ``probability`` is
+  ``[1 - p, p]`` and ``rawPrediction`` is ``[-z, z]``, ``z`` the log-odds
+  (``p`` clipped to ``[1e-15, 1 - 1e-15]`` first for a sigmoid output).
   Labels are class indices, doubles as ``StringIndexer`` gives them,
   checked in the tasks and fed as int64 for a sparse categorical loss.
 - ``KerasRegressionModel``: ``prediction``, a double.

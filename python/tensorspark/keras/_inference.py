@@ -89,11 +89,11 @@ class OutputColumns:
 
 
 def _margins_and_probabilities(y: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``rawPrediction`` and ``probability`` rows, with softmax(raw) == probability.
+    """``rawPrediction`` and ``probability`` rows of a batch's output.
 
-    One unit is binary: ``[-z, z]`` and ``[1 - p, p]`` (``p = sigmoid(z)``),
-    as Spark's LogisticRegression. Otherwise the output's margins (logits)
-    and their softmax; for a probability output the margins are its log.
+    Several units: the logits and their softmax; for a probability output,
+    its log and itself. One unit is binary, as Spark's LogisticRegression:
+    ``[-z, z]`` and ``[1 - p, p]``, ``z`` the log-odds and ``p = sigmoid(z)``.
     """
     if y.shape[1] == 1:
         if logits:
