@@ -1,10 +1,37 @@
-"""Spark ML pipeline stages for Keras models: :class:`KerasEstimator` and
-:class:`KerasModel`.
+"""Spark ML pipeline stages for Keras models.
 
-``KerasEstimator.fit(df)`` trains with :func:`tensorspark.keras.fit`;
-``KerasModel.transform(df)`` adds a prediction column by batched,
-distributed inference (:func:`tensorspark.keras.predict`). A fitted
-``KerasModel`` saves and loads like any Spark ML model
+Estimators: :class:`KerasEstimator` (any model), :class:`KerasClassifier`
+and :class:`KerasRegressor`; ``fit(df)`` trains with
+:func:`tensorspark.keras.fit` and returns :class:`KerasModel`,
+:class:`KerasClassificationModel` or :class:`KerasRegressionModel`, whose
+``transform(df)`` adds the prediction columns by batched, distributed
+inference (:func:`tensorspark.keras.predict`):
+
+- ``KerasModel``: ``prediction``, the model's raw output (a float, or an
+  array of floats).
+- ``KerasClassificationModel``: as Spark ML's classifiers,
+  ``rawPrediction`` (a vector of margins), ``probability`` (a vector) and
+  ``prediction`` (the class index, a double), so the evaluators,
+  ``CrossValidator`` and ``TrainValidationSplit`` read them. The model may
+  end in softmax, in one sigmoid unit (binary), or give logits (a loss
+  with ``from_logits=True``); ``outputKind`` says which when that cannot
+  be told from the model. Several classes: ``rawPrediction`` is the
+  logits (for a probability output, its log, the probabilities clipped
+  to ``[1e-15, 1]`` first) and ``probability = softmax(rawPrediction)``.
+  One unit (binary), as LogisticRegression: ``probability`` is
+  ``[1 - p, p]`` and ``rawPrediction`` is ``[-z, z]``, ``z`` the log-odds
+  (``p`` clipped to ``[1e-15, 1 - 1e-15]`` first for a sigmoid output).
+  Labels are class indices, doubles as ``StringIndexer`` gives them,
+  checked in the tasks and fed as int64 for a sparse categorical loss.
+- ``KerasRegressionModel``: ``prediction``, a double.
+
+Every fit starts from the model as the estimator was given it (a compiled
+model is kept as its ``.keras`` bytes; a builder function is called
+again), so the folds of a ``CrossValidator`` do not continue each other's
+training; ``copy`` gives an independent estimator. ``epochs``,
+``batchSize`` and ``learningRate`` are Params for ``ParamGridBuilder``.
+
+A fitted model saves and loads like any Spark ML model
 (``model.write().overwrite().save(path)``, ``KerasModel.load(path)``, or
 inside a ``PipelineModel``): the Params as Spark ML metadata JSON, the Keras
 model as its ``.keras`` bytes in a Parquet file beside it, so any
@@ -13,11 +40,21 @@ Hadoop-compatible path Spark can write works.
 
 from __future__ import annotations
 
+import functools
+import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import HasFeaturesCol, HasLabelCol, HasPredictionCol
+from pyspark.ml.param.shared import (
+    HasFeaturesCol,
+    HasLabelCol,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasRawPredictionCol,
+)
 from pyspark.ml.util import (
     DefaultParamsReader,
     DefaultParamsWriter,
@@ -57,8 +94,47 @@ class _KerasParams(HasFeaturesCol, HasLabelCol, HasPredictionCol):
         return self._set(predictionCol=value)
 
 
+class _ClassifierParams(HasRawPredictionCol, HasProbabilityCol):
+    outputKind: Param[str] = Param(
+        Params._dummy(),
+        "outputKind",
+        "what the model outputs: auto (told from its loss and last activation), "
+        "probabilities or logits",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(outputKind="auto")
+
+    def getOutputKind(self) -> str:
+        return self.getOrDefault(self.outputKind)
+
+    def setOutputKind(self, value: str) -> _ClassifierParams:
+        return self._set(outputKind=value)
+
+    def setRawPredictionCol(self, value: str) -> _ClassifierParams:
+        return self._set(rawPredictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> _ClassifierParams:
+        return self._set(probabilityCol=value)
+
+
+def _built_with_learning_rate(builder: Callable[[], Any], value: float) -> Any:
+    """Run the user's builder and set its optimizer's rate (in the driver and the tasks)."""
+    from .keras import _spec
+
+    model = builder()
+    _spec.check_compiled(model, "the model builder")
+    return _spec.set_learning_rate(model, value)
+
+
 class KerasEstimator(Estimator, _KerasParams):
     """Train a Keras model on a DataFrame as a Spark ML estimator.
+
+    Each fit trains a fresh copy of the model as given (see the module
+    docstring), so the estimator can be fitted again, copied and searched
+    by ``CrossValidator``.
 
     Parameters
     ----------
@@ -72,6 +148,9 @@ class KerasEstimator(Estimator, _KerasParams):
         ``"async"``, ``"sync"`` or ``"ssp"``.
     update : str
         ``"delta"`` or ``"gradient"``.
+    learningRate : float, optional
+        The optimizer's learning rate for this fit; default the compiled
+        optimizer's.
     fit_options : dict, optional
         Further keyword arguments for :func:`tensorspark.keras.fit`
         (``callbacks``, ``validation_data``, ``log_dir``, ``progress``...);
@@ -102,6 +181,12 @@ class KerasEstimator(Estimator, _KerasParams):
     update: Param[str] = Param(
         Params._dummy(), "update", "delta or gradient", typeConverter=TypeConverters.toString
     )
+    learningRate: Param[float] = Param(
+        Params._dummy(),
+        "learningRate",
+        "the optimizer's learning rate (default: the compiled optimizer's)",
+        typeConverter=TypeConverters.toFloat,
+    )
 
     def __init__(
         self,
@@ -116,6 +201,7 @@ class KerasEstimator(Estimator, _KerasParams):
         consistency: str = "async",
         staleness: int = 0,
         update: str = "delta",
+        learningRate: float | None = None,
         fit_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -133,21 +219,79 @@ class KerasEstimator(Estimator, _KerasParams):
             staleness=staleness,
             update=update,
         )
+        if learningRate is not None:
+            self._set(learningRate=learningRate)
         self.model = model
         self.fit_options = dict(fit_options or {})
         self.history = None  # the History of the last fit
 
+    @property
+    def model(self) -> Any:
+        """The compiled model or builder function that every fit starts from."""
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model, self._initial = value, None
+        # A compiled model is kept as it is now: later fits must not start
+        # from weights an earlier fit trained. (No Keras import for a builder.)
+        keras = sys.modules.get("keras")
+        if keras is not None and isinstance(value, keras.Model):
+            from .keras import _spec
+
+            self._initial = _spec.to_bytes(value)
+
+    def getLearningRate(self) -> float | None:
+        """The learning rate set for fits, or None (the compiled optimizer's)."""
+        return self.getOrDefault(self.learningRate) if self.isDefined(self.learningRate) else None
+
+    def setLearningRate(self, value: float) -> KerasEstimator:
+        return self._set(learningRate=value)
+
+    def copy(self, extra: dict[Param, Any] | None = None) -> KerasEstimator:
+        """A copy with its own ``fit_options`` and history (and ``extra`` Params)."""
+        that = super().copy(extra)
+        that.fit_options = dict(self.fit_options)
+        that.history = None
+        return that
+
+    def _model_for_fit(self) -> Any:
+        """A fresh compiled model (or builder) for one fit, at this fit's learning rate."""
+        from .keras import _spec
+
+        name = type(self).__name__
+        if self._model is None:
+            raise TensorSparkValueError(
+                f"{name} needs a model: {name}(model=<compiled keras.Model or builder function>)"
+            )
+        lr = self.getLearningRate()
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise TensorSparkValueError(f"{name}: learningRate must be > 0, got {lr!r}")
+        if self._initial is not None:
+            model = _spec.from_bytes(self._initial, self.fit_options.get("custom_objects"))
+            _spec.check_compiled(model, name)
+            return model if lr is None else _spec.set_learning_rate(model, lr)
+        if lr is None or not callable(self._model):
+            return self._model  # fit() refuses what is neither a model nor a builder
+        return functools.partial(_built_with_learning_rate, self._model, lr)
+
+    def _fit_output(self) -> str | None:
+        """What ``fit`` checks of the model and its labels (see ``keras._fit._label_kind``)."""
+        return None
+
+    def _fitted(self, model: Any) -> KerasModel:
+        return KerasModel(
+            model,
+            featuresCol=self.getOrDefault(self.featuresCol),
+            predictionCol=self.getOrDefault(self.predictionCol),
+        )
+
     def _fit(self, dataset: Any) -> KerasModel:
         from .keras import fit
 
-        if self.model is None:
-            raise TensorSparkValueError(
-                "KerasEstimator needs a model: KerasEstimator(model=<compiled keras.Model or "
-                "builder function>)"
-            )
         get = self.getOrDefault
         model, self.history = fit(
-            self.model,
+            self._model_for_fit(),
             dataset,
             features_col=get(self.featuresCol),
             label_col=get(self.labelCol),
@@ -157,10 +301,79 @@ class KerasEstimator(Estimator, _KerasParams):
             consistency=get(self.consistency),
             staleness=get(self.staleness),
             update=get(self.update),
+            _output=self._fit_output(),
             **self.fit_options,
         )
-        return KerasModel(
-            model, featuresCol=get(self.featuresCol), predictionCol=get(self.predictionCol)
+        return self._fitted(model)
+
+
+class KerasClassifier(KerasEstimator, _ClassifierParams):
+    """A Keras model as a Spark ML classifier.
+
+    Takes :class:`KerasEstimator`'s parameters and these:
+
+    Parameters
+    ----------
+    rawPredictionCol, probabilityCol : str
+        The vector columns the fitted model adds (``rawPrediction``,
+        ``probability``); an empty name skips one.
+    outputKind : {"auto", "probabilities", "logits"}
+        What the model outputs; ``"auto"`` tells it from the compiled loss
+        (``from_logits=True``: logits) and the last activation (softmax or
+        one sigmoid unit: probabilities) and refuses an ambiguous model.
+
+    The label column holds class indices (0.0, 1.0, ...; e.g. from
+    ``StringIndexer``); compile with ``sparse_categorical_crossentropy`` (n
+    outputs) or ``binary_crossentropy`` (one output).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        rawPredictionCol: str = "rawPrediction",
+        probabilityCol: str = "probability",
+        outputKind: str = "auto",
+        **params: Any,
+    ) -> None:
+        super().__init__(model, **params)
+        self._set(
+            rawPredictionCol=rawPredictionCol, probabilityCol=probabilityCol, outputKind=outputKind
+        )
+
+    def _fit_output(self) -> str | None:
+        return self.getOutputKind()
+
+    def _fitted(self, model: Any) -> KerasClassificationModel:
+        from .keras import _spec
+
+        kind, _ = _spec.classifier_output(model, self.getOutputKind())
+        get = self.getOrDefault
+        return KerasClassificationModel(
+            model,
+            featuresCol=get(self.featuresCol),
+            predictionCol=get(self.predictionCol),
+            rawPredictionCol=get(self.rawPredictionCol),
+            probabilityCol=get(self.probabilityCol),
+            outputKind=kind,
+        )
+
+
+class KerasRegressor(KerasEstimator):
+    """A Keras model with one output value per row as a Spark ML regressor.
+
+    Takes :class:`KerasEstimator`'s parameters; the fitted model's
+    ``prediction`` is a double.
+    """
+
+    def _fit_output(self) -> str | None:
+        return "regression"
+
+    def _fitted(self, model: Any) -> KerasRegressionModel:
+        return KerasRegressionModel(
+            model,
+            featuresCol=self.getOrDefault(self.featuresCol),
+            predictionCol=self.getOrDefault(self.predictionCol),
         )
 
 
@@ -198,9 +411,15 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         """Times a Python worker loaded the model in the last transform's jobs."""
         return 0 if self._loads is None else int(self._loads.value)
 
+    def _output_columns(self) -> Any:
+        """The columns ``transform`` adds (``keras._inference.OutputColumns``); None: raw."""
+        return None
+
     def _transform(self, dataset: Any) -> Any:
         from .keras import predict
 
+        if self.model is None:
+            raise TensorSparkValueError(f"{type(self).__name__}.transform: there is no model")
         self._loads = dataset.sparkSession.sparkContext.accumulator(0)
         return predict(
             self.model,
@@ -209,6 +428,7 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
             prediction_col=self.getOrDefault(self.predictionCol),
             batch_size=self.getBatchSize(),
             load_counter=self._loads,
+            _output=self._output_columns(),
         )
 
     def write(self) -> MLWriter:
@@ -217,6 +437,70 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
     @classmethod
     def read(cls) -> MLReader:
         return _KerasModelReader(cls)
+
+
+class KerasClassificationModel(KerasModel, _ClassifierParams):
+    """A trained Keras classifier: ``transform`` adds Spark ML's classifier columns.
+
+    ``rawPredictionCol`` and ``probabilityCol`` (vectors; an empty name
+    skips one) and ``predictionCol`` (the class index, a double); see the
+    module docstring for how each output kind maps onto them.
+
+    Parameters
+    ----------
+    model : keras.Model
+        The trained model.
+    featuresCol, predictionCol, rawPredictionCol, probabilityCol : str
+        Input and output columns.
+    outputKind : {"auto", "probabilities", "logits"}
+        What the model outputs (a fitted model has it resolved).
+    batchSize : int
+        Rows per inference batch.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        rawPredictionCol: str = "rawPrediction",
+        probabilityCol: str = "probability",
+        outputKind: str = "auto",
+        **params: Any,
+    ) -> None:
+        super().__init__(model, **params)
+        self._set(
+            rawPredictionCol=rawPredictionCol, probabilityCol=probabilityCol, outputKind=outputKind
+        )
+
+    @property
+    def numClasses(self) -> int:
+        """The number of classes (2 for a model with one output unit)."""
+        from .keras import _spec
+
+        return max(2, _spec.output_width(self.model, "KerasClassificationModel"))
+
+    def _output_columns(self) -> Any:
+        from .keras import _inference, _spec
+
+        kind, width = _spec.classifier_output(self.model, self.getOutputKind())
+        get = self.getOrDefault
+        return _inference.OutputColumns(
+            kind,
+            get(self.predictionCol),
+            width,
+            raw_prediction=get(self.rawPredictionCol),
+            probability=get(self.probabilityCol),
+        )
+
+
+class KerasRegressionModel(KerasModel):
+    """A trained Keras regressor: ``transform`` adds ``predictionCol`` as a double."""
+
+    def _output_columns(self) -> Any:
+        from .keras import _inference, _spec
+
+        _spec.regression_output(self.model)
+        return _inference.OutputColumns("regression", self.getOrDefault(self.predictionCol))
 
 
 class _KerasModelWriter(MLWriter):
@@ -228,7 +512,9 @@ class _KerasModelWriter(MLWriter):
         from .keras import _spec
 
         if self.instance.model is None:
-            raise TensorSparkValueError("KerasModel.save: there is no model to save")
+            raise TensorSparkValueError(
+                f"{type(self.instance).__name__}.save: there is no model to save"
+            )
         DefaultParamsWriter.saveMetadata(self.instance, path, self.sparkSession)
         blob = _spec.to_bytes(self.instance.model)
         frame = self.sparkSession.createDataFrame([(bytearray(blob),)], "keras binary")
@@ -249,7 +535,8 @@ class _KerasModelReader(MLReader):
         rows = self.sparkSession.read.parquet(f"{path.rstrip('/')}/{_MODEL_DIR}").collect()
         if len(rows) != 1:
             raise TensorSparkValueError(
-                f"KerasModel.load: {path}/{_MODEL_DIR} should hold one model, found {len(rows)}"
+                f"{self.cls.__name__}.load: {path}/{_MODEL_DIR} should hold one model, found "
+                f"{len(rows)}"
             )
         instance.model = _spec.from_bytes(bytes(rows[0]["keras"]))
         return instance

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -91,6 +91,7 @@ class _Data:
     rows: int  # 0 when unknown (RDDs are not counted)
     partitions: int  # the tasks of an epoch
     inputs: tuple[feed.InputColumn, ...] = ()  # one per model input (several inputs, tables)
+    classes: int = 0  # > 0: the label is a class index below it (a classifier)
 
 
 def _prepare(
@@ -329,6 +330,7 @@ class _Fit:
             inputs=data.inputs,
             input_names=tuple(n for n, _, _ in inputs) if data.inputs else (),
             input_shapes=tuple(s for _, s, _ in inputs) if data.inputs else (),
+            label_classes=data.classes,
         )
 
     def job(self, fn: Any, data: _Data, cfg: task.TaskConfig) -> Any:
@@ -479,6 +481,7 @@ def fit(
     heartbeat_timeout: float = 30.0,
     wait_timeout: float = 240.0,
     hang_timeout: float | None = 600.0,
+    _output: str | None = None,
 ) -> FitResult:
     """Train a Keras 3 model on a Spark DataFrame or RDD across Spark tasks.
 
@@ -670,10 +673,11 @@ def fit(
     """
     opts = _options(locals())
     model, builder = _spec.resolve(model, "fit")
-    train = _prepare(data, features_col, label_col, "training", num_workers, model)
+    labels = _label_kind(model, _output)
+    train = labels(_prepare(data, features_col, label_col, "training", num_workers, model))
     if validation_data is not None and not isinstance(validation_data, tuple):
-        opts["_validation"] = _prepare(
-            validation_data, features_col, label_col, "validation", None, model
+        opts["_validation"] = labels(
+            _prepare(validation_data, features_col, label_col, "validation", None, model)
         )
     fit_ = _Fit(model, builder, train, opts)
     try:
@@ -683,6 +687,25 @@ def fit(
         raise
     finally:
         fit_.run.close()
+
+
+def _label_kind(model: Any, output: str | None) -> Any:
+    """What the Spark ML stage needs of the model and its labels (``_output``).
+
+    ``"regression"``: one output value per row. A classifier's output kind
+    (``"auto"``, ``"probabilities"``, ``"logits"``): the labels are class
+    indices, checked in the tasks and fed as int64 for a sparse categorical
+    loss (Spark ML's double labels included).
+    """
+    if output is None:
+        return lambda data: data
+    if output == "regression":
+        _spec.regression_output(model)
+        return lambda data: data
+    _, width = _spec.classifier_output(model, output)
+    classes = max(2, width)
+    sparse = _spec.sparse_loss(model)
+    return lambda data: replace(data, classes=classes, integral_label=sparse or data.integral_label)
 
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:

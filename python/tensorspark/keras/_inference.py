@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,111 @@ from . import _spec
 # Models loaded in this Python worker, by the driver's key (the newest few).
 _LOADED: dict[str, Any] = {}
 _KEEP = 2
+
+
+# Probabilities are clipped to [_TINY, 1 - _TINY] before their log, so margins stay finite.
+_TINY = 1e-15
+
+
+@dataclass(frozen=True)
+class OutputColumns:
+    """The columns ``predict`` adds, computed from each batch's model output.
+
+    ``kind``: ``"raw"`` (the output as it is: a float, or an array of
+    floats), ``"regression"`` (a double), or a classifier's
+    ``"probabilities"`` / ``"logits"``: ``rawPrediction`` (margins, a
+    vector), ``probability`` (a vector) and ``prediction`` (the class
+    index, a double), as Spark ML's classifiers. An empty name skips that
+    column, as in Spark ML.
+    """
+
+    kind: str
+    prediction: str
+    width: int = 1  # output values per row
+    raw_prediction: str = ""
+    probability: str = ""
+
+    def names(self) -> list[str]:
+        if self.kind in ("raw", "regression"):
+            return [self.prediction] if self.prediction else []
+        return [c for c in (self.raw_prediction, self.probability, self.prediction) if c]
+
+    def fields(self) -> list[Any]:
+        """The new columns' Spark fields, in :meth:`names` order."""
+        from pyspark.ml.linalg import VectorUDT
+        from pyspark.sql.types import ArrayType, DoubleType, FloatType, StructField
+
+        if self.kind == "raw":
+            kind = FloatType() if self.width == 1 else ArrayType(FloatType(), False)
+            return [StructField(self.prediction, kind, False)]
+        if self.kind == "regression":
+            return [StructField(self.prediction, DoubleType(), False)]
+        vector = {self.raw_prediction, self.probability}
+        return [
+            StructField(c, VectorUDT() if c in vector else DoubleType(), False)
+            for c in self.names()
+        ]
+
+    def arrays(self, y: np.ndarray) -> list[Any]:
+        """The new columns from a batch's output ``y`` (rows, width), as Arrow arrays."""
+        import pyarrow as pa
+
+        if self.kind == "raw":
+            if self.width == 1:
+                return [pa.array(y[:, 0], type=pa.float32())]
+            return [_lists(pa, y, pa.float32())]
+        if self.kind == "regression":
+            return [pa.array(y[:, 0].astype(np.float64), type=pa.float64())]
+        raw, prob = _margins_and_probabilities(y.astype(np.float64), self.kind == "logits")
+        by_name = {
+            self.raw_prediction: lambda: _dense_vectors(pa, raw),
+            self.probability: lambda: _dense_vectors(pa, prob),
+            self.prediction: lambda: pa.array(
+                np.argmax(prob, axis=1).astype(np.float64), type=pa.float64()
+            ),
+        }
+        return [by_name[c]() for c in self.names()]
+
+
+def _margins_and_probabilities(y: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``rawPrediction`` and ``probability`` rows of a batch's output.
+
+    Several units: the logits and their softmax; for a probability output,
+    its log and itself. One unit is binary, as Spark's LogisticRegression:
+    ``[-z, z]`` and ``[1 - p, p]``, ``z`` the log-odds and ``p = sigmoid(z)``.
+    """
+    if y.shape[1] == 1:
+        if logits:
+            z = y[:, 0]
+            p = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow
+        else:
+            p = y[:, 0]
+            q = np.clip(p, _TINY, 1.0 - _TINY)
+            z = np.log(q) - np.log1p(-q)
+        return np.stack([-z, z], axis=1), np.stack([1.0 - p, p], axis=1)
+    if logits:
+        e = np.exp(y - y.max(axis=1, keepdims=True))
+        return y, e / e.sum(axis=1, keepdims=True)
+    return np.log(np.clip(y, _TINY, None)), y
+
+
+def _lists(pa: Any, y: np.ndarray, kind: Any) -> Any:
+    offsets = pa.array(np.arange(0, y.size + 1, y.shape[1], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(y.ravel(), type=kind))
+
+
+def _dense_vectors(pa: Any, y: np.ndarray) -> Any:
+    """Rows of ``y`` as ``pyspark.ml.linalg`` dense vectors: VectorUDT's Arrow struct."""
+    n = len(y)
+    return pa.StructArray.from_arrays(
+        [
+            pa.array(np.ones(n, np.int8)),  # type 1: dense
+            pa.nulls(n, pa.int32()),  # size and indices: sparse vectors only
+            pa.nulls(n, pa.list_(pa.int32())),
+            _lists(pa, y, pa.float64()),
+        ],
+        names=["type", "size", "indices", "values"],
+    )
 
 
 def _model(key: str, blob: Any, custom_objects: Any, loads: Any) -> Any:
@@ -42,8 +148,7 @@ def _predict_batches(
     features: tuple[str, ...],
     input_shape: tuple[int, ...],
     batch_size: int,
-    output_name: str,
-    scalar: bool,
+    output: OutputColumns,
     batches: Iterator[Any],
 ) -> Iterator[Any]:
 
@@ -51,7 +156,7 @@ def _predict_batches(
     for batch in _rebatch(batches, batch_size):
         if model is None:
             model = _model(key, blob, custom_objects, loads)
-        yield _predict_batch(model, batch, features, input_shape, output_name, scalar)
+        yield _predict_batch(model, batch, features, input_shape, output)
 
 
 def _rebatch(batches: Iterator[Any], size: int) -> Iterator[Any]:
@@ -90,8 +195,7 @@ def _predict_batch(
     batch: Any,
     features: tuple[str, ...],
     input_shape: tuple[int, ...],
-    output_name: str,
-    scalar: bool,
+    output: OutputColumns,
 ) -> Any:
     import pyarrow as pa
 
@@ -105,13 +209,8 @@ def _predict_batch(
         x, _ = next(_feed.arrow_chunks([batch.select(list(features))], features, None, False))
         x = _feed.shape_features(x, input_shape, "predict")
     y = np.asarray(model.predict_on_batch(x), dtype=np.float32).reshape(batch.num_rows, -1)
-    if scalar:
-        column = pa.array(y[:, 0], type=pa.float32())
-    else:
-        offsets = pa.array(np.arange(0, y.size + 1, y.shape[1], dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(y.ravel(), type=pa.float32()))
     return pa.RecordBatch.from_arrays(
-        [*batch.columns, column], names=[*batch.schema.names, output_name]
+        [*batch.columns, *output.arrays(y)], names=[*batch.schema.names, *output.names()]
     )
 
 
@@ -125,6 +224,7 @@ def predict(
     custom_objects: dict[str, Any] | None = None,
     load_counter: Any = None,
     _blob: Any = None,
+    _output: OutputColumns | None = None,
 ) -> Any:
     """Add the model's predictions as a column, computed in Spark tasks.
 
@@ -160,7 +260,7 @@ def predict(
         ``df`` with ``prediction_col`` added (lazy, like any transformation).
     """
     import keras
-    from pyspark.sql.types import ArrayType, FloatType, StructField, StructType
+    from pyspark.sql.types import StructType
 
     if not isinstance(model, keras.Model):
         raise TensorSparkValueError(f"predict: expected a keras.Model, got {type(model).__name__}")
@@ -174,11 +274,23 @@ def predict(
     else:
         features = (features_col,) if isinstance(features_col, str) else tuple(features_col)
         _feed.check_columns(df.schema, features, None)
-    if prediction_col in df.columns:
+    out_dims = int(np.prod(model.output_shape[1:]))
+    output = _output or OutputColumns("raw", prediction_col, out_dims)
+    if not output.names():
         raise TensorSparkValueError(
-            f"predict: the DataFrame already has a column {prediction_col!r}; choose another "
-            "prediction_col"
+            "predict: every output column name is empty; name at least one (predictionCol)"
         )
+    if len(set(output.names())) < len(output.names()):
+        raise TensorSparkValueError(
+            f"predict: the output columns {output.names()} repeat a name; give each its own "
+            "(rawPredictionCol, probabilityCol, predictionCol)"
+        )
+    for name in output.names():
+        if name in df.columns:
+            raise TensorSparkValueError(
+                f"predict: the DataFrame already has a column {name!r}; choose another name "
+                "for that output column (or drop the column first)"
+            )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TensorSparkValueError(f"predict: batch_size must be an int >= 1, got {batch_size!r}")
     from ._fit import _input_shape
@@ -190,12 +302,9 @@ def predict(
             "shapes": tuple(sh for _, sh, _ in inputs),
             "inputs": columns,
         }
-    out_dims = int(np.prod(model.output_shape[1:]))
-    scalar = out_dims == 1
     spark = df.sparkSession
     blob = _blob if _blob is not None else spark.sparkContext.broadcast(_spec.to_bytes(model))
-    out_type = FloatType() if scalar else ArrayType(FloatType(), False)
-    schema = StructType([*df.schema.fields, StructField(prediction_col, out_type, False)])
+    schema = StructType([*df.schema.fields, *output.fields()])
     fn = functools.partial(
         _predict_batches,
         uuid.uuid4().hex,
@@ -205,8 +314,7 @@ def predict(
         features,
         input_shape,
         batch_size,
-        prediction_col,
-        scalar,
+        output,
     )
     # No session setting for the batch size: Spark reads those when the
     # (lazy) result runs, long after this returns, so one set here would

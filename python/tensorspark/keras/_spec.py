@@ -238,3 +238,138 @@ def fed_by_input(inputs: list[tuple[str, tuple[int | None, ...], str]], features
         or any(table for _, _, table in inputs)
         or not isinstance(features_col, str | list | tuple)
     )
+
+
+# -- Spark ML classifier and regressor outputs -------------------------------------------------
+
+OUTPUT_KINDS = ("auto", "probabilities", "logits")
+
+
+def _loss_info(loss: Any) -> tuple[str, bool]:
+    """The loss's name (lower case, no underscores) and whether it takes logits."""
+    import keras
+
+    if isinstance(loss, dict) and len(loss) == 1:
+        loss = next(iter(loss.values()))
+    if isinstance(loss, list | tuple) and len(loss) == 1:
+        loss = loss[0]
+    if isinstance(loss, str):
+        return loss.replace("_", "").lower(), False
+    if isinstance(loss, keras.losses.Loss):
+        cfg = loss.get_config()
+        name = getattr(loss, "fn", None)
+        name = getattr(name, "__name__", None) or cfg.get("name") or type(loss).__name__
+        return str(name).replace("_", "").lower(), bool(cfg.get("from_logits", False))
+    keywords = getattr(loss, "keywords", None) or {}  # functools.partial(loss, from_logits=True)
+    fn = getattr(loss, "func", loss)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return name.replace("_", "").lower(), bool(keywords.get("from_logits", False))
+
+
+def sparse_loss(model: Any) -> bool:
+    """Whether the model's loss takes class indices (sparse categorical)."""
+    return _loss_info(model.loss)[0].startswith("sparsecategorical")
+
+
+def _last_activation(model: Any) -> str:
+    """The name of the activation that produces the model's output ("linear" for none)."""
+    import keras
+
+    layer = model.outputs[0]._keras_history.operation if model.outputs else model.layers[-1]
+    while isinstance(layer, keras.Model) and layer.layers:  # a nested model's own last layer
+        layer = layer.outputs[0]._keras_history.operation if layer.outputs else layer.layers[-1]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return "linear" if isinstance(layer, keras.layers.Dense) else type(layer).__name__
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
+def output_width(model: Any, who: str) -> int:
+    """Values per row of the model's one output; a clear error for several outputs."""
+    shapes = model.output_shape
+    if isinstance(shapes, list | dict) or (shapes and isinstance(shapes[0], tuple | list)):
+        raise TensorSparkValueError(
+            f"{who} needs a model with one output; this one has {len(shapes)}"
+        )
+    if len(shapes) != 2 or shapes[1] is None:
+        raise TensorSparkValueError(
+            f"{who} needs a model whose output is one vector per row, shape (batch, n); this "
+            f"one's is {shapes}. Flatten it (keras.layers.Flatten) or end with a Dense layer"
+        )
+    return int(shapes[1])
+
+
+def classifier_output(model: Any, requested: str = "auto") -> tuple[str, int]:
+    """How a classifier reads the model's output: ``("probabilities" | "logits", width)``.
+
+    ``"auto"`` follows the compiled loss (``from_logits=True``: logits), then
+    the last layer's activation (softmax or one sigmoid unit: probabilities;
+    log_softmax: logits). Anything else is ambiguous and refused.
+    """
+    who = "KerasClassifier"
+    if requested not in OUTPUT_KINDS:
+        raise TensorSparkValueError(
+            f"{who}: outputKind must be one of {list(OUTPUT_KINDS)}, got {requested!r}"
+        )
+    width = output_width(model, who)
+    if requested != "auto":
+        return requested, width
+    loss, from_logits = _loss_info(getattr(model, "loss", None))
+    activation = _last_activation(model)
+    if loss.startswith("categorical"):
+        raise TensorSparkValueError(
+            f"{who}: the model is compiled with {loss!r}, which takes one-hot labels; Spark ML "
+            "labels are class indices (0.0, 1.0, ...), so compile with "
+            "sparse_categorical_crossentropy instead"
+        )
+    if loss.startswith("sparsecategorical") and width < 2:
+        raise TensorSparkValueError(
+            f"{who}: a sparse categorical loss needs one output unit per class; this model has "
+            "one. End with Dense(n_classes), or with Dense(1, activation='sigmoid') and "
+            "binary_crossentropy for two classes"
+        )
+    if from_logits or activation == "log_softmax":
+        return "logits", width
+    if activation == "softmax" and width >= 2:
+        return "probabilities", width
+    if activation == "sigmoid" and width == 1:
+        return "probabilities", width
+    if activation == "sigmoid":
+        raise TensorSparkValueError(
+            f"{who}: the model ends in {width} sigmoid units (multi-label); a classifier needs "
+            "softmax over the classes or one sigmoid unit (binary), or set "
+            "outputKind='probabilities' to take the output as it is"
+        )
+    raise TensorSparkValueError(
+        f"{who} cannot tell whether the model outputs probabilities or logits: its last "
+        f"activation is {activation!r} and its loss ({loss or 'none'}) has no "
+        "from_logits=True. End with softmax (or one sigmoid unit), compile the loss with "
+        "from_logits=True, or set outputKind='probabilities' or 'logits'"
+    )
+
+
+def regression_output(model: Any) -> None:
+    """Fail clearly unless the model gives one value per row."""
+    width = output_width(model, "KerasRegressor")
+    if width != 1:
+        raise TensorSparkValueError(
+            f"KerasRegressor needs a model with one output value per row; this one gives "
+            f"{width}. End it with keras.layers.Dense(1)"
+        )
+
+
+def set_learning_rate(model: Any, value: float) -> Any:
+    """Set the compiled optimizer's constant learning rate; returns the model."""
+    import keras
+
+    opt = model.optimizer
+    schedule = keras.optimizers.schedules.LearningRateSchedule
+    if isinstance(getattr(opt, "_learning_rate", None), schedule):
+        raise TensorSparkValueError(
+            f"learningRate={value}: the model's {type(opt).__name__} optimizer has a "
+            "learning-rate schedule; leave learningRate unset, or compile with a constant rate"
+        )
+    opt.learning_rate = float(value)
+    return model

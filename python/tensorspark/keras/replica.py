@@ -39,6 +39,7 @@ class ModelSpec:
     inputs: tuple[Any, ...] = ()
     input_names: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int | None, ...], ...] = ()
+    label_classes: int = 0  # > 0: the label is a class index below it (a classifier)
 
     def model_inputs(self, cols: Any, where: str) -> Any:
         """A batch's input columns as the model takes them (a dict by input name)."""
@@ -345,10 +346,11 @@ def arrow_partition(fn: Any, cfg: Any, spec: ModelSpec, blob: Any, builder: Any,
     """``mapInArrow`` function: run ``fn`` on the batches, yield one JSON row."""
     import pyarrow as pa
 
+    label = (spec.label, spec.integral_label, spec.label_classes)
     if spec.inputs:
-        chunks = feed.arrow_inputs(batches, spec.inputs, spec.label, spec.integral_label)
+        chunks = feed.arrow_inputs(batches, spec.inputs, *label)
     else:
-        chunks = feed.arrow_chunks(batches, spec.features, spec.label, spec.integral_label)
+        chunks = feed.arrow_chunks(batches, spec.features, *label)
     result = fn(cfg, spec, blob, builder, chunks)
     yield pa.RecordBatch.from_pydict({"result": [json.dumps(result)]})
 

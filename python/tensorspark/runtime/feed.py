@@ -141,26 +141,22 @@ def _vectors(column: Any, name: str) -> np.ndarray:
 
 
 def arrow_chunks(
-    batches: Iterable[Any], features: Sequence[str], label: str | None, integral_label: bool
+    batches: Iterable[Any],
+    features: Sequence[str],
+    label: str | None,
+    integral_label: bool,
+    classes: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """NumPy ``(x, y)`` chunks from Arrow record batches, one per batch."""
+    """NumPy ``(x, y)`` chunks from Arrow record batches, one per batch.
+
+    ``classes`` > 0: the label is a class index below it (see :func:`class_labels`).
+    """
     for batch in batches:
         if batch.num_rows == 0:
             continue
         parts = [_arrow_column(batch.column(c), c) for c in features]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        y = None
-        if label is not None:
-            col = batch.column(label)
-            if integral_label:
-                if col.null_count:
-                    raise TensorSparkValueError(f"label column {label!r} has a null")
-                y = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            else:
-                y = _arrow_column(col, label)
-                if y.shape[1] == 1:
-                    y = y[:, 0]
-        yield x, y
+        yield x, _label(batch, label, integral_label, classes)
 
 
 @dataclass(frozen=True)
@@ -262,6 +258,7 @@ def arrow_inputs(
     inputs: Sequence[InputColumn],
     label: str | None,
     integral_label: bool,
+    classes: int = 0,
 ) -> Iterator[Chunk]:
     """Chunks ``(input_1, ..., input_k, y)`` from Arrow record batches, one per model input."""
     for batch in batches:
@@ -273,19 +270,52 @@ def arrow_inputs(
             else _id_column(batch.column(c.column), c)
             for c in inputs
         ]
-        yield (*cols, _label(batch, label, integral_label))
+        yield (*cols, _label(batch, label, integral_label, classes))
 
 
-def _label(batch: Any, label: str | None, integral: bool) -> np.ndarray | None:
+def _label(batch: Any, label: str | None, integral: bool, classes: int = 0) -> np.ndarray | None:
     if label is None:
         return None
     col = batch.column(label)
+    if classes:
+        return class_labels(col, label, classes, integral)
     if integral:
         if col.null_count:
             raise TensorSparkValueError(f"label column {label!r} has a null")
         return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     y = _arrow_column(col, label)
     return y[:, 0] if y.shape[1] == 1 else y
+
+
+def class_labels(column: Any, name: str, classes: int, as_int: bool) -> np.ndarray:
+    """A classifier's label column: class indices ``0, 1, ..., classes - 1``.
+
+    Spark ML's labels are doubles (``StringIndexer`` gives 0.0, 1.0, ...):
+    each must be a whole number in range. Fed as int64 (``as_int``, for a
+    sparse categorical loss) or float32 (e.g. binary cross-entropy).
+    """
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise TensorSparkValueError(
+            f"label column {name!r} has type {column.type}; a classifier's label is one class "
+            "index per row (a number: 0.0, 1.0, ...)"
+        )
+    if column.null_count:
+        row = next(i for i in range(len(column)) if not column[i].is_valid)
+        raise TensorSparkValueError(f"label column {name!r} has a null in row {row} of a batch")
+    y = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    bad = ~((y == np.floor(y)) & (y >= 0) & (y < classes))  # NaN is bad too
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise TensorSparkValueError(
+            f"label column {name!r} has {float(y[row])!r} in row {row} of a batch; a classifier's "
+            f"labels must be class indices 0.0, 1.0, ..., {classes - 1}.0 for the model's "
+            f"{classes} classes (pyspark.ml.feature.StringIndexer turns class names into them)"
+        )
+    return y.astype(np.int64) if as_int else y.astype(np.float32)
 
 
 def row_chunks(
