@@ -36,6 +36,18 @@ A fitted model saves and loads like any Spark ML model
 inside a ``PipelineModel``): the Params as Spark ML metadata JSON, the Keras
 model as its ``.keras`` bytes in a Parquet file beside it, so any
 Hadoop-compatible path Spark can write works.
+
+The estimators save and load the same way (``KerasClassifier.load(path)``),
+so an unfitted ``Pipeline``, a ``CrossValidatorModel`` and a
+``TrainValidationSplitModel`` save too: the Params, ``fit_options`` (plain
+data only: numbers, strings, bools, None, lists and dicts of those; a
+callback, a DataFrame or the ``secret`` is refused, naming the option, to be
+dropped before saving and set again after loading) and the model as every
+fit starts from it. A builder function is saved pickled by cloudpickle, as
+Spark ships Python functions: loading it runs code, as loading any pickle
+does, so load only files you trust, with the same Python and TensorFlow
+(a builder defined in a module is saved by reference, its module must then
+be importable).
 """
 
 from __future__ import annotations
@@ -129,7 +141,7 @@ def _built_with_learning_rate(builder: Callable[[], Any], value: float) -> Any:
     return _spec.set_learning_rate(model, value)
 
 
-class KerasEstimator(Estimator, _KerasParams):
+class KerasEstimator(Estimator, _KerasParams, MLWritable, MLReadable):
     """Train a Keras model on a DataFrame as a Spark ML estimator.
 
     Each fit trains a fresh copy of the model as given (see the module
@@ -154,7 +166,8 @@ class KerasEstimator(Estimator, _KerasParams):
     fit_options : dict, optional
         Further keyword arguments for :func:`tensorspark.keras.fit`
         (``callbacks``, ``validation_data``, ``log_dir``, ``progress``...);
-        ``{"mlflow": True}`` logs each fit as one MLflow run.
+        ``{"mlflow": True}`` logs each fit as one MLflow run. Saved with
+        the estimator when they are plain data (see the module docstring).
 
     Examples
     --------
@@ -228,6 +241,10 @@ class KerasEstimator(Estimator, _KerasParams):
     @property
     def model(self) -> Any:
         """The compiled model or builder function that every fit starts from."""
+        if self._model is None and self._initial is not None:  # a loaded estimator's
+            from .keras import _spec
+
+            self._model = _spec.from_bytes(self._initial, self.fit_options.get("custom_objects"))
         return self._model
 
     @model.setter
@@ -260,7 +277,7 @@ class KerasEstimator(Estimator, _KerasParams):
         from .keras import _spec
 
         name = type(self).__name__
-        if self._model is None:
+        if self._model is None and self._initial is None:
             raise TensorSparkValueError(
                 f"{name} needs a model: {name}(model=<compiled keras.Model or builder function>)"
             )
@@ -305,6 +322,14 @@ class KerasEstimator(Estimator, _KerasParams):
             **self.fit_options,
         )
         return self._fitted(model)
+
+    def write(self) -> MLWriter:
+        """Saves the Params, ``fit_options`` and the model (see the module docstring)."""
+        return _KerasWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _KerasReader(cls)
 
 
 class KerasClassifier(KerasEstimator, _ClassifierParams):
@@ -432,11 +457,11 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         )
 
     def write(self) -> MLWriter:
-        return _KerasModelWriter(self)
+        return _KerasWriter(self)
 
     @classmethod
     def read(cls) -> MLReader:
-        return _KerasModelReader(cls)
+        return _KerasReader(cls)
 
 
 class KerasClassificationModel(KerasModel, _ClassifierParams):
@@ -503,40 +528,147 @@ class KerasRegressionModel(KerasModel):
         return _inference.OutputColumns("regression", self.getOrDefault(self.predictionCol))
 
 
-class _KerasModelWriter(MLWriter):
-    def __init__(self, instance: KerasModel) -> None:
+_PLAIN_DATA = "numbers, strings, bools, None and lists or dicts of those"
+
+
+def _not_plain(value: Any) -> str | None:
+    """What in ``value`` is not plain JSON data (None when all of it is)."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"the float {value!r}"
+    if isinstance(value, list):
+        return next((w for w in map(_not_plain, value) if w), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"the dict key {k!r}"
+            what = _not_plain(v)
+            if what:
+                return what
+        return None
+    if isinstance(value, tuple):
+        return "a tuple (a list of plain values is saved)"
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    kind = type(value)
+    return f"a {kind.__module__}.{kind.__qualname__}"
+
+
+def _savable_fit_options(name: str, fit_options: dict[str, Any]) -> dict[str, Any]:
+    """``fit_options`` as saved: plain data only, never the secret; else a clear error."""
+    for key, value in fit_options.items():
+        if key == "secret":
+            raise TensorSparkValueError(
+                f"{name}.save: fit option 'secret' is never saved; drop it before saving "
+                "(del estimator.fit_options['secret']) and set it again after loading"
+            )
+        what = _not_plain(value)
+        if what:
+            raise TensorSparkValueError(
+                f"{name}.save: fit option {key!r} holds {what}, which cannot be saved (only "
+                f"{_PLAIN_DATA} are); drop it before saving (del estimator.fit_options[{key!r}]) "
+                "and set it again after loading"
+            )
+    return dict(fit_options)
+
+
+class _KerasWriter(MLWriter):
+    """Saves any of the six stages: Spark ML metadata JSON, and the model in a Parquet file.
+
+    The metadata holds the Params, ``modelKind`` (``"keras"``: ``.keras``
+    bytes in the Parquet column ``keras``; ``"builder"``: the builder
+    function pickled by cloudpickle in the column ``builder``; null: no
+    model) and, for an estimator, ``fitOptions``.
+    """
+
+    def __init__(self, instance: KerasEstimator | KerasModel) -> None:
         super().__init__()
         self.instance = instance
 
-    def saveImpl(self, path: str) -> None:
-        from .keras import _spec
+    def _model_blob(self) -> tuple[str | None, bytes | None]:
+        instance, name = self.instance, type(self.instance).__name__
+        if isinstance(instance, KerasModel):
+            if instance.model is None:
+                raise TensorSparkValueError(f"{name}.save: there is no model to save")
+            from .keras import _spec
 
-        if self.instance.model is None:
+            return "keras", _spec.to_bytes(instance.model)
+        if instance._initial is not None:
+            return "keras", instance._initial  # the model as every fit starts from it
+        if instance._model is None:
+            return None, None
+        if not callable(instance._model):
             raise TensorSparkValueError(
-                f"{type(self.instance).__name__}.save: there is no model to save"
+                f"{name}.save: the model is a {type(instance._model).__name__}, neither a "
+                "compiled keras.Model nor a builder function"
             )
-        DefaultParamsWriter.saveMetadata(self.instance, path, self.sparkSession)
-        blob = _spec.to_bytes(self.instance.model)
-        frame = self.sparkSession.createDataFrame([(bytearray(blob),)], "keras binary")
-        frame.coalesce(1).write.parquet(f"{path.rstrip('/')}/{_MODEL_DIR}")
+        from pyspark import cloudpickle
+
+        try:
+            return "builder", cloudpickle.dumps(instance._model)
+        except Exception as e:
+            raise TensorSparkValueError(
+                f"{name}.save: the model builder cannot be pickled ({type(e).__name__}: {e}); "
+                "save an estimator made from the compiled model instead"
+            ) from e
+
+    def saveImpl(self, path: str) -> None:
+        instance, name = self.instance, type(self.instance).__name__
+        extra: dict[str, Any] = {}
+        if isinstance(instance, KerasEstimator):  # checked before anything is written
+            extra["fitOptions"] = _savable_fit_options(name, instance.fit_options)
+        kind, blob = self._model_blob()
+        extra["modelKind"] = kind
+        DefaultParamsWriter.saveMetadata(instance, path, self.sparkSession, extraMetadata=extra)
+        if blob is not None:
+            frame = self.sparkSession.createDataFrame([(bytearray(blob),)], f"{kind} binary")
+            frame.coalesce(1).write.parquet(f"{path.rstrip('/')}/{_MODEL_DIR}")
 
 
-class _KerasModelReader(MLReader):
+class _KerasReader(MLReader):
+    """Loads what :class:`_KerasWriter` saved (a saved subclass loads as itself)."""
+
     def __init__(self, cls: type) -> None:
         super().__init__()
         self.cls = cls
 
-    def load(self, path: str) -> KerasModel:
-        from .keras import _spec
-
+    def load(self, path: str) -> Any:
         metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
-        instance = self.cls()
-        DefaultParamsReader.getAndSetParams(instance, metadata)
-        rows = self.sparkSession.read.parquet(f"{path.rstrip('/')}/{_MODEL_DIR}").collect()
-        if len(rows) != 1:
+        saved = getattr(sys.modules[__name__], metadata["class"].rsplit(".", 1)[-1], None)
+        if not (isinstance(saved, type) and issubclass(saved, self.cls)):
             raise TensorSparkValueError(
-                f"{self.cls.__name__}.load: {path}/{_MODEL_DIR} should hold one model, found "
-                f"{len(rows)}"
+                f"{self.cls.__name__}.load: {path} holds a {metadata['class']}, not a "
+                f"{self.cls.__name__}"
             )
-        instance.model = _spec.from_bytes(bytes(rows[0]["keras"]))
+        instance = saved()
+        instance._resetUid(metadata["uid"])  # a validator's saved param grid names it
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        if isinstance(instance, KerasEstimator):
+            instance.fit_options = dict(metadata.get("fitOptions") or {})
+        kind = metadata.get("modelKind", "keras")
+        if kind is None:
+            return instance
+        blob = self._blob(path, kind)
+        if kind == "builder":
+            from pyspark import cloudpickle
+
+            instance.model = cloudpickle.loads(blob)
+        elif isinstance(instance, KerasEstimator):
+            # Loaded when first used, with the fit_options' custom_objects.
+            instance._model, instance._initial = None, blob
+        else:
+            from .keras import _spec
+
+            instance.model = _spec.from_bytes(blob)
         return instance
+
+    def _blob(self, path: str, kind: str) -> bytes:
+        where = f"{path.rstrip('/')}/{_MODEL_DIR}"
+        rows = self.sparkSession.read.parquet(where).collect()
+        if len(rows) != 1 or kind not in rows[0].asDict():
+            raise TensorSparkValueError(
+                f"{self.cls.__name__}.load: {where} should hold one {kind!r} model, found "
+                f"{len(rows)} rows"
+            )
+        return bytes(rows[0][kind])

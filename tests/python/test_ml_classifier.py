@@ -1,7 +1,8 @@
 """Spark ML classifier and regressor conventions on real Spark local[2] and TensorFlow.
 
 KerasClassifier / KerasRegressor with Spark's own evaluators, Pipeline,
-CrossValidator and PipelineModel save/load. Small blobs that a one-layer
+CrossValidator, TrainValidationSplit and the save/load of unfitted and
+fitted pipelines, estimators and validator models. Small blobs that a one-layer
 model learns in an epoch or two keep the file cheap.
 """
 
@@ -63,6 +64,19 @@ def _common(**extra):
     return dict(batchSize=16, syncInterval=4, fit_options={"progress": False}, **extra)
 
 
+def _params(stage):
+    return {p.name: v for p, v in stage.extractParamMap().items()}
+
+
+def _assembled(species_df):
+    """Indexed labels and assembled features in one partition (one task per fit)."""
+    from pyspark.ml.feature import StringIndexer, VectorAssembler
+
+    indexed = StringIndexer(inputCol="species", outputCol="label").fit(species_df)
+    assembler = VectorAssembler(inputCols=["a", "b", "c", "d"], outputCol="features")
+    return assembler.transform(indexed.transform(species_df)).coalesce(1)
+
+
 def _collect(df, *cols):
     rows = df.select(*cols).collect()
     return [
@@ -80,7 +94,8 @@ def species_df(spark):
 
 @pytest.fixture(scope="module")
 def pipeline_run(species_df, tmp_path_factory):
-    """StringIndexer -> VectorAssembler -> KerasClassifier: fitted, its output, reloaded."""
+    """StringIndexer -> VectorAssembler -> KerasClassifier saved unfitted and loaded; the
+    loaded pipeline fitted, its output, the fitted pipeline reloaded."""
     from pyspark.ml import Pipeline, PipelineModel
     from pyspark.ml.feature import StringIndexer, VectorAssembler
 
@@ -95,11 +110,13 @@ def pipeline_run(species_df, tmp_path_factory):
             KerasClassifier(model=model, **_common()),
         ]
     )
-    fitted = pipeline.fit(species_df)
+    root = tmp_path_factory.mktemp("pipeline")
+    pipeline.write().save(str(root / "unfitted"))
+    unfitted = Pipeline.load(str(root / "unfitted"))
+    fitted = unfitted.fit(species_df)
     out = fitted.transform(species_df).cache()
-    path = str(tmp_path_factory.mktemp("pipeline") / "model")
-    fitted.write().overwrite().save(path)
-    yield fitted, out, PipelineModel.load(path), model, initial
+    fitted.write().overwrite().save(str(root / "model"))
+    yield fitted, out, PipelineModel.load(str(root / "model")), model, initial, pipeline, unfitted
     out.unpersist()
 
 
@@ -110,7 +127,7 @@ def test_pipeline_gives_spark_ml_classifier_columns(pipeline_run):
 
     from tensorspark.ml import KerasClassificationModel
 
-    fitted, out, _, model, initial = pipeline_run
+    fitted, out, _, model, initial, _, _ = pipeline_run
     stage = fitted.stages[-1]
     assert isinstance(stage, KerasClassificationModel)
     assert stage.getOutputKind() == "probabilities" and stage.numClasses == 3
@@ -138,7 +155,7 @@ def test_pipeline_gives_spark_ml_classifier_columns(pipeline_run):
 def test_pipeline_model_reloads_with_its_params_and_predictions(species_df, pipeline_run):
     from tensorspark.ml import KerasClassificationModel
 
-    _, out, loaded, _, _ = pipeline_run
+    _, out, loaded, _, _, _, _ = pipeline_run
     stage = loaded.stages[-1]
     assert isinstance(stage, KerasClassificationModel)
     assert stage.getRawPredictionCol() == "rawPrediction"
@@ -151,6 +168,21 @@ def test_pipeline_model_reloads_with_its_params_and_predictions(species_df, pipe
     assert before[0].tolist() == after[0].tolist()
     for a, b in zip(before[1:], after[1:], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_unfitted_pipeline_reloads_its_estimator(pipeline_run):
+    from tensorspark.ml import KerasClassifier
+
+    _, _, _, _, initial, pipeline, unfitted = pipeline_run
+    names = [type(s).__name__ for s in unfitted.getStages()]
+    assert names == ["StringIndexer", "VectorAssembler", "KerasClassifier"]
+    est, again = pipeline.getStages()[-1], unfitted.getStages()[-1]
+    assert type(again) is KerasClassifier and again.uid == est.uid
+    assert _params(again) == _params(est) and again.getBatchSize() == 16
+    assert again.fit_options == est.fit_options == {"progress": False}
+    # The model as every fit starts from it, untouched by the loaded estimator's fit.
+    for a, b in zip(again.model.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_binary_sigmoid_classifier_from_a_builder(spark):
@@ -205,18 +237,15 @@ def test_regressor_prediction_is_a_double(spark):
     assert r2 > 0.95
 
 
-def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df):
+def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df, tmp_path):
     import keras
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-    from pyspark.ml.feature import StringIndexer, VectorAssembler
-    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+    from pyspark.ml.tuning import CrossValidator, CrossValidatorModel, ParamGridBuilder
 
     from tensorspark.ml import KerasClassificationModel, KerasClassifier
 
-    indexed = StringIndexer(inputCol="species", outputCol="label").fit(species_df)
-    assembler = VectorAssembler(inputCols=["a", "b", "c", "d"], outputCol="features")
     # One partition: one task (and one model trace) per fit and per evaluation.
-    df = assembler.transform(indexed.transform(species_df)).coalesce(1)
+    df = _assembled(species_df)
     starts, epochs_run = [], []
 
     class Record(keras.callbacks.Callback):
@@ -254,9 +283,134 @@ def test_cross_validator_searches_epochs_batch_size_and_learning_rate(species_df
     assert cv_model.bestModel.getOutputKind() == "logits"
     # 2 folds x 2 points, then the best point on all rows: each from the same start.
     assert len(starts) == 5 and epochs_run == [1] * 5
-    for start in starts:
+    for start in starts + [model.get_weights()]:  # the model given is untouched too
         for a, b in zip(start, initial, strict=True):
             np.testing.assert_array_equal(a, b)
+
+    # The callback cannot be saved: the error names it, then it is dropped.
+    path = str(tmp_path / "cv")
+    with pytest.raises(TensorSparkValueError, match=r"fit option 'callbacks' holds a .*Record"):
+        cv_model.write().save(path)
+    cv_model.getEstimator().fit_options.pop("callbacks")
+    cv_model.write().overwrite().save(path)
+    loaded = CrossValidatorModel.load(path)
+    assert loaded.avgMetrics == cv_model.avgMetrics and loaded.getNumFolds() == 2
+    again = loaded.getEstimator()
+    assert type(again) is KerasClassifier and _params(again) == _params(est)
+    assert again.fit_options == {"progress": False}
+    grid_again = [{p.name: v for p, v in m.items()} for m in loaded.getEstimatorParamMaps()]
+    assert grid_again == [{p.name: v for p, v in m.items()} for m in grid]
+    assert all(p.parent == again.uid for m in loaded.getEstimatorParamMaps() for p in m)
+    best = loaded.bestModel
+    assert isinstance(best, KerasClassificationModel) and best.getOutputKind() == "logits"
+    for a, b in zip(best.model.get_weights(), cv_model.bestModel.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_validation_split_fits_transforms_saves_and_loads(species_df, tmp_path):
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.ml.tuning import ParamGridBuilder, TrainValidationSplit, TrainValidationSplitModel
+    from pyspark.sql.types import DoubleType
+
+    from tensorspark.ml import KerasClassificationModel, KerasClassifier
+
+    df = _assembled(species_df)
+    est = KerasClassifier(model=_logits_model(), **_common())
+    grid = ParamGridBuilder().addGrid(est.learningRate, [1e-6, 0.1]).build()
+    evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
+    tvs = TrainValidationSplit(
+        estimator=est, estimatorParamMaps=grid, evaluator=evaluator, trainRatio=0.75, seed=6
+    )
+    tvs_model = tvs.fit(df)
+    metrics = tvs_model.validationMetrics
+    assert len(metrics) == 2 and metrics[1] > 0.9 > metrics[0] + 0.05
+    out = tvs_model.transform(df)
+    types = {f.name: f.dataType for f in out.schema.fields}
+    assert isinstance(types["rawPrediction"], VectorUDT)
+    assert isinstance(types["probability"], VectorUDT)
+    assert isinstance(types["prediction"], DoubleType)
+    assert evaluator.evaluate(out) > 0.9
+
+    path = str(tmp_path / "tvs")
+    tvs_model.write().save(path)
+    loaded = TrainValidationSplitModel.load(path)
+    assert loaded.validationMetrics == metrics and loaded.getTrainRatio() == 0.75
+    again = loaded.getEstimator()
+    assert type(again) is KerasClassifier and _params(again) == _params(est)
+    rates = [m[again.learningRate] for m in loaded.getEstimatorParamMaps()]
+    assert rates == [1e-6, 0.1]
+    best = loaded.bestModel
+    assert isinstance(best, KerasClassificationModel) and best.getOutputKind() == "logits"
+    for a, b in zip(best.model.get_weights(), tvs_model.bestModel.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _build_closure(rate):
+    def build():  # a closure: cloudpickle saves it by value
+        return _softmax_model(rate)
+
+    return build
+
+
+def test_estimator_with_a_builder_round_trips(spark, tmp_path):
+    from tensorspark.ml import KerasClassifier, KerasEstimator, KerasRegressor
+
+    options = {
+        "progress": False,
+        "seed": 3,
+        "name": "blobs",
+        "checkpoint_every_s": 2.5,
+        "log_dir": None,
+        "servers": ["ps0:7000", "ps1:7000"],
+    }
+    est = KerasClassifier(
+        model=_build_closure(0.05),
+        learningRate=0.2,
+        epochs=2,
+        outputKind="probabilities",
+        probabilityCol="",
+        fit_options=options,
+    )
+    path = str(tmp_path / "est")
+    est.write().save(path)
+    loaded = KerasEstimator.load(path)  # a saved subclass loads as itself
+    assert type(loaded) is KerasClassifier and loaded.uid == est.uid
+    assert _params(loaded) == _params(est) and loaded.getLearningRate() == 0.2
+    assert loaded.getProbabilityCol() == "" and loaded.fit_options == options
+    model, want = loaded.model(), est.model()
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
+    for a, b in zip(model.get_weights(), want.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TensorSparkValueError, match="holds a tensorspark.ml.KerasClassifier, not"):
+        KerasRegressor.load(path)
+    # A module-level builder is saved by reference.
+    KerasEstimator(model=build_sigmoid).write().save(str(tmp_path / "ref"))
+    assert KerasEstimator.load(str(tmp_path / "ref")).model is build_sigmoid
+
+
+def test_unsavable_fit_options_are_refused_naming_the_option(spark, tmp_path):
+    import keras
+
+    from tensorspark.ml import KerasEstimator
+
+    x = np.zeros((2, DIM), np.float32)
+    path = tmp_path / "est"
+    est = KerasEstimator(model=build_sigmoid)
+    for key, value, what in (
+        ("callbacks", [keras.callbacks.EarlyStopping()], "a keras.*EarlyStopping"),
+        ("validation_data", spark.range(2), "a pyspark.*DataFrame"),
+        ("validation_data", (x, x[:, 0]), "a tuple"),
+        ("checkpoint_every_s", float("nan"), "the float nan"),
+        ("custom_objects", {"Dense": keras.layers.Dense}, "the class keras.*Dense"),
+    ):
+        est.fit_options = {"progress": False, key: value}
+        with pytest.raises(TensorSparkValueError, match=f"option '{key}' holds {what}.*drop it"):
+            est.write().save(str(path))
+    est.fit_options = {"secret": b"s3cr3t"}
+    with pytest.raises(TensorSparkValueError, match="'secret' is never saved; drop it"):
+        est.write().save(str(path))
+    assert not path.exists()  # refused before anything is written
 
 
 def test_copy_is_independent_and_takes_the_extra_params(spark):
