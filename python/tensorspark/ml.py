@@ -53,6 +53,7 @@ be importable).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import sys
 from collections.abc import Callable
@@ -635,7 +636,11 @@ class _KerasReader(MLReader):
 
     def load(self, path: str) -> Any:
         metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
-        saved = getattr(sys.modules[__name__], metadata["class"].rsplit(".", 1)[-1], None)
+        module, _, name = metadata["class"].rpartition(".")
+        try:  # as Spark's DefaultParamsReader: the class the metadata names
+            saved = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            saved = None
         if not (isinstance(saved, type) and issubclass(saved, self.cls)):
             raise TensorSparkValueError(
                 f"{self.cls.__name__}.load: {path} holds a {metadata['class']}, not a "
