@@ -70,7 +70,11 @@ def test_killed_worker_is_retried_and_the_run_finishes(tmp_path, mode):
     assert stats["workers_lost"] >= 1
     assert stats["workers_retried"] >= 1
     assert "lost: connection closed" in hit["log"]
-    assert abs(hit["test_accuracy"] - base["test_accuracy"]) <= TOLERANCE, (
+    # No worse than one point. The retry trains its whole partition again
+    # while the server keeps what the killed attempt had pushed, so in two
+    # epochs of an underfit model the run may end more than a point better
+    # (averaging: 0.8215 against 0.8098 once); that is extra training, not a loss.
+    assert hit["test_accuracy"] >= base["test_accuracy"] - TOLERANCE, (
         f"{mode}: {hit['test_accuracy']:.4f} with a killed worker against "
         f"{base['test_accuracy']:.4f} without"
     )
