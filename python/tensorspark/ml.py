@@ -107,6 +107,11 @@ class _KerasParams(HasFeaturesCol, HasLabelCol, HasPredictionCol):
         return self._set(predictionCol=value)
 
 
+# Keyword arguments of the classifier and its model beyond the shared ones
+# (defaults: rawPrediction, probability, auto).
+_CLASSIFIER_KEYS = ("rawPredictionCol", "probabilityCol", "outputKind")
+
+
 class _ClassifierParams(HasRawPredictionCol, HasProbabilityCol):
     outputKind: Param[str] = Param(
         Params._dummy(),
@@ -119,6 +124,11 @@ class _ClassifierParams(HasRawPredictionCol, HasProbabilityCol):
     def __init__(self) -> None:
         super().__init__()
         self._setDefault(outputKind="auto")
+
+    @staticmethod
+    def own(params: dict[str, Any]) -> dict[str, Any]:
+        """Takes the classifier's own keyword arguments out of ``params``."""
+        return {k: params.pop(k) for k in _CLASSIFIER_KEYS if k in params}
 
     def getOutputKind(self) -> str:
         return self.getOrDefault(self.outputKind)
@@ -353,19 +363,10 @@ class KerasClassifier(KerasEstimator, _ClassifierParams):
     outputs) or ``binary_crossentropy`` (one output).
     """
 
-    def __init__(
-        self,
-        model: Any = None,
-        *,
-        rawPredictionCol: str = "rawPrediction",
-        probabilityCol: str = "probability",
-        outputKind: str = "auto",
-        **params: Any,
-    ) -> None:
+    def __init__(self, model: Any = None, **params: Any) -> None:
+        own = _ClassifierParams.own(params)
         super().__init__(model, **params)
-        self._set(
-            rawPredictionCol=rawPredictionCol, probabilityCol=probabilityCol, outputKind=outputKind
-        )
+        self._set(**own)
 
     def _fit_output(self) -> str | None:
         return self.getOutputKind()
@@ -484,19 +485,10 @@ class KerasClassificationModel(KerasModel, _ClassifierParams):
         Rows per inference batch.
     """
 
-    def __init__(
-        self,
-        model: Any = None,
-        *,
-        rawPredictionCol: str = "rawPrediction",
-        probabilityCol: str = "probability",
-        outputKind: str = "auto",
-        **params: Any,
-    ) -> None:
+    def __init__(self, model: Any = None, **params: Any) -> None:
+        own = _ClassifierParams.own(params)
         super().__init__(model, **params)
-        self._set(
-            rawPredictionCol=rawPredictionCol, probabilityCol=probabilityCol, outputKind=outputKind
-        )
+        self._set(**own)
 
     @property
     def numClasses(self) -> int:
