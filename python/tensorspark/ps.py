@@ -1419,8 +1419,7 @@ class ShardedPSClient(_TensorClient):
         Every worker is a member of every server, so what describes the
         members and the run is taken from the first server, never summed:
         ``members``, ``workers_lost``, ``workers_retried``, ``workers_fenced``,
-        ``mode`` and the
-        per-member ``worker_*{partition=...,attempt=...}`` keys. Float keys
+        ``mode`` and the per-member ``worker_*{partition=...,attempt=...}`` keys. Float keys
         (``_f64``, such as a worker's loss) come from the first server that
         has them. ``sync_round`` is the largest over the servers (a server
         that holds no part of the model never closes a round). Everything
