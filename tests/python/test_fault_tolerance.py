@@ -23,14 +23,16 @@ pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist_seed.py"
 MASTER = "local[2,4]"
-# The three ways the seed program trains: asynchronous SGD (delta pushes;
-# 0.5 overshoots when two workers' deltas add up, and 100 local steps per
-# push leave the last iterate jittering by a point or more from run to run,
-# so pushes every 10 steps at 0.05: 0.816 +- 0.0002 over three runs), model
-# averaging (the default mean combiner) and synchronous rounds.
+# Two of the ways the seed program trains, one per consistency path a retry
+# takes: asynchronous SGD (delta pushes; 0.5 overshoots when two workers'
+# deltas add up, and 100 local steps per push leave the last iterate
+# jittering by a point or more from run to run, so pushes every 10 steps at
+# 0.05: 0.816 +- 0.0002 over three runs) and synchronous rounds of the mean
+# combiner. Asynchronous model averaging rejoins exactly as asynchronous SGD
+# does (the combiner only changes what a push means), and each case costs
+# two runs of the seed program, so it is left to `make chaos`.
 MODES = {
     "async": ["--combiner", "delta", "--learning-rate", "0.05", "--sync-interval", "10"],
-    "averaging": ["--combiner", "mean"],
     "sync": ["--combiner", "mean", "--consistency", "sync"],
 }
 TOLERANCE = 0.01  # one accuracy point
