@@ -8,6 +8,7 @@
 
 #include "optimizers/update_rules.h"
 #include "protocol/crc32c.h"
+#include "protocol/half.h"
 
 namespace tensorspark::optimizers {
 
@@ -19,7 +20,7 @@ namespace {
 constexpr size_t kBlock = 8192;
 // Smallest chunk handed to a pool thread: below this the hand-off costs
 // more than it saves.
-constexpr size_t kMinChunk = size_t{1} << 16;
+constexpr size_t kMinChunk = size_t{1} << 15;
 
 std::string Num(float v) {
   char buf[32];
@@ -230,10 +231,17 @@ Update OptimizerUpdate(const OptimizerConfig& c, float lr, uint64_t step) {
   return u;
 }
 
-void ApplyRange(const Update& u, const Buffers& b, size_t begin, size_t end) {
+void DecodeSource(Source source, const uint16_t* in, float* out, size_t count) {
+  if (source == Source::kBf16) {
+    protocol::BFloat16ToFloat(in, out, count);
+  } else {
+    protocol::HalfToFloat(in, out, count);
+  }
+}
+
+void ApplyRange(const Update& u, const Buffers& b, size_t begin, size_t end, const float* x) {
   const size_t n = end - begin;
   float* w = b.w + begin;
-  const float* x = b.x + begin;
   switch (u.rule) {
     case Rule::kMean:
       MeanCombine(w, x, n, u.mean_window);
@@ -267,9 +275,21 @@ namespace {
 
 uint32_t ApplyBlocksWithCrc(const Update& u, const Buffers& b, size_t begin, size_t end) {
   uint32_t crc = 0;
+  if (b.source == Source::kFloat32) {
+    for (size_t off = begin; off < end; off += kBlock) {
+      const size_t stop = std::min(end, off + kBlock);
+      ApplyRange(u, b, off, stop, b.x + off);
+      crc = protocol::Crc32cExtend(crc, b.w + off, (stop - off) * sizeof(float));
+    }
+    return crc;
+  }
+  // 32 KiB on the stack of whichever thread runs the chunk; stays in L1/L2
+  // between its decode and the update that reads it.
+  alignas(64) float decoded[kBlock];
   for (size_t off = begin; off < end; off += kBlock) {
     const size_t stop = std::min(end, off + kBlock);
-    ApplyRange(u, b, off, stop);
+    DecodeSource(b.source, b.x16 + off, decoded, stop - off);
+    ApplyRange(u, b, off, stop, decoded);
     crc = protocol::Crc32cExtend(crc, b.w + off, (stop - off) * sizeof(float));
   }
   return crc;

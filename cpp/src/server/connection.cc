@@ -534,22 +534,25 @@ Status Connection::HandlePush(const FrameHeader& h) {
   const uint32_t enc = h.flags & protocol::kEncodingFlags;
   TS_RETURN_IF_ERROR(
       protocol::DecodePush(payload_span(), &head, &req, protocol::WireElementSize(h.flags)));
-  const float* data;
-  if (enc != 0) {
-    // Decoded into float32 first, then applied by the same rules.
-    if (!DecodeSection(enc, req.data_offset, req.data_len / 2)) {
-      return Err(StatusCode::kLimitExceeded, "server cannot allocate memory to decode this frame");
-    }
-    data = decoded_.data();
-  } else {
-    // Align the data section for the vectorized update loops (see buf_).
-    AlignPayloadAt(req.data_offset);
-    data = reinterpret_cast<const float*>(payload() + req.data_offset);
-  }
+  // Align the data section for the vectorized update loops (see buf_).
+  // A 2-byte encoding stays as it arrived: the update decodes it block by
+  // block (optimizers::ApplyWithCrc), so no float32 copy is made.
+  AlignPayloadAt(req.data_offset);
   std::vector<storage::PushItem> items(req.metas.size());
-  for (size_t i = 0; i < items.size(); ++i) {
-    items[i] = {req.metas[i].name, req.metas[i].shape, data, req.numels[i]};
-    data += req.numels[i];
+  if (enc != 0) {
+    const auto source =
+        (enc & protocol::kFlagBf16) != 0 ? optimizers::Source::kBf16 : optimizers::Source::kFp16;
+    const auto* data = reinterpret_cast<const uint16_t*>(payload() + req.data_offset);
+    for (size_t i = 0; i < items.size(); ++i) {
+      items[i] = {req.metas[i].name, req.metas[i].shape, nullptr, req.numels[i], data, source};
+      data += req.numels[i];
+    }
+  } else {
+    const auto* data = reinterpret_cast<const float*>(payload() + req.data_offset);
+    for (size_t i = 0; i < items.size(); ++i) {
+      items[i] = {req.metas[i].name, req.metas[i].shape, data, req.numels[i]};
+      data += req.numels[i];
+    }
   }
   PushOptions options;
   options.learning_rate = head.learning_rate;

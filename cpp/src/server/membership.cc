@@ -40,6 +40,22 @@ Status FencedError(int32_t partition, int32_t attempt, int32_t newest, const cha
                                          std::to_string(newest) + "; its " + what + " are refused");
 }
 
+// sum += the item's values; a 2-byte source is decoded a block at a time.
+void AddTo(const storage::PushItem& it, float* __restrict sum) {
+  if (it.source == optimizers::Source::kFloat32) {
+    const float* __restrict x = it.values;
+    for (uint64_t j = 0; j < it.numel; ++j) sum[j] += x[j];
+    return;
+  }
+  constexpr uint64_t kBlock = 4096;
+  float block[kBlock];
+  for (uint64_t off = 0; off < it.numel; off += kBlock) {
+    const uint64_t n = std::min(kBlock, it.numel - off);
+    optimizers::DecodeSource(it.source, it.encoded + off, block, n);
+    for (uint64_t j = 0; j < n; ++j) sum[off + j] += block[j];
+  }
+}
+
 }  // namespace
 
 Membership::~Membership() { Stop(); }
@@ -524,12 +540,16 @@ Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
     if (a == accum_.end()) {
       Accum fresh;
       fresh.shape.assign(it.shape.begin(), it.shape.end());
-      fresh.sum.assign(it.values, it.values + it.numel);
+      if (it.source == optimizers::Source::kFloat32) {
+        fresh.sum.assign(it.values, it.values + it.numel);
+      } else {
+        fresh.sum.resize(it.numel);
+        optimizers::DecodeSource(it.source, it.encoded, fresh.sum.data(), it.numel);
+      }
       fresh.count = 1;
       accum_.emplace(std::string(it.name), std::move(fresh));
     } else {
-      float* sum = a->second.sum.data();
-      for (uint64_t j = 0; j < it.numel; ++j) sum[j] += it.values[j];
+      AddTo(it, a->second.sum.data());
       ++a->second.count;
     }
   }

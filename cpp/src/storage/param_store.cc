@@ -287,7 +287,8 @@ Status ParamStore::Push(uint8_t kind, const PushOptions& options, std::span<cons
         }
         break;
     }
-    const optimizers::Buffers b{v->data(), v->mutable_slot(0), v->mutable_slot(1), items[i].values};
+    const optimizers::Buffers b{v->data(),       v->mutable_slot(0), v->mutable_slot(1),
+                                items[i].values, items[i].encoded,   items[i].source};
     v->set_crc(optimizers::ApplyWithCrc(u, b, v->numel(), pool_, parallel_min_));
   }
   *version = version_.fetch_add(1, std::memory_order_acq_rel) + 1;

@@ -116,8 +116,12 @@ struct RegisterItem {
 struct PushItem {
   std::string_view name;
   std::span<const int64_t> shape;
-  const float* values;  // numel floats, float-aligned
+  const float* values;  // numel floats, float-aligned (source kFloat32)
   uint64_t numel;
+  // Source kFp16/kBf16: numel 2-byte values, 2-byte aligned, decoded block
+  // by block inside the update (values unused).
+  const uint16_t* encoded = nullptr;
+  optimizers::Source source = optimizers::Source::kFloat32;
 };
 
 class ParamStore {

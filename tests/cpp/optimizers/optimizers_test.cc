@@ -18,6 +18,7 @@
 #include "common/thread_pool.h"
 #include "optimizers/update_rules.h"
 #include "protocol/crc32c.h"
+#include "protocol/half.h"
 #include "storage/param_store.h"
 #include "test_util.h"
 
@@ -279,6 +280,99 @@ TEST(OptimizerChunkingTest, ThreadedChunksEqualSerialBitForBit) {
     ASSERT_EQ(std::memcmp(b1.data(), b2.data(), n * sizeof(float)), 0);
     EXPECT_EQ(crc1, crc2);
     EXPECT_EQ(crc2, protocol::Crc32c(w2.data(), n * sizeof(float)));
+  }
+}
+
+// Every rule once: the optimizer kinds, the mean combiner and delta.
+std::vector<Update> EveryUpdate() {
+  std::vector<Update> updates;
+  for (OptimizerKind kind : kAllKinds) {
+    updates.push_back(optimizers::OptimizerUpdate(Config(kind), 0.01f, 3));
+  }
+  Update mean;
+  mean.rule = Rule::kMean;
+  mean.mean_window = 3;
+  Update copy = mean;
+  copy.mean_window = 1;
+  Update delta;
+  delta.rule = Rule::kDelta;
+  updates.push_back(mean);
+  updates.push_back(copy);
+  updates.push_back(delta);
+  return updates;
+}
+
+// A 2-byte push decoded inside the update, serially and on the pool, gives
+// the bits of the old path: decode the whole tensor to float32, then apply.
+TEST(OptimizerChunkingTest, FusedHalfDecodeEqualsDecodeThenApplyBitForBit) {
+  ThreadPool pool;
+  ASSERT_TRUE(pool.Start(2).ok());
+  const size_t kRule = optimizers::kDefaultParallelMinElements;
+  // Block (8192) and chunk boundaries, and the parallel threshold.
+  const size_t sizes[] = {0, 1, 7, 8191, 8193, kRule - 1, kRule, kRule + 1, 300001};
+  for (optimizers::Source source : {optimizers::Source::kFp16, optimizers::Source::kBf16}) {
+    for (size_t n : sizes) {
+      const std::vector<float> g32 = Random(n, 11 + n);
+      std::vector<uint16_t> g16(n);
+      if (source == optimizers::Source::kFp16) {
+        protocol::FloatToHalf(g32.data(), g16.data(), n);
+      } else {
+        protocol::FloatToBFloat16(g32.data(), g16.data(), n);
+      }
+      std::vector<float> decoded(n);
+      optimizers::DecodeSource(source, g16.data(), decoded.data(), n);
+      const std::vector<float> w0 = Random(n, 3);
+      for (const Update& u : EveryUpdate()) {
+        SCOPED_TRACE("source " + std::to_string(static_cast<int>(source)) + " n " +
+                     std::to_string(n) + " rule " + std::to_string(static_cast<int>(u.rule)));
+        std::vector<float> w[3] = {w0, w0, w0};
+        std::vector<float> a[3], b[3];
+        for (int k = 0; k < 3; ++k) {
+          a[k].assign(n, 0.25f);
+          b[k].assign(n, 0.5f);
+        }
+        uint32_t crc[3];
+        for (int step = 0; step < 2; ++step) {
+          crc[0] = optimizers::ApplyWithCrc(
+              u, {w[0].data(), a[0].data(), b[0].data(), decoded.data()}, n, nullptr);
+          Buffers fused{w[1].data(), a[1].data(), b[1].data(), nullptr, g16.data(), source};
+          crc[1] = optimizers::ApplyWithCrc(u, fused, n, nullptr);
+          fused = {w[2].data(), a[2].data(), b[2].data(), nullptr, g16.data(), source};
+          crc[2] = optimizers::ApplyWithCrc(u, fused, n, &pool);
+        }
+        for (int k = 1; k < 3; ++k) {
+          ASSERT_EQ(std::memcmp(w[0].data(), w[k].data(), n * sizeof(float)), 0) << k;
+          ASSERT_EQ(std::memcmp(a[0].data(), a[k].data(), n * sizeof(float)), 0) << k;
+          ASSERT_EQ(std::memcmp(b[0].data(), b[k].data(), n * sizeof(float)), 0) << k;
+          EXPECT_EQ(crc[0], crc[k]) << k;
+        }
+        EXPECT_EQ(crc[2], protocol::Crc32c(w[2].data(), n * sizeof(float)));
+      }
+    }
+  }
+}
+
+// Around the default threshold (the size where the pool takes over) the
+// pooled update equals the serial one, values and CRC.
+TEST(OptimizerChunkingTest, DefaultThresholdBoundaryEqualsSerial) {
+  ThreadPool pool;
+  ASSERT_TRUE(pool.Start(2).ok());
+  const size_t t = optimizers::kDefaultParallelMinElements;
+  EXPECT_EQ(t, size_t{1} << 18);
+  for (size_t n : {t - 1, t, t + 1, 4 * t + 12345}) {
+    const std::vector<float> w0 = Random(n, 5), g = Random(n, 6);
+    for (const Update& u : EveryUpdate()) {
+      SCOPED_TRACE(std::to_string(n) + " rule " + std::to_string(static_cast<int>(u.rule)));
+      std::vector<float> w1 = w0, w2 = w0, a1(n, 0.25f), a2(n, 0.25f), b1(n, 0.5f), b2(n, 0.5f);
+      const uint32_t c1 =
+          optimizers::ApplyWithCrc(u, {w1.data(), a1.data(), b1.data(), g.data()}, n, nullptr);
+      const uint32_t c2 =
+          optimizers::ApplyWithCrc(u, {w2.data(), a2.data(), b2.data(), g.data()}, n, &pool);
+      ASSERT_EQ(std::memcmp(w1.data(), w2.data(), n * sizeof(float)), 0);
+      ASSERT_EQ(std::memcmp(a1.data(), a2.data(), n * sizeof(float)), 0);
+      ASSERT_EQ(std::memcmp(b1.data(), b2.data(), n * sizeof(float)), 0);
+      EXPECT_EQ(c1, c2);
+    }
   }
 }
 

@@ -126,6 +126,31 @@ TEST_F(ModesTest, SyncRoundAveragesAndPullWaitsForTheRound) {
   EXPECT_EQ(stats["worker_clock{partition=\"1\",attempt=\"0\"}"], 2u);
 }
 
+// fp16 and bf16 pushes of a sync round are decoded into its accumulator
+// (the first push of a variable and the later ones).
+TEST_F(ModesTest, SyncRoundAveragesEncodedPushes) {
+  StartRun(ConsistencyMode::kSync);
+  auto w0 = Worker(0), w1 = Worker(1);
+  ClientOptions o = TestClientOptions(server_->port());
+  o.partition_id = 2;
+  o.encoding = WireEncoding::kBFloat16;
+  std::unique_ptr<Client> w2;
+  ASSERT_TRUE(Client::Connect(o, &w2).ok());
+  uint64_t clock = 0;
+  ASSERT_TRUE(w2->Join(&clock).ok());
+  o.partition_id = 0;
+  o.encoding = WireEncoding::kFloat16;
+  std::unique_ptr<Client> w0_half;
+  ASSERT_TRUE(Client::Connect(o, &w0_half).ok());  // a second connection of member 0
+  ASSERT_TRUE(PushDelta(w0_half.get(), 1.5f).ok());
+  ASSERT_TRUE(PushDelta(w1.get(), 2).ok());
+  ASSERT_TRUE(PushDelta(w2.get(), 5.5f).ok());
+  float seen = -1;
+  ASSERT_TRUE(PullW(w0.get(), &seen).ok());
+  EXPECT_EQ(seen, 3.0f);  // mean(1.5, 2, 5.5), all exact in fp16 and bf16
+  EXPECT_EQ(server_->version(), 1u);
+}
+
 TEST_F(ModesTest, SyncEarlyPushWaitsForTheOpenRound) {
   StartRun(ConsistencyMode::kSync);
   auto w0 = Worker(0), w1 = Worker(1);

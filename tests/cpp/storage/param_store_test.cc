@@ -2,8 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <shared_mutex>
 #include <thread>
+
+#include "common/thread_pool.h"
+#include "protocol/crc32c.h"
+#include "protocol/half.h"
 
 namespace tensorspark::storage {
 namespace {
@@ -106,6 +111,61 @@ TEST(ParamStoreTest, ConcurrentPushesCountVersions) {
   std::vector<Variable*> all;
   store.All(&all);
   for (float x : Values(all[0])) ASSERT_EQ(x, 400.0f);
+}
+
+// A 2-byte push (decoded inside the update) leaves the bits and CRC a
+// float32 push of the decoded values leaves, on the pool too; a refused one
+// changes nothing.
+TEST(ParamStoreTest, EncodedPushEqualsFloatPushOfTheDecodedValues) {
+  ThreadPool pool;
+  ASSERT_TRUE(pool.Start(2).ok());
+  const uint64_t n = (uint64_t{1} << 18) + 3;  // over the parallel threshold
+  std::vector<int64_t> shape = {static_cast<int64_t>(n)};
+  std::vector<float> init(n), g(n);
+  for (uint64_t i = 0; i < n; ++i) {
+    init[i] = static_cast<float>(i % 97) * 0.01f;
+    g[i] = static_cast<float>(static_cast<int>(i % 31) - 15) * 0.37f;
+  }
+  for (auto source : {optimizers::Source::kFp16, optimizers::Source::kBf16}) {
+    std::vector<uint16_t> g16(n);
+    std::vector<float> decoded(n);
+    if (source == optimizers::Source::kFp16) {
+      protocol::FloatToHalf(g.data(), g16.data(), n);
+    } else {
+      protocol::FloatToBFloat16(g.data(), g16.data(), n);
+    }
+    optimizers::DecodeSource(source, g16.data(), decoded.data(), n);
+    ParamStore floats(10, &pool), encoded(10, &pool);
+    std::vector<uint8_t> created;
+    RegisterItem reg[] = {{"w", shape, init.data()}};
+    OptimizerConfig adam;
+    adam.kind = OptimizerKind::kAdam;
+    adam.learning_rate = 0.01f;
+    for (ParamStore* s : {&floats, &encoded}) {
+      ASSERT_TRUE(s->Register(reg, &created).ok());
+      ASSERT_TRUE(s->SetOptimizer(adam, {}).ok());
+    }
+    PushItem f[] = {{"w", shape, decoded.data(), n}};
+    PushItem e[] = {{"w", shape, nullptr, n, g16.data(), source}};
+    std::vector<int64_t> wrong = {2};
+    PushItem bad[] = {{"w", shape, nullptr, n, g16.data(), source},
+                      {"w", wrong, nullptr, 2, g16.data(), source}};
+    uint64_t version = 0;
+    EXPECT_EQ(encoded.Push(3, {}, bad, &version).code(), StatusCode::kShapeMismatch);
+    for (uint8_t kind : {3, 2, 1, 3}) {
+      ASSERT_TRUE(floats.Push(kind, {0.0f, 2}, f, &version).ok());
+      ASSERT_TRUE(encoded.Push(kind, {0.0f, 2}, e, &version).ok());
+    }
+    std::vector<Variable*> a, b;
+    floats.All(&a);
+    encoded.All(&b);
+    const std::vector<float> va = Values(a[0]), vb = Values(b[0]);
+    ASSERT_EQ(std::memcmp(va.data(), vb.data(), n * sizeof(float)), 0);
+    EXPECT_EQ(a[0]->crc(), b[0]->crc());
+    EXPECT_EQ(b[0]->crc(), protocol::Crc32c(vb.data(), n * sizeof(float)));
+    EXPECT_EQ(encoded.version(), 4u);
+    ASSERT_EQ(std::memcmp(a[0]->slot(1).data(), b[0]->slot(1).data(), n * sizeof(float)), 0);
+  }
 }
 
 }  // namespace
