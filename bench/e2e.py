@@ -13,7 +13,9 @@ loading count; test evaluation runs with the clock paused.
 Rows (``--thread-budget 2``, the default):
 
 - ``keras``: single-process ``model.fit`` with TF intra/inter-op threads =
-  the budget, and 1 thread;
+  the budget, and 1 thread, each at its fastest ``steps_per_execution``
+  (``--keras-spe``: a short sweep in a subprocess of its own before the
+  row picks it; the row records the value and the sweep);
 - ``tensorspark``: ``tensorspark.keras.fit`` with each ``--workers`` count
   (threads per worker = budget / workers unless ``--threads-per-worker``)
   in each ``--modes`` consistency mode;
@@ -59,8 +61,52 @@ ELEPHAS_MODES = ("sync", "async", "hogwild", "async-batch")
 # --------------------------------------------------------------------------
 
 
+def _epoch_timer() -> Any:
+    """A callback timing each epoch (its class needs Keras imported)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.seconds.append(time.perf_counter() - self.t)
+
+    return EpochTimer()
+
+
+def keras_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Plain Keras' samples/s at each ``steps_per_execution`` of the sweep.
+
+    Each value trains a fresh model for one warm-up pass and two timed
+    passes over the first ``calibrate_samples`` images; the faster timed
+    pass counts. The row then runs, in a fresh process, with the fastest.
+    """
+    common.set_tf_threads(spec["threads"])
+    import keras
+
+    model_spec = common.MODELS[spec["model"]]
+    x, y = common.load_split("train", model_spec.input_shape)
+    n = min(len(x), spec["calibrate_samples"])
+    x, y = x[:n], y[:n]
+    sweep: dict[str, float] = {}
+    for spe in spec["spe_sweep"]:
+        keras.utils.set_random_seed(spec["seed"])
+        model = model_spec.build(steps_per_execution=spe)
+        timer = _epoch_timer()
+        model.fit(x, y, batch_size=spec["batch_size"], epochs=3, verbose=0, callbacks=[timer])
+        sweep[str(spe)] = round(n / min(timer.seconds[1:]), 1)
+        print(f"steps_per_execution {spe}: {sweep[str(spe)]:,.0f} samples/s", flush=True)
+    best = max(sweep, key=lambda k: sweep[k])
+    return {"steps_per_execution": int(best), "spe_sweep": sweep}
+
+
 def keras_row(spec: dict[str, Any]) -> dict[str, Any]:
-    """Plain single-process ``model.fit`` on NumPy arrays."""
+    """Plain single-process ``model.fit`` on NumPy arrays at ``steps_per_execution``."""
     clock = common.Clock(spec["t0"])
     common.set_tf_threads(spec["threads"])
     import keras
@@ -70,7 +116,7 @@ def keras_row(spec: dict[str, Any]) -> dict[str, Any]:
     x, y = common.load_split("train", model_spec.input_shape)
     clock.mark("data")
     keras.utils.set_random_seed(spec["seed"])
-    model = model_spec.build()
+    model = model_spec.build(steps_per_execution=spec.get("steps_per_execution", 1))
     evaluator = common.Evaluator(model_spec, clock)
     curve = common.Curve(clock, model_spec.bound, spec["min_epochs"], spec["epochs"])
 
@@ -160,7 +206,7 @@ def tensorspark_row(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-ROWS = {"keras": keras_row, "tensorspark": tensorspark_row}
+ROWS = {"keras": keras_row, "keras-calibrate": keras_calibrate, "tensorspark": tensorspark_row}
 
 
 # --------------------------------------------------------------------------
@@ -311,6 +357,41 @@ def run_one(spec: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[
     return result
 
 
+def calibrate(spec: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    """The Keras row at its fastest ``steps_per_execution`` of ``--keras-spe``.
+
+    The sweep runs in a subprocess of its own before the row (one value:
+    no sweep), so the row's clock and process stay as fresh as the others'.
+    """
+    sweep = _ints(args.keras_spe)
+    if len(sweep) == 1:
+        best, found = sweep[0], {}
+    else:
+        cal = run_one(
+            {
+                **spec,
+                "system": "keras-calibrate",
+                "label": spec["label"] + " calibrate",
+                "spe_sweep": sweep,
+                "calibrate_samples": args.calibrate_samples,
+            },
+            args,
+            logs,
+        )
+        if cal.get("error"):
+            print(f"  calibration failed ({cal['error'][:200]}); steps_per_execution 1")
+            best, found = 1, {"calibration_error": cal["error"]}
+        else:
+            best, found = cal["steps_per_execution"], {"spe_sweep": cal["spe_sweep"]}
+            print(f"  {spec['label']}: steps_per_execution sweep {cal['spe_sweep']}", flush=True)
+    return {
+        **spec,
+        **found,
+        "label": f"{spec['label']} spe{best}",
+        "steps_per_execution": best,
+    }
+
+
 def _wait_quiet(args: argparse.Namespace) -> list[float]:
     """Wait (up to ``--quiet-wait`` s) for the 1-min load to drop below ``--quiet-load``.
 
@@ -441,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--staleness", type=int, default=2, help="the ssp bound, in syncs")
     p.add_argument("--sync-interval", type=int, default=10)
     p.add_argument("--keras-threads", default="", help="default: the budget, then 1")
+    p.add_argument(
+        "--keras-spe",
+        default="1,8,32,128",
+        help="plain Keras steps_per_execution: the sweep to pick the fastest from, or one value",
+    )
+    p.add_argument("--calibrate-samples", type=int, default=16384, help="images per sweep pass")
     p.add_argument("--elephas-workers", type=int, default=2)
     p.add_argument("--elephas-modes", default="sync,async")
     p.add_argument(
@@ -496,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows_plan)} rows; logs in {logs}", flush=True)
     started = time.monotonic()
     for spec in rows_plan:
+        if spec["system"] == "keras":
+            spec = calibrate(spec, args, logs)
         row = run_one(spec, args, logs)
         result["rows"].append(row)
         print(_line(row), flush=True)

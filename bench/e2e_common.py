@@ -30,7 +30,7 @@ _FILES = {
 }
 
 
-def build_softmax() -> Any:
+def build_softmax(steps_per_execution: int = 1) -> Any:
     """Softmax regression (784 -> 10), compiled with Adam(1e-3)."""
     import keras
 
@@ -38,10 +38,10 @@ def build_softmax() -> Any:
         [keras.Input((784,)), keras.layers.Dense(10, activation="softmax")],
         name="softmax_regression",
     )
-    return _compile(model)
+    return _compile(model, steps_per_execution)
 
 
-def build_cnn() -> Any:
+def build_cnn(steps_per_execution: int = 1) -> Any:
     """examples/fashion_mnist_keras.py's CNN, with a softmax output.
 
     The softmax output and the string loss keep the model serializable by
@@ -65,16 +65,18 @@ def build_cnn() -> Any:
         ],
         name="fashion_cnn",
     )
-    return _compile(model)
+    return _compile(model, steps_per_execution)
 
 
-def _compile(model: Any) -> Any:
+def _compile(model: Any, steps_per_execution: int = 1) -> Any:
+    """Compile; ``steps_per_execution`` only matters to plain Keras' ``fit``."""
     import keras
 
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return model
 
@@ -84,7 +86,7 @@ class ModelSpec:
     """A benchmarked model: its builder, input shape and accuracy bound."""
 
     name: str
-    build: Callable[[], Any]
+    build: Callable[..., Any]  # build(steps_per_execution=1)
     input_shape: tuple[int, ...]
     bound: float
     description: str

@@ -70,8 +70,8 @@ class KerasReplica:
         self.lr_error = ""
         self.weights = [model.weights[i] for i in spec.synced]
         trainable = model.trainable_variables
-        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.loss_count = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        # (sum of loss x rows, rows): one variable, so a sync reads it in one call.
+        self.loss = tf.Variable(tf.zeros(2, tf.float64), trainable=False)
         self.gradients = []
         self.iterates = []
         if cfg.rule.accumulates == "gradients":
@@ -80,6 +80,12 @@ class KerasReplica:
             model.optimizer.build(trainable)
         if cfg.rule.accumulates == "iterates":
             self.iterates = [tf.Variable(tf.zeros_like(w), trainable=False) for w in self.weights]
+
+        def add_loss(loss: Any, y_pred: Any) -> None:
+            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
+            self.loss.assign_add(tf.stack([tf.cast(loss, tf.float64) * n, n]))
+
+        self._add_loss = add_loss
 
         def one_step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
@@ -95,9 +101,7 @@ class KerasReplica:
                 for s, w in zip(self.iterates, self.weights, strict=True):
                     s.assign_add(w)
             model.compute_metrics(x, y, y_pred)
-            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
-            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
-            self.loss_count.assign_add(n)
+            self._add_loss(loss, y_pred)
             return loss
 
         # Several steps in one call: batches stacked on a leading axis, looped
@@ -113,9 +117,7 @@ class KerasReplica:
             y_pred = model(x, training=False)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=False)
             model.compute_metrics(x, y, y_pred)
-            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
-            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
-            self.loss_count.assign_add(n)
+            self._add_loss(loss, y_pred)
             return loss
 
         self._loop, self.eval_step = train_steps, eval_step
@@ -135,9 +137,7 @@ class KerasReplica:
                 for layer in self.table_layers:
                     layer._ps_rows = None
             model.compute_metrics(x, y, y_pred)
-            n = tf.cast(tf.shape(y_pred)[0], tf.float64)
-            self.loss_sum.assign_add(tf.cast(loss, tf.float64) * n)
-            self.loss_count.assign_add(n)
+            self._add_loss(loss, y_pred)
             if not training:
                 return []
             grads = tape.gradient(loss, [*trainable, *rows])
@@ -156,13 +156,13 @@ class KerasReplica:
             ]
 
         self._sparse_step = sparse_step
+        self._targets: list[Any] | None = None
 
     # -- runtime.task.Replica ---------------------------------------------
 
     def begin(self, cfg: task.TaskConfig) -> None:
         self.model.reset_metrics()
-        self.loss_sum.assign(0.0)
-        self.loss_count.assign(0.0)
+        self.loss.assign(np.zeros(2))
         self.lr_error = ""
         lr = self.spec.learning_rate
         if lr is not None and not self.gradients:
@@ -228,7 +228,16 @@ class KerasReplica:
         return [np.asarray(w.numpy(), np.float32) for w in self.weights]
 
     def load(self, values: list[np.ndarray]) -> None:
-        for w, a in zip(self.weights, values, strict=True):
+        if self._targets is None:
+            import tensorflow as tf
+
+            # The TF variables under Keras' (outside an autocast scope): their
+            # assign skips Keras' per-call checks, a third of a sync on small models.
+            self._targets = [
+                w.value if isinstance(getattr(w, "value", None), tf.Variable) else w
+                for w in self.weights
+            ]
+        for w, a in zip(self._targets, values, strict=True):
             w.assign(a)
 
     def iterate_means(self, steps: int) -> list[np.ndarray]:
@@ -238,7 +247,8 @@ class KerasReplica:
         return _means_and_reset(self.gradients, steps)
 
     def loss_totals(self) -> tuple[float, float]:
-        return float(self.loss_sum.numpy()), float(self.loss_count.numpy())
+        total, rows = self.loss.numpy()
+        return float(total), float(rows)
 
     def metrics(self) -> dict[str, float]:
         """The compiled metrics' values (the loss is tracked separately)."""

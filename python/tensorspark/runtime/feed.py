@@ -529,9 +529,10 @@ class BatchStream:
                     # Emit a random batch, then fill its holes from the buffer's tail.
                     pick = self._rng.choice(size, size=bs, replace=False)
                     yield _take(tuple(buf), pick)
-                    tail = np.arange(size - bs, size)
+                    picked = np.zeros(size, bool)
+                    picked[pick] = True
                     holes = pick[pick < size - bs]
-                    movers = tail[~np.isin(tail, pick)]
+                    movers = np.flatnonzero(~picked[size - bs :]) + (size - bs)
                     for b in buf:
                         if b is not None:
                             b[holes] = b[movers]
