@@ -8,6 +8,9 @@ command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || want+=(dataset-fashion-mnist)
 # Lets the C++ test build reuse the package build's objects (Makefile CCACHE).
 command -v ccache >/dev/null 2>&1 || want+=(ccache)
+# CRC-32C with PCLMULQDQ/VPCLMULQDQ folding for frame checksums (the build
+# falls back to its own code without it).
+[ -f /usr/include/isa-l/crc.h ] || want+=(libisal-dev)
 # Each flag adds what one kind of target needs; several may be given.
 for flag in "$@"; do
   case "$flag" in

@@ -1,9 +1,13 @@
 #include "protocol/crc32c.h"
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
+#endif
+#if defined(TENSORSPARK_HAVE_ISAL)
+#include <isa-l/crc.h>
 #endif
 
 namespace tensorspark::protocol {
@@ -199,12 +203,39 @@ bool Crc32cHardwareEnabled() {
 #endif
 }
 
-uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
+uint32_t Crc32cExtendBuiltin(uint32_t crc, const void* data, size_t n) {
 #if defined(__x86_64__)
   const HwState& hw = Hw();
   if (hw.enabled) return ~RawHardware(~crc, static_cast<const uint8_t*>(data), n, hw);
 #endif
   return Crc32cExtendPortable(crc, data, n);
+}
+
+const char* Crc32cImplementation() {
+#if defined(TENSORSPARK_HAVE_ISAL)
+  return "isa-l";
+#else
+  return Crc32cHardwareEnabled() ? "sse4.2" : "portable";
+#endif
+}
+
+uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
+#if defined(TENSORSPARK_HAVE_ISAL)
+  // crc32_iscsi neither inverts its seed nor its result, and takes an int
+  // length: invert here and feed it at most 1 GiB at a time.
+  constexpr size_t kMaxStep = size_t{1} << 30;
+  auto* p = static_cast<unsigned char*>(const_cast<void*>(data));
+  uint32_t c = ~crc;
+  while (n > 0) {
+    const size_t step = std::min(n, kMaxStep);
+    c = crc32_iscsi(p, static_cast<int>(step), c);
+    p += step;
+    n -= step;
+  }
+  return ~c;
+#else
+  return Crc32cExtendBuiltin(crc, data, n);
+#endif
 }
 
 }  // namespace tensorspark::protocol
