@@ -249,40 +249,6 @@ TEST(OptimizerKernelsTest, ScalarTailsEqualTheVectorBodyBitForBit) {
 
 // ---- chunked, multi-threaded updates ---------------------------------------------------
 
-TEST(OptimizerChunkingTest, ThreadedChunksEqualSerialBitForBit) {
-  ThreadPool pool;
-  ASSERT_TRUE(pool.Start(4).ok());
-  const size_t n = 300001;  // several 64K chunks and a short last one
-  const std::vector<float> w0 = Random(n, 7);
-  std::vector<Update> updates;
-  for (OptimizerKind kind : kAllKinds) {
-    updates.push_back(optimizers::OptimizerUpdate(Config(kind), 0.01f, 3));
-  }
-  Update mean;
-  mean.rule = Rule::kMean;
-  mean.mean_window = 3;
-  Update delta;
-  delta.rule = Rule::kDelta;
-  updates.push_back(mean);
-  updates.push_back(delta);
-  for (const Update& u : updates) {
-    SCOPED_TRACE(static_cast<int>(u.rule));
-    std::vector<float> w1 = w0, w2 = w0;
-    std::vector<float> a1(n, 0.25f), a2(n, 0.25f), b1(n, 0.5f), b2(n, 0.5f);
-    uint32_t crc1 = 0, crc2 = 0;
-    for (uint32_t step = 0; step < 3; ++step) {
-      const std::vector<float> g = Random(n, 50 + step);
-      crc1 = optimizers::ApplyWithCrc(u, {w1.data(), a1.data(), b1.data(), g.data()}, n, nullptr);
-      crc2 = optimizers::ApplyWithCrc(u, {w2.data(), a2.data(), b2.data(), g.data()}, n, &pool, 1);
-    }
-    ASSERT_EQ(std::memcmp(w1.data(), w2.data(), n * sizeof(float)), 0);
-    ASSERT_EQ(std::memcmp(a1.data(), a2.data(), n * sizeof(float)), 0);
-    ASSERT_EQ(std::memcmp(b1.data(), b2.data(), n * sizeof(float)), 0);
-    EXPECT_EQ(crc1, crc2);
-    EXPECT_EQ(crc2, protocol::Crc32c(w2.data(), n * sizeof(float)));
-  }
-}
-
 // Every rule once: the optimizer kinds, the mean combiner and delta.
 std::vector<Update> EveryUpdate() {
   std::vector<Update> updates;
@@ -300,6 +266,29 @@ std::vector<Update> EveryUpdate() {
   updates.push_back(copy);
   updates.push_back(delta);
   return updates;
+}
+
+TEST(OptimizerChunkingTest, ThreadedChunksEqualSerialBitForBit) {
+  ThreadPool pool;
+  ASSERT_TRUE(pool.Start(4).ok());
+  const size_t n = 300001;  // several 64K chunks and a short last one
+  const std::vector<float> w0 = Random(n, 7);
+  for (const Update& u : EveryUpdate()) {
+    SCOPED_TRACE(static_cast<int>(u.rule));
+    std::vector<float> w1 = w0, w2 = w0;
+    std::vector<float> a1(n, 0.25f), a2(n, 0.25f), b1(n, 0.5f), b2(n, 0.5f);
+    uint32_t crc1 = 0, crc2 = 0;
+    for (uint32_t step = 0; step < 3; ++step) {
+      const std::vector<float> g = Random(n, 50 + step);
+      crc1 = optimizers::ApplyWithCrc(u, {w1.data(), a1.data(), b1.data(), g.data()}, n, nullptr);
+      crc2 = optimizers::ApplyWithCrc(u, {w2.data(), a2.data(), b2.data(), g.data()}, n, &pool, 1);
+    }
+    ASSERT_EQ(std::memcmp(w1.data(), w2.data(), n * sizeof(float)), 0);
+    ASSERT_EQ(std::memcmp(a1.data(), a2.data(), n * sizeof(float)), 0);
+    ASSERT_EQ(std::memcmp(b1.data(), b2.data(), n * sizeof(float)), 0);
+    EXPECT_EQ(crc1, crc2);
+    EXPECT_EQ(crc2, protocol::Crc32c(w2.data(), n * sizeof(float)));
+  }
 }
 
 // A 2-byte push decoded inside the update, serially and on the pool, gives
