@@ -52,7 +52,8 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # core objects the package build compiled with the same flags.
 CCACHE := CMAKE_CXX_COMPILER_LAUNCHER=$$(command -v ccache || true)
 
-PY_DEPS := "tensorflow-cpu>=2.16" "pyspark>=4.0,<5" "numpy>=1.24" \
+# pyspark[connect]: grpcio, protobuf and zstandard for SparkSession.builder.remote(...).
+PY_DEPS := "tensorflow-cpu>=2.16" "pyspark[connect]>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3" selenium
 

@@ -78,6 +78,7 @@ from pyspark.ml.util import (
 )
 
 from .errors import TensorSparkValueError
+from .runtime.spark import Cluster
 
 _MODEL_DIR = "keras_model"
 
@@ -432,10 +433,17 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
         self._set(featuresCol=featuresCol, predictionCol=predictionCol, batchSize=batchSize)
         self.model = model
         self._loads = None
+        self._uncounted = False
 
     @property
-    def model_loads(self) -> int:
-        """Times a Python worker loaded the model in the last transform's jobs."""
+    def model_loads(self) -> int | None:
+        """Times a Python worker loaded the model in the last transform's jobs.
+
+        None after a transform under Spark Connect, which has no
+        accumulators to count them with.
+        """
+        if self._uncounted:
+            return None
         return 0 if self._loads is None else int(self._loads.value)
 
     def _output_columns(self) -> Any:
@@ -447,7 +455,8 @@ class KerasModel(Model, _KerasParams, MLWritable, MLReadable):
 
         if self.model is None:
             raise TensorSparkValueError(f"{type(self).__name__}.transform: there is no model")
-        self._loads = dataset.sparkSession.sparkContext.accumulator(0)
+        cluster = Cluster(dataset.sparkSession)
+        self._loads, self._uncounted = cluster.accumulator(), cluster.connect
         return predict(
             self.model,
             dataset,

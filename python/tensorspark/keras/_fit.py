@@ -111,8 +111,8 @@ def _prepare(
         raise TensorSparkValueError("features_col is empty; name at least one column")
     if hasattr(data, "mapInArrow"):
         _, integral = feed.check_columns(data.schema, features, label_col)
-        frame, rows = _frame(data, [*features, label_col], workers, what)
-        return _Data(frame, None, features, label_col, integral, rows, frame.rdd.getNumPartitions())
+        frame, rows, parts = _frame(data, [*features, label_col], workers, what)
+        return _Data(frame, None, features, label_col, integral, rows, parts)
     if hasattr(data, "mapPartitionsWithIndex"):
         rdd = data.repartition(int(workers)) if workers else data
         # Not count(): that would compute the RDD's whole lineage an extra time.
@@ -125,15 +125,17 @@ def _prepare(
     )
 
 
-def _frame(data: Any, cols: list[str | None], workers: int | None, what: str) -> tuple[Any, int]:
-    """The DataFrame's needed columns (each once), repartitioned, and its row count."""
+def _frame(
+    data: Any, cols: list[str | None], workers: int | None, what: str
+) -> tuple[Any, int, int]:
+    """The DataFrame's needed columns (each once), repartitioned; its rows and partitions."""
     frame = data.select(*dict.fromkeys(c for c in cols if c is not None))
     if workers:
         frame = frame.repartition(int(workers))
-    rows = frame.count()
+    rows, partitions = runtime_spark.rows_and_partitions(frame)
     if rows == 0:
         raise TensorSparkValueError(f"the {what} DataFrame is empty; there is nothing to train on")
-    return frame, rows
+    return frame, rows, partitions
 
 
 def _prepare_inputs(
@@ -152,7 +154,7 @@ def _prepare_inputs(
         )
     columns = input_columns(data.schema, features_col, inputs, what)
     _, integral = feed.check_columns(data.schema, [], label_col)
-    frame, rows = _frame(data, [*(c.column for c in columns), label_col], workers, what)
+    frame, rows, parts = _frame(data, [*(c.column for c in columns), label_col], workers, what)
     return _Data(
         frame,
         None,
@@ -160,7 +162,7 @@ def _prepare_inputs(
         label_col,
         integral,
         rows,
-        frame.rdd.getNumPartitions(),
+        parts,
         tuple(columns),
     )
 
@@ -231,9 +233,7 @@ class _Fit:
             )
             builder = None
         self.model, self.builder, self.data, self.opts = model, builder, data, opts
-        self.sc = (
-            data.frame.sparkSession.sparkContext if data.frame is not None else data.rdd.context
-        )
+        spark = data.frame.sparkSession if data.frame is not None else data.rdd.context
         self.name = opts["name"] or model.name
         self.names = _spec.weight_names(model)
         self.input_shape = _input_shape(model)
@@ -244,7 +244,7 @@ class _Fit:
             _spec.server_optimizer(model.optimizer)  # refuses an optimizer the server lacks
         blob = None if builder is not None else _spec.to_bytes(model)
         # Every check that can fail is above: nothing is started before it.
-        self.run = driver.DriverRun(self.sc, f"keras {self.name}", opts)
+        self.run = driver.DriverRun(spark, f"keras {self.name}", opts)
         try:
             self.blob = None if blob is None else self.run.broadcast(blob)
         except BaseException as e:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import TensorSparkValueError
 from ..runtime import feed as _feed
+from ..runtime.spark import Cluster
 from . import _spec
 
 # Models loaded in this Python worker, by the driver's key (the newest few).
@@ -303,7 +304,7 @@ def predict(
             "inputs": columns,
         }
     spark = df.sparkSession
-    blob = _blob if _blob is not None else spark.sparkContext.broadcast(_spec.to_bytes(model))
+    blob = _blob if _blob is not None else Cluster(spark).broadcast(_spec.to_bytes(model))
     schema = StructType([*df.schema.fields, *output.fields()])
     fn = functools.partial(
         _predict_batches,

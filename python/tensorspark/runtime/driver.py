@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _jvm, tracking
+from .. import tracking
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
 from . import hadoop, progress, spark, status_page, watchdog
@@ -43,7 +43,9 @@ class DriverRun:
 
     Parameters
     ----------
-    sc : pyspark.SparkContext
+    sc : pyspark.SparkContext or pyspark.sql.SparkSession
+        Classic Spark, or a Spark Connect session (:class:`runtime.spark.Cluster`
+        says what differs).
     name : str
         Names the run in job descriptions and logs.
     opts : dict
@@ -64,7 +66,8 @@ class DriverRun:
     """
 
     def __init__(self, sc: Any, name: str, opts: dict[str, Any], *, api: str = "keras") -> None:
-        self.sc, self.name, self.opts, self.api = sc, name, opts, api
+        self.cluster = spark.Cluster(sc)
+        self.name, self.opts, self.api = name, opts, api
         self.run_id = uuid.uuid4().hex
         self._cleanup = contextlib.ExitStack()
         self._status = "FINISHED"  # how an MLflow run ends
@@ -77,12 +80,11 @@ class DriverRun:
             raise
 
     def _start(self) -> None:
-        o, sc = self.opts, self.sc
-        conf = sc.getConf()
-        self.threads = int(o.get("threads") or conf.get("spark.task.cpus", "1"))
+        o, cluster = self.opts, self.cluster
+        self.threads = int(o.get("threads") or cluster.conf("spark.task.cpus") or "1")
         host = o.get("server_host")
         if host is None:
-            host = "127.0.0.1" if sc.master.startswith("local") else conf.get("spark.driver.host")
+            host = cluster.task_host()
         self.host, self.port = host, int(o.get("server_port") or 0)
         self.servers = tuple(parse_address(a) for a in o.get("servers") or ())
         self.server: ParameterServer | None = None
@@ -128,7 +130,7 @@ class DriverRun:
         from .. import __version__
 
         return {
-            "tensorspark.spark_app_id": str(self.sc.applicationId),
+            "tensorspark.spark_app_id": self.cluster.app_id,
             "tensorspark.run_name": self.name,
             "tensorspark.api": self.api,
             "tensorspark.version": __version__,
@@ -143,8 +145,7 @@ class DriverRun:
         bind = self._bind_host()
         url_host = "127.0.0.1"
         if bind != "127.0.0.1":
-            conf = self.sc.getConf()
-            url_host = self.host if self.server else conf.get("spark.driver.host", self.host)
+            url_host = self.host if self.server else self.cluster.conf("spark.driver.host", self.host)
         where = ", ".join(f"{h}:{p}" for h, p in self.servers) or f"{self.host}:{self.port}"
         o = self.opts
         page = status_page.StatusPage(
@@ -172,8 +173,15 @@ class DriverRun:
         o = self.opts
         bind = self._bind_host()
         ckpt, resume = o.get("checkpoint_dir"), o.get("resume_from")
+        for uri in (ckpt, resume):
+            if hadoop.is_hadoop_uri(uri):
+                self.cluster.needs_classic(
+                    f"the Hadoop URI {uri!r} (copied through the driver JVM's FileSystem)",
+                    "The parameter server runs in this process: give checkpoint_dir and "
+                    "resume_from as local or mounted paths.",
+                )
         if hadoop.is_hadoop_uri(resume):
-            resume = hadoop.fetch_snapshots(self.sc, resume)  # a local copy, read at start
+            resume = hadoop.fetch_snapshots(self.cluster.sc, resume)  # a local copy, read at start
             self._cleanup.callback(shutil.rmtree, resume, ignore_errors=True)
         staging = None
         if hadoop.is_hadoop_uri(ckpt):
@@ -191,7 +199,7 @@ class DriverRun:
         )
         self._cleanup.callback(server.stop)
         if staging is not None:
-            mirror = hadoop.SnapshotMirror(self.sc, ckpt, staging, o.get("checkpoint_keep", 3))
+            mirror = hadoop.SnapshotMirror(self.cluster.sc, ckpt, staging, o.get("checkpoint_keep", 3))
             # Closed (LIFO) after the server's final snapshot; stop is idempotent.
             self._cleanup.callback(mirror.close)
             self._cleanup.callback(server.stop)
@@ -311,8 +319,8 @@ class DriverRun:
         return int(self.client.stats().get("version", 0))
 
     def broadcast(self, value: Any) -> Any:
-        """A Spark broadcast released with the run."""
-        b = self.sc.broadcast(value)
+        """A Spark broadcast released with the run (inline under Spark Connect)."""
+        b = self.cluster.broadcast(value)
         self._cleanup.callback(spark.unless_jvm_gone, b.unpersist)
         return b
 
@@ -340,8 +348,8 @@ class DriverRun:
         shown = description + (f" (status: {self.status_url})" if self.status_url else "")
         group = f"tensorspark-{self.run_id}-{epoch}-{what.replace(' ', '_')}"
         keeps = "the parameter servers keep" if self.servers else "the parameter server keeps"
-        guard = _jvm.guard(self.sc, description, note=f"{keeps} the model trained so far")
-        dog = watchdog.HangWatchdog(self.connect, self.sc, hang_timeout or 0, group)
+        guard = self.cluster.guard(description, f"{keeps} the model trained so far")
+        dog = watchdog.HangWatchdog(self.connect, self.cluster, hang_timeout or 0, group)
         watch = dog if hang_timeout and members else contextlib.nullcontext()
         if progress_label and members:
             self.bar.total = total_rows
@@ -350,7 +358,7 @@ class DriverRun:
         try:
             if self.page is not None:
                 self.page.phase = what
-            with guard, spark.job_group(self.sc, group, shown), watch:
+            with guard, self.cluster.job_group(group, shown), watch:
                 results = job()
         except Exception as e:  # noqa: BLE001 - translated, original chained
             self.bar.end_epoch("stopped", 0)

@@ -100,8 +100,9 @@ class HangWatchdog:
     ----------
     connect : callable
         Returns a new ``PSClient`` (the watchdog's own connection).
-    sc : pyspark.SparkContext
-        Its job group ``group`` is cancelled when the watchdog fires.
+    cluster : runtime.spark.Cluster
+        Its job group (or Spark Connect tag) ``group`` is cancelled when the
+        watchdog fires.
     timeout : float
         Seconds without progress from any live worker.
     group : str
@@ -111,14 +112,14 @@ class HangWatchdog:
     def __init__(
         self,
         connect: Any,
-        sc: Any,
+        cluster: Any,
         timeout: float,
         group: str,
         *,
         stream: TextIO | None = None,
         interval: float = 1.0,
     ) -> None:
-        self._connect, self._sc, self.timeout, self.group = connect, sc, timeout, group
+        self._connect, self._cluster, self.timeout, self.group = connect, cluster, timeout, group
         self._stream = stream or sys.stderr
         self._interval = interval
         self._stop = threading.Event()
@@ -181,4 +182,4 @@ class HangWatchdog:
                 lines += [f"{head}, stack dump from {r['report_age_s']:.1f} s ago:", r["text"]]
         self._stream.write("\n".join(lines) + "\n")
         self._stream.flush()
-        self._sc.cancelJobGroup(self.group)
+        self._cluster.cancel(self.group)

@@ -180,7 +180,9 @@ class SparkSession:
         if not hasattr(sc, "getConf") or not hasattr(sc, "parallelize"):
             raise TensorSparkValueError(
                 "SparkSession(sc, sess, ...) needs a classic pyspark.SparkContext as sc, got "
-                f"{type(sc).__name__}; the TF1 API does not run over Spark Connect"
+                f"{type(sc).__name__}. The TF1 API needs classic Spark (RDDs and broadcasts), "
+                "which a Spark Connect client does not have; under Spark Connect, train a Keras "
+                "model with tensorspark.keras.fit on a DataFrame (docs/deploy.md, Spark Connect)"
             )
         opts = dict(locals())
         opts["threads"] = opts.pop("threads_per_task")
