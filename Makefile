@@ -2,7 +2,8 @@
 # a .venv with TensorFlow, PySpark and the build tools) and then runs.
 #
 #   make demo    train the seed program on Fashion-MNIST on local[2]
-#   make test    C++ tests (ctest) + Python tests (pytest on real Spark local[2])
+#   make test    C++ tests (ctest) + Python tests (pytest on real Spark local[2],
+#                then tests/connect against a local Spark Connect server)
 #                + the cluster tests (make test-cluster)
 #   make test-cluster
 #                a real Spark standalone cluster (Master + 2 Workers, each Worker
@@ -57,7 +58,7 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark[connect]>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3" selenium
 
-.PHONY: demo test test-cpp test-python test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
+.PHONY: demo test test-cpp test-python test-connect test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
         fuzz system system-gtest venv install clean
 
 demo: system install
@@ -76,6 +77,12 @@ test-cpp: system-gtest venv
 test-python: install
 	@scripts/setup-system.sh --with-browser
 	$(VPY) -m pytest tests/python -v
+	$(MAKE) test-connect
+
+# A process of its own: a SparkContext in the process would stop
+# SparkSession.builder.remote("local[...]") from starting its Connect server.
+test-connect: install
+	$(VPY) -m pytest tests/connect -v
 
 # -s: the tests print the accuracy and time of each run, and whether the
 # Workers got network namespaces or fell back to loopback.

@@ -63,7 +63,11 @@ def train_df(connect):
     return _df(connect, x, y).cache()
 
 
-def test_fit_validates_checkpoints_resumes_and_predicts(connect, train_df, tmp_path, capsys):
+def test_fit_validates_checkpoints_resumes_and_predicts(
+    connect, train_df, tmp_path, capsys, monkeypatch
+):
+    import mlflow
+
     from tensorspark.keras import fit, predict
 
     xv, yv = _data(600, seed=7)
@@ -78,9 +82,26 @@ def test_fit_validates_checkpoints_resumes_and_predicts(connect, train_df, tmp_p
     assert "epoch 2/2" in capsys.readouterr().err.lower()
     assert any(n.endswith(".tsnap") for n in os.listdir(ckpt)), os.listdir(ckpt)
 
-    _, resumed = fit(build(), train_df, epochs=3, resume_from=ckpt, progress=False, **common)
+    # The resumed run also writes TensorBoard logs, an MLflow run and a status page.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    tb = tmp_path / "tb"
+    _, resumed = fit(
+        build(),
+        train_df,
+        epochs=3,
+        resume_from=ckpt,
+        progress=False,
+        log_dir=str(tb),
+        mlflow=True,
+        ui_port=0,
+        **common,
+    )
     assert resumed.resumed_version > 0
     assert resumed.epoch == [2]
+    assert resumed.mlflow_run_id
+    assert list(tb.rglob("events.out.tfevents.*"))
+    assert "status page at http://" in capsys.readouterr().err
+    mlflow.set_tracking_uri(None)
 
     out = predict(model, val_df, prediction_col="logits").collect()
     assert len(out) == len(xv)
