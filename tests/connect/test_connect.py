@@ -184,8 +184,8 @@ def test_tf1_session_and_hadoop_uris_need_classic_spark(connect, train_df):
     import tensorspark
     from tensorspark.keras import fit
 
-    with tf.Graph().as_default():
-        with pytest.raises(TensorSparkValueError, match="needs classic Spark.*tensorspark.keras"):
-            tensorspark.SparkSession(connect, tf.Session(), user="u", name="n")
+    needs = "needs classic Spark.*tensorspark.keras"
+    with tf.Graph().as_default(), pytest.raises(TensorSparkValueError, match=needs):
+        tensorspark.SparkSession(connect, tf.Session(), user="u", name="n")
     with pytest.raises(TensorSparkValueError, match="needs classic Spark"):
         fit(build(), train_df, checkpoint_dir="file:///tmp/x", progress=False)

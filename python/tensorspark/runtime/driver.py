@@ -145,7 +145,9 @@ class DriverRun:
         bind = self._bind_host()
         url_host = "127.0.0.1"
         if bind != "127.0.0.1":
-            url_host = self.host if self.server else self.cluster.conf("spark.driver.host", self.host)
+            url_host = (
+                self.host if self.server else self.cluster.conf("spark.driver.host", self.host)
+            )
         where = ", ".join(f"{h}:{p}" for h, p in self.servers) or f"{self.host}:{self.port}"
         o = self.opts
         page = status_page.StatusPage(
@@ -199,7 +201,9 @@ class DriverRun:
         )
         self._cleanup.callback(server.stop)
         if staging is not None:
-            mirror = hadoop.SnapshotMirror(self.cluster.sc, ckpt, staging, o.get("checkpoint_keep", 3))
+            mirror = hadoop.SnapshotMirror(
+                self.cluster.sc, ckpt, staging, o.get("checkpoint_keep", 3)
+            )
             # Closed (LIFO) after the server's final snapshot; stop is idempotent.
             self._cleanup.callback(mirror.close)
             self._cleanup.callback(server.stop)

@@ -123,7 +123,11 @@ class Cluster:
         """Watch the driver JVM for the block (classic; a Connect client has none in reach)."""
         from .. import _jvm
 
-        return contextlib.nullcontext() if self.connect else _jvm.guard(self.sc, description, note=note)
+        return (
+            contextlib.nullcontext()
+            if self.connect
+            else _jvm.guard(self.sc, description, note=note)
+        )
 
     @contextlib.contextmanager
     def job_group(self, group: str, text: str) -> Iterator[None]:
