@@ -17,6 +17,8 @@ from the matching built-in exception, so ``except ConnectionError`` or
 - :class:`SparkDriverError`: the Spark driver JVM died, or ran out of
   memory, while Python waited on it (raised by the driver-side guard of
   :mod:`tensorspark._jvm`).
+- :class:`StaleGPUWorkerError`: a reused Python worker's TensorFlow runs on
+  other GPUs than Spark gave its task (Spark retries the task).
 """
 
 from ._core import (
@@ -41,6 +43,14 @@ class SparkDriverError(TensorSparkError):
     """
 
 
+class StaleGPUWorkerError(TensorSparkError):
+    """A reused Python worker holds other GPUs than the ones Spark gave its new task.
+
+    CUDA reads ``CUDA_VISIBLE_DEVICES`` once per process; the worker exits
+    after the failed task and Spark retries it (``tensorspark.runtime.gpu``).
+    """
+
+
 __all__ = [
     "AddressInUseError",
     "AuthenticationError",
@@ -50,6 +60,7 @@ __all__ = [
     "PSTimeoutError",
     "ShapeMismatchError",
     "SparkDriverError",
+    "StaleGPUWorkerError",
     "TensorSparkError",
     "TensorSparkValueError",
     "VariableNotFoundError",

@@ -310,3 +310,38 @@ def test_loss_turning_nan_keeps_the_last_good_model(spark):
     after = model.get_weights()
     assert all(np.isfinite(w).all() for w in after)
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("update", ["delta", "gradient"])
+def test_mixed_float16_trains_with_float32_weights_on_the_server(train_df, update):
+    """The global mixed_float16 policy: float16 compute in the tasks, float32 weights synced.
+
+    Plain SGD, whose step scales with the gradient, so a loss scale left in
+    the applied gradients (2**15) would stop it from learning.
+    """
+    import keras
+
+    from tensorspark.keras import fit
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _build(0.1, optimizer="sgd")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[0].compute_dtype == "float16"
+    xv, yv = _data(500, seed=7)
+    model, history = fit(
+        model,
+        train_df,
+        epochs=1,
+        batch_size=32,
+        sync_interval=4,
+        update=update,
+        validation_data=(xv, yv),
+        progress=False,
+    )
+    assert model.layers[0].compute_dtype == "float16"
+    assert all(w.dtype == "float32" for w in model.weights)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert history.history["val_accuracy"][-1] > 0.9
+    assert all(w["pushes"] > 0 for w in history.workers[-1])

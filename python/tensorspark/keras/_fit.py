@@ -51,7 +51,8 @@ class History:
         ``attempt_number``, ``steps``, ``samples``, ``pushes``,
         ``samples_per_sec``, ``loss``, ``staleness_mean``/``staleness_max``
         (versions applied by others between a task's pull and its push),
-        ``rss_peak_bytes`` and more.
+        ``rss_peak_bytes``, ``gpu`` (the task's GPU addresses and its
+        ``CUDA_VISIBLE_DEVICES``) and more.
     samples_per_sec : list of float
         Per epoch: samples trained divided by the Spark job's wall time.
     seconds : list of float

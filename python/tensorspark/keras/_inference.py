@@ -131,8 +131,12 @@ def _dense_vectors(pa: Any, y: np.ndarray) -> Any:
 
 
 def _model(key: str, blob: Any, custom_objects: Any, loads: Any) -> Any:
+    from ..runtime import gpu
+
+    gpu.claim()
     model = _LOADED.get(key)
     if model is None:
+        gpu.grow_memory()
         while len(_LOADED) >= _KEEP:
             _LOADED.pop(next(iter(_LOADED)))
         model = _LOADED[key] = _spec.from_bytes(blob.value, custom_objects)

@@ -138,6 +138,8 @@ def server_optimizer(optimizer: Any) -> tuple[str, float, dict[str, float]]:
     import keras
 
     opt = keras.optimizers
+    # mixed_float16: the server applies unscaled gradients with the inner optimizer.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     lr = learning_rate(optimizer)
     name = type(optimizer).__name__
     if lr is None:

@@ -62,6 +62,7 @@ class KerasReplica:
     """The task's copy of the model, its step functions and metric totals."""
 
     def __init__(self, model: Any, spec: ModelSpec, cfg: task.TaskConfig) -> None:
+        import keras
         import tensorflow as tf
 
         _spec.check_compiled(model, "in a Spark task")
@@ -74,12 +75,24 @@ class KerasReplica:
         self.loss = tf.Variable(tf.zeros(2, tf.float64), trainable=False)
         self.gradients = []
         self.iterates = []
+        lso = keras.optimizers.LossScaleOptimizer
+        if _float16_compute(model) and not isinstance(model.optimizer, lso):
+            # A mixed_float16 model loses its LossScaleOptimizer when it is
+            # deserialized under the task's float32 global policy.
+            model.optimizer = lso(model.optimizer)
         if cfg.rule.accumulates == "gradients":
             self.gradients = [tf.Variable(tf.zeros_like(v), trainable=False) for v in trainable]
         else:
             model.optimizer.build(trainable)
         if cfg.rule.accumulates == "iterates":
             self.iterates = [tf.Variable(tf.zeros_like(w), trainable=False) for w in self.weights]
+        # mixed_float16 compiles a LossScaleOptimizer. Where it applies the
+        # step (the dense local step), the loss is scaled as Keras' own
+        # train_step does and it unscales; pushed gradients and table rows'
+        # steps are unscaled, applied by the inner optimizer.
+        optimizer = model.optimizer
+        scaled = isinstance(optimizer, lso) and not self.gradients
+        local_opt = getattr(optimizer, "inner_optimizer", optimizer)
 
         def add_loss(loss: Any, y_pred: Any) -> None:
             n = tf.cast(tf.shape(y_pred)[0], tf.float64)
@@ -91,7 +104,8 @@ class KerasReplica:
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
                 loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
-            grads = tape.gradient(loss, trainable)
+                target = optimizer.scale_loss(loss) if scaled else loss
+            grads = tape.gradient(target, trainable)
             if self.gradients:
                 for acc, g in zip(self.gradients, grads, strict=True):
                     acc.assign_add(tf.convert_to_tensor(g))
@@ -146,7 +160,7 @@ class KerasReplica:
                 for acc, g in zip(self.gradients, dense, strict=True):
                     acc.assign_add(tf.convert_to_tensor(g))
             elif trainable:
-                model.optimizer.apply_gradients(zip(dense, trainable, strict=True))
+                local_opt.apply_gradients(zip(dense, trainable, strict=True))
             if self.iterates:
                 for s, w in zip(self.iterates, self.weights, strict=True):
                     s.assign_add(w)
@@ -281,6 +295,12 @@ def _table_layers(model: Any, cfg: task.TaskConfig) -> list[Any]:
 
     by_table = {layer.table: layer for layer in tables_of(model)}
     return [by_table[f.table] for f in cfg.tables]
+
+
+def _float16_compute(model: Any) -> bool:
+    """True for a model (or any of its layers) computing in float16 (mixed_float16)."""
+    layers = [model, *getattr(model, "layers", [])]
+    return any(getattr(layer, "compute_dtype", None) == "float16" for layer in layers)
 
 
 def _means_and_reset(sums: list[Any], steps: int) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _core
 from ..errors import TensorSparkValueError
-from . import feed, spark, sparse, watchdog
+from . import feed, gpu, spark, sparse, watchdog
 from .updates import Rule
 
 
@@ -85,13 +85,17 @@ def cached_replica(key: str, build: Any) -> Any:
     """The replica for ``key``, built by ``build()`` on the worker's first task.
 
     One replica per worker: building a new one frees the previous run's.
+    The task's GPUs (``runtime.gpu``) are claimed first, on every call.
     """
+    claimed = gpu.claim()  # before TensorFlow's devices start: build() may start them
     replica = _REPLICAS.get(key)
     if replica is None:
         _REPLICAS.clear()
+        gpu.grow_memory()
         replica = _REPLICAS[key] = build()
         replica.tasks_served = 0
     replica.tasks_served += 1
+    replica.gpu = claimed
     return replica
 
 
@@ -264,5 +268,6 @@ def train(
             "replica_tasks": getattr(replica, "tasks_served", 1),  # 2+: built by an earlier task
             "rows_pulled": rows.rows_pulled if rows is not None else 0,
             "rows_pushed": rows.rows_pushed if rows is not None else 0,
+            "gpu": getattr(replica, "gpu", None),  # runtime.gpu.claim()
             **replica.extra_result(),
         }

@@ -54,6 +54,7 @@ class GraphReplica:
         config = tf.ConfigProto(
             intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads
         )
+        config.gpu_options.allow_growth = True  # tasks may share a GPU (runtime.gpu)
         self.sess = tf.Session(graph=self.graph, config=config)
         self.sess.run(init)
         if self.sums:
