@@ -18,6 +18,7 @@ from standalone import StandaloneCluster  # noqa: E402 - needs the path above
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+GPUS = [["0"], ["1"]]
 
 
 # Work dirs, executor logs and drivers' output; kept after the run for a
@@ -42,7 +43,10 @@ def cluster() -> Iterator[StandaloneCluster]:
     choice = os.environ.get("TENSORSPARK_CLUSTER_ISOLATE", "")
     isolate = {"1": True, "0": False}.get(choice)
     shutil.rmtree(BASE_DIR, ignore_errors=True)
-    c = StandaloneCluster(workers=2, cores=1, memory="3g", base_dir=BASE_DIR, isolate=isolate)
+    # Made-up GPUs, one per Worker: apps that ask for them get Spark's GPU scheduling.
+    c = StandaloneCluster(
+        workers=2, cores=1, memory="3g", base_dir=BASE_DIR, isolate=isolate, gpus=GPUS
+    )
 
     # A SIGTERM (a CI timeout, `kill`) then still tears the cluster down.
     def on_term(signum: int, frame: object) -> None:

@@ -458,6 +458,10 @@ class StandaloneCluster:
         The interpreter of the driver and of Spark's Python workers.
     start_timeout : float
         Seconds allowed for the Master and each Worker to come up.
+    gpus : list of list of str, optional
+        Per Worker, the GPU addresses it declares (``spark.worker.resource.gpu``)
+        through a discovery script that reports them: made up, so that
+        Spark's GPU scheduling runs on machines without GPUs.
 
     Examples
     --------
@@ -477,8 +481,10 @@ class StandaloneCluster:
         isolate: bool | None = None,
         python: str = sys.executable,
         start_timeout: float = 120.0,
+        gpus: list[list[str]] | None = None,
     ) -> None:
         self.num_workers, self.cores, self.memory = workers, cores, memory
+        self.gpus = gpus
         self.python, self.start_timeout = python, start_timeout
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
@@ -583,6 +589,9 @@ class StandaloneCluster:
             work_dir, local_dir = self.base_dir / "work" / name, self.base_dir / "local" / name
             work_dir.mkdir(exist_ok=True)
             local_dir.mkdir(exist_ok=True)
+            extra_env = {"SPARK_LOCAL_DIRS": str(local_dir), "SPARK_WORKER_DIR": str(work_dir)}
+            if self.gpus:
+                extra_env["SPARK_WORKER_OPTS"] = self._gpu_opts(i)
             proc = self._spawn(
                 name,
                 [
@@ -601,7 +610,7 @@ class StandaloneCluster:
                 ],
                 prefix=self.network.exec_prefix(i) if self.network else [],
                 local_ip=host,
-                extra_env={"SPARK_LOCAL_DIRS": str(local_dir), "SPARK_WORKER_DIR": str(work_dir)},
+                extra_env=extra_env,
             )
             self.workers.append(Worker(i, host, webui_port, proc, self.base_dir / "logs" / name))
         wait_for(
@@ -612,6 +621,19 @@ class StandaloneCluster:
             on_timeout=lambda: "".join(
                 self._logs_hint(f"worker{i}") for i in range(len(self.workers))
             ),
+        )
+
+    def _gpu_opts(self, i: int) -> str:
+        """Worker ``i``'s made-up GPUs: a discovery script that reports ``gpus[i]``."""
+        addresses = self.gpus[i]
+        script = self.base_dir / "conf" / f"gpus-worker{i}.sh"
+        script.parent.mkdir(exist_ok=True)
+        found = json.dumps({"name": "gpu", "addresses": addresses})
+        script.write_text(f"#!/bin/sh\necho '{found}'\n")
+        script.chmod(0o755)
+        return (
+            f"-Dspark.worker.resource.gpu.amount={len(addresses)} "
+            f"-Dspark.worker.resource.gpu.discoveryScript={script}"
         )
 
     def _spawn(

@@ -28,6 +28,8 @@ KERAS = REPO / "examples" / "fashion_mnist_keras.py"
 SUBMIT_TIMEOUT = 600.0
 # The parameter server's line for a task joining: its partition, then the
 # attempt it fences by, which is Spark's TID (docs/consistency.md).
+# Each Worker declares one made-up GPU (tests/cluster/conftest.py); a task takes it.
+GPU_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1"}
 _JOINED = re.compile(r"\[tensorspark-ps\] worker (\d+) \(attempt (\d+)\) joined")
 
 
@@ -91,10 +93,14 @@ def test_workers_run_in_their_own_namespaces(cluster: StandaloneCluster) -> None
 
 
 def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
-    """The TF1 seed program, 2 epochs, bound 0.80 (it reaches ~0.82).
+    """The TF1 seed program, 2 epochs, bound 0.80 (it reaches ~0.82), on Spark-scheduled GPUs.
 
     Its executors live in the namespaces, where the driver's address is
     reached only through their veth pair, so every pull and push crossed it.
+    Each Worker declares one made-up GPU (address "0" on one, "1" on the
+    other) and every task asks for one: each task must have pointed
+    CUDA_VISIBLE_DEVICES at exactly its Worker's address before TensorFlow
+    started, and training (on CPU) must complete.
     """
     result = _result_file(cluster, "seed.json")
     sub = cluster.submit(
@@ -102,9 +108,11 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
         ["--master", cluster.master_url, "--partitions", "2", "--epochs", "2"]
         + ["--min-accuracy", "0.80", "--json", str(result)],
         timeout=SUBMIT_TIMEOUT,
+        conf=GPU_CONF,
         log_name="seed",
     )
     _finished(sub)
+    _check_gpu_claims(cluster, sub)
     report = json.loads(result.read_text())
     acc = report["test_accuracy"]
     assert acc >= 0.80
@@ -113,6 +121,29 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
     # 2 epochs x 2 partitions x 3 pushes (300 steps, one push per 100).
     assert report["stats"]["version"] >= 12, report["stats"]
     _report("seed example (TF1 softmax, 2 epochs)", sub.seconds, acc, cluster)
+
+
+_GPU_CLAIM = re.compile(
+    r"tensorspark: task \d+ \(partition \d+\): GPU addresses (\S+), "
+    r"CUDA_VISIBLE_DEVICES=(\S+), TensorFlow ([a-z, ]+) at this worker's first claim"
+)
+
+
+def _gpu_claims(cluster: StandaloneCluster, app_id: str) -> dict[int, list[tuple[str, str, str]]]:
+    """Worker index -> (addresses, CUDA_VISIBLE_DEVICES, TF state) of each task's GPU claim."""
+    claims: dict[int, list[tuple[str, str, str]]] = {w.index: [] for w in cluster.workers}
+    for (index, _), log in _executor_logs(cluster, app_id).items():
+        claims[index] += _GPU_CLAIM.findall(log.read_text(errors="replace"))
+    return claims
+
+
+def _check_gpu_claims(cluster: StandaloneCluster, sub: Submission) -> None:
+    """Every task of ``sub`` set CUDA_VISIBLE_DEVICES to its Worker's GPU before loading TF."""
+    for index, lines in _gpu_claims(cluster, _app_id(sub)).items():
+        want = ",".join(cluster.gpus[index])
+        assert lines, f"Worker {index}'s executors logged no GPU claim"
+        for addresses, visible, state in lines:
+            assert (addresses, visible, state) == (want, want, "not loaded"), lines
 
 
 def _running(cluster: StandaloneCluster, app_id: str, tid: int) -> tuple[int, str] | None:
@@ -159,7 +190,7 @@ def test_executor_loss_during_training(cluster: StandaloneCluster) -> None:
         timeout=SUBMIT_TIMEOUT,
         driver_memory="4g",
         # A lost executor costs each task it was running one failure.
-        conf={"spark.task.maxFailures": "8"},
+        conf={"spark.task.maxFailures": "8", **GPU_CONF},
         log_name="executor-loss",
     )
     first_seen: dict[int, float] = {}
@@ -195,6 +226,7 @@ def test_executor_loss_during_training(cluster: StandaloneCluster) -> None:
     acc = json.loads(result.read_text())["test_accuracy"]
     assert acc >= 0.80
     assert re.search(rf"Lost executor {victim} on ", out), out[-3000:]
+    _check_gpu_claims(cluster, sub)  # the replacement executor's tasks too
     # The PS dropped the killed attempt, and a newer attempt of the same
     # partition (the retry) joined after it.
     lost = re.search(rf"worker {partition} \(attempt {tid}\) lost: ", out)

@@ -63,11 +63,12 @@ def claim(addresses: tuple[str, ...] | None = None) -> dict[str, Any]:
         return {"addresses": [], "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if _CLAIMED is None:
         _FIRST.update(
-            tf_loaded_before=_tf_runtime_started(),
+            tf_loaded_before="tensorflow" in sys.modules,
+            tf_started_before=_tf_runtime_started(),
             previous=os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
         wanted = ",".join(addresses)
-        if _FIRST["tf_loaded_before"] and _FIRST["previous"] != wanted:
+        if _FIRST["tf_started_before"] and _FIRST["previous"] != wanted:
             raise StaleGPUWorkerError(
                 f"Spark gave this task GPU {','.join(addresses)}, but TensorFlow in its Python "
                 "worker already started its devices (a UDF or an earlier job used TensorFlow "
@@ -78,7 +79,7 @@ def claim(addresses: tuple[str, ...] | None = None) -> dict[str, Any]:
         os.environ["CUDA_VISIBLE_DEVICES"] = wanted
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         _CLAIMED = addresses
-    elif _CLAIMED != addresses:
+    elif addresses != _CLAIMED:
         raise StaleGPUWorkerError(
             f"Spark gave this task GPU {','.join(addresses)}, but its reused Python worker "
             f"runs TensorFlow on GPU {','.join(_CLAIMED)} (CUDA reads CUDA_VISIBLE_DEVICES "
@@ -90,6 +91,7 @@ def claim(addresses: tuple[str, ...] | None = None) -> dict[str, Any]:
         "addresses": list(addresses),
         "cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"],
         "tf_loaded_before": _FIRST["tf_loaded_before"],
+        "tf_started_before": _FIRST["tf_started_before"],
     }
     # One line per task in the executor's log: which GPUs it trained on.
     ctx = TaskContext.get()
@@ -97,8 +99,7 @@ def claim(addresses: tuple[str, ...] | None = None) -> dict[str, Any]:
     print(
         f"tensorspark: {who}: GPU "
         f"addresses {','.join(addresses)}, CUDA_VISIBLE_DEVICES={out['cuda_visible_devices']}, "
-        f"TensorFlow {'already started' if out['tf_loaded_before'] else 'not started'} "
-        "at the claim",
+        f"TensorFlow {_tf_state(out)} at this worker's first claim",
         file=sys.stderr,
         flush=True,
     )
@@ -116,6 +117,12 @@ def grow_memory() -> None:
     for device in tf.config.list_physical_devices("GPU"):
         with contextlib.suppress(RuntimeError, ValueError):
             tf.config.experimental.set_memory_growth(device, True)
+
+
+def _tf_state(claimed: dict[str, Any]) -> str:
+    if claimed["tf_started_before"]:
+        return "devices started"
+    return "loaded, devices not started" if claimed["tf_loaded_before"] else "not loaded"
 
 
 def _tf_runtime_started() -> bool:

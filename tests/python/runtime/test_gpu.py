@@ -38,7 +38,12 @@ def test_first_claim_sets_the_devices_and_the_same_addresses_are_reused():
         """
     )
     first, again, order = got
-    assert first == {"addresses": ["1"], "cuda_visible_devices": "1", "tf_loaded_before": False}
+    assert first == {
+        "addresses": ["1"],
+        "cuda_visible_devices": "1",
+        "tf_loaded_before": False,
+        "tf_started_before": False,
+    }
     assert again == first
     assert order == "PCI_BUS_ID"
 
