@@ -11,9 +11,20 @@
   stage.
 """
 
-from . import layers
+import importlib
+from typing import Any
+
 from ._fit import FitResult, History, fit
 from ._inference import predict
-from .layers import ParameterServerEmbedding
 
 __all__ = ["FitResult", "History", "ParameterServerEmbedding", "fit", "layers", "predict"]
+
+
+def __getattr__(name: str) -> Any:
+    # Keras (and so TensorFlow) loads with the layers, on first use: a task
+    # unpickling its function imports this package, and must claim its GPUs
+    # (runtime.gpu) before TensorFlow loads.
+    if name in ("layers", "ParameterServerEmbedding"):
+        layers = importlib.import_module(f"{__name__}.layers")  # `from . import` would recurse
+        return layers if name == "layers" else layers.ParameterServerEmbedding
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,3 +103,18 @@ def test_grow_memory_and_a_claim_before_tensorflow_loads():
     )
     # No GPU 3 on a CPU machine: TensorFlow sees none, and memory growth is a no-op.
     assert got == [False, "3", 0]
+
+
+def test_a_task_function_unpickles_without_loading_tensorflow():
+    """What a task's function imports when unpickled must leave TensorFlow unloaded,
+    so that the claim comes first."""
+    got = _worker(
+        """
+        import sys
+        import tensorspark, tensorspark.ml
+        from tensorspark.keras import _inference, replica
+        from tensorspark.tf1 import replica as tf1_replica
+        print(json.dumps("tensorflow" in sys.modules))
+        """
+    )
+    assert got is False
