@@ -11,6 +11,8 @@ command -v ccache >/dev/null 2>&1 || want+=(ccache)
 # CRC-32C with PCLMULQDQ/VPCLMULQDQ folding for frame checksums (the build
 # falls back to its own code without it).
 [ -f /usr/include/isa-l/crc.h ] || want+=(libisal-dev)
+# SHA-256 and HMAC of the handshake (libcrypto; the build requires it).
+[ -f /usr/include/openssl/evp.h ] || want+=(libssl-dev)
 # Each flag adds what one kind of target needs; several may be given.
 for flag in "$@"; do
   case "$flag" in

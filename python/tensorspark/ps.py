@@ -283,6 +283,17 @@ class ParameterServer:
         Port to listen on; 0 picks a free one (see :attr:`port`).
     max_frame_bytes : int
         Largest request payload accepted.
+    max_connections : int
+        Most authenticated connections; more are refused
+        (``PSConnectionError`` in the client) after their handshake.
+    max_pending_handshakes, max_pending_per_peer : int
+        Most connections still in their handshake, in all and from one IP
+        address. Over either cap a new connection evicts a pending one (one
+        that sent nothing yet first, the oldest first), so strangers holding
+        idle sockets can neither use up ``max_connections`` nor lock out a
+        member that is connecting.
+    handshake_timeout : float
+        Seconds a connection has to authenticate.
     io_timeout : float
         Seconds a half-received frame may stall before the connection drops.
     update_threads : int
@@ -340,6 +351,8 @@ class ParameterServer:
         max_frame_bytes: int = 1 << 31,
         max_variables: int = 1 << 16,
         max_connections: int = 1024,
+        max_pending_handshakes: int = 128,
+        max_pending_per_peer: int = 32,
         io_timeout: float = 120.0,
         handshake_timeout: float = 10.0,
         update_threads: int = 0,
@@ -371,13 +384,16 @@ class ParameterServer:
                 f"got {metrics_port!r}"
             )
         snapshot_every_s = _as_number("ParameterServer: snapshot_every_s", snapshot_every_s)
-        for what, n in (
-            ("snapshot_every_versions", snapshot_every_versions),
-            ("snapshot_keep", snapshot_keep),
+        for what, n, least in (
+            ("snapshot_every_versions", snapshot_every_versions, 0),
+            ("snapshot_keep", snapshot_keep, 0),
+            ("max_connections", max_connections, 1),
+            ("max_pending_handshakes", max_pending_handshakes, 1),
+            ("max_pending_per_peer", max_pending_per_peer, 1),
         ):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            if isinstance(n, bool) or not isinstance(n, int) or n < least:
                 raise TensorSparkValueError(
-                    f"ParameterServer: {what} must be an int >= 0, got {n!r}"
+                    f"ParameterServer: {what} must be an int >= {least}, got {n!r}"
                 )
         self.host = host
         self._server = _core.Server(
@@ -387,6 +403,8 @@ class ParameterServer:
             max_frame_bytes=max_frame_bytes,
             max_variables=max_variables,
             max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
+            max_pending_per_peer=max_pending_per_peer,
             io_timeout_s=io_timeout,
             handshake_timeout_s=handshake_timeout,
             update_threads=int(update_threads),

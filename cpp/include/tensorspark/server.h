@@ -48,7 +48,16 @@ struct ServerOptions {
   uint64_t max_frame_bytes = uint64_t{1} << 31;
   // Limits that protect the server's memory.
   uint64_t max_variables = 1 << 16;
+  // Authenticated connections; more are refused (kLimitExceeded) after
+  // their handshake. Connections still in their handshake are bounded
+  // apart, so strangers cannot use up this limit: at most
+  // max_pending_handshakes in all and max_pending_per_peer from one address
+  // (IP; all Unix-socket peers count as one). A new connection over either
+  // cap evicts a pending one (of that address for the second): one that
+  // has sent no HELLO yet before one that has, the oldest first.
   uint64_t max_connections = 1024;
+  uint64_t max_pending_handshakes = 128;
+  uint64_t max_pending_per_peer = 32;
   // A frame whose bytes stop arriving for this long is dropped; the
   // handshake must finish within handshake_timeout_s.
   double io_timeout_s = 120.0;

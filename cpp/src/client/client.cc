@@ -439,6 +439,11 @@ Status ClientImpl::Connect() {
   Status h = Handshake(net::Deadline::In(hs_s));
   if (!h.ok()) {
     Close();
+    // A full server refuses the connection itself (LimitExceeded on the
+    // wire, for old peers): for the caller that is a connection problem.
+    if (h.code() == StatusCode::kLimitExceeded) {
+      h = Status(StatusCode::kConnectionError, "the server refused the connection: " + h.message());
+    }
     return h.WithContext("handshake with " + Where(options_));
   }
   return Status::OK();

@@ -1,6 +1,9 @@
-// Handshake cryptography of wire protocol v1: SHA-256, HMAC-SHA256, random
-// nonces and the client/server proofs (docs/protocol.md, "Handshake").
+// Handshake cryptography of wire protocol v1: SHA-256, HMAC-SHA256 (both
+// OpenSSL's), random nonces and the client/server proofs (docs/protocol.md,
+// "Handshake").
 #pragma once
+
+#include <openssl/types.h>
 
 #include <array>
 #include <cstddef>
@@ -14,34 +17,38 @@ namespace tensorspark::protocol {
 
 using Digest = std::array<uint8_t, 32>;
 
-// Incremental SHA-256 (FIPS 180-4).
+// Incremental SHA-256 (FIPS 180-4), computed by OpenSSL's libcrypto.
+// Not copyable; one thread at a time.
 class Sha256 {
  public:
   Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
   void Update(const void* data, size_t n);
   Digest Finish();  // the object must not be used afterwards
 
  private:
-  void Block(const uint8_t* p);
-
-  uint32_t h_[8];
-  uint8_t buf_[64];
-  size_t buf_len_ = 0;
-  uint64_t total_len_ = 0;
+  EVP_MD_CTX* ctx_;
+  bool ok_ = false;  // every libcrypto call so far succeeded
 };
 
 Digest Sha256Digest(const void* data, size_t n);
 
-// Incremental HMAC-SHA256 (RFC 2104).
+// Incremental HMAC-SHA256 (RFC 2104), computed by OpenSSL's libcrypto.
+// Not copyable; one thread at a time.
 class HmacSha256 {
  public:
   explicit HmacSha256(std::string_view key);
+  ~HmacSha256();
+  HmacSha256(const HmacSha256&) = delete;
+  HmacSha256& operator=(const HmacSha256&) = delete;
   void Update(const void* data, size_t n);
   Digest Finish();
 
  private:
-  Sha256 inner_;
-  uint8_t opad_key_[64];
+  EVP_MAC_CTX* ctx_;
+  bool ok_ = false;  // every libcrypto call so far succeeded
 };
 
 Digest HmacSha256Digest(std::string_view key, const void* data, size_t n);

@@ -843,8 +843,8 @@ class PyServer {
            uint64_t max_variables, uint64_t max_connections, double io_timeout_s,
            double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path,
            int metrics_port, const std::string& snapshot_dir, double snapshot_every_s,
-           uint64_t snapshot_every_versions, uint64_t snapshot_keep,
-           const std::string& resume_from) {
+           uint64_t snapshot_every_versions, uint64_t snapshot_keep, const std::string& resume_from,
+           uint64_t max_pending_handshakes, uint64_t max_pending_per_peer) {
     ServerOptions opt;
     opt.unix_path = unix_path;
     opt.bind_address = bind;
@@ -853,6 +853,8 @@ class PyServer {
     opt.max_frame_bytes = max_frame_bytes;
     opt.max_variables = max_variables;
     opt.max_connections = max_connections;
+    opt.max_pending_handshakes = max_pending_handshakes;
+    opt.max_pending_per_peer = max_pending_per_peer;
     opt.io_timeout_s = io_timeout_s;
     opt.handshake_timeout_s = handshake_timeout_s;
     opt.update_threads = update_threads;
@@ -968,13 +970,14 @@ NB_MODULE(_core, m) {
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
                     double, uint32_t, const std::string&, int, const std::string&, double, uint64_t,
-                    uint64_t, const std::string&>(),
+                    uint64_t, const std::string&, uint64_t, uint64_t>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
            "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "",
            "metrics_port"_a = -1, "snapshot_dir"_a = "", "snapshot_every_s"_a = 0.0,
            "snapshot_every_versions"_a = uint64_t{0}, "snapshot_keep"_a = uint64_t{3},
-           "resume_from"_a = "")
+           "resume_from"_a = "", "max_pending_handshakes"_a = uint64_t{128},
+           "max_pending_per_peer"_a = uint64_t{32})
       .def_prop_ro("port", &PyServer::port, "The bound port.")
       .def_prop_ro("metrics_port", &PyServer::metrics_port,
                    "Port of the Prometheus /metrics endpoint, -1 when off.")

@@ -1,5 +1,6 @@
 #include "server/connection.h"
 
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include <algorithm>
@@ -39,6 +40,39 @@ Status Err(StatusCode code, std::string msg) { return Status(code, std::move(msg
 
 void LogEvent(const std::string& message) {
   std::fprintf(stderr, "[tensorspark-ps] %s\n", message.c_str());
+}
+
+void LogThrottle::Event(const std::string& message) {
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard lock(mu_);
+  FlushLocked(now);
+  if (window_open_) {
+    ++suppressed_;
+    latest_ = message;
+    return;
+  }
+  window_open_ = true;
+  window_start_ = now;
+  LogEvent(message);
+}
+
+void LogThrottle::Flush() {
+  std::lock_guard lock(mu_);
+  FlushLocked(std::chrono::steady_clock::now());
+}
+
+void LogThrottle::FlushLocked(std::chrono::steady_clock::time_point now) {
+  if (!window_open_ || std::chrono::duration<double>(now - window_start_).count() < period_s_)
+    return;
+  if (suppressed_ > 0) {
+    char secs[32];
+    std::snprintf(secs, sizeof(secs), "%.0f", period_s_);
+    LogEvent(std::to_string(suppressed_) + " more " + what_ + " in the last " + secs +
+             " s (counted in STATS refused{...}); the latest: " + latest_);
+  }
+  window_open_ = false;
+  suppressed_ = 0;
+  latest_.clear();
 }
 
 namespace {
@@ -118,7 +152,15 @@ Connection::Connection(ServerContext* ctx, net::Socket socket, std::string peer)
   session_.conn_id = ctx_->next_conn_id.fetch_add(1, std::memory_order_relaxed);
 }
 
+bool Connection::PeerSentData() {
+  std::lock_guard lock(socket_mu_);
+  if (!socket_.valid()) return false;
+  uint8_t byte;
+  return ::recv(socket_.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 void Connection::Shutdown() {
+  shut_.store(true, std::memory_order_release);
   std::lock_guard lock(socket_mu_);
   socket_.Shutdown();
 }
@@ -132,8 +174,14 @@ void Connection::Run() {
   try {
     Status s = Handshake();
     if (!s.ok()) {
-      if (!ctx_->stopping.load())
-        LogEvent("connection from " + who_ + " closed during the handshake: " + s.ToString());
+      // AuthFailed and LimitExceeded were counted where they were found, an
+      // eviction (shut_) by the acceptor that evicted it.
+      const bool evicted = shut_down();
+      if (!evicted && s.code() != StatusCode::kAuthFailed && s.code() != StatusCode::kLimitExceeded)
+        ctx_->membership.CountRefused(RefuseReason::kHandshake);
+      if (!evicted && !ctx_->stopping.load())
+        ctx_->handshake_log.Event("connection from " + who_ +
+                                  " closed during the handshake: " + s.ToString());
     } else {
       opened = true;
       ctx_->membership.Opened(session_);
@@ -170,6 +218,8 @@ void Connection::Run() {
     ctx_->membership.Settle(&session_);
     ctx_->membership.Closed(session_, ctx_->stopping.load());
   }
+  if (stage() == kAuthenticated)
+    ctx_->counters.authenticated.fetch_sub(1, std::memory_order_relaxed);
   ctx_->counters.connections.fetch_sub(1, std::memory_order_relaxed);
   done_.store(true, std::memory_order_release);
 }
@@ -287,6 +337,7 @@ Status Connection::Handshake() {
     (void)SendError(h, s);
     return s;
   }
+  stage_.store(kHelloRead, std::memory_order_release);
   who_ = peer_ + " (partition " + std::to_string(hello.partition_id) + ", attempt " +
          std::to_string(hello.attempt) +
          (hello.client_name.empty() ? "" : ", " + hello.client_name) + ")";
@@ -317,6 +368,20 @@ Status Connection::Handshake() {
                        "authentication failed: the client's proof does not match, so client "
                        "and server use different run secrets; connect with the secret of "
                        "this run");
+  }
+  // Only authenticated connections count towards max_connections, so
+  // strangers holding sockets cannot lock members out (they are bounded by
+  // the acceptor's pending caps instead).
+  const uint64_t members = ctx_->counters.authenticated.fetch_add(1) + 1;
+  stage_.store(kAuthenticated, std::memory_order_release);
+  if (members > ctx_->options.max_connections) {
+    ctx_->membership.CountRefused(RefuseReason::kLimit);
+    Status full(StatusCode::kLimitExceeded,
+                "the server already has " + std::to_string(members - 1) +
+                    " authenticated connections (max_connections); close idle clients or "
+                    "raise the limit");
+    (void)SendError(h, full);
+    return full;
   }
   out_.clear();
   protocol::EncodeNonce(

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -32,6 +33,8 @@ namespace tensorspark::server {
 struct ServerCounters {
   std::atomic<uint64_t> connections{0};
   std::atomic<uint64_t> connections_total{0};
+  // Connections past the handshake (max_connections bounds these only).
+  std::atomic<uint64_t> authenticated{0};
   std::atomic<uint64_t> pushes{0};
   std::atomic<uint64_t> pulls{0};
   std::atomic<uint64_t> registers{0};
@@ -63,6 +66,31 @@ struct SnapshotService {
 };
 
 // State shared by the server and all its connections; outlives them.
+// At most one log line per `period_s` for a noisy kind of event (strangers'
+// failed handshakes, refused connections): the first at once, the rest
+// summed up ("N more ... in the last 10 s"), so a flood cannot flood the
+// log. Thread-safe.
+class LogThrottle {
+ public:
+  explicit LogThrottle(std::string what, double period_s = 10.0)
+      : what_(std::move(what)), period_s_(period_s) {}
+  void Event(const std::string& message);
+  // Logs the summary of a window that has ended; the acceptor calls it
+  // between accepts, so a flood that stops is still reported.
+  void Flush();
+
+ private:
+  void FlushLocked(std::chrono::steady_clock::time_point now);
+
+  const std::string what_;
+  const double period_s_;
+  std::mutex mu_;  // guards the fields below
+  std::chrono::steady_clock::time_point window_start_{};
+  bool window_open_ = false;
+  uint64_t suppressed_ = 0;
+  std::string latest_;
+};
+
 struct ServerContext {
   explicit ServerContext(const ServerOptions& o)
       : options(o), store(o.max_variables, &update_pool), membership(&store) {}
@@ -89,6 +117,9 @@ struct ServerContext {
   // swaps the state holding it exclusively. (SNAPSHOT and SNAPSHOTS
   // serialize with RESTORE on the server's snapshot lock instead.)
   std::shared_mutex store_mu;
+  // Handshakes that failed or timed out, and connections refused at accept.
+  LogThrottle handshake_log{"failed handshakes"};
+  LogThrottle refused_log{"refused connections"};
 
   std::vector<StatEntry> Snapshot() const;
 };
@@ -110,6 +141,17 @@ class Connection {
   void Shutdown();
 
   bool done() const { return done_.load(std::memory_order_acquire); }
+
+  // How far the handshake got (any thread): the acceptor evicts pending
+  // connections that made the least progress first.
+  enum Stage : int { kAccepted = 0, kHelloRead = 1, kAuthenticated = 2 };
+  Stage stage() const { return static_cast<Stage>(stage_.load(std::memory_order_acquire)); }
+  const std::string& peer() const { return peer_; }
+  bool shut_down() const { return shut_.load(std::memory_order_acquire); }
+  // True when bytes from the peer wait unread (a HELLO this connection's
+  // thread has not read yet). Thread-safe.
+  bool PeerSentData();
+  std::chrono::steady_clock::time_point accepted_at() const { return accepted_at_; }
 
  private:
   // Reads one frame (header + payload into payload_) and applies the
@@ -174,6 +216,9 @@ class Connection {
   net::Socket socket_;
   std::mutex socket_mu_;  // orders Shutdown() against the final close in Run()
   std::atomic<bool> done_{false};
+  std::atomic<int> stage_{kAccepted};
+  std::atomic<bool> shut_{false};  // Shutdown() was called
+  const std::chrono::steady_clock::time_point accepted_at_ = std::chrono::steady_clock::now();
 
   // Request payloads are read into buf_ at offset shift_, chosen so that the
   // data section of a PUSH is 16-byte aligned: it is remembered from the

@@ -54,6 +54,8 @@ enum class RefuseReason : int {
   kBadVersion,
   kAuth,
   kLimit,
+  kHandshake,  // a handshake that timed out, was malformed or was cut off
+  kEvicted,    // a pending handshake dropped to admit a newer connection
   kCount,
 };
 

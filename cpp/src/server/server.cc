@@ -97,6 +97,9 @@ class ServerImpl {
   void AcceptLoop(const net::Socket* listener);
   // Joins the threads of connections that ended (acceptor thread only).
   void ReapFinished();
+  // Makes room for a connection from `peer` under the pending-handshake
+  // caps by shutting down another pending one (acceptor thread only).
+  void EvictPendingFor(const std::string& peer);
   // Answers a connection we will not serve with an error frame, then drops it.
   void Refuse(net::Socket sock, const std::string& peer, const Status& why);
   void RequestShutdown();
@@ -414,8 +417,9 @@ Status ServerImpl::Start() {
   if (!(o.io_timeout_s > 0) || !(o.handshake_timeout_s > 0)) {
     return Status(StatusCode::kInvalidArgument, "io_timeout_s and handshake_timeout_s must be > 0");
   }
-  if (o.max_connections == 0) {
-    return Status(StatusCode::kInvalidArgument, "max_connections must be >= 1");
+  if (o.max_connections == 0 || o.max_pending_handshakes == 0 || o.max_pending_per_peer == 0) {
+    return Status(StatusCode::kInvalidArgument,
+                  "max_connections, max_pending_handshakes and max_pending_per_peer must be >= 1");
   }
   if (o.metrics_port < -1 || o.metrics_port > 65535) {
     return Status(StatusCode::kInvalidArgument,
@@ -472,7 +476,7 @@ void ServerImpl::RequestShutdown() {
 }
 
 void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status& why) {
-  LogEvent("refused connection from " + peer + ": " + why.ToString());
+  ctx_.refused_log.Event("refused connection from " + peer + ": " + why.ToString());
   if (why.code() == StatusCode::kLimitExceeded)
     ctx_.membership.CountRefused(server::RefuseReason::kLimit);
   ctx_.counters.errors.fetch_add(1, std::memory_order_relaxed);
@@ -493,6 +497,60 @@ void ServerImpl::Refuse(net::Socket sock, const std::string& peer, const Status&
   uint8_t scratch[4096];
   while (::recv(sock.fd(), scratch, sizeof(scratch), MSG_DONTWAIT) > 0) {
   }
+}
+
+namespace {
+// The address part of "ip:port" / "[ip6]:port" (a Unix peer is one name).
+std::string_view PeerHost(std::string_view peer) {
+  const size_t colon = peer.rfind(':');
+  return colon == std::string_view::npos ? peer : peer.substr(0, colon);
+}
+}  // namespace
+
+void ServerImpl::EvictPendingFor(const std::string& peer) {
+  const std::string_view host = PeerHost(peer);
+  std::lock_guard lock(conns_mu_);
+  uint64_t pending = 0, same_host = 0;
+  struct Candidate {
+    Connection* conn = nullptr;
+    bool progressed = false;  // its HELLO was read or waits unread
+  };
+  Candidate victim_any, victim_host;
+  // Least progress first (nothing sent: an idle stranger), then the oldest.
+  auto better = [](const Candidate& a, const Candidate& b) {
+    if (b.conn == nullptr) return true;
+    if (a.progressed != b.progressed) return !a.progressed;
+    return a.conn->accepted_at() < b.conn->accepted_at();
+  };
+  for (ConnEntry& e : conns_) {
+    Connection* c = e.conn.get();
+    if (c->done() || c->shut_down() || c->stage() == Connection::kAuthenticated) continue;
+    ++pending;
+    const bool same = PeerHost(c->peer()) == host;
+    if (same) ++same_host;
+    // conns_ is in accept order: once the oldest idle candidate is found,
+    // later ones cannot beat it and need no peek at their sockets.
+    const bool any_found = victim_any.conn != nullptr && !victim_any.progressed;
+    const bool host_found = !same || (victim_host.conn != nullptr && !victim_host.progressed);
+    if (any_found && host_found) continue;
+    Candidate cand{c, c->stage() >= Connection::kHelloRead || c->PeerSentData()};
+    if (!any_found && better(cand, victim_any)) victim_any = cand;
+    if (same && better(cand, victim_host)) victim_host = cand;
+  }
+  Connection* victim = nullptr;
+  const char* cap = nullptr;
+  if (same_host >= ctx_.options.max_pending_per_peer) {
+    victim = victim_host.conn;
+    cap = "max_pending_per_peer";
+  } else if (pending >= ctx_.options.max_pending_handshakes) {
+    victim = victim_any.conn;
+    cap = "max_pending_handshakes";
+  }
+  if (victim == nullptr) return;
+  ctx_.membership.CountRefused(server::RefuseReason::kEvicted);
+  ctx_.refused_log.Event("dropped connection from " + victim->peer() +
+                         " in its handshake to admit one from " + peer + " (" + cap + ")");
+  victim->Shutdown();  // its thread wakes, closes it and ends
 }
 
 void ServerImpl::ReapFinished() {
@@ -521,6 +579,8 @@ void ServerImpl::AcceptLoop(const net::Socket* listener) {
     Status s = net::Accept(*listener, net::Deadline::In(0.2), &sock, &peer);
     if (ctx_.stopping.load()) break;
     ReapFinished();
+    ctx_.handshake_log.Flush();
+    ctx_.refused_log.Flush();
     if (!s.ok()) {
       if (s.code() != StatusCode::kTimeout) {
         LogEvent("accept failed: " + s.message());
@@ -538,14 +598,7 @@ void ServerImpl::AcceptLoop(const net::Socket* listener) {
              Status(StatusCode::kShuttingDown, "the parameter server is shutting down"));
       continue;
     }
-    const uint64_t open = ctx_.counters.connections.load();
-    if (open >= ctx_.options.max_connections) {
-      Refuse(std::move(sock), peer,
-             Status(StatusCode::kLimitExceeded,
-                    "the server already has " + std::to_string(open) +
-                        " connections (max_connections); close idle clients or raise the limit"));
-      continue;
-    }
+    EvictPendingFor(peer);
     auto conn = std::make_unique<Connection>(&ctx_, std::move(sock), peer);
     Connection* raw = conn.get();
     ctx_.counters.connections.fetch_add(1, std::memory_order_relaxed);

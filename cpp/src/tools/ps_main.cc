@@ -26,6 +26,8 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tensorspark-ps --secret-file PATH [--port N] [--bind ADDR] [--max-frame-bytes N]\n"
+    "                      [--max-connections N] [--max-pending-handshakes N]\n"
+    "                      [--max-pending-per-peer N]\n"
     "                      [--threads N] [--unix-socket PATH] [--metrics-port N]\n"
     "                      [--snapshot-dir DIR] [--snapshot-every-s S] [--snapshot-every-versions "
     "N]\n"
@@ -40,6 +42,11 @@ constexpr char kUsage[] =
     "  --max-frame-bytes N   largest request payload accepted (default 2147483648)\n"
     "  --threads N           threads that apply one large update together, in chunks\n"
     "                        (default 0: one per core; 1: no extra threads; at most 1024)\n"
+    "  --max-connections N   authenticated connections served at once (default 1024)\n"
+    "  --max-pending-handshakes N, --max-pending-per-peer N\n"
+    "                        connections still authenticating, in all (default 128) and\n"
+    "                        from one IP (default 32); past either a newer one evicts an\n"
+    "                        idle pending one, so strangers cannot lock members out\n"
     "  --unix-socket PATH    also listen on this Unix-domain socket (mode 0600; clients on\n"
     "                        this host connect to host \"unix:PATH\"); a stale socket file\n"
     "                        is replaced, and the file is removed on exit\n"
@@ -146,6 +153,15 @@ int main(int argc, char** argv) {
         return BadArgs("--max-frame-bytes needs a number >= 64");
       }
       opt.max_frame_bytes = n;
+    } else if (arg == "--max-connections" || arg == "--max-pending-handshakes" ||
+               arg == "--max-pending-per-peer") {
+      uint64_t n;
+      if (!take_value(&value) || !ParseUint(value, UINT64_MAX, &n) || n < 1) {
+        return BadArgs(arg + " needs a number >= 1");
+      }
+      (arg == "--max-connections"          ? opt.max_connections
+       : arg == "--max-pending-handshakes" ? opt.max_pending_handshakes
+                                           : opt.max_pending_per_peer) = n;
     } else if (arg == "--unix-socket") {
       if (!take_value(&opt.unix_path) || opt.unix_path.empty()) {
         return BadArgs("--unix-socket needs a path, e.g. /tmp/tensorspark-ps.sock");
