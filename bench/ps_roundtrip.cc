@@ -27,6 +27,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/evp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -53,6 +54,7 @@
 #include "tensorspark/client.h"
 #include "tensorspark/server.h"
 #include "tensorspark/status.h"
+#include "tensorspark/tls.h"
 #include "tensorspark/types.h"
 
 namespace {
@@ -65,7 +67,8 @@ using tensorspark::Status;
 struct Config {
   std::vector<int64_t> floats;
   std::vector<int> clients;
-  std::vector<std::string> transports = {"tcp", "unix"};
+  // "tls": TCP with TLS 1.3 (fp32 only), against the plain TCP baselines.
+  std::vector<std::string> transports = {"tcp", "unix", "tls"};
   std::vector<std::string> encodings = {"fp32", "fp16"};
   // 36 cases: kept short so the whole run stays near 2-3 minutes on 2 cores.
   int rounds = 3;          // timed runs per baseline per case (median)
@@ -379,9 +382,11 @@ struct CaseResult {
 
 // Where and how the PS clients of a case connect.
 struct Transport {
-  std::string name = "tcp";       // "tcp" or "unix"
+  std::string name = "tcp";       // "tcp", "unix" or "tls"
   std::string encoding = "fp32";  // "fp32" or "fp16"
   uint16_t ps_port = 0;
+  uint16_t tls_port = 0;  // the TLS server's, pinned by tls_fingerprint
+  std::string tls_fingerprint;
   std::string ps_unix_path;
   std::string raw_unix_dir;  // raw baselines listen here for "unix"
 };
@@ -390,7 +395,8 @@ std::unique_ptr<tensorspark::Client> ConnectPs(const Transport& t, const std::st
                                                int32_t partition) {
   tensorspark::ClientOptions opt;
   opt.host = t.name == "unix" ? "unix:" + t.ps_unix_path : "127.0.0.1";
-  opt.port = t.ps_port;
+  opt.port = t.name == "tls" ? t.tls_port : t.ps_port;
+  if (t.name == "tls") opt.tls_fingerprints = {t.tls_fingerprint};
   opt.encoding = t.encoding == "fp16" ? tensorspark::WireEncoding::kFloat16
                                       : tensorspark::WireEncoding::kFloat32;
   opt.secret = secret;
@@ -538,6 +544,32 @@ CaseResult RunCase(int64_t n, int clients, const Transport& t, const std::string
   return res;
 }
 
+// ---- AES-GCM alone ----------------------------------------------------------
+
+// GB/s of one core sealing 1 MiB buffers with OpenSSL's AES-GCM (`bits`
+// 128 or 256), what TLS 1.3 spends per byte on top of the socket copy.
+double AesGcmGbps(int bits, double seconds) {
+  std::vector<uint8_t> in(1 << 20, 0x5a), out(in.size() + 16);
+  uint8_t key[32] = {1}, iv[12] = {2}, tag[16];
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  const EVP_CIPHER* cipher = bits == 128 ? EVP_aes_128_gcm() : EVP_aes_256_gcm();
+  size_t bytes = 0;
+  const Clock::time_point start = Clock::now();
+  while (Seconds(Clock::now() - start) < seconds) {
+    int len = 0;
+    if (EVP_EncryptInit_ex(ctx, cipher, nullptr, key, iv) != 1 ||
+        EVP_EncryptUpdate(ctx, out.data(), &len, in.data(), static_cast<int>(in.size())) != 1 ||
+        EVP_EncryptFinal_ex(ctx, out.data() + len, &len) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, sizeof(tag), tag) != 1) {
+      Die("AES-GCM failed");
+    }
+    ++iv[0];
+    bytes += in.size();
+  }
+  EVP_CIPHER_CTX_free(ctx);
+  return static_cast<double>(bytes) / Seconds(Clock::now() - start) / 1e9;
+}
+
 // ---- output -----------------------------------------------------------------
 
 std::string RandomSecret() {
@@ -595,7 +627,8 @@ std::string NumList(const std::vector<double>& v) {
   return s + "]";
 }
 
-void WriteJson(const std::vector<CaseResult>& results, const std::string& path) {
+void WriteJson(const std::vector<CaseResult>& results, double aes128, double aes256,
+               const std::string& path) {
   std::string j = "{\n  \"cases\": [\n";
   for (size_t k = 0; k < results.size(); ++k) {
     const CaseResult& r = results[k];
@@ -620,6 +653,10 @@ void WriteJson(const std::vector<CaseResult>& results, const std::string& path) 
   j += "  ],\n  \"units\": \"GB/s of logical float32 payload (4 bytes/element, push + pull); "
        "raw baselines move the PS's wire bytes (N*4, or N*2 for fp16) over the same "
        "transport\",\n";
+  j += "  \"aes_gcm_one_core_gbps\": {\"aes_128_gcm\": " + Num(aes128) +
+       ", \"aes_256_gcm\": " + Num(aes256) + "},\n";
+  j += "  \"tls\": \"TLS 1.3, OpenSSL's default suites (TLS_AES_256_GCM_SHA384 first); raw "
+       "baselines of tls rows are plain TCP\",\n";
   j += "  \"machine\": {\"cores\": " + std::to_string(std::thread::hardware_concurrency()) +
        ", \"compiler\": \"" + JsonEscape(CompilerName()) + "\"},\n";
   j += "  \"timestamp\": \"" + UtcTimestamp() + "\"\n}\n";
@@ -717,6 +754,14 @@ int main(int argc, char** argv) {
   sopt.unix_path = sock_dir + "/ps.sock";
   std::unique_ptr<tensorspark::Server> server;
   Check(tensorspark::Server::Start(sopt, &server), "server start");
+  tensorspark::TlsIdentity identity;
+  Check(tensorspark::MakeTlsIdentity(&identity), "TLS identity");
+  tensorspark::ServerOptions topt = sopt;
+  topt.unix_path.clear();
+  topt.tls_cert_pem = identity.cert_pem;
+  topt.tls_key_pem = identity.key_pem;
+  std::unique_ptr<tensorspark::Server> tls_server;
+  Check(tensorspark::Server::Start(topt, &tls_server), "TLS server start");
 
   std::printf("tensorspark ps_roundtrip: PS push(kDelta)+pull vs raw sockets, %u cores%s\n",
               std::thread::hardware_concurrency(), cfg.rounds == 1 ? " (quick)" : "");
@@ -728,7 +773,10 @@ int main(int argc, char** argv) {
     for (int c : cfg.clients) {
       for (const std::string& tp : cfg.transports) {
         for (const std::string& enc : cfg.encodings) {
+          if (tp == "tls" && enc != "fp32") continue;
           Transport t;
+          t.tls_port = tls_server->port();
+          t.tls_fingerprint = identity.fingerprint;
           t.name = tp;
           t.encoding = enc;
           t.ps_port = server->port();
@@ -742,8 +790,12 @@ int main(int argc, char** argv) {
     }
   }
   server->Stop();
+  tls_server->Stop();
   ::rmdir(sock_dir.c_str());
-  WriteJson(results, cfg.out);
+  const double aes128 = AesGcmGbps(128, cfg.latency_s), aes256 = AesGcmGbps(256, cfg.latency_s);
+  std::printf("AES-GCM on one core: %.2f GB/s (128-bit key), %.2f GB/s (256-bit key)\n", aes128,
+              aes256);
+  WriteJson(results, aes128, aes256, cfg.out);
   std::printf("total %.1f s; wrote %s\n", Seconds(Clock::now() - start), cfg.out.c_str());
   return 0;
 }

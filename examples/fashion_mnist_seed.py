@@ -115,6 +115,7 @@ def train(
     zombie_after=0.0,
     report=None,
     shuffle="full",
+    tls=False,
 ):
     is_new_sc = False
     if sc is None:
@@ -152,6 +153,7 @@ def train(
         server_port=server_port,
         sync_interval=sync_interval,
         batch_size=batch_size,
+        tls=tls,
     )
     image_label_rdd.count()  # cache the data before any fault is injected
     faults = _start_faults(sc, spark_sess, kill_worker, zombie_partition, zombie_after)
@@ -190,6 +192,7 @@ def train(
             test_accuracy=float(test_accuracy),
             training_seconds=end_time - start_time,
             stats={k: v for k, v in spark_sess.stats().items() if not k.startswith("worker_")},
+            tls_fingerprint=spark_sess.server.tls_fingerprint if spark_sess.server else None,
         )
     spark_sess.close()
     if is_new_sc:
@@ -267,6 +270,9 @@ def main(argv=None):
     parser.add_argument(
         "--zombie-after", type=float, default=0.0, help="seconds of training before the zombie"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="encrypt the parameter-server traffic (TLS 1.3)"
+    )
     parser.add_argument("--json", help="write accuracy, faults and server counters here")
     parser.add_argument(
         "--shuffle",
@@ -318,6 +324,7 @@ def main(argv=None):
             zombie_partition=args.zombie_partition,
             zombie_after=args.zombie_after,
             report=report,
+            tls=args.tls,
         )
     finally:
         sc.stop()

@@ -30,7 +30,7 @@ from .errors import (
     TensorSparkValueError,
     VariableNotFoundError,
 )
-from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret
+from .ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, make_tls_identity
 from .tf1.session import RunSummary, SparkSession
 
 # The version has one source, pyproject.toml, read back from the installed
@@ -64,5 +64,6 @@ __all__ = [
     "TensorSparkValueError",
     "VariableNotFoundError",
     "generate_secret",
+    "make_tls_identity",
     "read_secret_file",
 ]

@@ -265,6 +265,31 @@ def _per_member(key: str) -> bool:
     return key in _PER_MEMBER_KEYS or key.startswith("worker_")
 
 
+def _tls_pins(who: str, tls_fingerprint: str | Iterable[str] | None) -> list[str]:
+    """The fingerprints a client pins (canonical form); [] for a plain connection."""
+    if tls_fingerprint is None:
+        return []
+    pins = [tls_fingerprint] if isinstance(tls_fingerprint, str) else list(tls_fingerprint)
+    if not pins or not all(isinstance(p, str) for p in pins):
+        raise TensorSparkValueError(
+            f"{who}: tls_fingerprint must be None (plain), a fingerprint str or a list of them "
+            f"(as ParameterServer.tls_fingerprint or tensorspark-ps --tls prints it), got "
+            f"{tls_fingerprint!r}"
+        )
+    return [_core.normalize_tls_fingerprint(p) for p in pins]
+
+
+def make_tls_identity() -> tuple[str, str, str]:
+    """A new TLS key and self-signed certificate: ``(cert_pem, key_pem, fingerprint)``.
+
+    ECDSA P-256, valid for 30 days; ``fingerprint`` is ``"sha256:"`` and the
+    hex SHA-256 of the certificate, what clients pin. Pass the pair to
+    ``ParameterServer(tls=(cert_pem, key_pem))`` or write it to files for
+    ``tensorspark-ps --tls-cert/--tls-key``.
+    """
+    return _core.make_tls_identity()
+
+
 # Wire encodings of PSClient(encoding=...) -> the core's WireEncoding.
 _ENCODINGS = {"fp32": 0, "fp16": 1, "bf16": 2}
 
@@ -330,6 +355,18 @@ class ParameterServer:
         directory (newer corrupt or truncated ones are skipped with a message
         on stderr naming the file and its fault). The server starts with its
         variables, optimizer state and version, and counts on from it.
+    tls : bool or (str, str)
+        Encrypt every connection (TCP and Unix) with TLS 1.3: True makes a
+        new key and self-signed certificate (:func:`make_tls_identity`); a
+        ``(cert_pem, key_pem)`` pair uses that one. Clients must pin
+        :attr:`tls_fingerprint` (``PSClient(tls_fingerprint=...)``); plain
+        clients are refused with :class:`AuthenticationError`. False
+        (default): plain frames, checked by CRC-32C only.
+
+    Attributes
+    ----------
+    tls_fingerprint : str or None
+        ``"sha256:<hex>"`` of the server's certificate, or None without TLS.
 
     Raises
     ------
@@ -363,7 +400,20 @@ class ParameterServer:
         snapshot_every_versions: int = 0,
         snapshot_keep: int = 3,
         resume_from: str | os.PathLike | None = None,
+        tls: bool | tuple[str, str] = False,
     ) -> None:
+        cert_pem = key_pem = ""
+        self.tls_fingerprint: str | None = None
+        if tls is True:
+            cert_pem, key_pem, self.tls_fingerprint = make_tls_identity()
+        elif isinstance(tls, tuple) and len(tls) == 2 and all(isinstance(t, str) for t in tls):
+            cert_pem, key_pem = tls
+            self.tls_fingerprint = _core.tls_fingerprint(cert_pem)
+        elif tls is not False:
+            raise TensorSparkValueError(
+                "ParameterServer: tls must be False, True (a new self-signed identity) or a "
+                f"(cert_pem, key_pem) pair of PEM strings, got {type(tls).__name__}"
+            )
         if unix_path is not None and (not isinstance(unix_path, str) or not unix_path):
             raise TensorSparkValueError(
                 f"ParameterServer: unix_path must be a non-empty str or None, got {unix_path!r}"
@@ -415,6 +465,8 @@ class ParameterServer:
             snapshot_every_versions=snapshot_every_versions,
             snapshot_keep=snapshot_keep,
             resume_from=_path_or_empty("resume_from", resume_from),
+            tls_cert_pem=cert_pem,
+            tls_key_pem=key_pem,
         )
         self.unix_path = unix_path
 
@@ -1155,11 +1207,18 @@ class PSClient(_TensorClient):
         After :meth:`join`, send a heartbeat from a background thread (with
         its own connection) every this many seconds, so the worker stays a
         live member during long local work; 0 (default) sends none.
+    tls_fingerprint : str or list of str, optional
+        Connect with TLS 1.3 and keep the connection only if the server's
+        certificate has this fingerprint (or one of these), as
+        :attr:`ParameterServer.tls_fingerprint` or ``tensorspark-ps --tls``
+        gives it. None (default): plain frames.
 
     Raises
     ------
     PSConnectionError, PSTimeoutError, AuthenticationError
-        The server cannot be reached in time or refuses the secret.
+        The server cannot be reached in time or refuses the secret;
+        :class:`AuthenticationError` also when its certificate does not
+        match ``tls_fingerprint``, or when it wants TLS and none was asked.
     TensorSparkValueError
         ``encoding`` is not one of ``"fp32"``, ``"fp16"``, ``"bf16"``.
 
@@ -1181,6 +1240,7 @@ class PSClient(_TensorClient):
         max_retries: int = 8,
         encoding: str = "fp32",
         heartbeat_interval: float = 0.0,
+        tls_fingerprint: str | Iterable[str] | None = None,
     ) -> None:
         if encoding not in _ENCODINGS:
             raise TensorSparkValueError(
@@ -1202,6 +1262,7 @@ class PSClient(_TensorClient):
             max_retries=max_retries,
             encoding=_ENCODINGS[encoding],
             heartbeat_interval_s=heartbeat_interval,
+            tls_fingerprints=_tls_pins("PSClient", tls_fingerprint),
         )
 
     def list_variables(self) -> dict[str, tuple[int, ...]]:
@@ -1319,6 +1380,9 @@ class ShardedPSClient(_TensorClient):
         After :meth:`join`, send heartbeats to every server, each from its
         own background thread and connection, every this many seconds; 0
         (default) sends none.
+    tls_fingerprint : str or list of str, optional
+        TLS to every server, as for :class:`PSClient`; with a list, each
+        server's certificate must match one of its fingerprints.
 
     Notes
     -----
@@ -1342,6 +1406,7 @@ class ShardedPSClient(_TensorClient):
         io_timeout: float = 120.0,
         chunk_bytes: int = 4 << 20,
         heartbeat_interval: float = 0.0,
+        tls_fingerprint: str | Iterable[str] | None = None,
     ) -> None:
         heartbeat_interval = _heartbeat_interval("ShardedPSClient", heartbeat_interval)
         self.servers = [parse_address(a) for a in servers]
@@ -1358,6 +1423,7 @@ class ShardedPSClient(_TensorClient):
             io_timeout_s=io_timeout,
             chunk_bytes=int(chunk_bytes),
             heartbeat_interval_s=heartbeat_interval,
+            tls_fingerprints=_tls_pins("ShardedPSClient", tls_fingerprint),
         )
 
     def pull(self, names: Iterable[str]) -> dict[str, np.ndarray]:

@@ -29,7 +29,14 @@ SUBMIT_TIMEOUT = 600.0
 # The parameter server's line for a task joining: its partition, then the
 # attempt it fences by, which is Spark's TID (docs/consistency.md).
 # Each Worker declares one made-up GPU (tests/cluster/conftest.py); a task takes it.
-GPU_CONF = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1"}
+# No locality wait: the cached partitions may all sit on one Worker, and
+# waiting for it would run both training tasks there, one after the other
+# (one GPU each), leaving the other Worker's GPU unclaimed.
+GPU_CONF = {
+    "spark.executor.resource.gpu.amount": "1",
+    "spark.task.resource.gpu.amount": "1",
+    "spark.locality.wait": "0s",
+}
 _JOINED = re.compile(r"\[tensorspark-ps\] worker (\d+) \(attempt (\d+)\) joined")
 
 
@@ -93,7 +100,7 @@ def test_workers_run_in_their_own_namespaces(cluster: StandaloneCluster) -> None
 
 
 def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
-    """The TF1 seed program, 2 epochs, bound 0.80 (it reaches ~0.82), on Spark-scheduled GPUs.
+    """The TF1 seed program over TLS, 2 epochs, bound 0.80 (it reaches ~0.82), on Spark GPUs.
 
     Its executors live in the namespaces, where the driver's address is
     reached only through their veth pair, so every pull and push crossed it.
@@ -105,7 +112,7 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
     result = _result_file(cluster, "seed.json")
     sub = cluster.submit(
         SEED,
-        ["--master", cluster.master_url, "--partitions", "2", "--epochs", "2"]
+        ["--master", cluster.master_url, "--partitions", "2", "--epochs", "2", "--tls"]
         + ["--min-accuracy", "0.80", "--json", str(result)],
         timeout=SUBMIT_TIMEOUT,
         conf=GPU_CONF,
@@ -120,6 +127,10 @@ def test_seed_example_on_the_cluster(cluster: StandaloneCluster) -> None:
     assert all(n > 0 for n in tasks.values()), f"a Worker's executor ran no task: {tasks}"
     # 2 epochs x 2 partitions x 3 pushes (300 steps, one push per 100).
     assert report["stats"]["version"] >= 12, report["stats"]
+    # Over TLS: the server refuses plain clients, so every task pinned the
+    # run's certificate across its veth pair.
+    assert report["tls_fingerprint"].startswith("sha256:"), report
+    assert report["stats"]['refused{reason="auth"}'] == 0, report["stats"]
     _report("seed example (TF1 softmax, 2 epochs)", sub.seconds, acc, cluster)
 
 

@@ -86,7 +86,7 @@ def test_each_mode_and_update_kind_trains(train_df, consistency, update):
             assert w["staleness_max"] == 0
 
 
-def test_dataframe_and_rdd_give_the_same_model(spark, sc):
+def test_dataframe_and_rdd_give_the_same_model_and_tls_changes_nothing(spark, sc):
     from tensorspark.keras import fit
 
     x, y = _data(600)
@@ -98,7 +98,9 @@ def test_dataframe_and_rdd_give_the_same_model(spark, sc):
     # SGD, not Adam: a reused Python worker may run TF with another thread
     # count, and Adam's normalization would amplify the rounding differences.
     m_df, h_df = fit(_build(0.1, optimizer="sgd", seed=3), df, **common)
-    m_rdd, h_rdd = fit(_build(0.1, optimizer="sgd", seed=3), rdd, **common)
+    # The RDD run also goes over TLS (a per-run certificate the tasks pin):
+    # the bytes are encrypted, the training is the same.
+    m_rdd, h_rdd = fit(_build(0.1, optimizer="sgd", seed=3), rdd, tls=True, **common)
     for a, b in zip(m_df.get_weights(), m_rdd.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(h_df.history["loss"], h_rdd.history["loss"], rtol=1e-5)

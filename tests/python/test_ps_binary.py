@@ -79,3 +79,40 @@ def test_shutdown_call_stops_it(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tls_with_a_new_identity_and_with_given_files(tmp_path):
+    """--tls prints (and writes) the fingerprint clients pin; --tls-cert/--tls-key use files."""
+    from tensorspark import make_tls_identity
+
+    fp_file = tmp_path / "fingerprint"
+    proc, port, secret = start_ps(tmp_path, "--tls", "--tls-fingerprint-file", str(fp_file))
+    try:
+        fp = fp_file.read_text().strip()
+        assert f"TLS certificate fingerprint {fp}" in proc.log_path.read_text()
+        with PSClient("127.0.0.1", port, secret, tls_fingerprint=fp) as c:
+            c.register({"w": np.zeros(5)})
+        with pytest.raises(AuthenticationError, match="TLS connections only"):
+            PSClient("127.0.0.1", port, secret)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    cert, key, fp = make_tls_identity()
+    (tmp_path / "cert.pem").write_text(cert)
+    (tmp_path / "key.pem").write_text(key)
+    proc, port, secret = start_ps(
+        tmp_path, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")
+    )
+    try:
+        with PSClient("127.0.0.1", port, secret, tls_fingerprint=fp) as c:
+            assert c.stats()["connections"] >= 1
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    out = subprocess.run(
+        [ps_binary(), "--tls-cert", str(tmp_path / "cert.pem"), "--secret-file", "x"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert out.returncode == 2 and "--tls-key" in out.stderr

@@ -246,12 +246,16 @@ def test_wrong_secret(sc, tf1):
 
 
 def test_external_server(sc, tf1):
-    """Training against a server that the session did not start."""
+    """Training against a server that the session did not start, over TLS.
+
+    The server refuses plain connections, so every task pinned the
+    fingerprint the session was given.
+    """
     x, v, train = counting_graph(tf1)
     sess = tf1.Session()
     sess.run(tf1.global_variables_initializer())
     secret = generate_secret()
-    with ParameterServer(secret, host="127.0.0.1") as server:
+    with ParameterServer(secret, host="127.0.0.1", tls=True) as server:
         ss = SparkSession(
             sc,
             sess,
@@ -259,6 +263,7 @@ def test_external_server(sc, tf1):
             server_port=server.port,
             start_server=False,
             secret=secret,
+            tls=server.tls_fingerprint,
             sync_interval=3,
             batch_size=4,
         )

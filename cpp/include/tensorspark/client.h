@@ -38,6 +38,11 @@ struct ClientOptions {
   // Per-run shared secret (raw bytes). Proven by challenge-response; it never
   // crosses the wire.
   std::string secret;
+  // TLS (tensorspark/tls.h): when set, the connection opens with a TLS 1.3
+  // handshake and is kept only if the server's certificate has one of these
+  // SHA-256 fingerprints ("sha256:<hex>", as the server prints it); a
+  // mismatch is kAuthFailed. Empty: plain frames.
+  std::vector<std::string> tls_fingerprints;
   // Identity of the worker: the Spark partition id and task attempt number
   // (-1 for the driver or a tool).
   int32_t partition_id = -1;

@@ -44,6 +44,12 @@ struct ServerOptions {
   std::string unix_path;
   // Per-run shared secret (raw bytes, required, at least 16 bytes).
   std::string secret;
+  // TLS (tensorspark/tls.h): with both set, every connection, TCP and Unix
+  // alike, must open with a TLS 1.3 handshake, and frames travel encrypted;
+  // a plain client is refused with kAuthFailed saying so. PEM text of the
+  // certificate and of its unencrypted private key; empty: plain frames.
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
   // Frames with a larger payload are refused with kFrameTooLarge.
   uint64_t max_frame_bytes = uint64_t{1} << 31;
   // Limits that protect the server's memory.

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "net/socket.h"
+#include "net/stream.h"
 #include "optimizers/optimizers.h"
 #include "protocol/auth.h"
 #include "protocol/crc32c.h"
@@ -47,8 +48,8 @@ class PayloadReader {
   static constexpr size_t kBufSize = 64 * 1024;
 
   // `buf` is kBufSize bytes of scratch owned by the caller (reused per call).
-  PayloadReader(int fd, uint64_t len, net::Deadline deadline, uint8_t* buf)
-      : fd_(fd), unread_(len), deadline_(deadline), buf_(buf) {}
+  PayloadReader(net::Stream* stream, uint64_t len, net::Deadline deadline, uint8_t* buf)
+      : stream_(stream), unread_(len), deadline_(deadline), buf_(buf) {}
 
   uint64_t remaining() const { return unread_ + (end_ - pos_); }
   uint32_t crc() const { return crc_; }
@@ -70,7 +71,7 @@ class PayloadReader {
       // Large: receive in place, checksumming each chunk while it is hot.
       while (n > 0) {
         size_t chunk = std::min(n, kChunk);
-        TS_RETURN_IF_ERROR(net::ReadFull(fd_, out, chunk, deadline_));
+        TS_RETURN_IF_ERROR(stream_->ReadFull(out, chunk, deadline_));
         crc_ = protocol::Crc32cExtend(crc_, out, chunk);
         unread_ -= chunk;
         out += chunk;
@@ -156,14 +157,14 @@ class PayloadReader {
     if (pos_ < end_) return Status::OK();
     size_t want = static_cast<size_t>(std::min<uint64_t>(unread_, kBufSize));
     size_t got = 0;
-    TS_RETURN_IF_ERROR(net::ReadSome(fd_, buf(), want, deadline_, &got));
+    TS_RETURN_IF_ERROR(stream_->ReadSome(buf(), want, deadline_, &got));
     pos_ = 0;
     end_ = got;
     unread_ -= got;
     return Status::OK();
   }
 
-  int fd_;
+  net::Stream* stream_;
   uint64_t unread_;  // payload bytes not yet received from the socket
   net::Deadline deadline_;
   uint32_t crc_ = 0;
@@ -365,8 +366,9 @@ class ClientImpl {
   std::mutex dump_mu_;
   std::string dump_path_;
   uint64_t dump_generation_ = 0;
-  bool joined_ = false;  // between a successful Join and Leave/Close
-  net::Socket sock_;
+  bool joined_ = false;                   // between a successful Join and Leave/Close
+  net::Stream sock_;                      // plain, or TLS (options_.tls_fingerprints)
+  std::shared_ptr<net::TlsContext> tls_;  // made on the first Connect
   bool connected_ = false;
   uint64_t next_request_id_ = 1;
   std::unique_ptr<uint8_t[]> recv_buf_;  // PayloadReader scratch, allocated on first pull
@@ -399,6 +401,9 @@ Status ClientImpl::Connect() {
   if (unix_path.empty() && options_.port == 0) {
     return Status(StatusCode::kInvalidArgument, "ClientOptions::port is 0; pass the server's port");
   }
+  if (!options_.tls_fingerprints.empty() && !tls_) {
+    TS_RETURN_IF_ERROR(net::TlsContext::ForClient(options_.tls_fingerprints, &tls_));
+  }
   const auto start = net::Clock::now();
   const net::Deadline budget = net::Deadline::In(options_.connect_timeout_s);
   double backoff = std::max(0.0, options_.initial_backoff_s);
@@ -411,7 +416,7 @@ Status ClientImpl::Connect() {
                              : net::ConnectUnix(unix_path, budget, &s);
     if (last.code() == StatusCode::kInvalidArgument) return last;  // e.g. path too long
     if (last.ok()) {
-      sock_ = std::move(s);
+      sock_ = net::Stream(std::move(s));
       break;
     }
     if (attempts > options_.max_retries || budget.Expired()) break;
@@ -436,7 +441,19 @@ Status ClientImpl::Connect() {
   // The handshake belongs to connecting: it gets what is left of the
   // connect budget (at least 1 s, at most io_timeout_s).
   const double hs_s = std::min(options_.io_timeout_s, std::max(1.0, budget.SecondsLeft()));
-  Status h = Handshake(net::Deadline::In(hs_s));
+  const net::Deadline hs_deadline = net::Deadline::In(hs_s);
+  if (tls_) {
+    if (Status t = sock_.StartTls(tls_, hs_deadline); !t.ok()) {
+      Close();
+      if (t.code() == StatusCode::kConnectionError) {
+        t = Status(t.code(), t.message() +
+                                 "; is the server started with TLS (tls=True, tensorspark-ps "
+                                 "--tls)? A plain server drops a TLS client");
+      }
+      return t.WithContext("TLS with " + Where(options_));
+    }
+  }
+  Status h = Handshake(hs_deadline);
   if (!h.ok()) {
     Close();
     // A full server refuses the connection itself (LimitExceeded on the
@@ -498,7 +515,7 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
   iov.reserve(nparts + 1);
   iov.push_back({raw, sizeof(raw)});
   iov.insert(iov.end(), parts, parts + nparts);
-  Status s = net::WriteV(sock_.fd(), iov.data(), iov.size(), deadline);
+  Status s = sock_.WriteV(iov.data(), iov.size(), deadline);
   if (!s.ok()) {
     // The server may have refused the frame (e.g. FrameTooLarge) and closed
     // before reading it all: report its answer if one is waiting.
@@ -521,8 +538,8 @@ Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadl
   uint8_t raw[protocol::kHeaderSize];
   // The server needs time to answer: wait first instead of a recv that
   // would only report EAGAIN.
-  Status io = net::WaitReadable(sock_.fd(), deadline);
-  if (io.ok()) io = net::ReadFull(sock_.fd(), raw, sizeof(raw), deadline);
+  Status io = sock_.WaitReadable(deadline);
+  if (io.ok()) io = sock_.ReadFull(raw, sizeof(raw), deadline);
   if (!io.ok()) {
     return Broken(io.WithContext(std::string("waiting for the ") +
                                  protocol::OpcodeName(static_cast<uint16_t>(op)) + " response"));
@@ -573,7 +590,7 @@ Status ClientImpl::ReadResponseHeader(Opcode op, uint64_t request_id, net::Deadl
 Status ClientImpl::ReadPayload(const FrameHeader& h, net::Deadline deadline,
                                std::vector<uint8_t>* out) {
   out->resize(h.payload_len);
-  if (Status s = net::ReadFull(sock_.fd(), out->data(), out->size(), deadline); !s.ok()) {
+  if (Status s = sock_.ReadFull(out->data(), out->size(), deadline); !s.ok()) {
     return Broken(s.WithContext("reading a response payload"));
   }
   if (protocol::Crc32c(out->data(), out->size()) != h.checksum) {
@@ -643,7 +660,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
                                     std::span<const MutableTensorView>* views,
                                     std::vector<Tensor>* all, uint64_t* version) {
   if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
-  PayloadReader r(sock_.fd(), h.payload_len, deadline, recv_buf_.get());
+  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get());
   uint64_t v = 0;
   uint32_t count = 0;
   Status s = r.U64(&v);
@@ -1098,7 +1115,7 @@ Status ClientImpl::PullRows(std::span<const RowsRequest> req, uint64_t* version)
   }
   // Streamed: each table's rows go from the socket into its `out`.
   if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
-  PayloadReader r(sock_.fd(), h.payload_len, deadline, recv_buf_.get());
+  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get());
   uint64_t v = 0;
   uint32_t count = 0;
   Status s = r.U64(&v);

@@ -40,22 +40,6 @@ void SetNoDelay(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-// Waits for `events` on fd; OK when ready (or on error/hangup, which the
-// next read/write reports).
-Status PollFor(int fd, short events, Deadline deadline, const char* what) {
-  for (;;) {
-    struct pollfd p = {fd, events, 0};
-    int rc = poll(&p, 1, deadline.PollTimeoutMs());
-    if (rc > 0) return Status::OK();
-    if (rc == 0) {
-      if (deadline.Expired()) return TimedOut(what);
-      continue;  // woke early from rounding; wait again
-    }
-    if (errno == EINTR) continue;
-    return IoError("poll", errno);
-  }
-}
-
 std::string AddrToString(const sockaddr* sa) {
   char host[INET6_ADDRSTRLEN] = "?";
   uint16_t port = 0;
@@ -92,6 +76,20 @@ Status UnixAddr(const std::string& path, sockaddr_un* addr) {
 }
 
 }  // namespace
+
+Status PollFor(int fd, short events, Deadline deadline, const char* what) {
+  for (;;) {
+    struct pollfd p = {fd, events, 0};
+    int rc = poll(&p, 1, deadline.PollTimeoutMs());
+    if (rc > 0) return Status::OK();
+    if (rc == 0) {
+      if (deadline.Expired()) return TimedOut(what);
+      continue;  // woke early from rounding; wait again
+    }
+    if (errno == EINTR) continue;
+    return IoError("poll", errno);
+  }
+}
 
 Status ListenUnix(const std::string& path, Socket* out) {
   sockaddr_un addr;

@@ -89,6 +89,9 @@ class Socket {
                               bool* clean_eof = nullptr);
 // Reads 1..max bytes (whatever is available once readable).
 [[nodiscard]] Status ReadSome(int fd, void* buf, size_t max, Deadline deadline, size_t* got);
+// Waits for poll `events` on fd; OK when ready (or on error/hangup, which
+// the next read/write reports), kTimeout naming `what` past the deadline.
+[[nodiscard]] Status PollFor(int fd, short events, Deadline deadline, const char* what);
 // Waits until the fd is readable (data, EOF or error).
 [[nodiscard]] Status WaitReadable(int fd, Deadline deadline);
 [[nodiscard]] Status WriteFull(int fd, const void* buf, size_t n, Deadline deadline);

@@ -28,6 +28,7 @@
 #include "tensorspark/sharded_client.h"
 #include "tensorspark/status.h"
 #include "tensorspark/tables.h"
+#include "tensorspark/tls.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -525,9 +526,11 @@ class PyShardedClient {
  public:
   PyShardedClient(const std::vector<std::pair<std::string, uint16_t>>& servers, nb::bytes secret,
                   int32_t partition_id, int32_t attempt, double connect_timeout_s,
-                  double io_timeout_s, uint64_t chunk_bytes, double heartbeat_interval_s) {
+                  double io_timeout_s, uint64_t chunk_bytes, double heartbeat_interval_s,
+                  const std::vector<std::string>& tls_fingerprints) {
     ClientOptions opt;
     opt.secret = std::string(secret.c_str(), secret.size());
+    opt.tls_fingerprints = tls_fingerprints;
     opt.partition_id = partition_id;
     opt.attempt = attempt;
     opt.connect_timeout_s = connect_timeout_s;
@@ -690,8 +693,10 @@ class PyClient {
  public:
   PyClient(const std::string& host, uint16_t port, nb::bytes secret, int32_t partition_id,
            int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries,
-           const std::variant<int, std::string>& encoding, double heartbeat_interval_s) {
+           const std::variant<int, std::string>& encoding, double heartbeat_interval_s,
+           const std::vector<std::string>& tls_fingerprints) {
     ClientOptions opt;
+    opt.tls_fingerprints = tls_fingerprints;
     opt.encoding = ParseEncoding(encoding);
     opt.host = host;
     opt.port = port;
@@ -844,8 +849,11 @@ class PyServer {
            double handshake_timeout_s, uint32_t update_threads, const std::string& unix_path,
            int metrics_port, const std::string& snapshot_dir, double snapshot_every_s,
            uint64_t snapshot_every_versions, uint64_t snapshot_keep, const std::string& resume_from,
-           uint64_t max_pending_handshakes, uint64_t max_pending_per_peer) {
+           uint64_t max_pending_handshakes, uint64_t max_pending_per_peer,
+           const std::string& tls_cert_pem, const std::string& tls_key_pem) {
     ServerOptions opt;
+    opt.tls_cert_pem = tls_cert_pem;
+    opt.tls_key_pem = tls_key_pem;
     opt.unix_path = unix_path;
     opt.bind_address = bind;
     opt.port = port;
@@ -928,6 +936,30 @@ NB_MODULE(_core, m) {
   m.attr("EXPORT_DONE") = UINT64_MAX;
 
   m.def(
+      "make_tls_identity",
+      []() {
+        tensorspark::TlsIdentity id;
+        ThrowIfError(tensorspark::MakeTlsIdentity(&id));
+        return std::make_tuple(id.cert_pem, id.key_pem, id.fingerprint);
+      },
+      "A new per-run TLS key and self-signed certificate: (cert_pem, key_pem, fingerprint).");
+  m.def(
+      "tls_fingerprint",
+      [](const std::string& cert_pem) {
+        std::string fp;
+        ThrowIfError(tensorspark::TlsFingerprint(cert_pem, &fp));
+        return fp;
+      },
+      "cert_pem"_a, "The 'sha256:<hex>' fingerprint of a PEM certificate.");
+  m.def(
+      "normalize_tls_fingerprint",
+      [](const std::string& fingerprint) {
+        std::string fp;
+        ThrowIfError(tensorspark::NormalizeTlsFingerprint(fingerprint, &fp));
+        return fp;
+      },
+      "fingerprint"_a, "A fingerprint in the canonical 'sha256:<64 hex>' form, or an error.");
+  m.def(
       "initial_rows",
       [](const std::string& table, IdArray ids, uint32_t dim, uint64_t seed, int initializer,
          float scale) {
@@ -970,14 +1002,15 @@ NB_MODULE(_core, m) {
   nb::class_<PyServer>(m, "Server", "A parameter server running on threads of this process.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, uint64_t, uint64_t, uint64_t, double,
                     double, uint32_t, const std::string&, int, const std::string&, double, uint64_t,
-                    uint64_t, const std::string&, uint64_t, uint64_t>(),
+                    uint64_t, const std::string&, uint64_t, uint64_t, const std::string&,
+                    const std::string&>(),
            "bind"_a, "port"_a, "secret"_a, "max_frame_bytes"_a = uint64_t{1} << 31,
            "max_variables"_a = 1 << 16, "max_connections"_a = 1024, "io_timeout_s"_a = 120.0,
            "handshake_timeout_s"_a = 10.0, "update_threads"_a = 0u, "unix_path"_a = "",
            "metrics_port"_a = -1, "snapshot_dir"_a = "", "snapshot_every_s"_a = 0.0,
            "snapshot_every_versions"_a = uint64_t{0}, "snapshot_keep"_a = uint64_t{3},
            "resume_from"_a = "", "max_pending_handshakes"_a = uint64_t{128},
-           "max_pending_per_peer"_a = uint64_t{32})
+           "max_pending_per_peer"_a = uint64_t{32}, "tls_cert_pem"_a = "", "tls_key_pem"_a = "")
       .def_prop_ro("port", &PyServer::port, "The bound port.")
       .def_prop_ro("metrics_port", &PyServer::metrics_port,
                    "Port of the Prometheus /metrics endpoint, -1 when off.")
@@ -994,10 +1027,12 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double, int,
-                    const std::variant<int, std::string>&, double>(),
+                    const std::variant<int, std::string>&, double,
+                    const std::vector<std::string>&>(),
            "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8,
-           "encoding"_a = 0, "heartbeat_interval_s"_a = 0.0)
+           "encoding"_a = 0, "heartbeat_interval_s"_a = 0.0,
+           "tls_fingerprints"_a = std::vector<std::string>())
       .def("register", &PyClient::Register, "names"_a, "arrays"_a,
            "Register variables (first registration wins). Returns (created, version).")
       .def("list_variables", &PyClient::List, "Returns ([(name, shape)], version).")
@@ -1052,11 +1087,11 @@ NB_MODULE(_core, m) {
   nb::class_<PyShardedClient>(m, "ShardedClient",
                               "One connection to each of several servers holding one model.")
       .def(nb::init<const std::vector<std::pair<std::string, uint16_t>>&, nb::bytes, int32_t,
-                    int32_t, double, double, uint64_t, double>(),
+                    int32_t, double, double, uint64_t, double, const std::vector<std::string>&>(),
            "servers"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0,
            "chunk_bytes"_a = tensorspark::ShardedClient::kDefaultChunkBytes,
-           "heartbeat_interval_s"_a = 0.0)
+           "heartbeat_interval_s"_a = 0.0, "tls_fingerprints"_a = std::vector<std::string>())
       .def("register", &PyShardedClient::Register, "names"_a, "arrays"_a,
            "Register variables over the servers. Returns (created, version sum).")
       .def("pull_into", &PyShardedClient::PullInto, "names"_a, "outs"_a,

@@ -27,6 +27,8 @@ namespace {
 // Handshake frames are tiny; a larger one before authentication is refused
 // so an unauthenticated peer cannot make the server allocate.
 constexpr uint64_t kMaxHandshakePayload = 4096;
+// The first byte of a TLS connection: a handshake record (RFC 8446, 5.1).
+constexpr uint8_t kTlsHandshakeRecord = 22;
 // Alignment of a PUSH data section inside the receive buffer.
 constexpr size_t kAlign = 16;
 // Payloads are received and checksummed in chunks of this size (fits L2).
@@ -148,21 +150,21 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
 }
 
 Connection::Connection(ServerContext* ctx, net::Socket socket, std::string peer)
-    : ctx_(ctx), peer_(std::move(peer)), who_(peer_), socket_(std::move(socket)) {
+    : ctx_(ctx), peer_(std::move(peer)), who_(peer_), stream_(std::move(socket)) {
   session_.conn_id = ctx_->next_conn_id.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool Connection::PeerSentData() {
   std::lock_guard lock(socket_mu_);
-  if (!socket_.valid()) return false;
+  if (!stream_.valid()) return false;
   uint8_t byte;
-  return ::recv(socket_.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+  return ::recv(stream_.socket().fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
 }
 
 void Connection::Shutdown() {
   shut_.store(true, std::memory_order_release);
   std::lock_guard lock(socket_mu_);
-  socket_.Shutdown();
+  stream_.socket().Shutdown();
 }
 
 net::Deadline Connection::IoDeadline() const {
@@ -187,7 +189,7 @@ void Connection::Run() {
       ctx_->membership.Opened(session_);
       for (;;) {
         // Idle between requests: wait without a limit (Shutdown() wakes us).
-        Status w = net::WaitReadable(socket_.fd(), net::Deadline::Never());
+        Status w = stream_.WaitReadable(net::Deadline::Never());
         if (!w.ok() || ctx_->stopping.load()) break;
         FrameHeader h;
         bool peer_left = false;
@@ -212,7 +214,7 @@ void Connection::Run() {
   }
   {
     std::lock_guard lock(socket_mu_);
-    socket_.Close();
+    stream_.Close();
   }
   if (opened) {
     ctx_->membership.Settle(&session_);
@@ -227,7 +229,7 @@ void Connection::Run() {
 Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, FrameHeader* h,
                                 bool* peer_left) {
   uint8_t raw[protocol::kHeaderSize];
-  TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), raw, sizeof(raw), deadline, peer_left));
+  TS_RETURN_IF_ERROR(stream_.ReadFull(raw, sizeof(raw), deadline, peer_left));
   *h = protocol::DecodeHeader(raw);
   ctx_->counters.bytes_in.fetch_add(sizeof(raw), std::memory_order_relaxed);
   Status v = protocol::ValidateHeader(*h, max_payload);
@@ -258,7 +260,7 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
       return e;
     }
     uint8_t* dst = buf_.get() + shift_ + off;
-    TS_RETURN_IF_ERROR(net::ReadFull(socket_.fd(), dst, n, deadline));
+    TS_RETURN_IF_ERROR(stream_.ReadFull(dst, n, deadline));
     // Checksum each chunk right after it arrives, while it is still in cache.
     crc = protocol::Crc32cExtend(crc, dst, n);
   }
@@ -299,7 +301,7 @@ Status Connection::SendResponse(const FrameHeader& req, uint32_t flags,
   protocol::EncodeHeader(h, raw);
   struct iovec iov[2] = {{raw, sizeof(raw)},
                          {const_cast<uint8_t*>(payload.data()), payload.size()}};
-  Status s = net::WriteV(socket_.fd(), iov, 2, IoDeadline());
+  Status s = stream_.WriteV(iov, 2, IoDeadline());
   if (!s.ok()) {
     if (io_status_.ok()) io_status_ = s;
     return s;
@@ -315,6 +317,27 @@ Status Connection::SendError(const FrameHeader& req, const Status& error) {
   return SendResponse(req, protocol::kFlagError, payload);
 }
 
+Status Connection::StartTls(net::Deadline deadline) {
+  // A TLS connection opens with a handshake record (content type 22); a
+  // plain client's first byte is the frame magic's. That one gets a plain
+  // answer saying what to change instead of a TLS alert it cannot read.
+  TS_RETURN_IF_ERROR(stream_.WaitReadable(deadline));
+  uint8_t first = 0;
+  const ssize_t n = ::recv(stream_.socket().fd(), &first, 1, MSG_PEEK | MSG_DONTWAIT);
+  if (n == 0) return Err(StatusCode::kConnectionError, "connection closed by peer");
+  if (n == 1 && first != kTlsHandshakeRecord) {
+    ctx_->counters.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    ctx_->membership.CountRefused(RefuseReason::kAuth);
+    Status e = Err(StatusCode::kAuthFailed,
+                   "this parameter server accepts TLS connections only: connect with TLS and "
+                   "pin its certificate's fingerprint (tls=True in a tensorspark run; "
+                   "tls_fingerprints for PSClient; ClientOptions::tls_fingerprints)");
+    (void)SendError(FrameHeader{}, e);
+    return e;
+  }
+  return stream_.StartTls(ctx_->tls, deadline);
+}
+
 Status Connection::Handshake() {
   const net::Deadline deadline = net::Deadline::In(ctx_->options.handshake_timeout_s);
   auto auth_failed = [&](const FrameHeader& h, std::string msg) {
@@ -324,6 +347,7 @@ Status Connection::Handshake() {
     (void)SendError(h, e);
     return e;
   };
+  if (ctx_->tls) TS_RETURN_IF_ERROR(StartTls(deadline));
   FrameHeader h;
   bool peer_left = false;
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
@@ -582,7 +606,7 @@ Status Connection::HandlePull(const FrameHeader& h) {
   resp.payload_len = payload_len;
   resp.checksum = crc;
   protocol::EncodeHeader(resp, raw);
-  Status s = net::WriteV(socket_.fd(), iov.data(), iov.size(), IoDeadline());
+  Status s = stream_.WriteV(iov.data(), iov.size(), IoDeadline());
   locks.clear();
   if (!s.ok()) {
     io_status_ = s;
@@ -691,7 +715,7 @@ Status Connection::SendEncodedPull(const FrameHeader& req, std::span<storage::Va
   struct iovec iov[3] = {{raw, sizeof(raw)},
                          {out_.data(), out_.size()},
                          {encoded_.data(), static_cast<size_t>(total * 2)}};
-  Status s = net::WriteV(socket_.fd(), iov, 3, IoDeadline());
+  Status s = stream_.WriteV(iov, 3, IoDeadline());
   if (!s.ok()) {
     io_status_ = s;
     return Status::OK();

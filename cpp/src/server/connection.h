@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/thread_pool.h"
-#include "net/socket.h"
+#include "net/stream.h"
 #include "protocol/frame.h"
 #include "server/membership.h"
 #include "storage/param_store.h"
@@ -121,6 +121,9 @@ struct ServerContext {
   LogThrottle handshake_log{"failed handshakes"};
   LogThrottle refused_log{"refused connections"};
 
+  // Set when the server speaks TLS only (ServerOptions::tls_cert_pem).
+  std::shared_ptr<net::TlsContext> tls;
+
   std::vector<StatEntry> Snapshot() const;
 };
 
@@ -154,6 +157,8 @@ class Connection {
   std::chrono::steady_clock::time_point accepted_at() const { return accepted_at_; }
 
  private:
+  // The TLS handshake (ServerContext::tls set), within `deadline`.
+  Status StartTls(net::Deadline deadline);
   // Reads one frame (header + payload into payload_) and applies the
   // receive checks of the protocol in order. A non-OK result means the
   // connection must close; any error frame the protocol asks for has been
@@ -211,9 +216,9 @@ class Connection {
 
   ServerContext* const ctx_;
   const std::string peer_;
-  std::string who_;  // peer plus partition/attempt once known, for logs
-  Session session_;  // identity for the membership registry
-  net::Socket socket_;
+  std::string who_;       // peer plus partition/attempt once known, for logs
+  Session session_;       // identity for the membership registry
+  net::Stream stream_;    // plain, or TLS once the handshake starts
   std::mutex socket_mu_;  // orders Shutdown() against the final close in Run()
   std::atomic<bool> done_{false};
   std::atomic<int> stage_{kAccepted};

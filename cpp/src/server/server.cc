@@ -1,6 +1,7 @@
 // Server and ServerImpl: the acceptor thread and connection bookkeeping.
 #include "tensorspark/server.h"
 
+#include <malloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -97,6 +98,11 @@ class ServerImpl {
   void AcceptLoop(const net::Socket* listener);
   // Joins the threads of connections that ended (acceptor thread only).
   void ReapFinished();
+  // Hands free heap pages back to the kernel once no connection has been
+  // open for kTrimIdleS after some ended (acceptor threads). A burst of
+  // clients leaves its frame buffers and per-thread malloc arenas free but
+  // resident; without this, idle RSS depends on the last burst's size.
+  void TrimWhenIdle();
   // Makes room for a connection from `peer` under the pending-handshake
   // caps by shutting down another pending one (acceptor thread only).
   void EvictPendingFor(const std::string& peer);
@@ -130,6 +136,9 @@ class ServerImpl {
 
   std::mutex conns_mu_;  // guards conns_
   std::list<ConnEntry> conns_;
+  std::mutex trim_mu_;  // guards the two fields below
+  uint64_t reaped_since_trim_ = 0;
+  std::chrono::steady_clock::time_point last_reap_{};
 
   std::mutex stop_call_mu_;  // serializes Stop() callers
   std::mutex state_mu_;      // guards stopped_, stop_requested_
@@ -431,6 +440,13 @@ Status ServerImpl::Start() {
                                                     std::to_string(kMaxUpdateThreads) + " (got " +
                                                     std::to_string(o.update_threads) + ")");
   }
+  if (o.tls_cert_pem.empty() != o.tls_key_pem.empty()) {
+    return Status(StatusCode::kInvalidArgument,
+                  "TLS needs both tls_cert_pem and tls_key_pem (or neither, for plain frames)");
+  }
+  if (!o.tls_cert_pem.empty()) {
+    TS_RETURN_IF_ERROR(net::TlsContext::ForServer(o.tls_cert_pem, o.tls_key_pem, &ctx_.tls));
+  }
   const size_t threads =
       o.update_threads != 0 ? o.update_threads : std::max(1u, std::thread::hardware_concurrency());
   TS_RETURN_IF_ERROR(ctx_.update_pool.Start(threads));
@@ -568,6 +584,25 @@ void ServerImpl::ReapFinished() {
     }
   }
   for (ConnEntry& e : finished) e.thread.join();
+  if (!finished.empty()) {
+    std::lock_guard lock(trim_mu_);
+    reaped_since_trim_ += finished.size();
+    last_reap_ = std::chrono::steady_clock::now();
+  }
+}
+
+void ServerImpl::TrimWhenIdle() {
+#if defined(__GLIBC__)
+  constexpr double kTrimIdleS = 0.5;
+  std::lock_guard lock(trim_mu_);
+  if (reaped_since_trim_ == 0 || ctx_.counters.connections.load() != 0) return;
+  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_reap_).count() <
+      kTrimIdleS) {
+    return;
+  }
+  reaped_since_trim_ = 0;
+  ::malloc_trim(0);
+#endif
 }
 
 void ServerImpl::AcceptLoop(const net::Socket* listener) {
@@ -579,6 +614,7 @@ void ServerImpl::AcceptLoop(const net::Socket* listener) {
     Status s = net::Accept(*listener, net::Deadline::In(0.2), &sock, &peer);
     if (ctx_.stopping.load()) break;
     ReapFinished();
+    TrimWhenIdle();
     ctx_.handshake_log.Flush();
     ctx_.refused_log.Flush();
     if (!s.ok()) {

@@ -21,6 +21,7 @@
 #include <string_view>
 
 #include "tensorspark/server.h"
+#include "tensorspark/tls.h"
 
 namespace {
 
@@ -32,6 +33,7 @@ constexpr char kUsage[] =
     "                      [--snapshot-dir DIR] [--snapshot-every-s S] [--snapshot-every-versions "
     "N]\n"
     "                      [--snapshot-keep N] [--resume-from PATH]\n"
+    "                      [--tls [--tls-cert PEM --tls-key PEM] [--tls-fingerprint-file PATH]]\n"
     "\n"
     "Parameter server of tensorspark (wire protocol v1).\n"
     "\n"
@@ -52,6 +54,16 @@ constexpr char kUsage[] =
     "                        is replaced, and the file is removed on exit\n"
     "  --metrics-port N      serve Prometheus metrics at http://ADDR:N/metrics (0 picks a\n"
     "                        free port; default: off)\n"
+    "\n"
+    "TLS (docs/protocol.md, \"TLS\"):\n"
+    "  --tls                 TLS 1.3 on every connection (plain clients are refused), with a\n"
+    "                        new self-signed certificate unless --tls-cert is given; its\n"
+    "                        fingerprint is printed for clients to pin (tls=\"sha256:...\")\n"
+    "  --tls-cert PEM, --tls-key PEM\n"
+    "                        the certificate and its unencrypted private key (imply --tls);\n"
+    "                        e.g. one pair shared by all servers of a run\n"
+    "  --tls-fingerprint-file PATH\n"
+    "                        also write the fingerprint (one line) to PATH\n"
     "\n"
     "Snapshots (docs/snapshots.md):\n"
     "  --snapshot-dir DIR    write snapshots of the variables, optimizer state and version\n"
@@ -106,6 +118,8 @@ int main(int argc, char** argv) {
   tensorspark::ServerOptions opt;
   opt.port = 10080;
   std::string secret_file;
+  bool tls = false;
+  std::string tls_cert_file, tls_key_file, tls_fingerprint_file;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     std::string value;
@@ -188,6 +202,14 @@ int main(int argc, char** argv) {
       if (!take_value(&value) || !ParseUint(value, UINT64_MAX, &opt.snapshot_keep)) {
         return BadArgs("--snapshot-keep needs a number >= 0 (0 keeps every snapshot)");
       }
+    } else if (arg == "--tls") {
+      tls = true;
+    } else if (arg == "--tls-cert" || arg == "--tls-key" || arg == "--tls-fingerprint-file") {
+      std::string* out = arg == "--tls-cert"  ? &tls_cert_file
+                         : arg == "--tls-key" ? &tls_key_file
+                                              : &tls_fingerprint_file;
+      if (!take_value(out) || out->empty()) return BadArgs(arg + " needs a path");
+      tls = true;
     } else if (arg == "--resume-from") {
       if (!take_value(&opt.resume_from) || opt.resume_from.empty()) {
         return BadArgs("--resume-from needs a snapshot file or directory");
@@ -197,6 +219,9 @@ int main(int argc, char** argv) {
     }
   }
   if (secret_file.empty()) return BadArgs("--secret-file is required");
+  if (tls_cert_file.empty() != tls_key_file.empty()) {
+    return BadArgs("--tls-cert and --tls-key go together (or give neither for a new identity)");
+  }
   if ((opt.snapshot_every_s > 0 || opt.snapshot_every_versions > 0) && opt.snapshot_dir.empty()) {
     return BadArgs("--snapshot-every-s and --snapshot-every-versions need --snapshot-dir");
   }
@@ -213,6 +238,28 @@ int main(int argc, char** argv) {
     return BadArgs("the secret in '" + secret_file + "' has " + std::to_string(opt.secret.size()) +
                        " bytes; at least 16 are required",
                    false);
+  }
+
+  std::string fingerprint;
+  if (!tls_cert_file.empty()) {
+    for (auto [path, out] : {std::pair{&tls_cert_file, &opt.tls_cert_pem},
+                             std::pair{&tls_key_file, &opt.tls_key_pem}}) {
+      std::ifstream f(*path, std::ios::binary);
+      if (!f) return BadArgs("cannot read '" + *path + "': " + std::strerror(errno), false);
+      out->assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    }
+    if (auto st = tensorspark::TlsFingerprint(opt.tls_cert_pem, &fingerprint); !st.ok()) {
+      return BadArgs("--tls-cert '" + tls_cert_file + "': " + st.message(), false);
+    }
+  } else if (tls) {
+    tensorspark::TlsIdentity id;
+    if (auto st = tensorspark::MakeTlsIdentity(&id); !st.ok()) {
+      std::fprintf(stderr, "tensorspark-ps: cannot start: %s\n", st.ToString().c_str());
+      return 1;
+    }
+    opt.tls_cert_pem = std::move(id.cert_pem);
+    opt.tls_key_pem = std::move(id.key_pem);
+    fingerprint = id.fingerprint;
   }
 
   // Signals are taken synchronously by this thread (sigtimedwait); block
@@ -234,6 +281,18 @@ int main(int argc, char** argv) {
                static_cast<unsigned>(server->port()));
   if (!opt.unix_path.empty()) {
     std::fprintf(stderr, "tensorspark-ps listening on unix:%s\n", opt.unix_path.c_str());
+  }
+  if (tls) {
+    std::fprintf(stderr, "tensorspark-ps TLS certificate fingerprint %s\n", fingerprint.c_str());
+    if (!tls_fingerprint_file.empty()) {
+      std::ofstream f(tls_fingerprint_file, std::ios::trunc);
+      f << fingerprint << "\n";
+      if (!f.flush()) {
+        std::fprintf(stderr, "tensorspark-ps: cannot write '%s': %s\n",
+                     tls_fingerprint_file.c_str(), std::strerror(errno));
+        return 1;
+      }
+    }
   }
   if (server->metrics_port() >= 0) {
     std::fprintf(stderr, "tensorspark-ps metrics at http://%s:%d/metrics\n",

@@ -476,6 +476,7 @@ def fit(
     server_port: int = 0,
     servers: list[str] | None = None,
     secret: bytes | None = None,
+    tls: bool | str | list[str] = False,
     seed: int = 0,
     connect_timeout: float = 30.0,
     io_timeout: float = 300.0,
@@ -638,6 +639,14 @@ def fit(
         server tensorspark starts).
     secret : bytes, optional
         The run's secret; required with ``servers``, generated otherwise.
+    tls : bool, str or list of str
+        Encrypt the parameter-server traffic with TLS 1.3 (docs/protocol.md,
+        "TLS"). True: the server tensorspark starts makes a per-run key and
+        self-signed certificate, and its fingerprint travels to the tasks
+        beside the secret, so every client pins it (no CA, no files). With
+        ``servers=[...]`` or ``start_server=False``: the fingerprint(s) that
+        ``tensorspark-ps --tls`` printed. False (default): plain frames with
+        a CRC-32C each.
     seed : int
         Seeds the shuffling.
     connect_timeout, io_timeout, heartbeat_timeout, wait_timeout : float

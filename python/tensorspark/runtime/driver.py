@@ -89,6 +89,9 @@ class DriverRun:
         self.servers = tuple(parse_address(a) for a in o.get("servers") or ())
         self.server: ParameterServer | None = None
         self._shard_snapshots = True
+        tls = o.get("tls", False)
+        # Fingerprints every client pins (TLS), or () for plain frames.
+        self.tls_pins: tuple[str, ...] = tls if isinstance(tls, tuple) else ()
         if self.servers:
             self.host, self.port = self.servers[0]
             self.secret = o["secret"]
@@ -96,6 +99,8 @@ class DriverRun:
             self.secret = o.get("secret") or generate_secret()
             self.server = self._start_server()
             self.port = self.server.port
+            if self.server.tls_fingerprint is not None:
+                self.tls_pins = (self.server.tls_fingerprint,)
         else:
             if not o.get("secret"):
                 raise TensorSparkValueError(
@@ -198,6 +203,7 @@ class DriverRun:
             snapshot_every_versions=o.get("checkpoint_every_versions", 0),
             snapshot_keep=o.get("checkpoint_keep", 3),
             resume_from=resume,
+            tls=o.get("tls", False) is True,
         )
         self._cleanup.callback(server.stop)
         if staging is not None:
@@ -214,6 +220,7 @@ class DriverRun:
         timeouts = {
             "connect_timeout": self.opts.get("connect_timeout", 30.0),
             "io_timeout": self.opts.get("io_timeout", 300.0),
+            "tls_fingerprint": list(self.tls_pins) or None,
         }
         if self.servers:
             return ShardedPSClient(self.servers, self.secret, **timeouts)
@@ -227,6 +234,7 @@ class DriverRun:
             "port": self.port,
             "servers": self.servers,
             "secret": self.secret,
+            "tls_fingerprints": self.tls_pins,
             "run_id": self.run_id,
             "threads": self.threads,
             "connect_timeout": o.get("connect_timeout", 30.0),

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import tracking
+from .. import _core, tracking
 from ..combiners import DeltaCombiner, ElasticCombiner, MeanCombiner
 from ..errors import TensorSparkValueError
 from . import updates
@@ -82,6 +82,8 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
         )
     if "mlflow" in out:
         out["mlflow"] = tracking.check_option(out["mlflow"])
+    if "tls" in out:
+        out["tls"] = _tls(out["tls"], bool(out.get("servers")) or out.get("start_server") is False)
     if out.get("servers"):
         if not out.get("secret"):
             raise TensorSparkValueError(
@@ -100,6 +102,32 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
                 f"snapshot they all hold; got resume_from={out['resume_from']!r}"
             )
     return out
+
+
+def _tls(tls: Any, external: bool) -> bool | tuple[str, ...]:
+    """``tls`` checked: False, True (the server tensorspark starts) or pinned fingerprints."""
+    if tls is None or tls is False:
+        return False
+    if tls is True:
+        if external:
+            raise TensorSparkValueError(
+                "tls=True makes a certificate for the parameter server tensorspark starts; an "
+                "external tensorspark-ps started with --tls prints its certificate's "
+                "fingerprint: pass tls='sha256:...' (or a list, one per server)"
+            )
+        return True
+    pins = [tls] if isinstance(tls, str) else tls
+    if not isinstance(pins, list | tuple) or not pins or not all(isinstance(p, str) for p in pins):
+        raise TensorSparkValueError(
+            "tls must be False, True (TLS to the parameter server tensorspark starts) or the "
+            f"fingerprint(s) of external servers' certificates, got {tls!r}"
+        )
+    if not external:
+        raise TensorSparkValueError(
+            "tls='<fingerprint>' pins the certificate of an external server (servers=[...] or "
+            "start_server=False); the server tensorspark starts makes its own: pass tls=True"
+        )
+    return tuple(_core.normalize_tls_fingerprint(p) for p in pins)
 
 
 def rule(update: Any, num_tasks: int, *, api: str) -> updates.Rule:

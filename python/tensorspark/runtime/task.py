@@ -54,6 +54,7 @@ class TaskConfig:
     join: bool = True  # False: a validation job (no membership, no push)
     tables: tuple[Any, ...] = ()  # runtime.sparse.TableFeed: tables whose rows travel per batch
     prefetch: bool = True  # pull the next batch's rows during this batch (runtime.sparse)
+    tls_fingerprints: tuple[str, ...] = ()  # pinned server certificates (TLS), or ()
 
     def where(self, partition: int) -> str:
         return f"partition {partition} (epoch {self.epoch + 1})"
@@ -110,6 +111,7 @@ def connect(cfg: TaskConfig, partition: int, attempt: int, *, member: bool = Tru
         "connect_timeout_s": cfg.connect_timeout,
         "io_timeout_s": cfg.io_timeout,
         "heartbeat_interval_s": cfg.heartbeat_interval if cfg.join and member else 0.0,
+        "tls_fingerprints": list(cfg.tls_fingerprints),
     }
     if cfg.servers:
         return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)

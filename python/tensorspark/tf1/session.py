@@ -86,6 +86,11 @@ class SparkSession:
     secret : bytes, optional
         The run's shared secret; generated when None. Required with
         ``start_server=False`` and ``servers``.
+    tls : bool, str or list of str
+        Encrypt the parameter-server traffic with TLS 1.3 (docs/protocol.md,
+        "TLS"), as :func:`tensorspark.keras.fit`'s ``tls``: True for the
+        server tensorspark starts (a per-run self-signed certificate whose
+        fingerprint the tasks pin), fingerprints for external servers.
     start_server : bool
         False connects to an already running ``tensorspark-ps`` at
         ``server_host:server_port`` instead of starting one.
@@ -159,6 +164,7 @@ class SparkSession:
         batch_size: int = 100,
         *,
         secret: bytes | None = None,
+        tls: bool | str | list[str] = False,
         start_server: bool = True,
         servers: list[str] | None = None,
         checkpoint_dir: str | None = None,
