@@ -13,7 +13,8 @@
 #   make bench   parameter-server throughput -> bench/results/ps_roundtrip.{json,png};
 #                the Keras CNN's accuracy, throughput and memory bound ->
 #                bench/results/keras_fashion_mnist.json
-#   make chaos   the seed program CHAOS_RUNS (10) times on local[2,4], each with a
+#   make chaos   the zombie-attempt test (pytest -m chaos), then
+#                the seed program CHAOS_RUNS (10) times on local[2,4], each with a
 #                random worker fault (SIGKILL or a fenced zombie) ->
 #                bench/results/chaos.json; then SOAK_SECONDS (600) of 32 client
 #                threads against one tensorspark-ps -> bench/results/soak.json
@@ -76,19 +77,19 @@ test-cpp: system-gtest venv
 # The status page's test drives Debian's headless Chromium with selenium.
 test-python: install
 	@scripts/setup-system.sh --with-browser
-	$(VPY) -m pytest tests/python -v
+	$(VPY) -m pytest tests/python -v -m "not chaos" --durations=15
 	$(MAKE) test-connect
 
 # A process of its own: a SparkContext in the process would stop
 # SparkSession.builder.remote("local[...]") from starting its Connect server.
 test-connect: install
-	$(VPY) -m pytest tests/connect -v
+	$(VPY) -m pytest tests/connect -v --durations=5
 
 # -s: the tests print the accuracy and time of each run, and whether the
 # Workers got network namespaces or fell back to loopback.
 test-cluster: install
 	@scripts/setup-system.sh --with-cluster
-	$(VPY) -m pytest tests/cluster -v -s
+	$(VPY) -m pytest tests/cluster -v -s --durations=5
 
 # The Python binding's overhead (bench/python_overhead.py) needs the package
 # installed, hence `install`.
@@ -105,6 +106,7 @@ CHAOS_RUNS ?= 10
 SOAK_SECONDS ?= 600
 # The soak tests the server built from this tree (--ps), not the venv's copy.
 chaos: system install
+	$(VPY) -m pytest tests/python -v -m chaos
 	$(VPY) bench/chaos.py --runs $(CHAOS_RUNS) --out bench/results/chaos.json
 	$(CCACHE) $(CMAKE) -S . -B $(CPP_BUILD) -G Ninja -DTENSORSPARK_BUILD_BENCH=ON \
 	    -DTENSORSPARK_BUILD_PYTHON=OFF >/dev/null

@@ -82,8 +82,16 @@ def test_killed_worker_is_retried_and_the_run_finishes(tmp_path, mode):
     )
 
 
+@pytest.mark.chaos
 def test_zombie_attempts_late_pushes_are_refused(tmp_path):
-    """A frozen attempt that Spark retried pushes after its retry joined."""
+    """A frozen attempt that Spark retried pushes after its retry joined.
+
+    Run by ``make chaos``, not ``make test``: it takes up to four runs of the
+    seed program (about 3 minutes of the suite's 20). ``make test`` keeps
+    the fencing itself covered against real servers
+    (test_modes, test_sharded_membership, runtime/test_task) and Spark task
+    retries by the two kill tests above.
+    """
     base = _baseline(tmp_path, "async")
     # The premise: Spark ends the killed attempt at once, so its retry joins
     # while the frozen worker lives. When Spark instead holds the slot until

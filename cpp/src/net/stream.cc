@@ -177,6 +177,11 @@ int BioRead(BIO* bio, char* data, int n) {
 
 long BioCtrl(BIO*, int cmd, long, void*) { return cmd == BIO_CTRL_FLUSH ? 1 : 0; }
 
+// OpenSSL said SSL_ERROR_WANT_READ or _WANT_WRITE (`err`): wait for that.
+Status WaitForSocket(int fd, int err, Deadline deadline, const char* what) {
+  return PollFor(fd, err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline, what);
+}
+
 BIO_METHOD* SocketBioMethod() {
   static BIO_METHOD* method = [] {
     BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "tensorspark-socket");
@@ -321,8 +326,7 @@ Status Stream::StartTls(std::shared_ptr<TlsContext> ctx, Deadline deadline) {
     const int err = SSL_get_error(ssl_, rc);
     const int saved_errno = errno;
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      TS_RETURN_IF_ERROR(PollFor(socket_.fd(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
-                                 deadline, "in the TLS handshake"));
+      TS_RETURN_IF_ERROR(WaitForSocket(socket_.fd(), err, deadline, "in the TLS handshake"));
       continue;
     }
     std::string why;
@@ -365,8 +369,8 @@ Status Stream::TlsRead(void* buf, size_t max, Deadline deadline, size_t* got, bo
     const int err = SSL_get_error(ssl_, rc);
     const int saved_errno = errno;
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      TS_RETURN_IF_ERROR(PollFor(socket_.fd(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
-                                 deadline, "waiting for data from the peer"));
+      TS_RETURN_IF_ERROR(
+          WaitForSocket(socket_.fd(), err, deadline, "waiting for data from the peer"));
       continue;
     }
     if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && saved_errno == 0)) {
@@ -397,8 +401,7 @@ Status Stream::TlsWrite(const void* buf, size_t n, Deadline deadline) {
     const int err = SSL_get_error(ssl_, rc);
     const int saved_errno = errno;
     if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-      TS_RETURN_IF_ERROR(PollFor(socket_.fd(), err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT,
-                                 deadline, "waiting to send to the peer"));
+      TS_RETURN_IF_ERROR(WaitForSocket(socket_.fd(), err, deadline, "waiting to send to the peer"));
       continue;
     }
     if (err == SSL_ERROR_SYSCALL && saved_errno != 0) {

@@ -98,11 +98,14 @@ class ServerImpl {
   void AcceptLoop(const net::Socket* listener);
   // Joins the threads of connections that ended (acceptor thread only).
   void ReapFinished();
-  // Hands free heap pages back to the kernel once no connection has been
-  // open for kTrimIdleS after some ended (acceptor threads). A burst of
-  // clients leaves its frame buffers and per-thread malloc arenas free but
-  // resident; without this, idle RSS depends on the last burst's size.
+  // Hands free heap pages back to the kernel once no connection is open
+  // and kTrimIdleS passed since connections ended or a snapshot was written
+  // (acceptor threads). A burst of clients leaves its frame buffers, and a
+  // snapshot its staging buffers, free but resident in the malloc arenas;
+  // without this, idle RSS depends on the last burst's size.
   void TrimWhenIdle();
+  // Something large was freed: the next idle moment trims (any thread).
+  void MarkHeapDirty();
   // Makes room for a connection from `peer` under the pending-handshake
   // caps by shutting down another pending one (acceptor thread only).
   void EvictPendingFor(const std::string& peer);
@@ -137,8 +140,8 @@ class ServerImpl {
   std::mutex conns_mu_;  // guards conns_
   std::list<ConnEntry> conns_;
   std::mutex trim_mu_;  // guards the two fields below
-  uint64_t reaped_since_trim_ = 0;
-  std::chrono::steady_clock::time_point last_reap_{};
+  bool heap_dirty_ = false;
+  std::chrono::steady_clock::time_point dirtied_at_{};
 
   std::mutex stop_call_mu_;  // serializes Stop() callers
   std::mutex state_mu_;      // guards stopped_, stop_requested_
@@ -407,6 +410,7 @@ void ServerImpl::SnapshotLoop() {
       if (changed && (by_versions || by_time) && now >= snap_retry_after_) {
         Status st = WriteSnapshotLocked(by_versions ? "every_versions" : "every_s", 0, nullptr);
         if (!st.ok()) snap_retry_after_ = now + kSnapshotRetry;
+        MarkHeapDirty();
       }
     }
     wait_lock.lock();
@@ -584,23 +588,25 @@ void ServerImpl::ReapFinished() {
     }
   }
   for (ConnEntry& e : finished) e.thread.join();
-  if (!finished.empty()) {
-    std::lock_guard lock(trim_mu_);
-    reaped_since_trim_ += finished.size();
-    last_reap_ = std::chrono::steady_clock::now();
-  }
+  if (!finished.empty()) MarkHeapDirty();
+}
+
+void ServerImpl::MarkHeapDirty() {
+  std::lock_guard lock(trim_mu_);
+  heap_dirty_ = true;
+  dirtied_at_ = std::chrono::steady_clock::now();
 }
 
 void ServerImpl::TrimWhenIdle() {
 #if defined(__GLIBC__)
   constexpr double kTrimIdleS = 0.5;
   std::lock_guard lock(trim_mu_);
-  if (reaped_since_trim_ == 0 || ctx_.counters.connections.load() != 0) return;
-  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last_reap_).count() <
+  if (!heap_dirty_ || ctx_.counters.connections.load() != 0) return;
+  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - dirtied_at_).count() <
       kTrimIdleS) {
     return;
   }
-  reaped_since_trim_ = 0;
+  heap_dirty_ = false;
   ::malloc_trim(0);
 #endif
 }
