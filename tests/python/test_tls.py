@@ -174,3 +174,29 @@ def test_the_run_option_is_checked_in_one_place():
         options.check({"tls": 1})
     with pytest.raises(TensorSparkValueError, match="not a TLS certificate fingerprint"):
         options.check({"tls": "sha256:zz", "start_server": False})
+
+
+def test_tls_and_the_handshake_work_in_a_process_that_imported_tensorflow_first():
+    """TensorFlow loads its BoringSSL with RTLD_GLOBAL; _core keeps its own OpenSSL.
+
+    With OpenSSL linked dynamically, BoringSSL's same-named symbols took the
+    place of OpenSSL's, and making the identity failed with
+    ``OPENSSL_internal:UNSUPPORTED_ALGORITHM`` in any driver that imported
+    TensorFlow before tensorspark (the seed example does).
+    """
+    import subprocess
+    import sys
+
+    code = """
+import tensorflow
+import numpy as np
+import tensorspark as ts
+secret = ts.generate_secret()
+with ts.ParameterServer(secret, host="127.0.0.1", tls=True) as s:
+    with ts.PSClient("127.0.0.1", s.port, secret, tls_fingerprint=s.tls_fingerprint) as c:
+        c.register({"w": np.arange(1000, dtype=np.float32)})
+        assert c.pull(["w"])["w"][999] == 999
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -65,6 +65,8 @@ class ShardedClient {
 
   // As Client::Register; `created[i]` is true when the variable's first chunk
   // was created by this call. Each server registers its chunks atomically.
+  // Here and in Pull and Push, `created` and `version` (the sum of the
+  // servers' versions) may be null, as for Client.
   Status Register(std::span<const VariableSpec> vars, std::vector<bool>* created,
                   uint64_t* version);
 

@@ -210,7 +210,6 @@ Status ShardedClient::Register(std::span<const VariableSpec> vars, std::vector<b
     }
     TS_RETURN_IF_ERROR(m.Plan(i, vars[i].name, static_cast<uint64_t>(numel), &by_server));
   }
-  created->assign(vars.size(), false);
   std::vector<TensorView> tensors;
   tensors.reserve(vars.size());
   for (const VariableSpec& v : vars) tensors.push_back({v.name, v.shape, v.initial});
@@ -224,13 +223,16 @@ Status ShardedClient::Register(std::span<const VariableSpec> vars, std::vector<b
     return m.clients[srv]->Register(specs, &server_created[srv], &m.versions[srv]);
   });
   if (!s.ok()) return s;
-  for (size_t srv = 0; srv < by_server.size(); ++srv) {
-    for (size_t j = 0; j < by_server[srv].size(); ++j) {
-      const Piece& p = by_server[srv][j];
-      if (p.offset == 0 && server_created[srv][j]) (*created)[p.tensor] = true;
+  if (created != nullptr) {
+    created->assign(vars.size(), false);
+    for (size_t srv = 0; srv < by_server.size(); ++srv) {
+      for (size_t j = 0; j < by_server[srv].size(); ++j) {
+        const Piece& p = by_server[srv][j];
+        if (p.offset == 0 && server_created[srv][j]) (*created)[p.tensor] = true;
+      }
     }
   }
-  *version = m.VersionSum();
+  if (version != nullptr) *version = m.VersionSum();
   return Status::OK();
 }
 
@@ -249,7 +251,7 @@ Status ShardedClient::Pull(std::span<const MutableTensorView> out, uint64_t* ver
     return m.clients[srv]->Pull(views, &m.versions[srv]);
   });
   if (!s.ok()) return s;
-  *version = m.VersionSum();
+  if (version != nullptr) *version = m.VersionSum();
   return Status::OK();
 }
 
@@ -266,7 +268,7 @@ Status ShardedClient::Push(UpdateKind kind, std::span<const TensorView> tensors,
     return m.clients[srv]->Push(kind, views, options, &m.versions[srv]);
   });
   if (!s.ok()) return s;
-  *version = m.VersionSum();
+  if (version != nullptr) *version = m.VersionSum();
   return Status::OK();
 }
 

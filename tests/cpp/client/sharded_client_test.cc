@@ -92,6 +92,19 @@ TEST_F(ShardedClientTest, RegisterPullPushAcrossServers) {
   EXPECT_EQ(again, w_out);
 }
 
+TEST_F(ShardedClientTest, OutputsMayBeNullAsForClient) {
+  auto c = Connect(64);
+  std::vector<float> w(40, 1.0f), out(40, 0.0f);
+  const int64_t shape[] = {40};
+  VariableSpec spec{"W", shape, w};
+  ASSERT_TRUE(c->Register({&spec, 1}, nullptr, nullptr).ok());
+  TensorView tv{"W", shape, w};
+  ASSERT_TRUE(c->Push(UpdateKind::kDelta, {&tv, 1}, PushOptions{}, nullptr).ok());
+  MutableTensorView mv{"W", out};
+  ASSERT_TRUE(c->Pull({&mv, 1}, nullptr).ok());
+  EXPECT_EQ(out, std::vector<float>(40, 2.0f));
+}
+
 TEST_F(ShardedClientTest, ErrorsNameTheServer) {
   auto c = Connect(ShardedClient::kDefaultChunkBytes);
   std::vector<float> out(4);
