@@ -359,6 +359,10 @@ struct CaseState {
   std::unique_ptr<std::latch> connected, joined;
   std::latch go_join{1}, go_run{1};
   Clock::time_point t_start, t_end;  // set before go_run
+  // Set once the window's end was sampled: workers (and so their server
+  // connections) keep running until then, so no thread's CPU clock is gone
+  // from the end sample.
+  std::atomic<bool> stop{false};
 };
 
 tensorspark::ClientOptions BaseOptions(const CaseState& st, int32_t partition) {
@@ -404,11 +408,10 @@ void WorkerMain(int i, CaseState* st) {
     pull_views.push_back({m.var_names[v], {pull.data() + off, n}});
   }
   const tensorspark::PushOptions push_opt;
-  // ShardedClient's Push and Pull need a version output (unlike Client's).
   uint64_t version = 0;
   const auto step = FromSeconds(cfg.step_ms / 1000.0);
   auto in_window = [&](Clock::time_point t) { return t >= st->t_start && t < st->t_end; };
-  for (int64_t k = 1; Clock::now() < st->t_end && !st->err.failed(); ++k) {
+  for (int64_t k = 1; !st->stop.load(std::memory_order_acquire) && !st->err.failed(); ++k) {
     std::this_thread::sleep_for(step);
     if (k % cfg.sync_every == 0) {
       const Clock::time_point t0 = Clock::now();
@@ -592,6 +595,7 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
   const double wrk1 = worker_cpu();
   const std::vector<uint64_t> ver1 = server_versions();
   res.vmrss_bytes = ProcKb("/proc/self/status", "VmRSS");
+  st.stop.store(true, std::memory_order_release);
 
   for (auto& t : threads) t.join();
   if (st.err.failed()) Die(st.err.message());

@@ -109,6 +109,7 @@ void Membership::ExpireSilent() {
 void Membership::Drop(int32_t partition, Member* m, const std::string& why) {
   m->live = false;
   m->lost = true;
+  m->dump.reset();  // only live members' reports are served
   if (!stopping_) {
     ++workers_lost_;
     LogEvent("worker " + std::to_string(partition) + " (attempt " + std::to_string(m->attempt) +
@@ -310,6 +311,7 @@ Status Membership::Leave(Session* s) {
   if (Member* m = LiveMember(*s)) {
     m->live = false;
     m->lost = false;
+    m->dump.reset();  // up to 64 KiB per partition ever seen otherwise
     MaybeCloseRound();
     cv_.notify_all();
   }
@@ -443,7 +445,12 @@ void Membership::RecordStaleness(Member* m, uint64_t staleness) {
 
 void Membership::Fence(const Session& s) {
   CountRefused(RefuseReason::kFenced);
-  fenced_.emplace(s.joined ? s.run : run_, s.partition, s.attempt);
+  const std::pair<uint64_t, int32_t> fenced{s.joined ? s.run : run_, s.attempt};
+  auto [it, inserted] = last_fenced_.try_emplace(s.partition, fenced);
+  if (inserted || it->second != fenced) {
+    it->second = fenced;
+    ++workers_fenced_;
+  }
 }
 
 Status Membership::Push(Session* sp, uint8_t kind, const PushOptions& options,
@@ -617,7 +624,7 @@ void Membership::AppendStats(std::vector<StatEntry>* out) const {
   out->emplace_back("members", live);
   out->emplace_back("workers_lost", workers_lost_);
   out->emplace_back("workers_retried", workers_retried_);
-  out->emplace_back("workers_fenced", fenced_.size());
+  out->emplace_back("workers_fenced", workers_fenced_);
   out->emplace_back("mode", static_cast<uint64_t>(config_.mode));
   out->emplace_back("sync_round", round_);
   uint64_t cumulative = 0;

@@ -17,12 +17,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <span>
 #include <string>
 #include <string_view>
 #include <thread>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -208,8 +206,12 @@ class Membership {
   uint64_t run_ = 0;
   uint64_t workers_lost_ = 0;
   uint64_t workers_retried_ = 0;
-  // Attempts refused as fenced, each counted once: (run, partition, attempt).
-  std::set<std::tuple<uint64_t, int32_t, int32_t>> fenced_;
+  // workers_fenced: attempts refused as fenced, each (run, partition,
+  // attempt) counted once. Only the latest per partition is kept, so memory
+  // is bounded by the partitions, not by the attempts ever fenced (a stale
+  // attempt fenced again after another one of its partition counts twice).
+  std::map<int32_t, std::pair<uint64_t, int32_t>> last_fenced_;
+  uint64_t workers_fenced_ = 0;
 };
 
 }  // namespace tensorspark::server
