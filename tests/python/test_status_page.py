@@ -260,11 +260,13 @@ def _watch(catcher: _UrlCatcher, shot: str, seen: dict) -> None:
         seen["later"] = WebDriverWait(browser, 30, 0.2).until(
             lambda _: (s := steps()) and all(s.get(k, 0) > v for k, v in first.items()) and s
         )
+        # Read while the workers are still live: the run may end within the
+        # few seconds the chart gets below.
+        seen["text"] = browser.find_element("id", "workers").text
         # A few loss points on the chart for the screenshot (at most 3 s more).
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and min(_points(browser), default=0) < 4:
             time.sleep(0.2)
-        seen["text"] = browser.find_element("id", "workers").text
         browser.save_screenshot(shot)
     finally:
         browser.quit()
