@@ -138,7 +138,7 @@ $(ELEPHAS_VENV)/.deps-stamp: Makefile
 
 lint: venv
 	@scripts/setup-system.sh --with-lint
-	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.h' 'tests/*.cc' 'bench/*.cc' \
+	clang-format --dry-run -Werror $$(git ls-files 'cpp/*.h' 'cpp/*.cc' 'tests/*.h' 'tests/*.cc' 'bench/*.h' 'bench/*.cc' \
 	    'fuzz/*.h' 'fuzz/*.cc')
 	$(VENV)/bin/ruff check python tests examples
 	$(VENV)/bin/ruff format --check python tests

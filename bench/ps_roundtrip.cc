@@ -51,6 +51,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_output.h"
 #include "tensorspark/client.h"
 #include "tensorspark/server.h"
 #include "tensorspark/status.h"
@@ -58,6 +59,12 @@
 #include "tensorspark/types.h"
 
 namespace {
+
+using tensorspark::bench::CompilerName;
+using tensorspark::bench::JsonEscape;
+using tensorspark::bench::Num;
+using tensorspark::bench::RandomSecret;
+using tensorspark::bench::UtcTimestamp;
 
 using Clock = std::chrono::steady_clock;
 using tensorspark::Status;
@@ -571,55 +578,6 @@ double AesGcmGbps(int bits, double seconds) {
 }
 
 // ---- output -----------------------------------------------------------------
-
-std::string RandomSecret() {
-  std::random_device rd;
-  std::string s(32, '\0');
-  for (char& ch : s) ch = static_cast<char>(rd() & 0xff);
-  return s;
-}
-
-std::string CompilerName() {
-#if defined(__clang__)
-  return std::string("clang++ ") + __clang_version__;
-#elif defined(__GNUC__)
-  return std::string("g++ ") + __VERSION__;
-#else
-  return "unknown";
-#endif
-}
-
-std::string UtcTimestamp() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string Num(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
-}
 
 std::string NumList(const std::vector<double>& v) {
   std::string s = "[";

@@ -66,6 +66,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_output.h"
 #include "net/socket.h"
 #include "protocol/auth.h"
 #include "protocol/crc32c.h"
@@ -76,6 +77,10 @@
 #include "tensorspark/types.h"
 
 namespace {
+
+using tensorspark::bench::JsonEscape;
+using tensorspark::bench::Num;
+using tensorspark::bench::UtcTimestamp;
 
 using Clock = std::chrono::steady_clock;
 using tensorspark::Status;
@@ -957,29 +962,6 @@ std::vector<tensorspark::StatEntry> Drain(tensorspark::Client* d, bool* drained,
 
 // ---- output -------------------------------------------------------------------
 
-std::string JsonEscape(std::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string Num(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
-}
-
 std::string CountMap(const std::array<std::atomic<uint64_t>, kNumOps>& a, bool skip_zero) {
   std::string j = "{";
   bool first = true;
@@ -990,15 +972,6 @@ std::string CountMap(const std::array<std::atomic<uint64_t>, kNumOps>& a, bool s
     first = false;
   }
   return j + "}";
-}
-
-std::string UtcTimestamp() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
 }
 
 void WriteJson(const Config& cfg, double elapsed, bool drained, double drain_s,

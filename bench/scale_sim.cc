@@ -57,6 +57,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_output.h"
 #include "tensorspark/client.h"
 #include "tensorspark/server.h"
 #include "tensorspark/sharded_client.h"
@@ -64,6 +65,12 @@
 #include "tensorspark/types.h"
 
 namespace {
+
+using tensorspark::bench::CompilerName;
+using tensorspark::bench::JsonEscape;
+using tensorspark::bench::Num;
+using tensorspark::bench::RandomSecret;
+using tensorspark::bench::UtcTimestamp;
 
 using Clock = std::chrono::steady_clock;
 using tensorspark::Status;
@@ -292,13 +299,6 @@ double Percentile(const std::vector<float>& sorted, double p) {
   if (sorted.empty()) return 0.0;
   size_t idx = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
   return sorted[std::min(idx, sorted.size() - 1)];
-}
-
-std::string RandomSecret() {
-  std::random_device rd;
-  std::string s(32, '\0');
-  for (char& ch : s) ch = static_cast<char>(rd() & 0xff);
-  return s;
 }
 
 // ---- one case ---------------------------------------------------------------
@@ -646,49 +646,6 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
 }
 
 // ---- output -----------------------------------------------------------------
-
-std::string CompilerName() {
-#if defined(__clang__)
-  return std::string("clang++ ") + __clang_version__;
-#elif defined(__GNUC__)
-  return std::string("g++ ") + __VERSION__;
-#else
-  return "unknown";
-#endif
-}
-
-std::string UtcTimestamp() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string Num(double v) {
-  if (!std::isfinite(v)) return "null";
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
-}
 
 template <typename T>
 std::string List(const std::vector<T>& v, bool quoted) {

@@ -266,7 +266,7 @@ def _per_member(key: str) -> bool:
 
 
 def _tls_pins(who: str, tls_fingerprint: str | Iterable[str] | None) -> list[str]:
-    """The fingerprints a client pins (canonical form); [] for a plain connection."""
+    """The fingerprints a client pins; [] for a plain connection (the core checks each)."""
     if tls_fingerprint is None:
         return []
     pins = [tls_fingerprint] if isinstance(tls_fingerprint, str) else list(tls_fingerprint)
@@ -276,7 +276,7 @@ def _tls_pins(who: str, tls_fingerprint: str | Iterable[str] | None) -> list[str
             f"(as ParameterServer.tls_fingerprint or tensorspark-ps --tls prints it), got "
             f"{tls_fingerprint!r}"
         )
-    return [_core.normalize_tls_fingerprint(p) for p in pins]
+    return pins
 
 
 def make_tls_identity() -> tuple[str, str, str]:

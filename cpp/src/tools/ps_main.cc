@@ -113,6 +113,14 @@ bool ParseSeconds(const std::string& s, double* out) {
   return true;
 }
 
+// The whole file at `path`, as bytes; false (errno set) when it cannot be read.
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  out->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -227,12 +235,10 @@ int main(int argc, char** argv) {
     return BadArgs("--snapshot-every-s and --snapshot-every-versions need --snapshot-dir");
   }
 
-  std::ifstream in(secret_file, std::ios::binary);
-  if (!in) {
+  if (!ReadFile(secret_file, &opt.secret)) {
     return BadArgs("cannot read the secret file '" + secret_file + "': " + std::strerror(errno),
                    false);
   }
-  opt.secret.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   if (!opt.secret.empty() && opt.secret.back() == '\n') opt.secret.pop_back();
   if (!opt.secret.empty() && opt.secret.back() == '\r') opt.secret.pop_back();
   if (opt.secret.size() < 16) {
@@ -245,9 +251,9 @@ int main(int argc, char** argv) {
   if (!tls_cert_file.empty()) {
     for (auto [path, out] : {std::pair{&tls_cert_file, &opt.tls_cert_pem},
                              std::pair{&tls_key_file, &opt.tls_key_pem}}) {
-      std::ifstream f(*path, std::ios::binary);
-      if (!f) return BadArgs("cannot read '" + *path + "': " + std::strerror(errno), false);
-      out->assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+      if (!ReadFile(*path, out)) {
+        return BadArgs("cannot read '" + *path + "': " + std::strerror(errno), false);
+      }
     }
     if (auto st = tensorspark::TlsFingerprint(opt.tls_cert_pem, &fingerprint); !st.ok()) {
       return BadArgs("--tls-cert '" + tls_cert_file + "': " + st.message(), false);

@@ -23,6 +23,13 @@ TlsIdentity NewIdentity() {
   return id;
 }
 
+// Options of a client of `server` that pins `pins`.
+ClientOptions Pinned(const Server& server, std::vector<std::string> pins) {
+  ClientOptions co = TestClientOptions(server.port());
+  co.tls_fingerprints = std::move(pins);
+  return co;
+}
+
 std::unique_ptr<Server> StartTlsServer(const TlsIdentity& id) {
   ServerOptions o = TestServerOptions();
   o.tls_cert_pem = id.cert_pem;
@@ -78,10 +85,8 @@ TEST(TlsServerTest, PinnedClientPushesAndPullsLargeTensors) {
   TlsIdentity id = NewIdentity();
   auto server = StartTlsServer(id);
   ASSERT_NE(server, nullptr);
-  ClientOptions co = TestClientOptions(server->port());
-  co.tls_fingerprints = {id.fingerprint};
   std::unique_ptr<Client> c;
-  Status s = Client::Connect(co, &c);
+  Status s = Client::Connect(Pinned(*server, {id.fingerprint}), &c);
   ASSERT_TRUE(s.ok()) << s.ToString();
   // Many TLS records each way, and a frame split across them.
   const size_t n = 1'000'003;
@@ -108,8 +113,7 @@ TEST(TlsServerTest, WrongPinIsAuthFailedNamingBothFingerprints) {
   TlsIdentity id = NewIdentity(), other = NewIdentity();
   auto server = StartTlsServer(id);
   ASSERT_NE(server, nullptr);
-  ClientOptions co = TestClientOptions(server->port());
-  co.tls_fingerprints = {other.fingerprint};
+  ClientOptions co = Pinned(*server, {other.fingerprint});
   std::unique_ptr<Client> c;
   Status s = Client::Connect(co, &c);
   EXPECT_EQ(s.code(), StatusCode::kAuthFailed) << s.ToString();
@@ -134,10 +138,8 @@ TEST(TlsServerTest, PlainClientIsToldTheServerWantsTls) {
 TEST(TlsServerTest, TlsClientOfAPlainServerIsAConnectionError) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
-  ClientOptions co = TestClientOptions(server->port());
-  co.tls_fingerprints = {NewIdentity().fingerprint};
   std::unique_ptr<Client> c;
-  Status s = Client::Connect(co, &c);
+  Status s = Client::Connect(Pinned(*server, {NewIdentity().fingerprint}), &c);
   EXPECT_EQ(s.code(), StatusCode::kConnectionError) << s.ToString();
   EXPECT_NE(s.message().find("started with TLS"), std::string::npos) << s.message();
 }
