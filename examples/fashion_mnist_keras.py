@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sync-interval", type=int, default=10)
     p.add_argument("--consistency", default="async", choices=["async", "sync", "ssp"])
     p.add_argument("--update", default="delta", choices=["delta", "gradient"])
+    p.add_argument(
+        "--ps-shards", type=int, default=0, help="parameter-server shards in Spark tasks"
+    )
+    p.add_argument("--checkpoint-dir", help="snapshots (with --ps-shards: a lost shard's)")
+    p.add_argument("--checkpoint-every-s", type=float, default=30.0)
     p.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 below this")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the results here")
@@ -109,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         progress=not args.no_progress,
         name="fashion-mnist-cnn",
+        ps_shards=args.ps_shards,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every_s=args.checkpoint_every_s,
     )
     seconds = time.monotonic() - started
     x_test, y_test = load_fashion_mnist("test")

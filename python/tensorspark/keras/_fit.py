@@ -475,6 +475,7 @@ def fit(
     server_host: str | None = None,
     server_port: int = 0,
     servers: list[str] | None = None,
+    ps_shards: int = 0,
     secret: bytes | None = None,
     tls: bool | str | list[str] = False,
     seed: int = 0,
@@ -637,6 +638,20 @@ def fit(
         ``resume_from="servers"`` returns every server to the newest set
         they all hold (``checkpoint_dir`` is refused: it configures the
         server tensorspark starts).
+    ps_shards : int
+        Run the parameter server as this many shards inside Spark tasks of
+        their own job, spread over the executors, instead of in the driver
+        (docs/deploy.md, "Shards in Spark tasks"). The model is cut over
+        them as with ``servers``, so server memory and work leave the
+        driver. Each shard holds one task slot (``spark.task.cpus`` cores,
+        which become its update threads) for the whole run: the cluster
+        needs ``ps_shards + 1`` slots, checked at the start. When a shard's
+        executor dies Spark runs its task again; with ``checkpoint_dir`` (a
+        path every executor reaches) the shard comes back from its newest
+        snapshot in ``checkpoint_dir/run-<id>/shard-<i>`` and the tasks find
+        it and go on, losing that shard's updates since the snapshot (every
+        ``checkpoint_every_s``). Without ``checkpoint_dir`` a lost shard
+        fails the run. 0 (default): one server in the driver.
     secret : bytes, optional
         The run's secret; required with ``servers``, generated otherwise.
     tls : bool, str or list of str

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import numpy as np
 from .. import tracking
 from ..errors import TensorSparkError, TensorSparkValueError
 from ..ps import ParameterServer, PSClient, ShardedPSClient, generate_secret, parse_address
-from . import hadoop, progress, spark, status_page, watchdog
+from . import hadoop, progress, shards, spark, status_page, watchdog
 
 log = logging.getLogger("tensorspark")
 
@@ -55,7 +56,8 @@ class DriverRun:
         ``checkpoint_every_versions``, ``checkpoint_keep``, ``resume_from``,
         ``connect_timeout``, ``io_timeout``, ``heartbeat_timeout``,
         ``wait_timeout``, ``threads``, ``progress``, ``log_dir``,
-        ``ui_port``, ``mlflow`` (a :class:`tracking.MlflowCallback` or None).
+        ``ui_port``, ``mlflow`` (a :class:`tracking.MlflowCallback` or None),
+        ``ps_shards`` (servers in Spark tasks: :mod:`runtime.shards`).
     api : {"keras", "tf1"}
         Which API runs it (MLflow parameter names and tags).
 
@@ -86,13 +88,21 @@ class DriverRun:
         if host is None:
             host = cluster.task_host()
         self.host, self.port = host, int(o.get("server_port") or 0)
+        self._driver_host = host  # where tasks reach this process
         self.servers = tuple(parse_address(a) for a in o.get("servers") or ())
         self.server: ParameterServer | None = None
+        self.shards: shards.ShardHost | None = None
         self._shard_snapshots = True
+        self._configured: tuple[str, int] | None = None
+        self._baseline = False
+        self._shard_vars: dict[int, int] = {}  # variables + tables per shard, at the baseline
         tls = o.get("tls", False)
         # Fingerprints every client pins (TLS), or () for plain frames.
         self.tls_pins: tuple[str, ...] = tls if isinstance(tls, tuple) else ()
-        if self.servers:
+        if o.get("ps_shards"):
+            self.secret = o.get("secret") or generate_secret()
+            self._start_shards(int(o["ps_shards"]))
+        elif self.servers:
             self.host, self.port = self.servers[0]
             self.secret = o["secret"]
         elif o.get("start_server", True):
@@ -108,8 +118,9 @@ class DriverRun:
                     "the file given to tensorspark-ps --secret-file>"
                 )
             self.secret = o["secret"]
-        self.client = self.connect()
-        self._cleanup.callback(self.client.close)
+        self._client = self.connect()
+        self._client_generation = self.shards.generation if self.shards else 0
+        self._cleanup.callback(lambda: self._client.close())
         where = ", ".join(f"{h}:{p}" for h, p in self.servers) or f"{self.host}:{self.port}"
         log.info("tensorspark: parameter server at %s", where)
         self.tb = progress.TensorBoardLog(o["log_dir"]) if o.get("log_dir") else None
@@ -143,7 +154,77 @@ class DriverRun:
 
     def _bind_host(self) -> str:
         """Where the driver listens: loopback only when tasks reach it on loopback."""
-        return "127.0.0.1" if spark.is_loopback(self.host) else "0.0.0.0"
+        return "127.0.0.1" if spark.is_loopback(self._driver_host) else "0.0.0.0"
+
+    def _start_shards(self, count: int) -> None:
+        """Start ``count`` shards in a Spark job of their own; wait until all serve."""
+        o = self.opts
+        shards.check_slots(self.cluster, count, o.get("connect_timeout", 30.0))
+        ckpt = o.get("checkpoint_dir")
+        root = os.path.join(ckpt, f"run-{self.run_id[:12]}") if ckpt else ""
+
+        def config(directory: tuple[str, int]) -> shards.ShardConfig:
+            return shards.ShardConfig(
+                directory=directory,
+                secret=self.secret,
+                count=count,
+                snapshot_root=root,
+                snapshot_every_s=float(o.get("checkpoint_every_s", 30.0)),
+                snapshot_every_versions=int(o.get("checkpoint_every_versions", 0)),
+                snapshot_keep=int(o.get("checkpoint_keep", 3)),
+                tls=o.get("tls", False) is True,
+                threads=self.threads,
+                connect_timeout=float(o.get("connect_timeout", 30.0)),
+                io_timeout=float(o.get("io_timeout", 300.0)),
+            )
+
+        host = shards.ShardHost(
+            self.cluster,
+            config,
+            bind=self._bind_host(),
+            advertise=self._driver_host,
+            name=self.name,
+            group=f"tensorspark-{self.run_id}-shards",
+            heartbeat_timeout=float(o.get("heartbeat_timeout", 30.0)),
+            resume_from=o.get("resume_from") or "",
+        )
+        self._cleanup.callback(host.close)
+        host.on_ready = self._shard_ready
+        self.shards = host
+        host.start()
+        _, addresses = host.addresses(float(o.get("wait_timeout", 240.0)))
+        self.servers = tuple((a.host, a.port) for a in addresses)
+        self.tls_pins = tuple(a.fingerprint for a in addresses if a.fingerprint)
+        self.host, self.port = self.servers[0]
+        if root:
+            log.info("tensorspark: the shards snapshot into %s/shard-<i>", root)
+
+    def _shard_ready(self, index: int, address: shards.Address, first: bool) -> None:
+        """A shard Spark ran again serves: give it the run's mode before workers find it."""
+        if first or self._configured is None:
+            return
+        client = PSClient(
+            address.host,
+            address.port,
+            self.secret,
+            connect_timeout=self.opts.get("connect_timeout", 30.0),
+            tls_fingerprint=address.fingerprint or None,
+        )
+        try:
+            if self._baseline and not client.list_variables() and self._shard_vars.get(index):
+                self.shards.fail(
+                    f"parameter-server shard {index} came back without its part of the model: "
+                    + (
+                        "it was lost before its first snapshot"
+                        if self.opts.get("checkpoint_dir")
+                        else "the run has no checkpoint_dir to restore it from (pass "
+                        "checkpoint_dir on storage every executor reaches)"
+                    )
+                )
+                return
+            self._configure(client, *self._configured)
+        finally:
+            client.close()
 
     def _start_page(self, port: int) -> status_page.StatusPage:
         """The status page, bound where the in-driver server binds; closed before it."""
@@ -222,9 +303,28 @@ class DriverRun:
             "io_timeout": self.opts.get("io_timeout", 300.0),
             "tls_fingerprint": list(self.tls_pins) or None,
         }
+        if self.shards is not None:  # where the shards serve now
+            _, addresses = self.shards.addresses(self.opts.get("wait_timeout", 240.0))
+            servers = [(a.host, a.port) for a in addresses]
+            pins = [a.fingerprint for a in addresses if a.fingerprint]
+            return ShardedPSClient(
+                servers, self.secret, **{**timeouts, "tls_fingerprint": pins or None}
+            )
         if self.servers:
             return ShardedPSClient(self.servers, self.secret, **timeouts)
         return PSClient(self.host, self.port, self.secret, **timeouts)
+
+    @property
+    def client(self) -> PSClient | ShardedPSClient:
+        """The driver's own connection; with shards, renewed after one moved."""
+        if self.shards is not None and self.shards.generation != self._client_generation:
+            generation = self.shards.generation
+            fresh = self.connect()
+            old, self._client, self._client_generation = self._client, fresh, generation
+            fresh._shapes.update(old._shapes)  # what pull() knows from the registrations
+            fresh._table_dims.update(old._table_dims)
+            old.close()
+        return self._client
 
     def task_fields(self) -> dict[str, Any]:
         """The :class:`runtime.task.TaskConfig` fields the run decides."""
@@ -235,6 +335,8 @@ class DriverRun:
             "servers": self.servers,
             "secret": self.secret,
             "tls_fingerprints": self.tls_pins,
+            "directory": self.shards.address if self.shards is not None else None,
+            "shard_wait": float(o.get("wait_timeout", 240.0)),
             "run_id": self.run_id,
             "threads": self.threads,
             "connect_timeout": o.get("connect_timeout", 30.0),
@@ -247,7 +349,11 @@ class DriverRun:
         """Set the consistency mode on every server before the tasks join."""
         if self.page is not None:
             self.page.run["staleness"] = staleness
-        self.client.configure(
+        self._configured = (consistency, staleness)
+        self._configure(self.client, consistency, staleness)
+
+    def _configure(self, client: Any, consistency: str, staleness: int) -> None:
+        client.configure(
             consistency,
             staleness,
             heartbeat_timeout=self.opts.get("heartbeat_timeout", 30.0),
@@ -284,7 +390,7 @@ class DriverRun:
         """
         if self.opts.get("checkpoint_dir"):
             self.client.push({EPOCHS_DONE: np.array([epoch + 1], np.float32)}, kind="parameters")
-        if self.servers and self._shard_snapshots:
+        if self.servers and self._shard_snapshots and (self.shards is None or self._ckpt_shards):
             try:
                 self.client.snapshot(self._tag(epoch + 1))
             except TensorSparkValueError as e:
@@ -323,6 +429,24 @@ class DriverRun:
             tag & 0xFFFFFFFF,
         )
         return tag & 0xFFFFFFFF
+
+    @property
+    def _ckpt_shards(self) -> bool:
+        return bool(self.opts.get("checkpoint_dir"))
+
+    def _shard_baseline(self, epoch: int) -> None:
+        """Before the first training job: a snapshot of every shard, and what each holds.
+
+        A shard lost before its own timer's first snapshot comes back from
+        this one rather than empty.
+        """
+        self._baseline = True
+        self._shard_vars = {
+            i: int(st.get("variables", 0)) + int(st.get("tables", 0))
+            for i, st in enumerate(self.client.stats_per_server())
+        }
+        if self._ckpt_shards:
+            self.client.snapshot(self._tag(epoch) or 1)
 
     def pull(self, names: list[str]) -> dict[str, np.ndarray]:
         return self.client.pull(names)
@@ -366,6 +490,8 @@ class DriverRun:
         if progress_label and members:
             self.bar.total = total_rows
             self.bar.start_epoch(progress_label)
+        if members and self.shards is not None and not self._baseline:
+            self._shard_baseline(epoch)
         started = time.monotonic()
         try:
             if self.page is not None:

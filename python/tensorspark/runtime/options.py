@@ -84,6 +84,8 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
         out["mlflow"] = tracking.check_option(out["mlflow"])
     if "tls" in out:
         out["tls"] = _tls(out["tls"], bool(out.get("servers")) or out.get("start_server") is False)
+    if out.get("ps_shards") is not None:
+        _shards(out)
     if out.get("servers"):
         if not out.get("secret"):
             raise TensorSparkValueError(
@@ -102,6 +104,40 @@ def check(opts: dict[str, Any]) -> dict[str, Any]:
                 f"snapshot they all hold; got resume_from={out['resume_from']!r}"
             )
     return out
+
+
+def _shards(out: dict[str, Any]) -> None:
+    """``ps_shards`` checked against the options it cannot go with."""
+    n = out["ps_shards"]
+    if not _is_int(n) or n < 0:
+        raise TensorSparkValueError(
+            f"ps_shards must be an int >= 0 (0: the server runs in the driver), got {n!r}"
+        )
+    if not n:
+        return
+    if out.get("servers") or out.get("start_server") is False:
+        raise TensorSparkValueError(
+            "ps_shards starts the parameter servers in Spark tasks; it cannot go with "
+            "servers=[...] or start_server=False (servers you started yourself)"
+        )
+    if out.get("server_port"):
+        raise TensorSparkValueError(
+            "server_port sets the port of the server in the driver; with ps_shards each shard "
+            "listens on a free port of its executor (leave server_port at 0)"
+        )
+    for key in ("checkpoint_dir", "resume_from"):
+        path = out.get(key)
+        if path is not None and "://" in str(path):
+            raise TensorSparkValueError(
+                f"with ps_shards the shards write and read snapshots themselves, in their Spark "
+                f"tasks, so {key} must be a path every executor reaches (a shared mount), not "
+                f"the URI {path!r}"
+            )
+    if out.get("resume_from") == "servers":
+        raise TensorSparkValueError(
+            "resume_from='servers' is for servers=[...]; with ps_shards, resume_from names the "
+            "run directory an earlier sharded run wrote (checkpoint_dir/run-<id>)"
+        )
 
 
 def _tls(tls: Any, external: bool) -> bool | tuple[str, ...]:

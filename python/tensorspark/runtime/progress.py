@@ -17,6 +17,7 @@ import time
 from typing import Any, TextIO
 
 from ..errors import TensorSparkError, TensorSparkValueError
+from . import watchdog
 
 log = logging.getLogger("tensorspark")
 
@@ -113,7 +114,8 @@ class ProgressBar:
                 try:
                     workers = worker_progress(client.stats())
                 except TensorSparkError:
-                    return
+                    client = watchdog.reconnect(client, self._connect)  # a shard may have moved
+                    continue
                 self._done.update(workers)  # keeps the last report of finished tasks
                 samples = int(sum(w.get("samples", 0) for w in self._done.values()))
                 steps = int(sum(w.get("steps", 0) for w in self._done.values()))

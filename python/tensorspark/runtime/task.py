@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import _core
-from ..errors import TensorSparkValueError
-from . import feed, gpu, spark, sparse, watchdog
+from ..errors import PSConnectionError, TensorSparkValueError
+from . import feed, gpu, shards, spark, sparse, watchdog
 from .updates import Rule
 
 
@@ -55,6 +56,8 @@ class TaskConfig:
     tables: tuple[Any, ...] = ()  # runtime.sparse.TableFeed: tables whose rows travel per batch
     prefetch: bool = True  # pull the next batch's rows during this batch (runtime.sparse)
     tls_fingerprints: tuple[str, ...] = ()  # pinned server certificates (TLS), or ()
+    directory: tuple[str, int] | None = None  # the driver's shard directory (ps_shards), or None
+    shard_wait: float = 240.0  # seconds to wait for a lost shard to serve again
 
     def where(self, partition: int) -> str:
         return f"partition {partition} (epoch {self.epoch + 1})"
@@ -113,9 +116,111 @@ def connect(cfg: TaskConfig, partition: int, attempt: int, *, member: bool = Tru
         "heartbeat_interval_s": cfg.heartbeat_interval if cfg.join and member else 0.0,
         "tls_fingerprints": list(cfg.tls_fingerprints),
     }
+    if cfg.directory is not None:
+        return ShardClient(cfg, common)
     if cfg.servers:
         return _core.ShardedClient(list(cfg.servers), cfg.secret, **common)
     return _core.Client(cfg.host, cfg.port, cfg.secret, **common)
+
+
+class PushDropped(Exception):  # noqa: N818 - control flow, not an error
+    """A push lost with a shard that moved: the task pulls and trains on."""
+
+
+class ShardClient:
+    """A task's connection to shards hosted by Spark (``ps_shards``).
+
+    The shards' addresses come from the driver's directory
+    (:func:`runtime.shards.lookup`). When a shard goes away (its executor
+    died), the next pull or push finds where Spark runs it now, connects
+    again (joining again if the task had joined) and goes on: a pull is
+    repeated; a push, which may have reached the other shards, is dropped
+    (:class:`PushDropped`), so no update is applied twice. Other calls pass
+    through. Not thread-safe, as the core client.
+    """
+
+    def __init__(self, cfg: TaskConfig, common: dict[str, Any]) -> None:
+        self._cfg, self._common = cfg, common
+        self._joined, self._dump = False, ""
+        self.reconnects = 0
+        self._client = self._open()
+
+    def _open(self) -> Any:
+        cfg = self._cfg
+        _, addresses = shards.lookup(
+            cfg.directory, cfg.secret, cfg.shard_wait, connect_timeout=cfg.connect_timeout
+        )
+        pins = [a.fingerprint for a in addresses if a.fingerprint]
+        return _core.ShardedClient(
+            [(a.host, a.port) for a in addresses],
+            cfg.secret,
+            **{**self._common, "tls_fingerprints": pins},
+        )
+
+    def _reconnect(self, error: PSConnectionError) -> None:
+        deadline = time.monotonic() + self._cfg.shard_wait
+        with contextlib.suppress(Exception):
+            self._client.close()
+        print(
+            f"tensorspark: a parameter-server shard went away ({error}); finding it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        while True:
+            try:
+                client = self._open()  # waits until every shard serves
+                if self._dump:
+                    client.set_dump_file(self._dump)
+                if self._joined:
+                    client.join()
+                self._client = client
+                self.reconnects += 1
+                return
+            except PSConnectionError as e:  # a shard that moved again, or not yet listening
+                if time.monotonic() >= deadline:
+                    raise PSConnectionError(
+                        f"the parameter-server shards did not serve again within "
+                        f"{self._cfg.shard_wait:g} s (wait_timeout): {e}"
+                    ) from error
+                time.sleep(0.5)
+
+    def join(self) -> Any:
+        try:
+            clock = self._client.join()
+        except PSConnectionError as e:
+            self._reconnect(e)
+            clock = self._client.join()
+        self._joined = True
+        return clock
+
+    def leave(self) -> None:
+        self._joined = False
+        self._client.leave()
+
+    def set_dump_file(self, path: str) -> None:
+        self._dump = path
+        self._client.set_dump_file(path)
+
+    def pull_into(self, names: Any, out: Any) -> int:
+        try:
+            return self._client.pull_into(names, out)
+        except PSConnectionError as e:
+            self._reconnect(e)
+            return self._client.pull_into(names, out)
+
+    def push(self, *args: Any, **kwargs: Any) -> int:
+        try:
+            return self._client.push(*args, **kwargs)
+        except PSConnectionError as e:
+            self._reconnect(e)
+            raise PushDropped from e
+
+    def report_progress(self, *args: Any) -> None:
+        with contextlib.suppress(PSConnectionError):  # the next pull or push reconnects
+            self._client.report_progress(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
 def rss_bytes() -> int:
@@ -133,7 +238,7 @@ class Sync:
         self.client, self.replica, self.cfg = client, replica, cfg
         self.names = list(cfg.names)
         self.pulled: list[np.ndarray] | None = None
-        self.version = self.pushes = 0
+        self.version = self.pushes = self.dropped = 0
         self.staleness: list[int] = []
 
     def pull(self) -> None:
@@ -164,9 +269,14 @@ class Sync:
                     "check the data"
                 )
         pulled_at = self.version
-        self.version = self.client.push(
-            push.kind, self.names, push.arrays, mean_window=push.mean_window
-        )
+        try:
+            self.version = self.client.push(
+                push.kind, self.names, push.arrays, mean_window=push.mean_window
+            )
+        except PushDropped:
+            self.dropped += 1
+            self.pull()  # the moved shard's model, as it came back
+            return totals
         self.staleness.append(max(0, self.version - pulled_at - 1))
         self.pushes += 1
         if push.keep is None:
@@ -270,6 +380,8 @@ def train(
             "replica_tasks": getattr(replica, "tasks_served", 1),  # 2+: built by an earlier task
             "rows_pulled": rows.rows_pulled if rows is not None else 0,
             "rows_pushed": rows.rows_pushed if rows is not None else 0,
+            "shard_reconnects": getattr(client, "reconnects", 0),
+            "pushes_dropped": sync.dropped,
             "gpu": getattr(replica, "gpu", None),  # runtime.gpu.claim()
             **replica.extra_result(),
         }

@@ -93,6 +93,17 @@ def membership(
         client.close()
 
 
+def reconnect(client: Any, connect: Any) -> Any:
+    """A new connection from ``connect()`` in place of ``client``; ``client`` if none."""
+    try:
+        fresh = connect()
+    except TensorSparkError:
+        return client
+    with contextlib.suppress(TensorSparkError):
+        client.close()
+    return fresh
+
+
 class HangWatchdog:
     """Fail a Spark job in which no worker makes progress (driver side).
 
@@ -152,6 +163,7 @@ class HangWatchdog:
                 try:
                     reports = client.reports()
                 except TensorSparkError:
+                    client = reconnect(client, self._connect)  # a shard may have moved
                     continue
                 if reports and all(r["progress_age_s"] >= self.timeout for r in reports):
                     self._fire(reports)

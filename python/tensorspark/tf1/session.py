@@ -100,6 +100,12 @@ class SparkSession:
         them (docs/protocol.md, "Sharding"). Tasks join every server, so
         fencing, the consistency modes and the hang watchdog work as with
         one. Implies ``start_server=False``; needs ``secret``.
+    ps_shards : int
+        Run the parameter server as this many shards in Spark tasks of
+        their own, as :func:`tensorspark.keras.fit`'s ``ps_shards`` (a task
+        slot each for the whole run; a lost shard comes back from its
+        newest snapshot under ``checkpoint_dir``). 0 (default): the server
+        runs in the driver.
     checkpoint_dir, checkpoint_every_s, checkpoint_every_versions, checkpoint_keep, resume_from
         Snapshots of the in-driver server and resuming from them, with the
         names, defaults and meaning of :func:`tensorspark.keras.fit`'s
@@ -167,6 +173,7 @@ class SparkSession:
         tls: bool | str | list[str] = False,
         start_server: bool = True,
         servers: list[str] | None = None,
+        ps_shards: int = 0,
         checkpoint_dir: str | None = None,
         checkpoint_every_s: float = 30.0,
         checkpoint_every_versions: int = 0,
