@@ -116,6 +116,9 @@ def train(
     report=None,
     shuffle="full",
     tls=False,
+    ps_shards=0,
+    checkpoint_dir=None,
+    checkpoint_every_s=30.0,
 ):
     is_new_sc = False
     if sc is None:
@@ -154,10 +157,14 @@ def train(
         sync_interval=sync_interval,
         batch_size=batch_size,
         tls=tls,
+        ps_shards=ps_shards,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_s=checkpoint_every_s,
     )
     image_label_rdd.count()  # cache the data before any fault is injected
     faults = _start_faults(sc, spark_sess, kill_worker, zombie_partition, zombie_after)
     start_time = time.time()
+    reconnects = dropped = 0
     for i in range(num_epoch):
         summary = spark_sess.run(
             train_step,
@@ -177,6 +184,8 @@ def train(
             "epoch %d: %d steps, %d samples, model version %d, %.1f s"
             % (i + 1, summary.steps, summary.samples, summary.version, summary.seconds)
         )
+        reconnects += sum(p.get("shard_reconnects", 0) for p in summary.partitions)
+        dropped += sum(p.get("pushes_dropped", 0) for p in summary.partitions)
     end_time = time.time()
     print("training time: %.1f s" % (end_time - start_time))
 
@@ -193,6 +202,8 @@ def train(
             training_seconds=end_time - start_time,
             stats={k: v for k, v in spark_sess.stats().items() if not k.startswith("worker_")},
             tls_fingerprint=spark_sess.server.tls_fingerprint if spark_sess.server else None,
+            shard_reconnects=reconnects,
+            pushes_dropped=dropped,
         )
     spark_sess.close()
     if is_new_sc:
@@ -275,6 +286,11 @@ def main(argv=None):
     )
     parser.add_argument("--json", help="write accuracy, faults and server counters here")
     parser.add_argument(
+        "--ps-shards", type=int, default=0, help="parameter-server shards in Spark tasks"
+    )
+    parser.add_argument("--checkpoint-dir", help="snapshots (with --ps-shards: a lost shard's)")
+    parser.add_argument("--checkpoint-every-s", type=float, default=30.0)
+    parser.add_argument(
         "--shuffle",
         choices=["full", "buffer"],
         default="full",
@@ -325,6 +341,9 @@ def main(argv=None):
             zombie_after=args.zombie_after,
             report=report,
             tls=args.tls,
+            ps_shards=args.ps_shards,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every_s=args.checkpoint_every_s,
         )
     finally:
         sc.stop()

@@ -253,3 +253,91 @@ def test_executor_loss_during_training(cluster: StandaloneCluster) -> None:
         acc,
         cluster,
     )
+
+
+_SHARD_SERVING = re.compile(
+    r"tensorspark: parameter-server shard (\d+) serving at (\S+):(\d+) \(task attempt (\d+)\)"
+    r"(, restored from \S+)?"
+)
+
+
+def _sharded_run(cluster: StandaloneCluster, name: str) -> tuple[Submission, Path]:
+    """The TF1 seed program against one shard in a Spark task, snapshotting every second.
+
+    The cluster's two slots hold the shard and one training task, so the
+    two partitions train one after the other; 5 epochs and a push every 20
+    steps give the kill a few seconds of training to land in.
+    """
+    result = _result_file(cluster, f"{name}.json")
+    ckpt = cluster.base_dir / "results" / f"{name}-ckpt"
+    sub = cluster.submit(
+        SEED,
+        ["--master", cluster.master_url, "--partitions", "2", "--epochs", "5"]
+        + ["--sync-interval", "20", "--ps-shards", "1", "--checkpoint-dir", str(ckpt)]
+        + ["--checkpoint-every-s", "1", "--min-accuracy", "0.78", "--json", str(result)],
+        timeout=SUBMIT_TIMEOUT,
+        conf={"spark.task.maxFailures": "8", "spark.locality.wait": "0s"},
+        log_name=name,
+    )
+    return sub, result
+
+
+def test_shard_executor_loss_during_training(cluster: StandaloneCluster) -> None:
+    """SIGKILL the executor that hosts the parameter-server shard, mid-training.
+
+    Spark runs the shard's task again (on the replacement executor); the
+    shard comes back from its newest snapshot (every second), the training
+    task finds it through the driver's directory, joins it again and goes
+    on. The model must end within 1 accuracy point of the same run
+    undisturbed, run first.
+    """
+    ref, ref_result = _sharded_run(cluster, "shards-undisturbed")
+    _finished(ref)
+    ref_seconds = ref.seconds
+    ref_acc = json.loads(ref_result.read_text())["test_accuracy"]
+    sub, result = _sharded_run(cluster, "shards-killed")
+    try:
+        shard = wait_for(
+            lambda: _SHARD_SERVING.search(sub.output),
+            SUBMIT_TIMEOUT,
+            "the shard's serving line",
+            on_timeout=lambda: f"\n{tail(sub.log)}",
+        )
+        tid = int(shard[4])
+        worker, victim = wait_for(
+            lambda: _running(cluster, _app_id(sub), tid),
+            60.0,
+            f"the executor running the shard's task (TID {tid})",
+        )
+        log = _executor_logs(cluster, _app_id(sub))[(worker, victim)]
+        # Training has pushed: a timed snapshot of a changed model was written.
+        wait_for(
+            lambda: re.search(r"snapshot \(every_s\) written: .*\(version [1-9]", log.read_text()),
+            SUBMIT_TIMEOUT,
+            "a timed snapshot of the shard after training started",
+            interval=0.1,
+            on_timeout=lambda: f"\n{tail(log)}\n{tail(sub.log)}",
+        )
+        pid = _executor_pid(cluster, worker, victim)
+        assert pid is not None, f"no {EXECUTOR_CLASS} with --executor-id {victim}"
+        os.kill(pid, signal.SIGKILL)
+        killed_at = sub.seconds
+        out = _finished(sub)
+    finally:
+        sub.kill()
+    report = json.loads(result.read_text())
+    acc = report["test_accuracy"]
+    lost = re.search(r"parameter-server shard 0 \(task attempt \d+ on \S+\) lost: ", out)
+    assert lost, out[-3000:]
+    back = [m for m in _SHARD_SERVING.finditer(out) if int(m[4]) > tid]
+    assert back and back[0][5], f"the shard never came back from a snapshot:\n{out[-3000:]}"
+    assert report["shard_reconnects"] >= 1, report
+    assert re.search(r"epoch 5: \d+ steps", out), out[-3000:]
+    assert abs(acc - ref_acc) <= 0.01, f"{acc:.4f} after the kill, {ref_acc:.4f} without"
+    _report(
+        f"seed program on 1 shard in a Spark task, its executor SIGKILLed {killed_at:.0f} s "
+        f"in (undisturbed: {ref_acc:.4f} in {ref_seconds:.0f} s)",
+        sub.seconds,
+        acc,
+        cluster,
+    )

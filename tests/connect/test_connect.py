@@ -110,16 +110,22 @@ def test_fit_validates_checkpoints_resumes_and_predicts(
     assert acc > 0.9
 
 
-def test_keras_classifier_fits_and_transforms(connect, train_df):
+def test_keras_classifier_fits_and_transforms_against_a_shard_in_a_task(connect, train_df, capfd):
+    """The estimator with ``ps_shards=1``: the shard's job is a ``mapInArrow`` too."""
     from pyspark.ml.functions import array_to_vector
 
     from tensorspark.ml import KerasClassifier
 
     df = train_df.select(array_to_vector("features").alias("features"), "label")
     clf = KerasClassifier(
-        model=build(), batchSize=32, syncInterval=4, epochs=2, fit_options={"progress": False}
+        model=build(),
+        batchSize=32,
+        syncInterval=4,
+        epochs=2,
+        fit_options={"progress": False, "ps_shards": 1},
     )
     fitted = clf.fit(df)
+    assert "tensorspark: parameter-server shard 0 serving at 127.0.0.1:" in capfd.readouterr().err
     out = fitted.transform(df).select("prediction", "label").collect()
     assert len(out) == 3000
     assert np.mean([r["prediction"] == r["label"] for r in out]) > 0.9

@@ -162,6 +162,11 @@ class DriverRun:
         shards.check_slots(self.cluster, count, o.get("connect_timeout", 30.0))
         ckpt = o.get("checkpoint_dir")
         root = os.path.join(ckpt, f"run-{self.run_id[:12]}") if ckpt else ""
+        resume: list[str] = []
+        if o.get("resume_from"):
+            resume, self._resumed_epochs = shards.common_snapshot(
+                str(o["resume_from"]), count, self._tag(0)
+            )
 
         def config(directory: tuple[str, int]) -> shards.ShardConfig:
             return shards.ShardConfig(
@@ -173,7 +178,8 @@ class DriverRun:
                 snapshot_every_versions=int(o.get("checkpoint_every_versions", 0)),
                 snapshot_keep=int(o.get("checkpoint_keep", 3)),
                 tls=o.get("tls", False) is True,
-                threads=self.threads,
+                # The shard's slot: spark.task.cpus cores (threads_per_worker is the tasks').
+                threads=int(self.cluster.conf("spark.task.cpus") or "1"),
                 connect_timeout=float(o.get("connect_timeout", 30.0)),
                 io_timeout=float(o.get("io_timeout", 300.0)),
             )
@@ -186,7 +192,7 @@ class DriverRun:
             name=self.name,
             group=f"tensorspark-{self.run_id}-shards",
             heartbeat_timeout=float(o.get("heartbeat_timeout", 30.0)),
-            resume_from=o.get("resume_from") or "",
+            resume_from=resume,
         )
         self._cleanup.callback(host.close)
         host.on_ready = self._shard_ready
@@ -248,7 +254,7 @@ class DriverRun:
                 "sync_interval": o.get("sync_interval"),
                 "staleness": o.get("staleness", 0),
                 # External servers snapshot by their own flags: unknown here.
-                "snapshots": bool(o.get("checkpoint_dir")) if self.server else None,
+                "snapshots": bool(o.get("checkpoint_dir")) if self.server or self.shards else None,
             },
         )
         self._cleanup.callback(page.close)
@@ -372,6 +378,8 @@ class DriverRun:
         ``resume_from="servers"`` every server first returns to the newest
         snapshot set that all of them hold (:meth:`_restore_servers`).
         """
+        if self.shards is not None and self.opts.get("resume_from"):
+            return self._resumed_epochs  # each shard started from the common epoch snapshot
         if self.servers and self.opts.get("resume_from"):
             return self._restore_servers()
         if not (self.opts.get("checkpoint_dir") or self.opts.get("resume_from")):

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import socket
 import struct
@@ -408,9 +409,9 @@ class ShardHost:
         The shard job's job group (tag under Spark Connect).
     heartbeat_timeout : float
         Seconds without a shard's heartbeat before it counts as lost.
-    resume_from : str
-        "" or a directory whose ``shard-<i>`` subdirectories the shards'
-        first start resumes from.
+    resume_from : list of str
+        Empty, or per shard the snapshot file its first start resumes
+        from (:func:`common_snapshot`).
     """
 
     def __init__(
@@ -423,11 +424,11 @@ class ShardHost:
         name: str,
         group: str,
         heartbeat_timeout: float,
-        resume_from: str = "",
+        resume_from: list[str] | None = None,
     ) -> None:
         self.cluster, self.name, self.group = cluster, name, group
         self.heartbeat_timeout = heartbeat_timeout
-        self.resume_from = resume_from
+        self.resume_from = list(resume_from or [])
         self._cv = threading.Condition()
         self._closing = False
         self.error: BaseException | None = None  # the shard job's failure
@@ -704,7 +705,7 @@ class _ShardSession:
             slot.attempt = self.attempt
         resume = ""
         if first and host.resume_from:
-            resume = os.path.join(host.resume_from, f"shard-{i}")
+            resume = host.resume_from[i]
         elif not first and host.config.snapshot_root:
             resume = os.path.join(host.config.snapshot_root, f"shard-{i}")
         self.ch.send(GRANT, bytes(Writer().text(resume).buf))
@@ -921,9 +922,60 @@ class _Standby(Exception):  # noqa: N818 - control flow, not an error
 
 
 def _holds_snapshot(path: str) -> bool:
+    """True for a snapshot file, or a directory holding one."""
+    if os.path.isfile(path):
+        return True
     with contextlib.suppress(OSError):
         return any(n.startswith("snapshot-") and n.endswith(".tsnap") for n in os.listdir(path))
     return False
+
+
+_TAGGED = re.compile(r"^snapshot-(\d+)-tag-(\d+)\.tsnap$")
+
+
+def common_snapshot(root: str, count: int, prefix: int) -> tuple[list[str], int]:
+    """Per shard, the file of the newest tag every shard of ``root`` holds; that tag.
+
+    ``root`` is an earlier sharded run's ``run-<id>`` directory; only tags
+    whose upper 32 bits are ``prefix`` (the run's name) count. Read on the
+    driver, which must reach the directory too.
+    """
+    per_shard: list[dict[int, tuple[int, str]]] = []
+    for i in range(count):
+        d = os.path.join(root, f"shard-{i}")
+        try:
+            names = os.listdir(d)
+        except OSError as e:
+            raise TensorSparkValueError(
+                f"resume_from={root!r}: cannot read {d} ({e.strerror}); give the run-<id> "
+                "directory of an earlier run with the same ps_shards, reachable from the driver"
+            ) from e
+        tags: dict[int, tuple[int, str]] = {}
+        for n in names:
+            m = _TAGGED.match(n)
+            if m and int(m[2]) >> 32 == prefix >> 32:
+                version, tag = int(m[1]), int(m[2])
+                if version >= tags.get(tag, (-1, ""))[0]:
+                    tags[tag] = (version, os.path.join(d, n))
+        per_shard.append(tags)
+    if os.path.isdir(os.path.join(root, f"shard-{count}")):
+        raise TensorSparkValueError(
+            f"resume_from={root!r} was written by more than ps_shards={count} shards; resume "
+            "with the ps_shards of that run"
+        )
+    common = set.intersection(*(set(t) for t in per_shard))
+    if not common:
+        held = "; ".join(
+            f"shard {i}: {sorted(t & 0xFFFFFFFF for t in tags) or 'none'}"
+            for i, tags in enumerate(per_shard)
+        )
+        raise TensorSparkValueError(
+            f"resume_from={root!r}: its shards hold no epoch snapshot of this run's name that "
+            f"they all have (epochs per shard: {held}); resume with the same name, after at "
+            "least one completed epoch"
+        )
+    tag = max(common, key=lambda t: t & 0xFFFFFFFF)
+    return [tags[tag][1] for tags in per_shard], tag & 0xFFFFFFFF
 
 
 def check_slots(cluster: Any, shards: int, wait: float) -> None:

@@ -41,7 +41,12 @@ def _model(seed: int = 3):
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
-        [keras.Input((DIM,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)]
+        [
+            keras.Input((DIM,)),
+            # Fixed names: the server keys weights by them, and a resumed run must match.
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(2, name="logits"),
+        ]
     )
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
@@ -83,6 +88,24 @@ def test_a_shard_in_a_spark_task_trains_the_same_model_as_the_driver(spark, tmp_
     (run_dir,) = glob.glob(str(ckpt / "run-*"))
     assert len(glob.glob(os.path.join(run_dir, "shard-0", "snapshot-*.tsnap"))) >= 2
     assert all(w["shard_reconnects"] == 0 for epoch in h_shard.workers for w in epoch)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_from_its_run_directory(spark, tmp_path):
+    """A new run started from an earlier sharded run's directory continues its epochs."""
+    from tensorspark.keras import fit
+
+    df = _frame(spark)
+    common = dict(batch_size=50, sync_interval=3, shuffle=False, progress=False, name="resumed")
+    ckpt = tmp_path / "ckpt"
+    first, _ = fit(_model(), df, epochs=1, ps_shards=1, checkpoint_dir=str(ckpt), **common)
+    (run_dir,) = glob.glob(str(ckpt / "run-*"))
+    again, history = fit(_model(seed=9), df, epochs=2, ps_shards=1, resume_from=run_dir, **common)
+    assert len(history.history["loss"]) == 1  # epoch 1 was done: only epoch 2 ran
+    # One partition, no shuffle, plain SGD: the same weights as 2 epochs in one run.
+    full, _ = fit(_model(), df, epochs=2, **common)
+    for a, b in zip(full.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -339,3 +362,39 @@ def test_address_decoding_checks_every_length():
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
         with contextlib.suppress(ProtocolError):  # anything else fails the test
             shards.decode_addresses(data)
+
+
+@pytest.mark.slow
+def test_a_table_on_a_shard_in_a_task_trains_as_in_the_driver(spark):
+    """A ParameterServerEmbedding's rows live on the shard: the run matches the in-driver one."""
+    import keras
+    import test_sparse_keras as sk
+
+    from tensorspark.keras import fit
+    from tensorspark.keras.layers import ParameterServerEmbedding
+
+    ids, dense, label = sk._rows()
+    df = sk._df(spark, ids, dense, label)
+    runs = []
+    for shards_n in (0, 1):
+        layer = ParameterServerEmbedding(
+            sk.VOCAB, sk.DIM, optimizer=keras.optimizers.SGD(0.5), name="items"
+        )  # one name: the server seeds a table's initial rows by it
+        model = sk._model(layer, optimizer=keras.optimizers.SGD(0.5))
+        common = dict(features_col=None, label_col="label", epochs=2, batch_size=32)
+        runs.append(
+            fit(
+                model,
+                df,
+                sync_interval=1,
+                shuffle=False,
+                progress=False,
+                ps_shards=shards_n,
+                **common,
+            )
+        )
+    (m0, h0), (m1, h1) = runs
+    np.testing.assert_allclose(h1.history["loss"], h0.history["loss"], rtol=1e-6)
+    for a, b in zip(m0.get_weights(), m1.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert sum(r["rows_pulled"] for epoch in h1.workers for r in epoch) > 0
