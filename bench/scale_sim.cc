@@ -11,9 +11,13 @@
 // the model. Cases: workers x shards x mode (async, sync) x model:
 //   cnn         4 variables of 105,000 floats (1.68 MB)
 //   dense100mb  4 variables of 6,250,000 floats (100 MB)
+//   ctr         4 variables of 25,000 floats (0.4 MB) and a sparse table of
+//               16-float rows: every step also pulls 512 distinct rows
+//               (Zipf-like over 1M ids) and pushes their gradients, as a
+//               ParameterServerEmbedding's batch does (docs/sparse.md)
 //
 //   scale_sim [--workers 16,64,256] [--shards 1,2,4] [--modes async,sync]
-//             [--models cnn,dense100mb] [--seconds 10] [--warmup 2]
+//             [--models cnn,dense100mb,ctr] [--seconds 10] [--warmup 2]
 //             [--step-ms 20] [--sync-every 10] [--timeout 60]
 //             [--max-client-bytes 4294967296] [--out PATH] [--quick]
 //
@@ -81,7 +85,7 @@ struct Config {
   std::vector<int> workers = {16, 64, 256};
   std::vector<int> shards = {1, 2, 4};
   std::vector<std::string> modes = {"async", "sync"};
-  std::vector<std::string> models = {"cnn", "dense100mb"};
+  std::vector<std::string> models = {"cnn", "dense100mb", "ctr"};
   double seconds = 10;  // measured window per case
   double warmup_s = 2;
   double step_ms = 20;  // simulated compute per step
@@ -97,7 +101,7 @@ struct Config {
 
 constexpr char kUsage[] =
     "usage: scale_sim [--workers 16,64,256] [--shards 1,2,4] [--modes async,sync]\n"
-    "                 [--models cnn,dense100mb] [--seconds 10] [--warmup 2] [--step-ms 20]\n"
+    "                 [--models cnn,dense100mb,ctr] [--seconds 10] [--warmup 2] [--step-ms 20]\n"
     "                 [--sync-every 10] [--timeout 60] [--max-client-bytes BYTES]\n"
     "                 [--out PATH] [--quick]\n";
 
@@ -115,12 +119,25 @@ struct Model {
   std::vector<int64_t> var_floats;
   int64_t floats = 0;  // all variables
   uint64_t bytes() const { return static_cast<uint64_t>(floats) * sizeof(float); }
+  // A sparse table's traffic per step (0 rows: none).
+  std::string table;
+  uint32_t row_dim = 0;
+  int rows_per_step = 0;
+  int64_t id_space = 0;
 };
+
+constexpr int kIdBatches = 64;  // distinct id batches each worker cycles through
 
 Model MakeModel(const std::string& name) {
   Model m;
   m.name = name;
-  const int64_t per_var = name == "cnn" ? 105'000 : 6'250'000;
+  const int64_t per_var = name == "cnn" ? 105'000 : name == "ctr" ? 25'000 : 6'250'000;
+  if (name == "ctr") {
+    m.table = "ctr/items";
+    m.row_dim = 16;
+    m.rows_per_step = 512;
+    m.id_space = 1'000'000;
+  }
   for (int v = 0; v < 4; ++v) {
     // Placement hashes the name (ShardedClient::ServerFor): pick each name
     // so that variable v starts on server v of 4, which spreads the model
@@ -323,6 +340,9 @@ struct CaseResult {
   int64_t steps = 0, syncs = 0;
   double steps_per_s = 0, ideal_steps_per_s = 0, efficiency = 0;
   double sync_p50_us = 0, sync_p99_us = 0;  // push start to pull return
+  int64_t row_steps = 0;                    // steps that pulled and pushed rows
+  double rows_p50_us = 0, rows_p99_us = 0;  // a step's row pull + push
+  double row_bytes_moved = 0;               // ids and row floats, both ways
   double push_p50_us = 0, push_p99_us = 0, pull_p50_us = 0, pull_p99_us = 0;
   uint64_t server_versions = 0;  // largest version growth of a server in the window
   double bytes_moved = 0;        // float32 payload, pushed + pulled
@@ -340,7 +360,24 @@ struct CaseResult {
 struct WorkerStats {
   int64_t steps = 0;
   std::vector<float> sync_us, push_us, pull_us;
+  std::vector<float> rows_us;  // a step's row pull + push
 };
+
+// Distinct ids, Zipf-like (s = 1) over [0, space): a few hot rows, a long tail.
+std::vector<std::vector<int64_t>> IdBatches(const Model& m, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const double log_space = std::log(static_cast<double>(m.id_space));
+  std::vector<std::vector<int64_t>> out(kIdBatches);
+  for (auto& ids : out) {
+    while (static_cast<int>(ids.size()) < m.rows_per_step) {
+      // Inverse CDF of a 1/x density on [1, space]: exp(u log space).
+      const auto id = static_cast<int64_t>(std::exp(u(rng) * log_space)) - 1;
+      if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+    }
+  }
+  return out;
+}
 
 // State shared by the workers of one case. Fields are written before the
 // threads start or before a latch releases them.
@@ -399,6 +436,11 @@ void WorkerMain(int i, CaseState* st) {
   if (st->err.failed()) return;  // ~ShardedClient closes: the servers drop this member
 
   std::vector<float>& pull = st->pull_bufs[static_cast<size_t>(i) % st->pull_bufs.size()];
+  const std::vector<std::vector<int64_t>> id_batches =
+      m.rows_per_step ? IdBatches(m, 1000 + static_cast<uint64_t>(i))
+                      : std::vector<std::vector<int64_t>>{};
+  std::vector<float> rows(static_cast<size_t>(m.rows_per_step) * m.row_dim);
+  const std::vector<float> grads(rows.size(), 1e-3f);
   std::vector<tensorspark::TensorView> push_views;
   std::vector<tensorspark::MutableTensorView> pull_views;
   for (size_t v = 0; v < m.var_names.size(); ++v) {
@@ -413,6 +455,23 @@ void WorkerMain(int i, CaseState* st) {
   auto in_window = [&](Clock::time_point t) { return t >= st->t_start && t < st->t_end; };
   for (int64_t k = 1; !st->stop.load(std::memory_order_acquire) && !st->err.failed(); ++k) {
     std::this_thread::sleep_for(step);
+    if (m.rows_per_step) {  // the batch's rows in, their gradients out
+      const std::vector<int64_t>& ids = id_batches[static_cast<size_t>(k) % id_batches.size()];
+      const Clock::time_point r0 = Clock::now();
+      const tensorspark::RowsRequest req{m.table, ids, rows};
+      s = c->PullRows({&req, 1}, nullptr);
+      if (s.ok()) {
+        const tensorspark::RowsUpdate up{m.table, m.row_dim, ids, grads};
+        s = c->PushRows(tensorspark::UpdateKind::kGradient, 0.01f, {&up, 1}, nullptr);
+      }
+      if (!s.ok()) {
+        st->err.Set(who + ": rows: " + s.ToString());
+        return;
+      }
+      if (in_window(Clock::now())) {
+        ws.rows_us.push_back(static_cast<float>(Seconds(Clock::now() - r0) * 1e6));
+      }
+    }
     if (k % cfg.sync_every == 0) {
       const Clock::time_point t0 = Clock::now();
       s = c->Push(tensorspark::UpdateKind::kDelta, push_views, push_opt, &version);
@@ -550,6 +609,12 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
   std::vector<bool> created;
   uint64_t version = 0;
   Check(driver->Register(specs, &created, &version), label + ": register");
+  if (m.rows_per_step) {
+    tensorspark::TableConfig table;
+    table.name = m.table;
+    table.dim = m.row_dim;
+    Check(driver->CreateTables({&table, 1}, nullptr), label + ": create table");
+  }
 
   st.connected = std::make_unique<std::latch>(n);
   st.joined = std::make_unique<std::latch>(n);
@@ -609,9 +674,10 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
   for (auto& srv : servers) srv->Stop();
 
   res.seconds = Seconds(w1 - w0);
-  std::vector<float> sync_us, push_us, pull_us;
+  std::vector<float> sync_us, push_us, pull_us, rows_us;
   for (const WorkerStats& ws : st.stats) {
     res.steps += ws.steps;
+    rows_us.insert(rows_us.end(), ws.rows_us.begin(), ws.rows_us.end());
     sync_us.insert(sync_us.end(), ws.sync_us.begin(), ws.sync_us.end());
     push_us.insert(push_us.end(), ws.push_us.begin(), ws.push_us.end());
     pull_us.insert(pull_us.end(), ws.pull_us.begin(), ws.pull_us.end());
@@ -620,6 +686,13 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
   std::sort(sync_us.begin(), sync_us.end());
   std::sort(push_us.begin(), push_us.end());
   std::sort(pull_us.begin(), pull_us.end());
+  std::sort(rows_us.begin(), rows_us.end());
+  res.row_steps = static_cast<int64_t>(rows_us.size());
+  res.rows_p50_us = Percentile(rows_us, 0.50);
+  res.rows_p99_us = Percentile(rows_us, 0.99);
+  // Per step: the ids twice (pull, push) and the rows twice (pulled, pushed).
+  res.row_bytes_moved = static_cast<double>(res.row_steps) * m.rows_per_step * 2.0 *
+                        (sizeof(int64_t) + m.row_dim * sizeof(float));
   res.sync_p50_us = Percentile(sync_us, 0.50);
   res.sync_p99_us = Percentile(sync_us, 0.99);
   res.push_p50_us = Percentile(push_us, 0.50);
@@ -632,7 +705,8 @@ CaseResult RunCase(const CaseSpec& spec, const Config& cfg, double memcpy_gbps) 
   for (size_t k = 0; k < ver0.size(); ++k) {
     res.server_versions = std::max(res.server_versions, ver1[k] - ver0[k]);
   }
-  res.bytes_moved = 2.0 * static_cast<double>(res.syncs) * static_cast<double>(m.bytes());
+  res.bytes_moved =
+      2.0 * static_cast<double>(res.syncs) * static_cast<double>(m.bytes()) + res.row_bytes_moved;
   res.process_cpu_s = proc1 - proc0;
   res.server_cpu_s = srv1 - srv0;
   res.worker_threads_cpu_s = wrk1 - wrk0;
@@ -677,6 +751,9 @@ void WriteJson(const std::vector<CaseResult>& results, const Config& cfg, double
            ", \"ideal_steps_per_s\": " + Num(r.ideal_steps_per_s) +
            ", \"efficiency\": " + Num(r.efficiency) + ", \"syncs\": " + std::to_string(r.syncs) +
            ", \"sync_p50_us\": " + Num(r.sync_p50_us) + ", \"sync_p99_us\": " + Num(r.sync_p99_us) +
+           ", \"row_steps\": " + std::to_string(r.row_steps) +
+           ", \"rows_p50_us\": " + Num(r.rows_p50_us) + ", \"rows_p99_us\": " + Num(r.rows_p99_us) +
+           ", \"row_bytes_moved\": " + Num(r.row_bytes_moved) +
            ", \"push_p50_us\": " + Num(r.push_p50_us) + ", \"push_p99_us\": " + Num(r.push_p99_us) +
            ", \"pull_p50_us\": " + Num(r.pull_p50_us) + ", \"pull_p99_us\": " + Num(r.pull_p99_us) +
            ", \"server_versions\": " + std::to_string(r.server_versions) +
@@ -841,7 +918,8 @@ int main(int argc, char** argv) {
     } else if (a == "--modes") {
       if (!ParseNameList(v, {"async", "sync"}, &cfg.modes)) return BadArgs("bad --modes");
     } else if (a == "--models") {
-      if (!ParseNameList(v, {"cnn", "dense100mb"}, &cfg.models)) return BadArgs("bad --models");
+      if (!ParseNameList(v, {"cnn", "dense100mb", "ctr"}, &cfg.models))
+        return BadArgs("bad --models");
     } else if (a == "--seconds") {
       if (!ParseDouble(v, 0.1, 86400, &cfg.seconds)) return BadArgs("bad --seconds");
     } else if (a == "--warmup") {

@@ -138,6 +138,8 @@ def test_a_byte_flipped_on_the_wire_is_detected_and_nothing_is_applied(tls_serve
     """
     proxy = FlippingProxy(tls_server.port)
     fp = tls_server.tls_fingerprint
+    tls_refused = 'refused{reason="tls"}'
+    before = tls_server.stats()[tls_refused]
     try:
         c = PSClient("127.0.0.1", proxy.port, tls_server.secret, tls_fingerprint=fp)
         w = np.zeros(100_000, np.float32)
@@ -155,6 +157,8 @@ def test_a_byte_flipped_on_the_wire_is_detected_and_nothing_is_applied(tls_serve
     with PSClient("127.0.0.1", tls_server.port, tls_server.secret, tls_fingerprint=fp) as direct:
         assert tls_server.version == 0  # the altered push was never applied
         np.testing.assert_array_equal(direct.pull(["w"])["w"], w)
+    # The server counts the record it refused (up); the client refused the other.
+    assert tls_server.stats()[tls_refused] == before + (direction == "up")
 
 
 def test_the_run_option_is_checked_in_one_place():

@@ -381,6 +381,7 @@ Status Stream::TlsRead(void* buf, size_t max, Deadline deadline, size_t* got, bo
       return Status(StatusCode::kConnectionError,
                     std::string("recv failed: ") + std::strerror(saved_errno));
     }
+    tls_record_failed_ = true;
     return Status(StatusCode::kConnectionError,
                   "TLS record refused (" + TlsErrorText("protocol error") +
                       "): the bytes were altered in transit, or the peer broke the TLS stream");

@@ -73,6 +73,9 @@ class Stream {
   // (kAuthFailed on a mismatch, naming both fingerprints).
   [[nodiscard]] Status StartTls(std::shared_ptr<TlsContext> ctx, Deadline deadline);
   bool tls() const { return ssl_ != nullptr; }
+  // True once a read found a TLS record that failed to authenticate or
+  // decode (altered in transit, or a broken peer); the stream is unusable.
+  bool tls_record_failed() const { return tls_record_failed_; }
 
   // The same contracts as the net:: functions of the same names.
   [[nodiscard]] Status ReadFull(void* buf, size_t n, Deadline deadline, bool* clean_eof = nullptr);
@@ -94,6 +97,7 @@ class Stream {
   Socket socket_;
   SSL* ssl_ = nullptr;
   std::shared_ptr<TlsContext> ctx_;  // keeps ssl_'s SSL_CTX alive
+  bool tls_record_failed_ = false;
 };
 
 }  // namespace tensorspark::net

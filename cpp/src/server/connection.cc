@@ -196,6 +196,7 @@ void Connection::Run() {
         // Once the first byte is here, the rest of the frame has io_timeout_s.
         Status r = ReceiveFrame(IoDeadline(), ctx_->options.max_frame_bytes, &h, &peer_left);
         if (!r.ok()) {
+          if (stream_.tls_record_failed()) ctx_->membership.CountRefused(RefuseReason::kTls);
           if (!peer_left && !ctx_->stopping.load()) {
             LogEvent("closing connection from " + who_ + ": " + r.ToString());
           }

@@ -21,7 +21,8 @@ constexpr auto kCheckInterval = std::chrono::milliseconds(100);
 constexpr uint64_t kStalenessBounds[] = {0, 1, 2, 4, 8, 16, 32};
 constexpr const char* kStalenessLabels[] = {"0", "1", "2", "4", "8", "16", "32", "+Inf"};
 constexpr const char* kRefuseNames[] = {"fenced", "frame_too_large", "bad_checksum", "bad_version",
-                                        "auth",   "limit",           "handshake",    "evicted"};
+                                        "auth",   "limit",           "handshake",    "evicted",
+                                        "tls"};
 
 std::string Seconds(double s) {
   char buf[32];

@@ -54,6 +54,7 @@ enum class RefuseReason : int {
   kLimit,
   kHandshake,  // a handshake that timed out, was malformed or was cut off
   kEvicted,    // a pending handshake dropped to admit a newer connection
+  kTls,        // a TLS record that failed to authenticate: altered, or a broken peer
   kCount,
 };
 

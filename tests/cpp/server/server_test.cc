@@ -283,7 +283,7 @@ TEST(ServerTest, StatsCountTraffic) {
   EXPECT_EQ(m["auth_failures"], 0u);
   // Plus the 4 snapshot keys and restores, members, workers_lost, workers_retried,
   // workers_fenced, mode, sync_round, 8 staleness
-  // buckets, staleness_sum and _count, and 8 refused{reason} counters (no
+  // buckets, staleness_sum and _count, and 9 refused{reason} counters (no
   // member: no worker_* keys), and the 6 sparse-table totals (no table: no
   // table_*{table=...} keys).
   EXPECT_EQ(m["snapshots_written"], 0u);
@@ -291,10 +291,11 @@ TEST(ServerTest, StatsCountTraffic) {
   EXPECT_EQ(m["row_pushes"], 0u);
   EXPECT_EQ(m["members"], 0u);
   EXPECT_EQ(m["refused{reason=\"auth\"}"], 0u);
+  EXPECT_EQ(m["refused{reason=\"tls\"}"], 0u);
   EXPECT_EQ(m["workers_lost"], 0u);
   EXPECT_EQ(m["restores"], 0u);
   EXPECT_EQ(m["workers_fenced"], 0u);
-  EXPECT_EQ(m.size(), 12u + 5u + 6u + 8u + 2u + 8u + 6u);
+  EXPECT_EQ(m.size(), 12u + 5u + 6u + 8u + 2u + 9u + 6u);
 }
 
 }  // namespace
