@@ -982,11 +982,15 @@ def check_slots(cluster: Any, shards: int, wait: float) -> None:
     """Fail early unless the cluster has a task slot per shard plus one for training.
 
     Executors of a fresh application register over a few seconds, so this
-    waits up to ``wait`` seconds for enough slots. Under Spark Connect the
-    client cannot count them; the shards' own wait then says what is missing.
+    waits up to ``wait`` seconds for enough slots. Under Spark Connect (the
+    client cannot count them) and with dynamic allocation (executors are
+    requested once tasks wait) it checks nothing; the wait for the shards
+    then says what is missing.
     """
     if cluster.connect:
         return
+    if (cluster.conf("spark.dynamicAllocation.enabled", "false") or "").lower() == "true":
+        return  # executors come when tasks wait for them: the shard job asks for its own
     sc = cluster.sc
     jsc = sc._jsc.sc()
     rp = jsc.resourceProfileManager().defaultResourceProfile()
