@@ -26,6 +26,8 @@
 #                (docs/ctr_data.md): plain Keras, TF ParameterServerStrategy and
 #                tensorspark -> bench/results/sparse.{json,png}; SPARSE_FLAGS adds
 #                flags (e.g. --quick, --rows 200000, --systems keras,tf_ps)
+#   make bench-inference  tensorspark.keras.predict against plain Keras predict on
+#                the same 2 cores -> bench/results/inference.json (about 4 min)
 #   make lint    clang-format + ruff
 #   make fuzz    libFuzzer + ASan/UBSan on the frame decoders and the request
 #                handler, FUZZ_SECONDS (600) in all; not part of `make test`
@@ -59,7 +61,7 @@ PY_DEPS := "tensorflow-cpu>=2.16" "pyspark[connect]>=4.0,<5" "numpy>=1.24" \
            "nanobind>=2.0" "scikit-build-core>=0.10" cmake ninja pytest pytest-timeout ruff matplotlib \
            "pyarrow>=14" "pandas>=2,<3" tensorboard "mlflow-skinny>=3" selenium
 
-.PHONY: demo test test-cpp test-python test-connect test-cluster bench bench-e2e bench-sparse elephas-venv chaos lint \
+.PHONY: demo test test-cpp test-python test-connect test-cluster bench bench-e2e bench-sparse bench-inference elephas-venv chaos lint \
         fuzz system system-gtest venv install clean
 
 demo: system install
@@ -119,6 +121,11 @@ chaos: system install
 # bench/e2e.py --help lists the flags (--workers, --threads-per-worker, --scale).
 bench-e2e: system install elephas-venv
 	$(VPY) bench/e2e.py --elephas-python $(ELEPHAS_VENV)/bin/python $(E2E_FLAGS)
+
+# tensorspark.keras.predict of the CNN over 60,000 rows on local[2] against plain
+# Keras model.predict on the same 2 cores, ABBA rounds -> bench/results/inference.json.
+bench-inference: system install
+	$(VPY) bench/inference.py --out bench/results/inference.json
 
 # One subprocess per row; the C++ microbenchmark (sparse_rows: pulls and pushes
 # of 4,096 unique ids) is built into build/cpp and its JSON embedded.
