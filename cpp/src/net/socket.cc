@@ -40,6 +40,17 @@ void SetNoDelay(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+// A Unix socket's default buffer (about 208 KB) makes a large push stall
+// the sender while the receiver checksums and applies it. The kernel caps
+// the request at net.core.wmem_max / rmem_max; failure is harmless.
+constexpr int kUnixBufferBytes = 4 << 20;
+
+void SetUnixBuffers(int fd) {
+  int bytes = kUnixBufferBytes;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
+}
+
 std::string AddrToString(const sockaddr* sa) {
   char host[INET6_ADDRSTRLEN] = "?";
   uint16_t port = 0;
@@ -141,6 +152,7 @@ Status ConnectUnix(const std::string& path, Deadline deadline, Socket* out) {
   TS_RETURN_IF_ERROR(UnixAddr(path, &addr));
   Socket s(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!s.valid()) return IoError("socket", errno);
+  SetUnixBuffers(s.fd());
   int rc;
   do {
     rc = ::connect(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
@@ -273,7 +285,11 @@ Status Accept(const Socket& listener, Deadline deadline, Socket* out, std::strin
     int fd = ::accept4(listener.fd(), reinterpret_cast<sockaddr*>(&ss), &len,
                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
-      if (ss.ss_family != AF_UNIX) SetNoDelay(fd);
+      if (ss.ss_family == AF_UNIX) {
+        SetUnixBuffers(fd);
+      } else {
+        SetNoDelay(fd);
+      }
       if (peer != nullptr) *peer = AddrToString(reinterpret_cast<sockaddr*>(&ss));
       *out = Socket(fd);
       return Status::OK();
