@@ -1,13 +1,20 @@
 // Helpers shared by the C++ benchmarks: the run secret of their in-process
-// servers and the pieces of their hand-written JSON results.
+// servers, the pieces of their hand-written JSON results, failing fast, and
+// argument parsing.
 #pragma once
 
+#include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
+#include <mutex>
 #include <random>
 #include <string>
 #include <string_view>
+
+#include "tensorspark/status.h"
 
 namespace tensorspark::bench {
 
@@ -63,6 +70,48 @@ inline std::string Num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%.6g", v);
   return buf;
+}
+
+// Prints "<program>: what" and exits 1 at once: threads may still be
+// running, so static destructors are skipped.
+[[noreturn]] inline void Die(const std::string& what) {
+  std::fprintf(stderr, "%s: %s\n", program_invocation_short_name, what.c_str());
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
+inline void Check(const Status& s, const std::string& what) {
+  if (!s.ok()) Die(what + ": " + s.ToString());
+}
+
+// The first failure seen by any worker thread.
+class FirstError {
+ public:
+  void Set(const std::string& msg) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (msg_.empty()) msg_ = msg;
+    failed_.store(true, std::memory_order_relaxed);
+  }
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  const std::string& message() const { return msg_; }  // after join
+
+ private:
+  std::mutex mu_;
+  std::string msg_;
+  std::atomic<bool> failed_{false};
+};
+
+// `s` as a finite double in [lo, hi], the whole string; false otherwise.
+inline bool ParseDouble(const std::string& s, double lo, double hi, double* out) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || errno != 0 || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo ||
+      v > hi) {
+    return false;
+  }
+  *out = v;
+  return true;
 }
 
 }  // namespace tensorspark::bench

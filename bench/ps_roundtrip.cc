@@ -60,7 +60,10 @@
 
 namespace {
 
+using tensorspark::bench::Check;
 using tensorspark::bench::CompilerName;
+using tensorspark::bench::Die;
+using tensorspark::bench::FirstError;
 using tensorspark::bench::JsonEscape;
 using tensorspark::bench::Num;
 using tensorspark::bench::RandomSecret;
@@ -108,33 +111,6 @@ constexpr int kLatencyWarmup = 200;
 constexpr size_t kAckBytes = 8;  // small message of the 2-exchange baseline
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "ps_roundtrip: %s\n", what.c_str());
-  std::fflush(stderr);
-  std::_Exit(1);  // threads may still be running: skip static destructors
-}
-
-void Check(const Status& s, const std::string& what) {
-  if (!s.ok()) Die(what + ": " + s.ToString());
-}
-
-// The first failure seen by any worker thread.
-class FirstError {
- public:
-  void Set(const std::string& msg) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (msg_.empty()) msg_ = msg;
-    failed_.store(true, std::memory_order_relaxed);
-  }
-  bool failed() const { return failed_.load(std::memory_order_relaxed); }
-  const std::string& message() const { return msg_; }  // after join
-
- private:
-  std::mutex mu_;
-  std::string msg_;
-  std::atomic<bool> failed_{false};
-};
 
 // ---- raw TCP baseline -------------------------------------------------------
 

@@ -78,8 +78,10 @@
 
 namespace {
 
+using tensorspark::bench::Die;
 using tensorspark::bench::JsonEscape;
 using tensorspark::bench::Num;
+using tensorspark::bench::ParseDouble;
 using tensorspark::bench::UtcTimestamp;
 
 using Clock = std::chrono::steady_clock;
@@ -268,12 +270,6 @@ bool Refused(Op op, const Status& s, StatusCode code) {
 }
 
 // ---- helpers ----------------------------------------------------------------
-
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "ps_soak: %s\n", what.c_str());
-  std::fflush(stderr);
-  std::_Exit(1);  // threads may still be running: skip static destructors
-}
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
@@ -1061,18 +1057,6 @@ constexpr char kUsage[] =
 int BadArgs(const std::string& msg) {
   std::fprintf(stderr, "ps_soak: %s\n%s", msg.c_str(), kUsage);
   return 2;
-}
-
-bool ParseDouble(const std::string& s, double lo, double hi, double* out) {
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || errno != 0 || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo ||
-      v > hi) {
-    return false;
-  }
-  *out = v;
-  return true;
 }
 
 }  // namespace

@@ -70,9 +70,13 @@
 
 namespace {
 
+using tensorspark::bench::Check;
 using tensorspark::bench::CompilerName;
+using tensorspark::bench::Die;
+using tensorspark::bench::FirstError;
 using tensorspark::bench::JsonEscape;
 using tensorspark::bench::Num;
+using tensorspark::bench::ParseDouble;
 using tensorspark::bench::RandomSecret;
 using tensorspark::bench::UtcTimestamp;
 
@@ -160,33 +164,6 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 Clock::duration FromSeconds(double s) {
   return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
 }
-
-[[noreturn]] void Die(const std::string& what) {
-  std::fprintf(stderr, "scale_sim: %s\n", what.c_str());
-  std::fflush(stderr);
-  std::_Exit(1);  // threads may still be running: skip static destructors
-}
-
-void Check(const Status& s, const std::string& what) {
-  if (!s.ok()) Die(what + ": " + s.ToString());
-}
-
-// The first failure seen by any worker thread.
-class FirstError {
- public:
-  void Set(const std::string& msg) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (msg_.empty()) msg_ = msg;
-    failed_.store(true, std::memory_order_relaxed);
-  }
-  bool failed() const { return failed_.load(std::memory_order_relaxed); }
-  const std::string& message() const { return msg_; }  // after join
-
- private:
-  std::mutex mu_;
-  std::string msg_;
-  std::atomic<bool> failed_{false};
-};
 
 // Exits the program, naming the case, if it is not disarmed in time: the
 // last resort should some wait turn out not to be bounded.
@@ -838,18 +815,6 @@ void PrintRow(const CaseResult& r, double memcpy_s_per_mb) {
 int BadArgs(const std::string& msg) {
   std::fprintf(stderr, "scale_sim: %s\n%s", msg.c_str(), kUsage);
   return 2;
-}
-
-bool ParseDouble(const std::string& s, double lo, double hi, double* out) {
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(s.c_str(), &end);
-  if (s.empty() || errno != 0 || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo ||
-      v > hi) {
-    return false;
-  }
-  *out = v;
-  return true;
 }
 
 std::vector<std::string> SplitComma(const std::string& s) {
