@@ -198,9 +198,8 @@ class DriverRun:
         host.on_ready = self._shard_ready
         self.shards = host
         host.start()
-        _, addresses = host.addresses(float(o.get("wait_timeout", 240.0)))
-        self.servers = tuple((a.host, a.port) for a in addresses)
-        self.tls_pins = tuple(a.fingerprint for a in addresses if a.fingerprint)
+        servers, pins = shards.endpoints(host.addresses(float(o.get("wait_timeout", 240.0)))[1])
+        self.servers, self.tls_pins = tuple(servers), tuple(pins)
         self.host, self.port = self.servers[0]
         if root:
             log.info("tensorspark: the shards snapshot into %s/shard-<i>", root)
@@ -311,8 +310,7 @@ class DriverRun:
         }
         if self.shards is not None:  # where the shards serve now
             _, addresses = self.shards.addresses(self.opts.get("wait_timeout", 240.0))
-            servers = [(a.host, a.port) for a in addresses]
-            pins = [a.fingerprint for a in addresses if a.fingerprint]
+            servers, pins = shards.endpoints(addresses)
             return ShardedPSClient(
                 servers, self.secret, **{**timeouts, "tls_fingerprint": pins or None}
             )
@@ -396,9 +394,10 @@ class DriverRun:
         each write a snapshot tagged with the run and the count, at this
         quiescent point (no task is live), so the set is consistent.
         """
-        if self.opts.get("checkpoint_dir"):
+        ckpt = self.opts.get("checkpoint_dir")
+        if ckpt:
             self.client.push({EPOCHS_DONE: np.array([epoch + 1], np.float32)}, kind="parameters")
-        if self.servers and self._shard_snapshots and (self.shards is None or self._ckpt_shards):
+        if self.servers and self._shard_snapshots and (self.shards is None or ckpt):
             try:
                 self.client.snapshot(self._tag(epoch + 1))
             except TensorSparkValueError as e:
@@ -438,10 +437,6 @@ class DriverRun:
         )
         return tag & 0xFFFFFFFF
 
-    @property
-    def _ckpt_shards(self) -> bool:
-        return bool(self.opts.get("checkpoint_dir"))
-
     def _shard_baseline(self, epoch: int) -> None:
         """Before the first training job: a snapshot of every shard, and what each holds.
 
@@ -453,7 +448,7 @@ class DriverRun:
             i: int(st.get("variables", 0)) + int(st.get("tables", 0))
             for i, st in enumerate(self.client.stats_per_server())
         }
-        if self._ckpt_shards:
+        if self.opts.get("checkpoint_dir"):
             self.client.snapshot(self._tag(epoch) or 1)
 
     def pull(self, names: list[str]) -> dict[str, np.ndarray]:

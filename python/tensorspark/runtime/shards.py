@@ -314,6 +314,13 @@ class Address:
     fingerprint: str  # "sha256:..." with TLS, else ""
 
 
+def endpoints(addresses: list[Address]) -> tuple[list[tuple[str, int]], list[str]]:
+    """A client's server list and the TLS fingerprints it pins (none without TLS)."""
+    return [(a.host, a.port) for a in addresses], [
+        a.fingerprint for a in addresses if a.fingerprint
+    ]
+
+
 def encode_addresses(generation: int, addresses: list[Address]) -> bytes:
     w = Writer().u64(generation).u16(len(addresses))
     for a in addresses:
@@ -439,15 +446,12 @@ class ShardHost:
         self.config = config(self.address)
         self._shards = [_Shard() for _ in range(self.config.count)]
         self._dropped, self._dropped_logged = 0, -1e9  # connections dropped, for _refused
-        self._threads: list[threading.Thread] = []
         self._job_done = threading.Event()
         self._job_done.set()  # until start(): no job to wait for
         self._spawn(self._accept, "tensorspark-shard-directory")
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     # -- the Spark job -----------------------------------------------------------
 
@@ -607,10 +611,6 @@ class ShardHost:
                 self.cluster.cancel(self.group)
             self._job_done.wait(30.0)
         self.on_ready = None  # the run it calls back into is over
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
 
 class _ShardSession:

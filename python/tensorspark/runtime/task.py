@@ -150,9 +150,9 @@ class ShardClient:
         _, addresses = shards.lookup(
             cfg.directory, cfg.secret, cfg.shard_wait, connect_timeout=cfg.connect_timeout
         )
-        pins = [a.fingerprint for a in addresses if a.fingerprint]
+        servers, pins = shards.endpoints(addresses)
         return _core.ShardedClient(
-            [(a.host, a.port) for a in addresses],
+            servers,
             cfg.secret,
             **{**self._common, "tls_fingerprints": pins},
         )
