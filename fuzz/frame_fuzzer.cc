@@ -85,6 +85,16 @@ void DecodeEverything(Span p) {
       Expect(Same(enc, p), "HELLO does not re-encode");
     }
   }
+  for (bool with_options : {false, true}) {
+    protocol::Nonce nonce;
+    uint32_t accepted = 0;
+    if (protocol::DecodeHelloResponse(p, with_options, &nonce, &accepted).ok()) {
+      Expect((accepted & ~protocol::kKnownOptions) == 0, "HELLO response accepts unknown options");
+      Bytes enc;
+      protocol::EncodeHelloResponse(nonce, with_options, accepted, &enc);
+      Expect(Same(enc, p), "HELLO response does not re-encode");
+    }
+  }
   {
     protocol::Nonce nonce;
     if (protocol::DecodeNonce(p, &nonce).ok()) {

@@ -11,7 +11,10 @@
 //                done the handshake;
 //   bit 3 set:   (server target) the server has a snapshot directory, so
 //                SNAPSHOT, SNAPSHOTS and RESTORE write, list and restore
-//                files (emptied after each input).
+//                files (emptied after each input);
+//   bit 4 set:   (server target) the handshake's HELLO asks for
+//                kOptionNoChecksum, so the frames' checksums go unchecked and
+//                every reply after the handshake must carry checksum 0.
 #pragma once
 
 #include <algorithm>
@@ -29,6 +32,7 @@ inline constexpr uint8_t kKeepChecksum = 1u << 0;
 inline constexpr uint8_t kKeepMagic = 1u << 1;
 inline constexpr uint8_t kSkipHandshake = 1u << 2;
 inline constexpr uint8_t kSnapshotDir = 1u << 3;
+inline constexpr uint8_t kNoChecksum = 1u << 4;
 
 struct FrameSpan {
   size_t header;   // offset of the header in FuzzInput::stream

@@ -105,6 +105,12 @@ int main(int argc, char** argv) {
                                 .Frame(Opcode::kPush, Push(3, 1, 0.5f, {fresh}))
                                 .Frame(Opcode::kList)
                                 .Frame(Opcode::kStats));
+  // The same on a connection that negotiated no checksums.
+  add("register_pull_push_unchecked", Seed(kNoChecksum)
+                                          .Frame(Opcode::kRegister, TensorSection({fresh, w}))
+                                          .Frame(Opcode::kPull, Pull({"new"}))
+                                          .Frame(Opcode::kPush, Push(3, 1, 0.5f, {fresh}))
+                                          .Frame(Opcode::kStats));
   add("register_mismatch", Seed().Frame(Opcode::kRegister, TensorSection({{"b", {4}}})));
   add("pull_named", Seed().Frame(Opcode::kPull, Pull({"w", "b", "s", "z"})));
   add("pull_all", Seed().Frame(Opcode::kPull, Pull({})));

@@ -180,8 +180,10 @@ struct Reply {
   Bytes payload;
 };
 
-// One reply to a setup request; error frames and bad checksums fail.
-Status ReadSetupReply(int fd, net::Deadline deadline, Opcode op, Reply* out) {
+// One reply to a setup request; error frames and bad checksums fail (0 is
+// the checksum of an `unchecked` one).
+Status ReadSetupReply(int fd, net::Deadline deadline, Opcode op, Reply* out,
+                      bool unchecked = false) {
   uint8_t raw[protocol::kHeaderSize];
   TS_RETURN_IF_ERROR(net::ReadFull(fd, raw, sizeof(raw), deadline));
   out->header = protocol::DecodeHeader(raw);
@@ -192,7 +194,8 @@ Status ReadSetupReply(int fd, net::Deadline deadline, Opcode op, Reply* out) {
   TS_RETURN_IF_ERROR(net::ReadFull(fd, out->payload.data(), out->payload.size(), deadline));
   if (out->header.opcode != static_cast<uint16_t>(op) ||
       out->header.flags != protocol::kFlagResponse ||
-      protocol::Crc32c(out->payload.data(), out->payload.size()) != out->header.checksum) {
+      (unchecked ? 0 : protocol::Crc32c(out->payload.data(), out->payload.size())) !=
+          out->header.checksum) {
     Status remote;
     if (protocol::DecodeError(out->payload, &remote).ok()) return remote;
     return Status(StatusCode::kProtocolError,
@@ -208,20 +211,25 @@ Status SendFrame(int fd, Opcode op, uint64_t request_id, const Bytes& payload,
   return net::WriteFull(fd, bytes.data(), bytes.size(), deadline);
 }
 
-// HELLO, AUTH (checking the server's proof too), REGISTER of BaseVariables.
-Status Setup(int fd, net::Deadline deadline) {
+// HELLO (asking for no checksums when `unchecked`), AUTH (checking the
+// server's proof too), REGISTER of BaseVariables.
+Status Setup(int fd, bool unchecked, net::Deadline deadline) {
   protocol::HelloRequest hello;
   hello.client_nonce.fill(0x5a);
   hello.partition_id = 1;
   hello.attempt = 0;
   hello.client_name = "fuzz";
+  hello.has_options = unchecked;
+  hello.options = unchecked ? protocol::kOptionNoChecksum : 0;
   Bytes p;
   protocol::EncodeHello(hello, &p);
   TS_RETURN_IF_ERROR(SendFrame(fd, Opcode::kHello, 1, p, deadline));
   Reply r;
   protocol::Nonce server_nonce, server_proof;
   TS_RETURN_IF_ERROR(ReadSetupReply(fd, deadline, Opcode::kHello, &r));
-  TS_RETURN_IF_ERROR(protocol::DecodeNonce(r.payload, &server_nonce));
+  uint32_t accepted = 0;
+  TS_RETURN_IF_ERROR(protocol::DecodeHelloResponse(r.payload, unchecked, &server_nonce, &accepted));
+  if (accepted != hello.options) return Status(StatusCode::kProtocolError, "options declined");
   protocol::Digest proof = protocol::ClientProof(kSecret, server_nonce, hello.client_nonce,
                                                  hello.partition_id, hello.attempt);
   TS_RETURN_IF_ERROR(SendFrame(fd, Opcode::kAuth, 2, Bytes(proof.begin(), proof.end()), deadline));
@@ -232,7 +240,7 @@ Status Setup(int fd, net::Deadline deadline) {
   }
   static const Bytes kBase = BaseVariables();
   TS_RETURN_IF_ERROR(SendFrame(fd, Opcode::kRegister, 3, kBase, deadline));
-  return ReadSetupReply(fd, deadline, Opcode::kRegister, &r);
+  return ReadSetupReply(fd, deadline, Opcode::kRegister, &r, unchecked);
 }
 
 struct Exchange {
@@ -298,7 +306,9 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
     if (!(h.flags & protocol::kFlagResponse) || !protocol::CheckFlags(h).ok()) {
       Fail("reply flags " + std::to_string(h.flags));
     }
-    if (protocol::Crc32c(payload.data(), payload.size()) != h.checksum) Fail("reply checksum");
+    const bool unchecked = (in.control & kNoChecksum) != 0 && !(in.control & kSkipHandshake);
+    const uint32_t want = unchecked ? 0 : protocol::Crc32c(payload.data(), payload.size());
+    if (h.checksum != want) Fail("reply checksum");
     if (index >= in.frames.size()) Fail("more replies than requests");
     const FrameHeader req = protocol::DecodeHeader(in.stream.data() + in.frames[index].header);
     ++index;
@@ -334,7 +344,18 @@ void CheckReplies(const FuzzInput& in, const Exchange& ex) {
       std::vector<Tensor> tensors;
       std::vector<StatEntry> stats;
       switch (static_cast<Opcode>(h.opcode)) {
-        case Opcode::kHello:
+        case Opcode::kHello: {
+          // The reply carries an accepted-options word only when the request
+          // carried options.
+          protocol::HelloRequest hello;
+          const FrameSpan& f = in.frames[index - 1];
+          const bool options =
+              protocol::DecodeHello({in.stream.data() + f.payload, f.size}, &hello).ok() &&
+              hello.has_options;
+          uint32_t accepted;
+          s = protocol::DecodeHelloResponse(payload, options, &nonce, &accepted);
+          break;
+        }
         case Opcode::kAuth:
           s = protocol::DecodeNonce(payload, &nonce);
           break;
@@ -432,7 +453,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     fuzz::Fail("cannot connect: " + s.ToString());
   }
   if (!(in.control & fuzz::kSkipHandshake)) {
-    if (Status s = fuzz::Setup(sock.fd(), deadline); !s.ok()) {
+    const bool unchecked = (in.control & fuzz::kNoChecksum) != 0;
+    if (Status s = fuzz::Setup(sock.fd(), unchecked, deadline); !s.ok()) {
       fuzz::Fail("handshake or setup failed: " + s.ToString());
     }
   }

@@ -292,6 +292,7 @@ def make_tls_identity() -> tuple[str, str, str]:
 
 # Wire encodings of PSClient(encoding=...) -> the core's WireEncoding.
 _ENCODINGS = {"fp32": 0, "fp16": 1, "bf16": 2}
+_CHECKSUMS = {"auto": 0, "on": 1, "off": 2}
 
 
 class ParameterServer:
@@ -1212,6 +1213,12 @@ class PSClient(_TensorClient):
         certificate has this fingerprint (or one of these), as
         :attr:`ParameterServer.tls_fingerprint` or ``tensorspark-ps --tls``
         gives it. None (default): plain frames.
+    checksums : str
+        Whether frames carry a CRC-32C: ``"auto"`` (default: on over plain
+        TCP, off on a Unix socket and under TLS, whose AEAD already checks
+        every record), ``"on"`` or ``"off"``. Negotiated in the handshake; a
+        server that predates the option keeps checksums on. See
+        :attr:`checksums` for the outcome.
 
     Raises
     ------
@@ -1220,7 +1227,8 @@ class PSClient(_TensorClient):
         :class:`AuthenticationError` also when its certificate does not
         match ``tls_fingerprint``, or when it wants TLS and none was asked.
     TensorSparkValueError
-        ``encoding`` is not one of ``"fp32"``, ``"fp16"``, ``"bf16"``.
+        ``encoding`` is not one of ``"fp32"``, ``"fp16"``, ``"bf16"``, or
+        ``checksums`` not one of ``"auto"``, ``"on"``, ``"off"``.
 
     Notes
     -----
@@ -1241,10 +1249,15 @@ class PSClient(_TensorClient):
         encoding: str = "fp32",
         heartbeat_interval: float = 0.0,
         tls_fingerprint: str | Iterable[str] | None = None,
+        checksums: str = "auto",
     ) -> None:
         if encoding not in _ENCODINGS:
             raise TensorSparkValueError(
                 f"PSClient: encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}"
+            )
+        if checksums not in _CHECKSUMS:
+            raise TensorSparkValueError(
+                f"PSClient: checksums must be one of {sorted(_CHECKSUMS)}, got {checksums!r}"
             )
         self.encoding = encoding
         heartbeat_interval = _heartbeat_interval("PSClient", heartbeat_interval)
@@ -1263,7 +1276,13 @@ class PSClient(_TensorClient):
             encoding=_ENCODINGS[encoding],
             heartbeat_interval_s=heartbeat_interval,
             tls_fingerprints=_tls_pins("PSClient", tls_fingerprint),
+            checksums=_CHECKSUMS[checksums],
         )
+
+    @property
+    def checksums(self) -> bool:
+        """True when this connection's frames carry CRC-32C checksums."""
+        return self._client.checksums
 
     def list_variables(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of every variable on the server."""

@@ -69,3 +69,29 @@ def test_unix_socket_round_trip_and_mixed_clients(server):
 def test_bad_unix_path_is_value_error():
     with pytest.raises(TensorSparkValueError):
         ParameterServer(generate_secret(), host="127.0.0.1", unix_path="")
+
+
+def test_checksums_negotiated_per_connection(server):
+    w0 = np.arange(1000, dtype=np.float32)
+    with (
+        PSClient("unix:" + server.unix_path, 0, server.secret) as u,
+        PSClient("127.0.0.1", server.port, server.secret) as t,
+        PSClient("127.0.0.1", server.port, server.secret, checksums="off") as t_off,
+        PSClient("unix:" + server.unix_path, 0, server.secret, checksums="on") as u_on,
+    ):
+        assert (u.checksums, t.checksums, t_off.checksums, u_on.checksums) == (
+            False,
+            True,
+            False,
+            True,
+        )
+        assert t.stats()["connections_unchecked"] == 2
+        u.register({"w": w0})
+        t_off.push({"w": np.ones_like(w0)}, kind="delta")
+        for c in (u, t, t_off, u_on):
+            np.testing.assert_array_equal(c.pull(["w"])["w"], w0 + 1)
+
+
+def test_bad_checksums_is_value_error(server):
+    with pytest.raises(TensorSparkValueError, match="checksums"):
+        PSClient("127.0.0.1", server.port, server.secret, checksums="maybe")

@@ -30,6 +30,17 @@
 
 namespace tensorspark {
 
+// Whether a connection's frames carry a CRC-32C of their payload
+// (docs/protocol.md, "Connection options").
+enum class ChecksumMode {
+  // On over plain TCP; off on a Unix socket (the kernel copies memory to
+  // memory) and under TLS (every record carries an AEAD tag).
+  kAuto,
+  kOn,
+  // Off on any transport; with a server too old to negotiate it, on.
+  kOff,
+};
+
 struct ClientOptions {
   // Server host name or address, or "unix:/path/to.sock" for a Unix-domain
   // socket on this host (ServerOptions::unix_path; `port` is then ignored).
@@ -72,6 +83,9 @@ struct ClientOptions {
   // values; Leave, Close and the destructor stop it.
   // 0 (default): no heartbeat thread.
   double heartbeat_interval_s = 0.0;
+  // CRC-32C of each frame's payload, negotiated in HELLO; it takes effect
+  // after the handshake, whose frames are always checksummed.
+  ChecksumMode checksums = ChecksumMode::kAuto;
 };
 
 // A variable to register: its name, shape and initial value.
@@ -339,6 +353,10 @@ class Client {
   // Round trips that failed because the connection broke are not retried
   // (a push may or may not have been applied); reconnect with Connect.
   bool connected() const;
+
+  // Whether this connection's frames carry CRC-32C, as negotiated in HELLO
+  // (ClientOptions::checksums; an older server always checksums).
+  bool checksums() const;
 
  private:
   explicit Client(std::unique_ptr<ClientImpl> impl);

@@ -40,7 +40,8 @@ namespace {
 constexpr uint64_t kMaxErrorPayload = 1 << 20;
 
 // Reads one response payload of known length from the socket, in order,
-// keeping a running CRC-32C of every byte consumed. Small reads (headers of
+// keeping a running CRC-32C of every byte consumed (unless the connection
+// negotiated checksums off). Small reads (headers of
 // tensors) are served from a buffer; large ones go straight into the
 // caller's memory. Never reads past the payload.
 class PayloadReader {
@@ -48,11 +49,14 @@ class PayloadReader {
   static constexpr size_t kBufSize = 64 * 1024;
 
   // `buf` is kBufSize bytes of scratch owned by the caller (reused per call).
-  PayloadReader(net::Stream* stream, uint64_t len, net::Deadline deadline, uint8_t* buf)
-      : stream_(stream), unread_(len), deadline_(deadline), buf_(buf) {}
+  PayloadReader(net::Stream* stream, uint64_t len, net::Deadline deadline, uint8_t* buf,
+                bool verify)
+      : stream_(stream), unread_(len), deadline_(deadline), buf_(buf), verify_(verify) {}
 
   uint64_t remaining() const { return unread_ + (end_ - pos_); }
-  uint32_t crc() const { return crc_; }
+  // Whether the bytes consumed match the header's checksum (always true
+  // when not verifying).
+  bool Matches(uint32_t checksum) const { return !verify_ || crc_ == checksum; }
 
   Status Read(void* dst, size_t n) {
     if (n > remaining()) {
@@ -62,7 +66,7 @@ class PayloadReader {
     size_t from_buf = std::min(n, end_ - pos_);
     if (from_buf > 0) {
       std::memcpy(out, buf() + pos_, from_buf);
-      crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, from_buf);
+      if (verify_) crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, from_buf);
       pos_ += from_buf;
       out += from_buf;
       n -= from_buf;
@@ -72,7 +76,7 @@ class PayloadReader {
       while (n > 0) {
         size_t chunk = std::min(n, kChunk);
         TS_RETURN_IF_ERROR(stream_->ReadFull(out, chunk, deadline_));
-        crc_ = protocol::Crc32cExtend(crc_, out, chunk);
+        if (verify_) crc_ = protocol::Crc32cExtend(crc_, out, chunk);
         unread_ -= chunk;
         out += chunk;
         n -= chunk;
@@ -83,7 +87,7 @@ class PayloadReader {
       TS_RETURN_IF_ERROR(Fill());
       size_t take = std::min(n, end_ - pos_);
       std::memcpy(out, buf() + pos_, take);
-      crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, take);
+      if (verify_) crc_ = protocol::Crc32cExtend(crc_, buf() + pos_, take);
       pos_ += take;
       out += take;
       n -= take;
@@ -169,6 +173,7 @@ class PayloadReader {
   net::Deadline deadline_;
   uint32_t crc_ = 0;
   uint8_t* buf_;
+  const bool verify_;
   size_t pos_ = 0;
   size_t end_ = 0;
 };
@@ -299,9 +304,12 @@ class ClientImpl {
   }
   ~ClientImpl() { StopHeartbeat(); }
   bool connected() const { return connected_; }
+  bool checksums() const { return checksums_; }
 
  private:
   Status Handshake(net::Deadline deadline);
+  // ClientOptions::checksums resolved for this connection's transport.
+  bool WantChecksums() const;
   Status CheckConnected() const;
   // Marks the connection broken and returns `s` (the stream position is lost).
   Status Broken(const Status& s) {
@@ -370,6 +378,10 @@ class ClientImpl {
   net::Stream sock_;                      // plain, or TLS (options_.tls_fingerprints)
   std::shared_ptr<net::TlsContext> tls_;  // made on the first Connect
   bool connected_ = false;
+  // CRC-32C on frames: on for the handshake, then as negotiated in HELLO.
+  bool checksums_ = true;
+  // An older server refused HELLO's options: reconnect without them.
+  bool legacy_hello_ = false;
   uint64_t next_request_id_ = 1;
   std::unique_ptr<uint8_t[]> recv_buf_;  // PayloadReader scratch, allocated on first pull
   // Header flag of options_.encoding (0 for float32).
@@ -453,7 +465,12 @@ Status ClientImpl::Connect() {
       return t.WithContext("TLS with " + Where(options_));
     }
   }
+  const bool offered_options = !legacy_hello_;
   Status h = Handshake(hs_deadline);
+  if (!h.ok() && offered_options && legacy_hello_) {
+    Close();
+    return Connect();  // once: legacy_hello_ now leaves the options out
+  }
   if (!h.ok()) {
     Close();
     // A full server refuses the connection itself (LimitExceeded on the
@@ -472,12 +489,31 @@ Status ClientImpl::Handshake(net::Deadline deadline) {
   hello.partition_id = options_.partition_id;
   hello.attempt = options_.attempt;
   hello.client_name = "tensorspark-cpp";
+  checksums_ = true;
+  if (!WantChecksums() && !legacy_hello_) {
+    hello.has_options = true;
+    hello.options = protocol::kOptionNoChecksum;
+  }
   std::vector<uint8_t> payload, response;
   protocol::EncodeHello(hello, &payload);
   struct iovec part = {payload.data(), payload.size()};
-  TS_RETURN_IF_ERROR(Call(Opcode::kHello, &part, 1, &response, deadline));
+  if (Status s = Call(Opcode::kHello, &part, 1, &response, deadline); !s.ok()) {
+    // A server older than connection options rejects HELLO's trailing u32
+    // as malformed and closes: say so, and Connect retries without it.
+    if (hello.has_options && s.code() == StatusCode::kProtocolError) legacy_hello_ = true;
+    return s;
+  }
   protocol::Nonce server_nonce;
-  if (Status s = protocol::DecodeNonce(response, &server_nonce); !s.ok()) return Broken(s);
+  uint32_t accepted = 0;
+  if (Status s =
+          protocol::DecodeHelloResponse(response, hello.has_options, &server_nonce, &accepted);
+      !s.ok()) {
+    return Broken(s);
+  }
+  if ((accepted & ~hello.options) != 0) {
+    return Broken(Status(StatusCode::kProtocolError,
+                         "the server accepted connection options this client did not ask for"));
+  }
 
   protocol::Digest proof = protocol::ClientProof(options_.secret, server_nonce, hello.client_nonce,
                                                  hello.partition_id, hello.attempt);
@@ -492,7 +528,22 @@ Status ClientImpl::Handshake(net::Deadline deadline) {
                          "the server could not prove that it knows the run secret: wrong server "
                          "at this address, or it belongs to another run"));
   }
+  checksums_ = (accepted & protocol::kOptionNoChecksum) == 0;
   return Status::OK();
+}
+
+bool ClientImpl::WantChecksums() const {
+  switch (options_.checksums) {
+    case ChecksumMode::kOn:
+      return true;
+    case ChecksumMode::kOff:
+      return false;
+    case ChecksumMode::kAuto:
+      break;
+  }
+  // The kernel copies a Unix socket's bytes memory to memory, and TLS
+  // records carry their own AEAD tag: CRC-32C adds nothing there.
+  return !options_.host.starts_with("unix:") && options_.tls_fingerprints.empty();
 }
 
 Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
@@ -504,7 +555,7 @@ Status ClientImpl::SendRequest(Opcode op, struct iovec* parts, size_t nparts,
   uint32_t crc = 0;
   uint64_t len = 0;
   for (size_t i = 0; i < nparts; ++i) {
-    crc = protocol::Crc32cExtend(crc, parts[i].iov_base, parts[i].iov_len);
+    if (checksums_) crc = protocol::Crc32cExtend(crc, parts[i].iov_base, parts[i].iov_len);
     len += parts[i].iov_len;
   }
   h.checksum = crc;
@@ -593,7 +644,7 @@ Status ClientImpl::ReadPayload(const FrameHeader& h, net::Deadline deadline,
   if (Status s = sock_.ReadFull(out->data(), out->size(), deadline); !s.ok()) {
     return Broken(s.WithContext("reading a response payload"));
   }
-  if (protocol::Crc32c(out->data(), out->size()) != h.checksum) {
+  if (checksums_ && protocol::Crc32c(out->data(), out->size()) != h.checksum) {
     return Broken(Status(StatusCode::kProtocolError,
                          "response checksum mismatch: data corrupted in transit"));
   }
@@ -660,7 +711,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
                                     std::span<const MutableTensorView>* views,
                                     std::vector<Tensor>* all, uint64_t* version) {
   if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
-  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get());
+  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get(), checksums_);
   uint64_t v = 0;
   uint32_t count = 0;
   Status s = r.U64(&v);
@@ -727,7 +778,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
   if (!mismatch.ok()) {
     // Consume the data so the connection stays usable.
     if (Status d = r.Drain(); !d.ok()) return Broken(d);
-    if (r.crc() != h.checksum) {
+    if (!r.Matches(h.checksum)) {
       return Broken(Status(StatusCode::kProtocolError, "response checksum mismatch"));
     }
     return mismatch;
@@ -747,7 +798,7 @@ Status ClientImpl::ReadPullResponse(const FrameHeader& h, net::Deadline deadline
       if (Status d = read_values(t.values.data(), numels[i]); !d.ok()) return Broken(d);
     }
   }
-  if (r.crc() != h.checksum) {
+  if (!r.Matches(h.checksum)) {
     return Broken(Status(StatusCode::kProtocolError,
                          "PULL response checksum mismatch (data corrupted in transit); the "
                          "destination buffers hold unspecified values"));
@@ -1115,7 +1166,7 @@ Status ClientImpl::PullRows(std::span<const RowsRequest> req, uint64_t* version)
   }
   // Streamed: each table's rows go from the socket into its `out`.
   if (!recv_buf_) recv_buf_.reset(new uint8_t[PayloadReader::kBufSize]);
-  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get());
+  PayloadReader r(&sock_, h.payload_len, deadline, recv_buf_.get(), checksums_);
   uint64_t v = 0;
   uint32_t count = 0;
   Status s = r.U64(&v);
@@ -1164,7 +1215,7 @@ Status ClientImpl::PullRows(std::span<const RowsRequest> req, uint64_t* version)
   if (r.remaining() != 0) {
     return Broken(Status(StatusCode::kProtocolError, "PULL_ROWS response has trailing bytes"));
   }
-  if (r.crc() != h.checksum) {
+  if (!r.Matches(h.checksum)) {
     return Broken(Status(StatusCode::kProtocolError,
                          "PULL_ROWS response checksum mismatch (data corrupted in transit); the "
                          "destination buffers hold unspecified values"));
@@ -1331,5 +1382,6 @@ Status Client::ListTables(std::vector<TableInfo>* out) { return impl_->ListTable
 Status Client::ShutdownServer() { return impl_->Shutdown(); }
 void Client::Close() { impl_->Close(); }
 bool Client::connected() const { return impl_->connected(); }
+bool Client::checksums() const { return impl_->checksums(); }
 
 }  // namespace tensorspark

@@ -286,6 +286,7 @@ void EncodeHello(const HelloRequest& req, std::vector<uint8_t>* out) {
   w.I32(req.partition_id);
   w.I32(req.attempt);
   w.Str(std::string_view(req.client_name).substr(0, kMaxNameLen));
+  if (req.has_options) w.U32(req.options);
 }
 
 Status DecodeHello(std::span<const uint8_t> payload, HelloRequest* req) {
@@ -295,9 +296,32 @@ Status DecodeHello(std::span<const uint8_t> payload, HelloRequest* req) {
   TS_RETURN_IF_ERROR(r.ReadI32(&req->partition_id));
   TS_RETURN_IF_ERROR(r.ReadI32(&req->attempt));
   TS_RETURN_IF_ERROR(r.ReadStr(&name));
+  req->has_options = r.remaining() > 0;
+  req->options = 0;
+  if (req->has_options) TS_RETURN_IF_ERROR(r.ReadU32(&req->options));
   TS_RETURN_IF_ERROR(r.Finish());
   if (name.size() > kMaxNameLen) return Malformed("client name longer than 1024 bytes");
   req->client_name.assign(name);
+  return Status::OK();
+}
+
+void EncodeHelloResponse(const Nonce& server_nonce, bool has_options, uint32_t accepted,
+                         std::vector<uint8_t>* out) {
+  Writer w(out);
+  w.Bytes(server_nonce.data(), server_nonce.size());
+  if (has_options) w.U32(accepted);
+}
+
+Status DecodeHelloResponse(std::span<const uint8_t> payload, bool expect_options,
+                           Nonce* server_nonce, uint32_t* accepted) {
+  Reader r(payload);
+  TS_RETURN_IF_ERROR(r.ReadNonce(server_nonce));
+  *accepted = 0;
+  if (expect_options) TS_RETURN_IF_ERROR(r.ReadU32(accepted));
+  TS_RETURN_IF_ERROR(r.Finish());
+  if ((*accepted & ~kKnownOptions) != 0) {
+    return Malformed("HELLO response accepts connection options this client did not ask for");
+  }
   return Status::OK();
 }
 

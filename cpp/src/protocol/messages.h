@@ -106,15 +106,31 @@ void EncodeError(const Status& status, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeError(std::span<const uint8_t> payload, Status* remote);
 
 // ---- handshake -----------------------------------------------------------------
+// Connection options a client may ask for in HELLO (docs/protocol.md,
+// "Connection options"). Bit 0: frames after AUTH carry checksum 0 and
+// neither side computes or checks CRC-32C.
+inline constexpr uint32_t kOptionNoChecksum = 1u << 0;
+inline constexpr uint32_t kKnownOptions = kOptionNoChecksum;
+
 struct HelloRequest {
   Nonce client_nonce{};
   int32_t partition_id = -1;
   int32_t attempt = 0;
   std::string client_name;
+  // Sent as a trailing u32 only when set: a HELLO without it is the
+  // original one, which every server accepts.
+  bool has_options = false;
+  uint32_t options = 0;
 };
 void EncodeHello(const HelloRequest& req, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeHello(std::span<const uint8_t> payload, HelloRequest* req);
-// HELLO response, AUTH request and AUTH response are each one 32-byte value.
+// HELLO response: the server nonce, then (only when the HELLO carried
+// options) the u32 options the server accepted.
+void EncodeHelloResponse(const Nonce& server_nonce, bool has_options, uint32_t accepted,
+                         std::vector<uint8_t>* out);
+[[nodiscard]] Status DecodeHelloResponse(std::span<const uint8_t> payload, bool expect_options,
+                                         Nonce* server_nonce, uint32_t* accepted);
+// AUTH request and AUTH response are each one 32-byte value.
 void EncodeNonce(const Nonce& v, std::vector<uint8_t>* out);
 [[nodiscard]] Status DecodeNonce(std::span<const uint8_t> payload, Nonce* v);
 

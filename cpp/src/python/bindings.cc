@@ -694,9 +694,14 @@ class PyClient {
   PyClient(const std::string& host, uint16_t port, nb::bytes secret, int32_t partition_id,
            int32_t attempt, double connect_timeout_s, double io_timeout_s, int max_retries,
            const std::variant<int, std::string>& encoding, double heartbeat_interval_s,
-           const std::vector<std::string>& tls_fingerprints) {
+           const std::vector<std::string>& tls_fingerprints, int checksums) {
     ClientOptions opt;
     opt.tls_fingerprints = tls_fingerprints;
+    // 0 auto, 1 on, 2 off; ps.PSClient maps and validates the names.
+    if (checksums < 0 || checksums > 2) {
+      throw nb::value_error("checksums must be 0 (auto), 1 (on) or 2 (off)");
+    }
+    opt.checksums = static_cast<ChecksumMode>(checksums);
     opt.encoding = ParseEncoding(encoding);
     opt.host = host;
     opt.port = port;
@@ -714,6 +719,8 @@ class PyClient {
                                                   const std::vector<FloatArray>& arrays) {
     return RegisterArrays(Live(), names, arrays);
   }
+
+  bool Checksums() { return Live()->checksums(); }
 
   std::pair<std::vector<std::pair<std::string, std::vector<int64_t>>>, uint64_t> List() {
     std::vector<VariableInfo> infos;
@@ -1027,12 +1034,14 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyClient>(m, "Client", "One authenticated connection to a parameter server.")
       .def(nb::init<const std::string&, uint16_t, nb::bytes, int32_t, int32_t, double, double, int,
-                    const std::variant<int, std::string>&, double,
-                    const std::vector<std::string>&>(),
+                    const std::variant<int, std::string>&, double, const std::vector<std::string>&,
+                    int>(),
            "host"_a, "port"_a, "secret"_a, "partition_id"_a = -1, "attempt"_a = 0,
            "connect_timeout_s"_a = 10.0, "io_timeout_s"_a = 120.0, "max_retries"_a = 8,
            "encoding"_a = 0, "heartbeat_interval_s"_a = 0.0,
-           "tls_fingerprints"_a = std::vector<std::string>())
+           "tls_fingerprints"_a = std::vector<std::string>(), "checksums"_a = 0)
+      .def_prop_ro("checksums", &PyClient::Checksums,
+                   "True when this connection's frames carry CRC-32C checksums.")
       .def("register", &PyClient::Register, "names"_a, "arrays"_a,
            "Register variables (first registration wins). Returns (created, version).")
       .def("list_variables", &PyClient::List, "Returns ([(name, shape)], version).")

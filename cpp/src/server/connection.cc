@@ -143,6 +143,7 @@ std::vector<StatEntry> ServerContext::Snapshot() const {
       {"resumed_version", get(counters.resumed_version)},
       {"restores", get(counters.restores)},
       {"row_pushes", get(counters.row_pushes)},
+      {"connections_unchecked", get(counters.connections_unchecked)},
   };
   AppendTableStats(tables, &out);
   membership.AppendStats(&out);
@@ -223,6 +224,7 @@ void Connection::Run() {
   }
   if (stage() == kAuthenticated)
     ctx_->counters.authenticated.fetch_sub(1, std::memory_order_relaxed);
+  if (!checksums_) ctx_->counters.connections_unchecked.fetch_sub(1, std::memory_order_relaxed);
   ctx_->counters.connections.fetch_sub(1, std::memory_order_relaxed);
   done_.store(true, std::memory_order_release);
 }
@@ -263,10 +265,10 @@ Status Connection::ReceiveFrame(net::Deadline deadline, uint64_t max_payload, Fr
     uint8_t* dst = buf_.get() + shift_ + off;
     TS_RETURN_IF_ERROR(stream_.ReadFull(dst, n, deadline));
     // Checksum each chunk right after it arrives, while it is still in cache.
-    crc = protocol::Crc32cExtend(crc, dst, n);
+    if (checksums_) crc = protocol::Crc32cExtend(crc, dst, n);
   }
   ctx_->counters.bytes_in.fetch_add(payload_len_, std::memory_order_relaxed);
-  if (crc != h->checksum) {
+  if (checksums_ && crc != h->checksum) {
     Status e =
         Err(StatusCode::kProtocolError,
             std::string("payload checksum mismatch on a ") + protocol::OpcodeName(h->opcode) +
@@ -297,7 +299,7 @@ Status Connection::SendResponse(const FrameHeader& req, uint32_t flags,
   h.flags = protocol::kFlagResponse | flags;
   h.request_id = req.request_id;
   h.payload_len = payload.size();
-  h.checksum = protocol::Crc32c(payload.data(), payload.size());
+  h.checksum = checksums_ ? protocol::Crc32c(payload.data(), payload.size()) : 0;
   uint8_t raw[protocol::kHeaderSize];
   protocol::EncodeHeader(h, raw);
   struct iovec iov[2] = {{raw, sizeof(raw)},
@@ -373,8 +375,11 @@ Status Connection::Handshake() {
     (void)SendError(h, s);
     return s;
   }
+  // Unknown option bits are declined, not refused: a newer client learns
+  // from the answer what this server does.
+  const uint32_t accepted = hello.options & protocol::kKnownOptions;
   out_.clear();
-  protocol::EncodeNonce(server_nonce, &out_);
+  protocol::EncodeHelloResponse(server_nonce, hello.has_options, accepted, &out_);
   TS_RETURN_IF_ERROR(SendResponse(h, 0, out_));
 
   TS_RETURN_IF_ERROR(ReceiveFrame(deadline, kMaxHandshakePayload, &h, &peer_left));
@@ -411,7 +416,13 @@ Status Connection::Handshake() {
   out_.clear();
   protocol::EncodeNonce(
       protocol::ServerProof(ctx_->options.secret, hello.client_nonce, server_nonce), &out_);
-  return SendResponse(h, 0, out_);
+  TS_RETURN_IF_ERROR(SendResponse(h, 0, out_));
+  // From the next frame on, both sides follow the accepted options.
+  if ((accepted & protocol::kOptionNoChecksum) != 0) {
+    checksums_ = false;
+    ctx_->counters.connections_unchecked.fetch_add(1, std::memory_order_relaxed);
+  }
+  return Status::OK();
 }
 
 Status Connection::Dispatch(const FrameHeader& h) {
@@ -588,7 +599,7 @@ Status Connection::HandlePull(const FrameHeader& h) {
   }
 
   uint64_t payload_len = out_.size();
-  uint32_t crc = protocol::Crc32c(out_.data(), out_.size());
+  uint32_t crc = checksums_ ? protocol::Crc32c(out_.data(), out_.size()) : 0;
   std::vector<struct iovec> iov;
   iov.reserve(vars.size() + 2);
   uint8_t raw[protocol::kHeaderSize];
@@ -596,7 +607,7 @@ Status Connection::HandlePull(const FrameHeader& h) {
   iov.push_back({out_.data(), out_.size()});
   for (const storage::Variable* v : vars) {
     size_t bytes = v->numel() * sizeof(float);
-    crc = protocol::Crc32cCombine(crc, v->crc(), bytes);
+    if (checksums_) crc = protocol::Crc32cCombine(crc, v->crc(), bytes);
     payload_len += bytes;
     iov.push_back({const_cast<float*>(v->data()), bytes});
   }
@@ -693,14 +704,14 @@ Status Connection::SendEncodedPull(const FrameHeader& req, std::span<storage::Va
   }
   // The cached per-variable CRCs are of float32 bytes: the checksum is
   // computed over the encoded bytes, chunk by chunk while they are in cache.
-  uint32_t crc = protocol::Crc32c(out_.data(), out_.size());
+  uint32_t crc = checksums_ ? protocol::Crc32c(out_.data(), out_.size()) : 0;
   uint16_t* dst = encoded_.data();
   for (const storage::Variable* v : vars) {
     const float* src = v->data();
     for (uint64_t done = 0; done < v->numel(); done += kConvertChunk) {
       const size_t c = static_cast<size_t>(std::min<uint64_t>(kConvertChunk, v->numel() - done));
       protocol::EncodeElements(enc, src + done, dst, c);
-      crc = protocol::Crc32cExtend(crc, dst, c * 2);
+      if (checksums_) crc = protocol::Crc32cExtend(crc, dst, c * 2);
       dst += c;
     }
   }

@@ -50,6 +50,8 @@ struct ServerCounters {
   std::atomic<uint64_t> resumed_version{0};
   std::atomic<uint64_t> restores{0};    // RESTOREs applied
   std::atomic<uint64_t> row_pushes{0};  // PUSH_ROWS frames applied
+  // Open connections that negotiated kOptionNoChecksum in HELLO.
+  std::atomic<uint64_t> connections_unchecked{0};
 };
 
 // The server's side of SNAPSHOT, SNAPSHOTS and RESTORE (ServerImpl), which
@@ -243,6 +245,10 @@ class Connection {
   std::vector<int64_t> ids_;
   std::vector<float> values_;
   Status io_status_;  // first send failure; ends the connection
+  // CRC-32C on this connection's frames: the handshake's always, later ones
+  // unless the client asked for kOptionNoChecksum in HELLO (written once,
+  // by this connection's thread, before the first request).
+  bool checksums_ = true;
 };
 
 }  // namespace tensorspark::server

@@ -295,7 +295,8 @@ TEST(ServerTest, StatsCountTraffic) {
   EXPECT_EQ(m["workers_lost"], 0u);
   EXPECT_EQ(m["restores"], 0u);
   EXPECT_EQ(m["workers_fenced"], 0u);
-  EXPECT_EQ(m.size(), 12u + 5u + 6u + 8u + 2u + 9u + 6u);
+  EXPECT_EQ(m["connections_unchecked"], 0u);  // TCP keeps CRC-32C by default
+  EXPECT_EQ(m.size(), 13u + 5u + 6u + 8u + 2u + 9u + 6u);
 }
 
 }  // namespace
