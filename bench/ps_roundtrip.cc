@@ -17,7 +17,7 @@
 // small sizes, where per-exchange latency dominates, compare like for like.
 // PS and raw runs are interleaved; each reported figure is the median run.
 //
-//   ps_roundtrip [--quick] [--out PATH]
+//   ps_roundtrip [--quick] [--out PATH] [--checksums auto|on|off]
 //   ps_roundtrip --single FLOATS   (C++ client, TCP, fp32, 1 client: prints
 //                                   {"floats":..,"seconds_per_iter":..}; used
 //                                   by bench/python_overhead.py)
@@ -86,6 +86,8 @@ struct Config {
   double warmup_s = 0.05;  // warm-up time per baseline per case
   double latency_s = 0.3;  // time per latency measurement
   std::string out = "bench/results/ps_roundtrip.json";
+  // PS clients' checksum mode (--checksums): "auto" is the client default.
+  std::string checksums = "auto";
 };
 
 Config FullConfig() {
@@ -367,6 +369,7 @@ struct CaseResult {
 struct Transport {
   std::string name = "tcp";       // "tcp", "unix" or "tls"
   std::string encoding = "fp32";  // "fp32" or "fp16"
+  tensorspark::ChecksumMode checksums = tensorspark::ChecksumMode::kAuto;
   uint16_t ps_port = 0;
   uint16_t tls_port = 0;  // the TLS server's, pinned by tls_fingerprint
   std::string tls_fingerprint;
@@ -380,6 +383,7 @@ std::unique_ptr<tensorspark::Client> ConnectPs(const Transport& t, const std::st
   opt.host = t.name == "unix" ? "unix:" + t.ps_unix_path : "127.0.0.1";
   opt.port = t.name == "tls" ? t.tls_port : t.ps_port;
   if (t.name == "tls") opt.tls_fingerprints = {t.tls_fingerprint};
+  opt.checksums = t.checksums;
   opt.encoding = t.encoding == "fp16" ? tensorspark::WireEncoding::kFloat16
                                       : tensorspark::WireEncoding::kFloat32;
   opt.secret = secret;
@@ -561,8 +565,8 @@ std::string NumList(const std::vector<double>& v) {
   return s + "]";
 }
 
-void WriteJson(const std::vector<CaseResult>& results, double aes128, double aes256,
-               const std::string& path) {
+void WriteJson(const std::vector<CaseResult>& results, const std::string& checksums, double aes128,
+               double aes256, const std::string& path) {
   std::string j = "{\n  \"cases\": [\n";
   for (size_t k = 0; k < results.size(); ++k) {
     const CaseResult& r = results[k];
@@ -591,6 +595,7 @@ void WriteJson(const std::vector<CaseResult>& results, double aes128, double aes
        ", \"aes_256_gcm\": " + Num(aes256) + "},\n";
   j += "  \"tls\": \"TLS 1.3, OpenSSL's default suites (TLS_AES_256_GCM_SHA384 first); raw "
        "baselines of tls rows are plain TCP\",\n";
+  j += "  \"checksums\": \"" + checksums + "\",\n";
   j += "  \"machine\": {\"cores\": " + std::to_string(std::thread::hardware_concurrency()) +
        ", \"compiler\": \"" + JsonEscape(CompilerName()) + "\"},\n";
   j += "  \"timestamp\": \"" + UtcTimestamp() + "\"\n}\n";
@@ -659,6 +664,7 @@ int RunSingle(int64_t n) {
 int main(int argc, char** argv) {
   Config cfg = FullConfig();
   std::string out_path;
+  std::string checksums = "auto";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--quick") {
@@ -669,12 +675,20 @@ int main(int argc, char** argv) {
       out_path = argv[++i];
     } else if (a.rfind("--out=", 0) == 0) {
       out_path = a.substr(6);
+    } else if (a == "--checksums" && i + 1 < argc) {
+      checksums = argv[++i];
+      if (checksums != "auto" && checksums != "on" && checksums != "off") {
+        Die("--checksums must be auto, on or off, got '" + checksums + "'");
+      }
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--out PATH] | --single FLOATS\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--out PATH] [--checksums auto|on|off] | --single FLOATS\n",
+                   argv[0]);
       return 2;
     }
   }
   if (!out_path.empty()) cfg.out = out_path;
+  cfg.checksums = checksums;
 
   // Unix sockets of the PS and the raw baselines live in a private dir.
   char dir_tmpl[] = "/tmp/ts-bench-XXXXXX";
@@ -713,6 +727,9 @@ int main(int argc, char** argv) {
           t.tls_fingerprint = identity.fingerprint;
           t.name = tp;
           t.encoding = enc;
+          t.checksums = cfg.checksums == "on"    ? tensorspark::ChecksumMode::kOn
+                        : cfg.checksums == "off" ? tensorspark::ChecksumMode::kOff
+                                                 : tensorspark::ChecksumMode::kAuto;
           t.ps_port = server->port();
           t.ps_unix_path = sopt.unix_path;
           t.raw_unix_dir = sock_dir;
@@ -729,7 +746,7 @@ int main(int argc, char** argv) {
   const double aes128 = AesGcmGbps(128, cfg.latency_s), aes256 = AesGcmGbps(256, cfg.latency_s);
   std::printf("AES-GCM on one core: %.2f GB/s (128-bit key), %.2f GB/s (256-bit key)\n", aes128,
               aes256);
-  WriteJson(results, aes128, aes256, cfg.out);
+  WriteJson(results, cfg.checksums, aes128, aes256, cfg.out);
   std::printf("total %.1f s; wrote %s\n", Seconds(Clock::now() - start), cfg.out.c_str());
   return 0;
 }
