@@ -319,12 +319,6 @@ int64_t CalibrateIters(int clients, const RoundTrip& rt, FirstError* err, const 
   return std::max<int64_t>(1, static_cast<int64_t>(cfg.target_s / per_iter));
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // Linear-interpolated quantile q in [0, 1] of unsorted samples.
 double Quantile(std::vector<double> v, double q) {
   if (v.empty()) return 0.0;
@@ -334,6 +328,8 @@ double Quantile(std::vector<double> v, double q) {
   const size_t hi = std::min(lo + 1, v.size() - 1);
   return v[lo] + (pos - static_cast<double>(lo)) * (v[hi] - v[lo]);
 }
+
+double Median(std::vector<double> v) { return Quantile(std::move(v), 0.5); }
 
 // Percentile of sorted samples (nearest rank on [0, n-1]).
 double Percentile(const std::vector<double>& sorted, double p) {
@@ -750,6 +746,10 @@ int main(int argc, char** argv) {
               std::thread::hardware_concurrency(), quick ? " (quick)" : "");
   std::printf("%10s %7s %5s %5s %9s %9s %9s %6s %s\n", "floats", "clients", "tport", "enc",
               "ps_GB/s", "raw2_GB/s", "raw1_GB/s", "ratio", "IQR (paired ps/raw2)");
+  const tensorspark::ChecksumMode checksum_mode =
+      cfg.checksums == "on"    ? tensorspark::ChecksumMode::kOn
+      : cfg.checksums == "off" ? tensorspark::ChecksumMode::kOff
+                               : tensorspark::ChecksumMode::kAuto;
   Clock::time_point start = Clock::now();
   std::vector<CaseResult> results;
   for (int64_t n : cfg.floats) {
@@ -762,9 +762,7 @@ int main(int argc, char** argv) {
           t.tls_fingerprint = identity.fingerprint;
           t.name = tp;
           t.encoding = enc;
-          t.checksums = cfg.checksums == "on"    ? tensorspark::ChecksumMode::kOn
-                        : cfg.checksums == "off" ? tensorspark::ChecksumMode::kOff
-                                                 : tensorspark::ChecksumMode::kAuto;
+          t.checksums = checksum_mode;
           t.ps_port = server->port();
           t.ps_unix_path = sopt.unix_path;
           t.raw_unix_dir = sock_dir;

@@ -320,7 +320,7 @@ Status DecodeHelloResponse(std::span<const uint8_t> payload, bool expect_options
   if (expect_options) TS_RETURN_IF_ERROR(r.ReadU32(accepted));
   TS_RETURN_IF_ERROR(r.Finish());
   if ((*accepted & ~kKnownOptions) != 0) {
-    return Malformed("HELLO response accepts connection options this client did not ask for");
+    return Malformed("HELLO response accepts connection options unknown to this version");
   }
   return Status::OK();
 }
