@@ -280,8 +280,14 @@ TlsContext::~TlsContext() { SSL_CTX_free(ctx_); }
 Stream::~Stream() { Close(); }
 
 Stream::Stream(Stream&& o) noexcept
-    : socket_(std::move(o.socket_)), ssl_(o.ssl_), ctx_(std::move(o.ctx_)) {
+    : socket_(std::move(o.socket_)),
+      ssl_(o.ssl_),
+      ctx_(std::move(o.ctx_)),
+      in_(std::move(o.in_)),
+      in_pos_(o.in_pos_),
+      in_end_(o.in_end_) {
   o.ssl_ = nullptr;
+  o.in_pos_ = o.in_end_ = 0;
 }
 
 Stream& Stream::operator=(Stream&& o) noexcept {
@@ -291,6 +297,10 @@ Stream& Stream::operator=(Stream&& o) noexcept {
     ssl_ = o.ssl_;
     o.ssl_ = nullptr;
     ctx_ = std::move(o.ctx_);
+    in_ = std::move(o.in_);
+    in_pos_ = o.in_pos_;
+    in_end_ = o.in_end_;
+    o.in_pos_ = o.in_end_ = 0;
   }
   return *this;
 }
@@ -302,10 +312,15 @@ void Stream::Close() {
   }
   ctx_.reset();
   socket_.Close();
+  in_pos_ = in_end_ = 0;
 }
 
 Status Stream::StartTls(std::shared_ptr<TlsContext> ctx, Deadline deadline) {
   if (ssl_ != nullptr) return Status(StatusCode::kInternal, "TLS started twice on one stream");
+  // Plain bytes read ahead would be lost to the TLS layer.
+  if (buffered() > 0) {
+    return Status(StatusCode::kProtocolError, "the peer sent data before the TLS handshake");
+  }
   ERR_clear_error();
   BIO_METHOD* method = SocketBioMethod();
   SSL* ssl = method != nullptr ? SSL_new(ctx->get()) : nullptr;
@@ -414,15 +429,59 @@ Status Stream::TlsWrite(const void* buf, size_t n, Deadline deadline) {
   return Status::OK();
 }
 
+Status Stream::RawReadSome(void* buf, size_t max, Deadline deadline, size_t* got, bool* eof) {
+  if (ssl_ != nullptr) return TlsRead(buf, max, deadline, got, eof);
+  *eof = false;
+  for (;;) {
+    const ssize_t r = ::recv(socket_.fd(), buf, max, 0);
+    if (r > 0) {
+      *got = static_cast<size_t>(r);
+      return Status::OK();
+    }
+    if (r == 0) {
+      *eof = true;
+      return Status(StatusCode::kConnectionError, "connection closed by peer");
+    }
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      TS_RETURN_IF_ERROR(PollFor(socket_.fd(), POLLIN, deadline, "waiting for data from the peer"));
+      continue;
+    }
+    return Status(StatusCode::kConnectionError, std::string("recv failed: ") + std::strerror(err));
+  }
+}
+
+size_t Stream::TakeBuffered(uint8_t* dst, size_t n) {
+  const size_t take = std::min(n, buffered());
+  if (take > 0) {
+    std::memcpy(dst, in_.get() + in_pos_, take);
+    in_pos_ += take;
+  }
+  return take;
+}
+
 Status Stream::ReadFull(void* buf, size_t n, Deadline deadline, bool* clean_eof) {
-  if (ssl_ == nullptr) return net::ReadFull(socket_.fd(), buf, n, deadline, clean_eof);
   auto* p = static_cast<uint8_t*>(buf);
-  size_t done = 0;
   if (clean_eof != nullptr) *clean_eof = false;
+  size_t done = TakeBuffered(p, n);
   while (done < n) {
+    const size_t want = n - done;
     size_t got = 0;
     bool eof = false;
-    Status s = TlsRead(p + done, n - done, deadline, &got, &eof);
+    Status s;
+    if (want >= kInputBuffer / 2) {
+      // Large: straight into the caller's memory.
+      s = RawReadSome(p + done, want, deadline, &got, &eof);
+    } else {
+      // Small: fill the buffer, so a header, its payload and any pipelined
+      // frame behind them arrive in one receive.
+      if (!in_) in_.reset(new uint8_t[kInputBuffer]);
+      in_pos_ = in_end_ = 0;
+      s = RawReadSome(in_.get(), kInputBuffer, deadline, &got, &eof);
+      in_end_ = got;
+      if (s.ok()) got = TakeBuffered(p + done, want);
+    }
     if (!s.ok()) {
       if (eof && done == 0 && clean_eof != nullptr) *clean_eof = true;
       if (eof && done > 0) {
@@ -438,12 +497,16 @@ Status Stream::ReadFull(void* buf, size_t n, Deadline deadline, bool* clean_eof)
 }
 
 Status Stream::ReadSome(void* buf, size_t max, Deadline deadline, size_t* got) {
-  if (ssl_ == nullptr) return net::ReadSome(socket_.fd(), buf, max, deadline, got);
+  if (buffered() > 0) {
+    *got = TakeBuffered(static_cast<uint8_t*>(buf), max);
+    return Status::OK();
+  }
   bool eof = false;
-  return TlsRead(buf, max, deadline, got, &eof);
+  return RawReadSome(buf, max, deadline, got, &eof);
 }
 
 Status Stream::WaitReadable(Deadline deadline) {
+  if (buffered() > 0) return Status::OK();
   // Decrypted bytes, or raw ones read ahead, are already here.
   if (ssl_ != nullptr && SSL_has_pending(ssl_) == 1) return Status::OK();
   return net::WaitReadable(socket_.fd(), deadline);

@@ -11,7 +11,9 @@
 
 #include <sys/uio.h>
 
+#include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -77,11 +79,21 @@ class Stream {
   // decode (altered in transit, or a broken peer); the stream is unusable.
   bool tls_record_failed() const { return tls_record_failed_; }
 
-  // The same contracts as the net:: functions of the same names.
+  // The same contracts as the net:: functions of the same names. Reads go
+  // through a per-stream input buffer: a small read receives up to
+  // kInputBuffer bytes at once and later reads take from it first (a large
+  // one goes straight into the caller's memory), so a small frame costs one
+  // receive and pipelined frames behind it none.
   [[nodiscard]] Status ReadFull(void* buf, size_t n, Deadline deadline, bool* clean_eof = nullptr);
   [[nodiscard]] Status ReadSome(void* buf, size_t max, Deadline deadline, size_t* got);
   [[nodiscard]] Status WaitReadable(Deadline deadline);
   [[nodiscard]] Status WriteV(struct iovec* iov, size_t iovcnt, Deadline deadline);
+
+  // Bytes received and not yet read, which socket-level polls cannot see.
+  size_t buffered() const { return in_end_ - in_pos_; }
+  std::span<const uint8_t> buffered_bytes() const {
+    return {in_.get() + in_pos_, buffered()};
+  }
 
   Socket& socket() { return socket_; }
   const Socket& socket() const { return socket_; }
@@ -93,11 +105,23 @@ class Stream {
   // One SSL_read_ex of up to `max` bytes, waiting as OpenSSL asks.
   Status TlsRead(void* buf, size_t max, Deadline deadline, size_t* got, bool* eof);
   Status TlsWrite(const void* buf, size_t n, Deadline deadline);
+  // One receive (plain or TLS) of up to `max` bytes; `eof` is set when the
+  // peer closed the stream.
+  Status RawReadSome(void* buf, size_t max, Deadline deadline, size_t* got, bool* eof);
+  // Moves up to n buffered bytes to dst; returns how many.
+  size_t TakeBuffered(uint8_t* dst, size_t n);
+
+  static constexpr size_t kInputBuffer = 64 * 1024;
 
   Socket socket_;
   SSL* ssl_ = nullptr;
   std::shared_ptr<TlsContext> ctx_;  // keeps ssl_'s SSL_CTX alive
   bool tls_record_failed_ = false;
+  // Input buffer (allocated on the first small read): bytes [in_pos_,
+  // in_end_) are received and unread.
+  std::unique_ptr<uint8_t[]> in_;
+  size_t in_pos_ = 0;
+  size_t in_end_ = 0;
 };
 
 }  // namespace tensorspark::net
